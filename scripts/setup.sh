@@ -81,7 +81,11 @@ if [ -f "$STAMP_FILE" ] && [ "$(cat "$STAMP_FILE")" = "$stamp" ]; then
   log "Python packages up to date (stamp $STAMP_FILE)"
 else
   rm -f "$STAMP_FILE"
-  pip_install() { "$VPY" -m pip install --disable-pip-version-check --progress-bar off -q "$@"; }
+  # (The filter drops pip's warnings about empty local index folders some machines configure.)
+  pip_install() {
+    "$VPY" -m pip install --disable-pip-version-check --progress-bar off -q "$@" 2>&1 \
+      | { grep -v "^WARNING: Location 'file:.*' is ignored: it is neither a file nor a directory" || true; }
+  }
   log "pip: upgrading pip"
   pip_install --upgrade pip
   constraints=()
