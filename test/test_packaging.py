@@ -133,3 +133,46 @@ def test_pip_install_gives_a_ros_free_engine(tmp_path):
     if not (target / "infmllm_ros" / "engine" / "__init__.py").exists():
         pytest.skip("infmllm_ros.engine does not exist yet")
     assert _ros_modules_after_import("infmllm_ros.engine", env=env, cwd=tmp_path) == []
+
+
+# --- the colcon install space ---------------------------------------------------
+
+LAUNCHERS = {
+    "infmllm_node": "infmllm_ros.ros.node",
+    "infmllm-replay": "infmllm_ros.ros.replay",
+    "infmllm-video2bag": "infmllm_ros.ros.video2bag",
+    "infmllm-bench": "infmllm_ros.bench.cli",
+    "infmllm-demo": "infmllm_ros.ros.demo",
+}
+
+
+def _install_prefix():
+    """The colcon install prefix of this package, from where its generated msg module lies."""
+    try:
+        import infmllm_ros.msg as generated
+    except ImportError as exc:
+        if os.environ.get("INFMLLM_REQUIRE_ROS") == "1":
+            raise
+        pytest.skip(f"package not built/sourced ({exc}): scripts/setup.sh, then source scripts/env.sh")
+    # <prefix>/lib/pythonX.Y/site-packages/infmllm_ros/msg/__init__.py
+    return Path(generated.__file__).parents[5]
+
+
+@pytest.mark.parametrize("name", sorted(LAUNCHERS))
+def test_launchers_are_installed_executable(name):
+    prefix = _install_prefix()
+    for folder in ("lib/infmllm_ros", "bin"):  # `ros2 run infmllm_ros NAME`, and PATH
+        launcher = prefix / folder / name
+        assert launcher.is_file(), f"{launcher} missing"
+        assert os.access(launcher, os.X_OK), f"{launcher} is not executable"
+        lines = launcher.read_text().splitlines()
+        interpreter = lines[0][2:].split()[0]
+        assert lines[0].startswith("#!") and os.access(interpreter, os.X_OK), lines[0]
+        assert f"from {LAUNCHERS[name]} import main" in lines
+
+
+def test_share_holds_package_xml_launch_and_config():
+    share = _install_prefix() / "share" / "infmllm_ros"
+    assert (share / "package.xml").is_file()
+    assert (share / "launch").is_dir() and (share / "config").is_dir()
+    assert not list(share.rglob(".gitkeep"))
