@@ -1,0 +1,301 @@
+"""``infmllm-replay``: publish a ROS 2 bag's camera topics with their original timing.
+
+    infmllm-replay BAG [--rate R] [--loop] [--topics T ...] [--start-offset SEC]
+        [--remap from:=to ...] [--qos sensor|reliable]
+
+``ros2 bag play`` is not installable from PyPI, so this reads the bag with the
+pure-Python ``rosbags`` package and publishes with rclpy. Only
+``sensor_msgs/msg/Image`` and ``sensor_msgs/msg/CompressedImage`` topics are
+played. Messages keep their header (stamp and frame_id); the gaps between them
+follow the bag's receive times divided by ``rate``.
+
+:class:`BagPlayer` does the playing in its own thread on a node you give it, so
+a test or a launcher can play a bag inside its own process::
+
+    player = BagPlayer(node, "clip_bag", rate=2.0)
+    player.wait_for_subscribers(timeout=5.0)
+    player.start()
+    player.wait(timeout=30.0)
+    player.stop()
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+__all__ = ["BagError", "BagPlayer", "IMAGE_TYPES", "image_topics", "main"]
+
+#: The message types a BagPlayer publishes.
+IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
+
+
+class BagError(RuntimeError):
+    """The bag cannot be played as asked (missing, unreadable, unknown topic)."""
+
+
+def _open_reader(bag_path: Path):
+    from rosbags.highlevel import AnyReader
+    from rosbags.typesys import Stores, get_typestore
+
+    if not bag_path.exists():
+        raise BagError(f"bag not found: {bag_path}")
+    # The bag carries its message definitions; the typestore is only the
+    # fallback for bags that do not.
+    reader = AnyReader([bag_path], default_typestore=get_typestore(Stores.ROS2_KILTED))
+    try:
+        reader.open()
+    except Exception as err:  # rosbags raises several unrelated error types
+        raise BagError(f"cannot read bag {bag_path}: {err}") from None
+    return reader
+
+
+def image_topics(bag_path: str | Path) -> dict[str, str]:
+    """Topic -> message type of the image topics in a bag."""
+    reader = _open_reader(Path(bag_path))
+    try:
+        return {c.topic: c.msgtype for c in reader.connections if c.msgtype in IMAGE_TYPES}
+    finally:
+        reader.close()
+
+
+def _qos_profile(qos: str):
+    from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+
+    if qos == "sensor":
+        return qos_profile_sensor_data  # best effort, keep last 5: what camera drivers offer
+    if qos == "reliable":
+        return QoSProfile(depth=10, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE)
+    raise BagError(f"qos must be 'sensor' or 'reliable', not {qos!r}")
+
+
+def parse_remaps(remaps: Iterable[str]) -> dict[str, str]:
+    """``["/a:=/b", ...]`` -> ``{"/a": "/b"}``."""
+    out = {}
+    for item in remaps:
+        source, sep, target = item.partition(":=")
+        if not sep or not source or not target:
+            raise BagError(f"remap must look like FROM:=TO, got {item!r}")
+        out[source] = target
+    return out
+
+
+class BagPlayer:
+    """Publish a bag's image topics on ``node`` from a background thread.
+
+    Args:
+        node: an rclpy node; publishers are created on it here, in the
+            constructor, so subscribers can match before :meth:`start`.
+        bag_path: the bag directory (sqlite3 or mcap, as ``rosbags`` reads).
+        rate: playback speed factor (2.0 plays twice as fast).
+        loop: start over at the end until :meth:`stop`. Stamps are the bag's,
+            so they jump back at each new pass.
+        topics: image topics to play (default: all image topics in the bag).
+        start_offset: skip this many seconds from the start of the bag.
+        remap: bag topic -> published topic.
+        qos: ``"sensor"`` (best effort, keep last 5) or ``"reliable"``.
+
+    Raises:
+        BagError: missing bag, no image topics, a requested topic that is
+            not in the bag (the message lists the available ones), bad rate.
+    """
+
+    def __init__(
+        self,
+        node: Any,
+        bag_path: str | Path,
+        rate: float = 1.0,
+        loop: bool = False,
+        topics: Optional[Sequence[str]] = None,
+        start_offset: float = 0.0,
+        remap: Optional[dict[str, str]] = None,
+        qos: str = "sensor",
+    ) -> None:
+        from sensor_msgs.msg import CompressedImage, Image
+
+        if not rate > 0:
+            raise BagError(f"rate must be positive, got {rate}")
+        if start_offset < 0:
+            raise BagError(f"start_offset must be >= 0, got {start_offset}")
+        self.node = node
+        self.bag_path = Path(bag_path)
+        self.rate = float(rate)
+        self.loop = bool(loop)
+        self.start_offset = float(start_offset)
+        remap = dict(remap or {})
+
+        available = image_topics(self.bag_path)
+        if not available:
+            raise BagError(f"bag {self.bag_path} has no Image or CompressedImage topics")
+        wanted = list(topics) if topics else sorted(available)
+        unknown = [t for t in wanted if t not in available]
+        if unknown:
+            listing = ", ".join(f"{t} ({available[t].rsplit('/', 1)[-1]})" for t in sorted(available))
+            raise BagError(f"topic(s) {', '.join(unknown)} not in bag {self.bag_path}; image topics there: {listing}")
+        self.topics = wanted
+        profile = _qos_profile(qos)
+        self._publishers = {}
+        for topic in wanted:
+            msg_class = CompressedImage if available[topic].endswith("CompressedImage") else Image
+            self._publishers[topic] = node.create_publisher(msg_class, remap.get(topic, topic), profile)
+
+        self.published = 0  # messages published so far, over all passes
+        self.passes = 0  # complete passes through the bag
+        self.error: Optional[BaseException] = None
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    @property
+    def published_topics(self) -> dict[str, str]:
+        """Bag topic -> the topic name it is published on."""
+        return {t: p.topic_name for t, p in self._publishers.items()}
+
+    def wait_for_subscribers(self, count: int = 1, timeout: float = 5.0) -> bool:
+        """Wait until every publisher has ``count`` matched subscriptions (best effort drops the rest)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(p.get_subscription_count() >= count for p in self._publishers.values()):
+                return True
+            time.sleep(0.02)
+        return False
+
+    def start(self) -> None:
+        """Start playing in a background thread (once)."""
+        if self._thread is not None:
+            raise RuntimeError("BagPlayer.start() called twice")
+        self._thread = threading.Thread(target=self._run, name="bag-player", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop playing and join the thread."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Wait for the playback to end (never, with ``loop``, until :meth:`stop`); True when it has."""
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if not self._play_once():
+                    return  # stopped, or nothing to play at this offset
+                self.passes += 1
+                if not self.loop:
+                    return
+        except BaseException as err:  # kept for the caller: a thread cannot raise to it
+            self.error = err
+
+    def _play_once(self) -> bool:
+        """One pass through the bag; False when stopped early or nothing was played."""
+        from .images import to_rclpy_image
+
+        reader = _open_reader(self.bag_path)
+        try:
+            connections = [c for c in reader.connections if c.topic in self._publishers]
+            first_ns = reader.start_time + int(self.start_offset * 1e9)
+            wall_start: Optional[float] = None
+            played = 0
+            for connection, bag_ns, raw in reader.messages(connections=connections, start=first_ns):
+                if wall_start is None:
+                    wall_start, first_ns = time.monotonic(), bag_ns
+                due = wall_start + (bag_ns - first_ns) / 1e9 / self.rate
+                # Event.wait instead of sleep: stop() interrupts a long gap.
+                delay = due - time.monotonic()
+                if delay > 0 and self._stop.wait(delay):
+                    return False
+                if self._stop.is_set():
+                    return False
+                message = to_rclpy_image(reader.deserialize(raw, connection.msgtype))
+                self._publishers[connection.topic].publish(message)
+                self.published += 1
+                played += 1
+            return played > 0
+        finally:
+            reader.close()
+
+    def destroy(self) -> None:
+        """Stop and remove the publishers from the node."""
+        self.stop()
+        for publisher in self._publishers.values():
+            self.node.destroy_publisher(publisher)
+        self._publishers.clear()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="infmllm-replay",
+        description="Publish the Image/CompressedImage topics of a ROS 2 bag with their original timing.",
+    )
+    p.add_argument("bag", help="bag directory (sqlite3 or mcap)")
+    p.add_argument("--rate", type=float, default=1.0, help="playback speed factor (default 1.0)")
+    p.add_argument("--loop", action="store_true", help="start over at the end")
+    p.add_argument("--topics", nargs="+", default=None, metavar="T", help="image topics to play (default: all)")
+    p.add_argument("--start-offset", type=float, default=0.0, metavar="SEC",
+                   help="skip this many seconds from the start of the bag")
+    p.add_argument("--remap", action="append", default=[], metavar="FROM:=TO",
+                   help="publish bag topic FROM as TO (repeatable)")
+    p.add_argument("--qos", choices=("sensor", "reliable"), default="sensor",
+                   help="sensor: best effort, keep last 5 (default); reliable: keep last 10")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        remap = parse_remaps(args.remap)
+        # Check the bag before starting ROS, so a typo costs no DDS start-up.
+        image_topics(args.bag)
+    except BagError as err:
+        print(f"infmllm-replay: error: {err}", file=sys.stderr)
+        return 2
+
+    import rclpy
+    from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+
+    rclpy.init(args=None)
+    node = rclpy.create_node("infmllm_replay")
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    player: Optional[BagPlayer] = None
+    rc = 0
+    try:
+        player = BagPlayer(node, args.bag, rate=args.rate, loop=args.loop, topics=args.topics,
+                           start_offset=args.start_offset, remap=remap, qos=args.qos)
+        mapping = ", ".join(f"{src} -> {dst}" if src != dst else src for src, dst in player.published_topics.items())
+        node.get_logger().info(f"playing {args.bag} at x{args.rate:g}{' (loop)' if args.loop else ''}: {mapping}")
+        player.start()
+        while rclpy.ok() and player.running:
+            executor.spin_once(timeout_sec=0.1)
+        if player.error is not None:
+            raise player.error
+    except BagError as err:
+        print(f"infmllm-replay: error: {err}", file=sys.stderr)
+        rc = 2
+    except (KeyboardInterrupt, ExternalShutdownException):
+        rc = 0  # Ctrl-C is the normal way to end a looping replay
+    finally:
+        if player is not None:
+            player.stop()
+            if rc == 0 and player.published:
+                print(f"infmllm-replay: {player.published} messages published", file=sys.stderr)
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
