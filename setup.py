@@ -39,7 +39,7 @@ setup(
         "accelerate",
         "numpy",
         "pyyaml",
-        "opencv-python-headless",
+        "opencv-python-headless>=4.8,<5",  # 5.0 wheels lack the HOG people detector and Haar cascades
         "tqdm",
         "matplotlib",
         "gguf",

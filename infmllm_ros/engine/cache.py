@@ -168,7 +168,7 @@ class CappedLayer(DynamicLayer):
     def _select(self, scores: torch.Tensor, new: int) -> torch.Tensor:
         owner, policy = self.owner, self.owner.policy
         stored = scores.shape[-1]
-        tail = policy.recent + (new if policy.keep_new_chunk else 0)
+        tail = policy.recent_tokens(owner.budget) + (new if policy.keep_new_chunk else 0)
         tail = min(tail, owner.budget - min(policy.sinks, owner.budget))
         forced = self.seen[:, : scores.shape[1]] < policy.sinks
         if tail > 0:
@@ -246,6 +246,7 @@ class CappedCache(Cache):
         rope: RopeSpec,
         rerotate: bool = True,
     ):
+        policy.check_budget(budget, max_chunk)
         self.policy = policy
         self.budget = budget
         self.max_chunk = max_chunk

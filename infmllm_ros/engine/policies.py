@@ -62,17 +62,22 @@ class Policy:
         """Raise if ``budget`` cannot hold what this policy always keeps."""
         if not self.evicts:
             return
-        always = self.sinks + self.recent + (max_chunk if self.keep_new_chunk else 0)
-        if budget <= self.sinks + self.recent:
+        recent = self.recent_tokens(budget)
+        always = self.sinks + recent + (max_chunk if self.keep_new_chunk else 0)
+        if budget <= self.sinks + recent:
             raise ValueError(
-                f"budget of {budget} tokens leaves no room beside {self.sinks} sink and {self.recent} recent tokens "
+                f"budget of {budget} tokens leaves no room beside {self.sinks} sink and {recent} recent tokens "
                 f"({self.name}); raise the budget or lower sinks/recent"
             )
         if self.keep_new_chunk and budget < always:
             raise ValueError(
-                f"budget of {budget} tokens cannot keep {self.sinks} sinks + {self.recent} recent tokens + a whole "
+                f"budget of {budget} tokens cannot keep {self.sinks} sinks + {recent} recent tokens + a whole "
                 f"chunk of {max_chunk} ({self.name}); raise the budget or lower max_chunk_tokens"
             )
+
+    def recent_tokens(self, budget: int) -> int:
+        """How many of the newest tokens are always kept."""
+        return self.recent
 
     def score(self, view: ScoreView) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -136,9 +141,8 @@ class H2O(Policy):
         if not 0.0 <= self.recent_ratio < 1.0:
             raise ValueError(f"H2O.recent_ratio must be in [0, 1), got {self.recent_ratio}")
 
-    def check_budget(self, budget: int, max_chunk: int) -> None:
-        self.recent = int(budget * self.recent_ratio)
-        super().check_budget(budget, max_chunk)
+    def recent_tokens(self, budget: int) -> int:
+        return int(budget * self.recent_ratio)
 
     def score(self, view: ScoreView) -> torch.Tensor:
         return view.accumulated_attention

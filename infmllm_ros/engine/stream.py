@@ -160,7 +160,6 @@ class Stream:
             per_head=config.per_head,
             recent_ratio=config.h2o_recent_ratio,
         )
-        self.policy.check_budget(self.budget, config.max_chunk_tokens)
 
         self._attention_modules = decoder_attention_modules(lm.model)
         if len(self._attention_modules) != self.num_layers:

@@ -1,0 +1,148 @@
+"""Each policy keeps exactly the tokens its rule says, on hand-built attention patterns."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from infmllm_ros.engine import H2O, POLICIES, CappedCache, Full, InfMLLM, StreamingLLM, Window, make_policy
+from infmllm_ros.engine.rope import RopeSpec
+
+DIM = 8
+
+
+def _cache(policy, budget, max_chunk=4):
+    rope = RopeSpec(inv_freq=torch.ones(DIM // 2), components=1)
+    return CappedCache(1, policy, budget, max_chunk, rope)
+
+
+def _append(cache, keys, query, decoding=False):
+    """Append ``keys`` (``[heads, n, DIM]``) as one step and run the eviction with ``query`` (``[heads, q, DIM]``)."""
+    n = keys.shape[1]
+    start = cache.next_position
+    cache.make_room(n)
+    cache.begin_step(torch.arange(cache.next_position, cache.next_position + n).unsqueeze(-1))
+    cache.decoding = decoding
+    layer = cache.layers[0]
+    layer.update(keys.unsqueeze(0), keys.unsqueeze(0).clone())
+    evicted = layer.after_attention(query.unsqueeze(0), scaling=1.0, attn_weights=None)
+    cache.end_step(n)
+    del start
+    return evicted
+
+
+def _kept(cache, head=0):
+    return cache.layers[0].seen[0, head].tolist()
+
+
+def _background(n, heads=1):
+    torch.manual_seed(0)
+    return torch.randn(heads, n, DIM) * 0.01
+
+
+def test_registry_names_every_policy():
+    assert set(POLICIES) == {"full", "window", "streamingllm", "h2o", "infmllm"}
+    with pytest.raises(ValueError, match="unknown cache policy"):
+        make_policy("lru")
+
+
+def test_full_never_evicts():
+    cache = _cache(Full(), budget=4)
+    _append(cache, _background(10), torch.randn(1, 10, DIM))
+    assert _kept(cache) == list(range(10))
+
+
+def test_window_keeps_the_newest_and_no_sinks():
+    cache = _cache(make_policy("window", sinks=4), budget=4)
+    _append(cache, _background(10), torch.randn(1, 10, DIM))
+    assert _kept(cache) == [6, 7, 8, 9]
+
+
+def test_streamingllm_keeps_sinks_and_recent():
+    cache = _cache(StreamingLLM(sinks=2), budget=6)
+    _append(cache, _background(10), torch.randn(1, 10, DIM))
+    assert _kept(cache) == [0, 1, 6, 7, 8, 9]
+    # and again once more tokens arrive: sinks survive every step
+    _append(cache, _background(1), torch.randn(1, 1, DIM), decoding=True)
+    assert _kept(cache) == [0, 1, 7, 8, 9, 10]
+
+
+def test_infmllm_keeps_attention_saddles_recent_and_the_new_chunk():
+    u = torch.zeros(DIM)
+    u[0] = 1.0
+    old = _background(10)
+    for saddle in (3, 5, 6):
+        old[0, saddle] = 8.0 * u
+    cache = _cache(InfMLLM(sinks=1, recent=2, retrieval_window=2, bias=0.0, per_head=False), budget=8, max_chunk=2)
+    _append(cache, old, torch.zeros(1, 10, DIM), decoding=True)  # fills the cache, no chunk yet
+    assert len(_kept(cache)) == 10  # decoding within budget + one chunk: no eviction
+    new = _background(2)
+    _append(cache, new, u.expand(1, 2, DIM).clone())
+    # sink 0, saddles 3, 5, 6, recent 8, 9, and the whole new chunk 10, 11
+    assert _kept(cache) == [0, 3, 5, 6, 8, 9, 10, 11]
+
+
+def test_infmllm_bias_shifts_the_cache_toward_newer_tokens():
+    u = torch.zeros(DIM)
+    u[0] = 1.0
+    old = _background(10)
+    for saddle in (1, 2, 3):
+        old[0, saddle] = 1.0 * u  # mildly attended early tokens
+
+    def kept(bias):
+        cache = _cache(InfMLLM(sinks=1, recent=2, retrieval_window=2, bias=bias, per_head=False), 8, 2)
+        _append(cache, old, torch.zeros(1, 10, DIM), decoding=True)
+        _append(cache, _background(2), u.expand(1, 2, DIM).clone())
+        return _kept(cache)
+
+    assert kept(0.0) == [0, 1, 2, 3, 8, 9, 10, 11]
+    assert kept(50.0) == [0, 5, 6, 7, 8, 9, 10, 11]
+
+
+def test_infmllm_per_head_selection_differs_between_heads():
+    u, v = torch.zeros(DIM), torch.zeros(DIM)
+    u[0], v[1] = 1.0, 1.0
+    old = _background(10, heads=2)
+    for saddle in (2, 3, 4):
+        old[0, saddle] = 8.0 * u
+    for saddle in (5, 6, 7):
+        old[1, saddle] = 8.0 * v
+    query = torch.stack([u.expand(1, DIM), v.expand(1, DIM)])  # [2 heads, 1, DIM]
+    cache = _cache(InfMLLM(sinks=1, recent=1, retrieval_window=1, bias=0.0, per_head=True), budget=6, max_chunk=4)
+    _append(cache, old, torch.zeros(2, 10, DIM), decoding=True)
+    _append(cache, _background(1, heads=2), query)
+    assert _kept(cache, head=0) == [0, 2, 3, 4, 9, 10]
+    assert _kept(cache, head=1) == [0, 5, 6, 7, 9, 10]
+
+
+def test_h2o_accumulates_attention_across_steps():
+    u = torch.zeros(DIM)
+    u[0] = 1.0
+    keys = _background(8)
+    keys[0, 2] = 6.0 * u  # heavily attended by every query
+    cache = _cache(H2O(recent_ratio=0.5), budget=4, max_chunk=8)
+    _append(cache, keys, u.expand(1, 8, DIM).clone())
+    # 2 recent (6, 7) + 2 heavy hitters; token 2 must be one of them
+    kept = _kept(cache)
+    assert len(kept) == 4 and 2 in kept and kept[-2:] == [6, 7]
+    # every decoding step evicts one token, and the heavy hitter keeps its place
+    for _ in range(3):
+        _append(cache, _background(1), u.expand(1, 1, DIM).clone(), decoding=True)
+        assert len(_kept(cache)) == 4 and 2 in _kept(cache)
+
+
+def test_budget_must_hold_what_is_always_kept():
+    with pytest.raises(ValueError, match="sink"):
+        InfMLLM(sinks=4, recent=60).check_budget(64, 16)
+    with pytest.raises(ValueError, match="whole"):
+        InfMLLM(sinks=4, recent=8).check_budget(32, 32)
+    with pytest.raises(ValueError, match=">= 0"):
+        StreamingLLM(sinks=-1)
+    with pytest.raises(ValueError, match="recent_ratio"):
+        H2O(recent_ratio=1.5)
+    Full().check_budget(0, 256)  # full needs no budget
+
+
+def test_window_policy_has_no_sinks():
+    assert Window().sinks == 0
+    assert make_policy("window", sinks=4, bias=1.0).sinks == 0

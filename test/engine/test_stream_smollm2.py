@@ -1,0 +1,234 @@
+"""The engine on real weights: SmolLM2-135M-Instruct (1-D RoPE, grouped-query attention)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from infmllm_ros.engine import POLICIES, Chunk, Stream, StreamConfig
+
+pytestmark = pytest.mark.model
+
+
+@pytest.fixture(scope="module")
+def emma_ids(smollm2, emma_text):
+    return smollm2.tokenizer(emma_text[:200_000], add_special_tokens=False, return_tensors="pt")["input_ids"]
+
+
+def _raw_stream(lm, **settings) -> Stream:
+    """A stream that skips the chat framing, so token i of the text is stream token i."""
+    stream = Stream(lm, StreamConfig(**settings))
+    stream._started = stream._in_user_turn = True
+    return stream
+
+
+def _nll(stream, ids, chunk):
+    """Summed negative log-likelihood of ``ids`` streamed in chunks, and the count of predicted tokens."""
+    total, count, previous = 0.0, 0, None
+    for start in range(0, ids.shape[1], chunk):
+        piece = ids[:, start : start + chunk]
+        logp = torch.log_softmax(stream.append_chunk(Chunk(input_ids=piece), return_logits=True).logits, -1)
+        target = piece[0]
+        if previous is not None:
+            total -= previous[target[0]].item()
+            count += 1
+        total -= logp[:-1].gather(1, target[1:, None]).sum().item()
+        count += target.numel() - 1
+        previous = logp[-1]
+    return total, count
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_with_a_budget_as_long_as_the_stream_every_policy_matches_the_plain_forward(smollm2, emma_ids, policy):
+    ids = emma_ids[:, :600]
+    with torch.inference_mode():
+        reference = smollm2.model(input_ids=ids).logits[0].float()
+    stream = _raw_stream(smollm2, policy=policy, budget_tokens=1024, max_chunk_tokens=128)
+    try:
+        got = torch.cat([stream.append_chunk(Chunk(input_ids=ids[:, i : i + 128]), return_logits=True).logits
+                         for i in range(0, 600, 128)])
+    finally:
+        stream.close()
+    assert got.shape == reference.shape
+    torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("policy", ["window", "streamingllm", "h2o", "infmllm"])
+def test_a_small_budget_holds_over_a_stream_20x_longer(smollm2, emma_ids, policy):
+    budget, chunk = 64, 16
+    stream = _raw_stream(smollm2, policy=policy, budget_tokens=budget, max_chunk_tokens=chunk, recent=8,
+                         retrieval_window=8, bias=0.5)
+    bytes_per_token = stream.bytes_per_token
+    try:
+        for start in range(0, 20 * budget + chunk, chunk):
+            result = stream.append_chunk(Chunk(input_ids=emma_ids[:, start : start + chunk]))
+            assert result.tokens_held <= budget
+            assert stream.cache.nbytes <= budget * bytes_per_token
+            assert stream.cache.next_position <= budget + chunk
+            assert all(layer.keys.shape[-2] == result.tokens_held for layer in stream.cache.layers)
+        answer = stream.ask("Who is the story about?", max_new_tokens=8)
+        stats = stream.stats()
+    finally:
+        stream.close()
+    assert stats.tokens_seen > 20 * budget
+    assert stats.tokens_held <= budget + chunk and stats.next_position <= budget + chunk
+    assert stats.evictions >= 19 * budget
+    assert answer.generated_tokens >= 1 and answer.text  # decoded text, not a claim that it is right
+
+
+def test_rerotated_keys_equal_rope_applied_at_the_new_positions(smollm2, emma_ids):
+    """Layer 0's key for a token depends on the token alone: recompute it and rotate at the kept position."""
+    model = smollm2.model
+    ids = emma_ids[:, :400]
+    stream = _raw_stream(smollm2, policy="streamingllm", budget_tokens=48, max_chunk_tokens=16)
+    try:
+        for start in range(0, ids.shape[1], 16):
+            stream.append_chunk(Chunk(input_ids=ids[:, start : start + 16]))
+        layer = stream.cache.layers[0]
+        assert stream.cache.next_position <= 48 + 16 < int(layer.seen.max()) + 1  # positions were compacted
+        seen = layer.seen[0, 0]
+        positions = layer.positions[0, 0, :, 0].long()
+        attn = model.model.layers[0].self_attn
+        with torch.inference_mode():
+            hidden = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids[:, seen]))
+            k = attn.k_proj(hidden).view(1, seen.numel(), -1, attn.head_dim).transpose(1, 2)
+            cos, sin = model.model.rotary_emb(hidden, positions.unsqueeze(0))
+            _, expected = apply_rotary_pos_emb(k, k, cos, sin)
+    finally:
+        stream.close()
+    torch.testing.assert_close(layer.keys, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_stream_3x_longer_than_the_context_keeps_a_stable_perplexity(smollm2, emma_ids):
+    context = int(smollm2.text_config.max_position_embeddings)
+    tokens = 3 * context + 256
+    assert emma_ids.shape[1] >= tokens
+    segment = 2048
+    for policy in ("infmllm", "streamingllm"):
+        stream = _raw_stream(smollm2, policy=policy, budget_tokens=256, max_chunk_tokens=256, recent=64)
+        per_segment = []
+        try:
+            for start in range(0, tokens - segment + 1, segment):
+                nll, count = _nll(stream, emma_ids[:, start : start + segment], 256)
+                per_segment.append(math.exp(nll / count))
+        finally:
+            stream.close()
+        assert all(math.isfinite(p) for p in per_segment), (policy, per_segment)
+        assert stream.cache.next_position <= 512
+        # Stable: the last third of the stream is no worse than 1.5x the first third.
+        third = len(per_segment) // 3
+        first, last = sum(per_segment[:third]) / third, sum(per_segment[-third:]) / third
+        assert last < 1.5 * first, (policy, per_segment)
+        assert max(per_segment) < 200, (policy, per_segment)
+
+
+def test_frames_stamps_and_stats(smollm2):
+    stream = Stream(smollm2, StreamConfig(policy="infmllm", budget_tokens=160, max_chunk_tokens=48, recent=16))
+    try:
+        for i in range(40):
+            stream.append_text(f"00:00:{i:02d} front: {i % 4} people, motion left\n", kind="frame",
+                               camera="front" if i % 2 else "rear", stamp=100.0 + i)
+        stats = stream.stats()
+        assert stats.frames_seen == 40 and stats.cameras == {"front": 20, "rear": 20}
+        assert stats.tokens_held <= 160 and stats.evictions > 0
+        assert stats.newest_stamp == pytest.approx(139.0)
+        assert 100.0 <= stats.oldest_stamp < 139.0
+        answer = stream.ask("How many people were visible recently?", max_new_tokens=12)
+        assert answer.newest_stamp == pytest.approx(139.0) and answer.oldest_stamp >= 100.0
+        assert answer.prompt_tokens > 5 and answer.latency_s > 0
+        # the conversation continues after the answer
+        stream.append_text("00:00:41 front: 1 person, centre\n", kind="frame", camera="front", stamp=141.0)
+        assert stream.stats().newest_stamp == pytest.approx(141.0)
+        stream.reset()
+        assert stream.stats().tokens_held == 0 and stream.stats().frames_seen == 0
+    finally:
+        stream.close()
+
+
+def test_ask_can_be_cancelled_and_streams_text(smollm2):
+    stream = Stream(smollm2, StreamConfig(policy="infmllm", budget_tokens=256, max_chunk_tokens=64))
+    pieces = []
+    try:
+        stream.append_text("12:00:00 front: 2 people, left\n", kind="frame", camera="front", stamp=1.0)
+        calls = iter(range(100))
+        answer = stream.ask("Describe the scene.", max_new_tokens=30, should_stop=lambda: next(calls) >= 3,
+                            on_text=pieces.append)
+    finally:
+        stream.close()
+    assert answer.cancelled and answer.generated_tokens == 3
+    assert "".join(pieces).strip() == answer.text
+
+
+def test_save_and_load_restore_the_same_next_prediction(smollm2, emma_ids, tmp_path):
+    settings = dict(policy="h2o", budget_tokens=96, max_chunk_tokens=32)
+    first = _raw_stream(smollm2, **settings)
+    try:
+        for start in range(0, 320, 32):
+            first.append_chunk(Chunk(input_ids=emma_ids[:, start : start + 32]))
+        first.save(tmp_path / "stream.pt")
+        expected = first.append_chunk(Chunk(input_ids=emma_ids[:, 320:352]), return_logits=True).logits
+    finally:
+        first.close()
+    second = Stream(smollm2, StreamConfig(**settings))
+    try:
+        second.load(tmp_path / "stream.pt")
+        got = second.append_chunk(Chunk(input_ids=emma_ids[:, 320:352]), return_logits=True).logits
+        with pytest.raises(ValueError, match="other stream settings"):
+            Stream(smollm2, StreamConfig(policy="h2o", budget_tokens=64, max_chunk_tokens=32)).load(
+                tmp_path / "stream.pt")
+    finally:
+        second.close()
+    torch.testing.assert_close(got, expected)
+
+
+def test_bad_input_gets_a_clear_error(smollm2):
+    stream = Stream(smollm2, StreamConfig(policy="infmllm", budget_tokens=128, max_chunk_tokens=32, recent=8))
+    try:
+        with pytest.raises(ValueError, match="empty"):
+            stream.append_text("   ")
+        with pytest.raises(ValueError, match="empty chunk"):
+            Chunk(input_ids=torch.zeros(1, 0, dtype=torch.long))
+        with pytest.raises(ValueError, match="integers"):
+            stream.append_chunk(Chunk(input_ids=torch.zeros(1, 4, dtype=torch.float32)))
+        with pytest.raises(ValueError, match="vocabulary"):
+            stream.append_chunk(Chunk(input_ids=torch.tensor([[10**7]])))
+        with pytest.raises(ValueError, match="width"):
+            stream.append_chunk(Chunk(inputs_embeds=torch.zeros(1, 3, 7)))
+        with pytest.raises(ValueError, match="NaN"):
+            stream.append_chunk(Chunk(inputs_embeds=torch.full((1, 3, 576), float("nan"))))
+        with pytest.raises(ValueError, match="empty question"):
+            stream.ask("")
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            stream.ask("Anything?", max_new_tokens=10_000)
+        # an over-long text is split into pieces that each fit a chunk
+        long_text = "The robot saw a red box on the table. " * 40
+        result = stream.append_text(long_text)
+        assert result.pieces > 1 and result.tokens_held <= 128
+    finally:
+        stream.close()
+    with pytest.raises(ValueError, match="no room"):
+        Stream(smollm2, StreamConfig(policy="infmllm", budget_tokens=60, sinks=4, recent=60))
+    with pytest.raises(ValueError, match="unknown cache policy"):
+        StreamConfig(policy="lru").validate()
+    with pytest.raises(ValueError, match="unknown stream settings"):
+        StreamConfig.from_dict({"budget": 3})
+    with pytest.raises(ValueError, match="holds no token"):
+        Stream(smollm2, StreamConfig(policy="window", budget_tokens=0, budget_bytes=10))
+
+
+def test_byte_budget_is_converted_to_tokens(smollm2):
+    one_token = 2 * 3 * 64 * 4 * 30  # keys+values, 3 KV heads, head_dim 64, fp32, 30 layers
+    stream = Stream(smollm2, StreamConfig(policy="streamingllm", budget_tokens=0, budget_bytes=100 * one_token,
+                                          max_chunk_tokens=32))
+    try:
+        assert stream.bytes_per_token == one_token
+        assert stream.budget == 100
+        per_layer = Stream(smollm2, StreamConfig(policy="streamingllm", budget_tokens=500,
+                                                 budget_bytes_per_layer=80 * one_token // 30, max_chunk_tokens=32))
+        assert per_layer.budget == 80
+    finally:
+        stream.close()
