@@ -700,3 +700,54 @@ __all__ = [
     "resolve_preset",
     "spec_for",
 ]
+
+
+# ------------------------------------------------------------- launch-argument helpers
+
+
+def parse_camera_topics(spec: str) -> List[CameraSettings]:
+    """``"front=/cam0/image_raw,rear=/cam1/image_raw/compressed:compressed"`` -> cameras.
+
+    Each comma-separated item is ``name=topic`` with an optional ``:raw`` or
+    ``:compressed`` suffix (default raw). Raises :class:`ParameterError`.
+    """
+    cams: List[CameraSettings] = []
+    for item in (x.strip() for x in spec.split(",")):
+        if not item:
+            continue
+        if "=" not in item:
+            raise ParameterError(f"camera_topics item {item!r} is not name=topic[:transport]")
+        name, rest = (x.strip() for x in item.split("=", 1))
+        transport = "raw"
+        if ":" in rest:
+            rest, transport = (x.strip() for x in rest.rsplit(":", 1))
+        cams.append(CameraSettings(name=name, topic=rest, transport=transport))
+    return cams
+
+
+def launch_overrides(model_preset: str = "", camera_topic: str = "",
+                     camera_topics: str = "") -> Dict[str, Any]:
+    """Parameter overrides for the launch arguments that are set (empty ones change nothing).
+
+    ``camera_topic`` re-points camera ``front``; ``camera_topics`` replaces the
+    camera list (see :func:`parse_camera_topics`).
+    """
+    out: Dict[str, Any] = {}
+    if model_preset:
+        out["model.preset"] = model_preset
+    if camera_topic:
+        out["cameras.front.topic"] = camera_topic
+    if camera_topics:
+        cams = parse_camera_topics(camera_topics)
+        if not cams:
+            raise ParameterError("camera_topics names no camera")
+        out["cameras.names"] = [c.name for c in cams]
+        for c in cams:
+            out[f"cameras.{c.name}.topic"] = c.topic
+            out[f"cameras.{c.name}.transport"] = c.transport
+        for name, value in out.items():
+            spec = spec_for(name)
+            reason = spec.check(value) if spec else None
+            if reason:
+                raise ParameterError(reason)
+    return out

@@ -68,6 +68,8 @@ class StreamWorker:
         self.scenes_published = 0
         self.stats = stream.stats()
         self.error: Optional[str] = None
+        #: Longest answer the stream accepts (answers are appended as one chunk); None: no clamp.
+        self.max_answer_tokens: Optional[int] = None
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._last_sample: Dict[str, float] = {c: 0.0 for c in slots.cameras}
@@ -218,6 +220,8 @@ class StreamWorker:
 
     def _ask(self, question: str, max_new_tokens: int, camera: str,
              job: Optional[Job]) -> AnswerResult:
+        if self.max_answer_tokens is not None:
+            max_new_tokens = min(max_new_tokens, self.max_answer_tokens)
         ans = self.stream.ask(question, max_new_tokens=max_new_tokens, camera=camera,
                               should_stop=self._should_stop(job),
                               on_text=job.on_text if job is not None else None)

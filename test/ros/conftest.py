@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
+
+# The node tests share helpers in nodekit.py. pytest runs with
+# --import-mode=importlib (test dirs stay off sys.path); this folder holds no
+# package that could shadow infmllm_ros, so it is safe to add.
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.append(_HERE)
 
 # Keep DDS on loopback and away from other runs on this machine. Set before
 # anything creates a context, and inherited by subprocesses the tests start.

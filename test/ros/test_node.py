@@ -1,0 +1,423 @@
+"""The `infmllm` node over real DDS with the real SmolLM2 engine.
+
+Each test gets a fresh rclpy Context (``ros_context``) in this run's private
+domain; the model is loaded once per session (``smollm2`` fixture) and shared
+by the nodes. Waits are bounded; nothing asserts on timing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+pytest.importorskip("rclpy", reason="rclpy is not importable (source scripts/env.sh)")
+
+from nodekit import (  # noqa: E402
+    STREAM_YAML,
+    Harness,
+    clip_frames,
+    compressed_msg,
+    image_msg,
+    shared_clip,
+    wait_for,
+)
+
+pytestmark = [
+    pytest.mark.usefixtures("interfaces"),
+    pytest.mark.skipif(shared_clip() is None, reason="shared/data/video/vtest.avi is missing"),
+]
+
+T0 = 1_700_000_000  # stamps of the published frames: T0 + i seconds, + 123456789 ns
+NS = 123_456_789
+
+
+@pytest.fixture(scope="module")
+def frames():
+    return clip_frames(24, every=10)  # 24 frames spanning ~24 s of the clip, 384x288
+
+
+@pytest.fixture
+def harness(ros_context, smollm2):
+    made = []
+
+    def make(**params):
+        params.setdefault("diagnostics.period_s", 0.5)
+        h = Harness(ros_context, smollm2, params=params)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.close()
+
+
+def feed(h, topic, frames, start=0, period=0.0, compressed=False, frame_id="cam_optical",
+         sync=True):
+    """Publish ``frames`` stamped ``T0 + i`` (+NS). ``sync``: one at a time, each one taken
+    in by the worker (encoded or counted bad) before the next, so none is dropped."""
+    pub = h.publisher(topic, compressed)
+    h.wait_subscribed(topic)
+    make = compressed_msg if compressed else image_msg
+    for i, f in enumerate(frames, start):
+        msg = make(f, T0 + i, NS, frame_id)
+        if not sync:
+            pub.publish(msg)
+            if period:
+                time.sleep(period)
+            continue
+        t = h.node.slots.totals()
+        for attempt in range(3):  # best-effort QoS: re-send if the sample was lost
+            pub.publish(msg)
+            try:
+                wait_for(lambda: h.node.slots.totals().received > t.received, 10, "delivery")
+                break
+            except AssertionError:
+                if attempt == 2:
+                    raise
+        wait_for(lambda: (lambda n: n.encoded + n.bad > t.encoded + t.bad)(h.node.slots.totals()),
+                 120, f"frame {i} taken in by the worker")
+
+
+def fed(h, n):
+    return lambda: h.node.slots.totals().encoded >= n
+
+
+@pytest.fixture(scope="module")
+def clip_bag(tmp_path_factory):
+    """12 frames of the shared clip (one per second of video, 384 px wide) at 2 fps."""
+    from infmllm_ros.ros.video2bag import write_bag
+
+    out = tmp_path_factory.mktemp("bags") / "vtest_bag"
+    summary = write_bag(shared_clip(), out, fps=2.0, width=384, every=10, max_frames=12,
+                        start_time=T0 + 0.25, frame_id="front_optical")
+    assert summary.frames == 12
+    return summary
+
+
+def test_replayed_bag_gives_scenes_and_answers_with_its_stamps(harness, clip_bag):
+    from infmllm_ros.ros.replay import BagPlayer
+
+    h = harness(**{"cameras.front.topic": "/t/camera/image_raw", "sample_rate_hz": 2.0,
+                   "scene.period_s": 2.0, "scene.max_new_tokens": 12})
+    h.watch_scenes()
+    from rclpy.qos import qos_profile_sensor_data
+    from sensor_msgs.msg import Image
+
+    sent = []  # the bag's exact stamps and frame ids, as they went over DDS
+    h.probe.create_subscription(Image, "/t/camera/image_raw", lambda m: sent.append(
+        ((m.header.stamp.sec, m.header.stamp.nanosec), m.header.frame_id)), qos_profile_sensor_data)
+    player = BagPlayer(h.probe, clip_bag.path, rate=1.0,
+                       remap={clip_bag.topic: "/t/camera/image_raw"})
+    assert player.wait_for_subscribers(timeout=20.0)
+    player.start()
+    assert player.wait(timeout=120.0) and player.error is None
+    assert player.published == 12
+    wait_for(lambda: h.scenes and h.node.slots.totals().received >= 10
+             and not h.node.jobs.busy, 120, "scenes, and the replay taken in")
+
+    bag = {stamp for stamp, _ in sent}
+    assert len(bag) >= 10 and {f for _, f in sent} == {"front_optical"}
+    for scene in h.scenes:
+        st = scene.header.stamp
+        assert (st.sec, st.nanosec) in bag  # the newest frame described, exactly
+        assert scene.header.frame_id == "front_optical"
+        assert scene.newest_frame_stamp == st
+        o = scene.oldest_frame_stamp
+        assert (o.sec, o.nanosec) in bag and (o.sec, o.nanosec) <= (st.sec, st.nanosec)
+        assert scene.camera == "front" and scene.text
+        assert scene.policy == "infmllm" and scene.cache_budget_tokens == 1024
+        assert 0 < scene.cache_tokens <= 1024 and scene.cache_bytes > 0
+        assert scene.frames_encoded >= 1
+
+    r = h.ask("How many people were visible recently, and where?", max_new_tokens=16)
+    assert r.success, r.message
+    assert r.answer and r.generated_tokens >= 1 and r.prompt_tokens > 0 and r.latency_s > 0
+    o, n = r.oldest_frame_stamp, r.newest_frame_stamp
+    assert (o.sec, o.nanosec) in bag and (n.sec, n.nanosec) in bag
+    assert clip_bag.first_stamp - 1e-6 <= o.sec + o.nanosec * 1e-9 <= n.sec + n.nanosec * 1e-9 \
+        <= clip_bag.last_stamp + 1e-6
+
+    s = h.stats()
+    assert s.success and s.policy == "infmllm" and s.frames_encoded >= 2
+    # every frame accounted for (the newest may still wait in its slot)
+    assert s.frames_received - (s.frames_encoded + s.frames_dropped) in (0, 1)
+    assert 0 < s.cache_tokens <= s.cache_budget_tokens == 1024
+    assert s.cache_budget_bytes > s.cache_bytes > 0
+    assert s.tokens_seen >= s.cache_tokens and s.next_position >= s.cache_tokens
+    assert (s.newest_frame_stamp.sec, s.newest_frame_stamp.nanosec) in bag
+    player.destroy()
+
+
+def test_exact_stamps_of_every_frame_in_memory(harness, frames):
+    h = harness(**{"cameras.front.topic": "/t/cam", "sample_rate_hz": 50.0})
+    feed(h, "/t/cam", frames[:4], frame_id="front_optical")
+    r = h.ask("How many people were visible?", max_new_tokens=8)
+    assert r.success, r.message
+    assert (r.oldest_frame_stamp.sec, r.oldest_frame_stamp.nanosec) == (T0, NS)
+    assert (r.newest_frame_stamp.sec, r.newest_frame_stamp.nanosec) == (T0 + 3, NS)
+    s = h.stats()
+    assert (s.frames_received, s.frames_encoded, s.frames_dropped) == (4, 4, 0)
+
+
+def test_frames_are_dropped_not_queued_when_the_model_is_slower(harness, frames):
+    h = harness(**{"cameras.front.topic": "/t/cam", "sample_rate_hz": 0.5})
+    h.watch_diagnostics()
+    feed(h, "/t/cam", frames[:20], period=0.02, sync=False)  # 50 Hz against a 0.5 Hz sampler
+    wait_for(lambda: h.node.slots.totals().received >= 15, 30, "frames received")
+    time.sleep(0.5)
+    s = h.stats()
+    assert s.frames_dropped >= 10  # overwritten in the slot, never queued
+    assert s.frames_encoded <= 3
+    assert s.frames_received >= s.frames_dropped + s.frames_encoded
+    wait_for(lambda: any(int(_kv(st, "dropped") or 0) >= 10 for a in h.diagnostics
+                         for st in a.status if st.name.endswith("camera front")),
+             30, "diagnostics reporting the dropped frames")
+
+
+def _kv(status, key):
+    return next((v.value for v in status.values if v.key == key), None)
+
+
+def test_two_cameras_one_compressed(harness, frames):
+    h = harness(**{"cameras.names": ["front", "rear"],
+                   "cameras.front.topic": "/t/front/image_raw",
+                   "cameras.rear.topic": "/t/rear/image_raw/compressed",
+                   "cameras.rear.transport": "compressed",
+                   "cameras.rear.frame_id": "rear_override",
+                   "sample_rate_hz": 50.0})
+    feed(h, "/t/front/image_raw", frames[:2])
+    feed(h, "/t/rear/image_raw/compressed", frames[2:4], start=2, compressed=True)
+    wait_for(lambda: all(c.encoded >= 2 for c in h.node.slots.counts().values()), 120,
+             "2 frames encoded from each camera")
+    assert h.node.worker.stats.cameras == {"front": 2, "rear": 2}
+    r = h.ask("What did the rear camera see?", camera="rear", max_new_tokens=8)
+    assert r.success, r.message
+    # the rear camera's own frames: stamps T0+2, T0+3
+    assert r.newest_frame_stamp.sec == T0 + 3
+    assert h.node.worker.book.lookup(T0 + 3 + NS * 1e-9).frame_id == "rear_override"
+    r = h.ask("What did the side camera see?", camera="side")
+    assert not r.success and "unknown camera 'side'" in r.message
+
+
+def test_bad_images_are_counted_and_the_node_keeps_running(harness, frames):
+    from sensor_msgs.msg import Image
+
+    h = harness(**{"cameras.front.topic": "/t/cam", "sample_rate_hz": 50.0})
+    h.watch_diagnostics()
+    pub = h.publisher("/t/cam")
+    h.wait_subscribed("/t/cam")
+    bad = [
+        Image(height=10, width=10, encoding="rgb8", step=30, data=b"\x00" * 7),  # too short
+        Image(height=4, width=4, encoding="no_such_encoding", step=12, data=b"\x00" * 48),
+        Image(height=0, width=0, encoding="rgb8", step=0, data=b""),
+    ]
+    for m in bad:
+        m.header.stamp.sec = T0
+        pub.publish(m)
+        time.sleep(0.3)
+    wait_for(lambda: h.node.slots.totals().bad >= 3, 60, "3 bad frames counted")
+    pub.publish(image_msg(frames[0], T0 + 1, NS))
+    wait_for(fed(h, 1), 60, "a good frame encoded after the bad ones")
+    assert h.node.worker.alive
+    assert h.stats().success
+    wait_for(lambda: any(_kv(st, "bad") == "3" for a in h.diagnostics for st in a.status), 30,
+             "diagnostics reporting 3 bad frames")
+
+
+def test_questions_are_checked_before_the_model(harness, frames):
+    h = harness(**{"cameras.front.topic": "/t/cam", "query.max_question_chars": 50})
+    r = h.ask("How many people?")
+    assert not r.success and "no camera frames in memory yet" in r.message
+    r = h.ask("   ")
+    assert not r.success and "empty question" in r.message
+    r = h.ask("x" * 51)
+    assert not r.success and "question too long" in r.message and "50" in r.message
+    r = h.ask("Where?", camera="back")
+    assert not r.success and "unknown camera 'back'" in r.message
+
+
+def test_concurrent_questions_queue_or_reject(harness, frames):
+    from infmllm_ros.srv import Query
+
+    h = harness(**{"cameras.front.topic": "/t/cam", "sample_rate_hz": 50.0,
+                   "query.busy_policy": "reject"})
+    feed(h, "/t/cam", frames[:2])
+    wait_for(fed(h, 2), 120, "frames encoded")
+
+    def burst(n, tokens=40):
+        futs = [h.call_async(Query, "query", question=f"Question {i}: describe the scene in detail.",
+                             max_new_tokens=tokens) for i in range(n)]
+        return [h.result(f, 300) for f in futs]
+
+    res = burst(3)
+    ok = [r for r in res if r.success]
+    refused = [r for r in res if not r.success]
+    assert ok, [r.message for r in res]
+    assert refused and all("busy" in r.message and "reject" in r.message for r in refused)
+
+    h.set_params(query__busy_policy="queue", query__queue_size=4)
+    res = burst(3, tokens=12)
+    assert all(r.success for r in res), [r.message for r in res]
+    assert h.node.worker.latency.count >= len(ok) + 3
+
+    h.set_params(query__queue_size=1)
+    res = burst(4, tokens=30)
+    refused = [r for r in res if not r.success]
+    assert refused and all("queue_size is 1" in r.message for r in refused)
+    assert any(r.success for r in res)
+
+
+def test_reset_forgets_the_stream(harness, frames):
+    from std_srvs.srv import Trigger
+
+    h = harness(**{"cameras.front.topic": "/t/cam", "sample_rate_hz": 50.0})
+    feed(h, "/t/cam", frames[:3])
+    wait_for(fed(h, 3), 120, "frames encoded")
+    before = h.stats()
+    assert before.cache_tokens > 0
+    r = h.call(Trigger, "reset", timeout=60)
+    assert r.success and "cache cleared" in r.message
+    after = h.stats()
+    assert (after.cache_tokens, after.frames_encoded, after.tokens_seen) == (0, 0, 0)
+    assert after.newest_frame_stamp.sec == 0
+    r = h.ask("What happened?")
+    assert not r.success and "no camera frames" in r.message
+    feed(h, "/t/cam", frames[3:4], start=3)
+    wait_for(fed(h, 1), 60, "a frame encoded after the reset")
+    r = h.ask("What happened?", max_new_tokens=8)
+    assert r.success and r.oldest_frame_stamp.sec == T0 + 3  # nothing from before the reset
+
+
+def test_ask_action_streams_partial_answers_and_cancels(harness, frames, ros_context):
+    from action_msgs.msg import GoalStatus
+    from rclpy.action import ActionClient
+
+    from infmllm_ros.action import Ask
+
+    h = harness(**{"cameras.front.topic": "/t/cam", "sample_rate_hz": 50.0})
+    feed(h, "/t/cam", frames[:2])
+    wait_for(fed(h, 2), 120, "frames encoded")
+    client = ActionClient(h.probe, Ask, f"{h.fqn}/ask")
+    assert client.wait_for_server(timeout_sec=20)
+
+    feedback = []
+    goal = Ask.Goal(question="Describe everything you saw.", max_new_tokens=16)
+    gh = Harness.result(client.send_goal_async(goal, feedback_callback=feedback.append), 30)
+    assert gh.accepted
+    res = Harness.result(gh.get_result_async(), 180)
+    assert res.status == GoalStatus.STATUS_SUCCEEDED and res.result.success
+    assert feedback and res.result.answer.startswith(feedback[-1].feedback.partial_text.strip()[:5])
+
+    feedback.clear()
+    goal = Ask.Goal(question="Describe everything you saw, in great detail.", max_new_tokens=200)
+    gh = Harness.result(client.send_goal_async(goal, feedback_callback=feedback.append), 30)
+    wait_for(lambda: feedback, 120, "a first partial answer")
+    Harness.result(gh.cancel_goal_async(), 30)
+    res = Harness.result(gh.get_result_async(), 120)
+    assert res.status == GoalStatus.STATUS_CANCELED
+    assert res.result.generated_tokens < 200 and not res.result.success
+
+    bad = Harness.result(client.send_goal_async(Ask.Goal(question="")), 30)
+    assert not bad.accepted
+    client.destroy()
+
+
+def test_node_starts_from_stream_yaml(ros_context, smollm2):
+    """config/stream.yaml exactly as shipped (what launch passes), with the model shared."""
+    from rclpy.parameter import Parameter  # noqa: F401
+
+    from infmllm_ros.ros.node import InfMllmNode
+
+    node = InfMllmNode(loaded_model=smollm2, context=ros_context,
+                       cli_args=["--ros-args", "--params-file", str(STREAM_YAML)])
+    try:
+        s = node.settings
+        assert s.model.preset == "smollm2-offline" and s.encoder.type == "offline"
+        assert s.camera("front").topic == "/camera/image_raw"
+        assert s.sample_rate_hz == 1.0 and s.cache.budget_tokens == 1024
+        topics = dict(node.get_topic_names_and_types())
+        assert "sensor_msgs/msg/Image" in topics["/camera/image_raw"]
+        services = dict(node.get_service_names_and_types())
+        assert {"/infmllm/query", "/infmllm/reset", "/infmllm/get_stats"} <= set(services)
+        assert node.stream.budget == 1024
+    finally:
+        node.destroy_node()
+
+
+def test_bad_parameters_stop_the_node_with_a_reason(ros_context, smollm2):
+    from rclpy.parameter import Parameter
+
+    from infmllm_ros.ros.node import InfMllmNode
+    from infmllm_ros.ros.params import ParameterError
+
+    with pytest.raises(ParameterError, match="cache.policy must be one of"):
+        InfMllmNode(loaded_model=smollm2, context=ros_context,
+                    parameter_overrides=[Parameter("cache.policy", value="lru")])
+    with pytest.raises(ParameterError, match="budget"):  # the engine's own check
+        InfMllmNode(loaded_model=smollm2, context=ros_context,
+                    parameter_overrides=[Parameter("cache.budget_tokens", value=40)])
+
+
+SIGINT_CHILD = textwrap.dedent("""
+    import sys
+    from infmllm_ros.ros.node import main
+    sys.exit(main(["infmllm_node", "--ros-args", "-r", "__ns:=/sig",
+                   "-p", "cameras.front.topic:=/sig/cam", "-p", "sample_rate_hz:=50.0",
+                   "-p", "model.preset:=smollm2-offline"]))
+""")
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_answer_exits_cleanly(ros_context, frames):
+    """SIGINT while the model is answering: exit 0, no traceback, no 'terminate called'."""
+    from rclpy.node import Node
+
+    from infmllm_ros.srv import GetStats, Query
+
+    proc = subprocess.Popen([sys.executable, "-c", SIGINT_CHILD], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    probe = Node("sig_probe", context=ros_context)
+    from rclpy.executors import SingleThreadedExecutor
+
+    ex = SingleThreadedExecutor(context=ros_context)
+    ex.add_node(probe)
+    import threading
+
+    spin = threading.Thread(target=ex.spin, daemon=True)
+    spin.start()
+    try:
+        stats = probe.create_client(GetStats, "/sig/infmllm/get_stats")
+        assert stats.wait_for_service(timeout_sec=180), "node did not come up"
+        from rclpy.qos import qos_profile_sensor_data
+        from sensor_msgs.msg import Image
+
+        pub = probe.create_publisher(Image, "/sig/cam", qos_profile_sensor_data)
+        wait_for(lambda: pub.get_subscription_count() > 0, 30, "the node's subscription")
+        for i, f in enumerate(frames[:2]):
+            pub.publish(image_msg(f, T0 + i, NS))
+            time.sleep(0.3)
+        wait_for(lambda: Harness.result(stats.call_async(GetStats.Request()), 30).frames_encoded >= 2,
+                 120, "frames encoded in the child", step=0.5)
+        query = probe.create_client(Query, "/sig/infmllm/query")
+        assert query.wait_for_service(timeout_sec=30)
+        query.call_async(Query.Request(question="Describe everything in great detail.",
+                                       max_new_tokens=200))
+        time.sleep(3.0)  # mid-answer (200 tokens take ~20 s here)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        ex.shutdown(timeout_sec=5)
+        probe.destroy_node()
+    assert "cancelling the answer in progress" in err, err[-3000:]  # it was mid-answer
+    assert "Traceback" not in err, err[-3000:]
+    assert "terminate called" not in err, err[-3000:]
+    assert proc.returncode == 0, (proc.returncode, err[-3000:])
