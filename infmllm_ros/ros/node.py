@@ -107,6 +107,10 @@ class InfMllmNode(Node):
         s = self.settings
         log = self.get_logger()
         t0 = time.monotonic()
+        if s.model.num_threads:
+            import torch
+
+            torch.set_num_threads(s.model.num_threads)
         if loaded_model is None:
             log.info(f"loading model '{s.model.name}' (device {s.model.device}, dtype "
                      f"{s.model.dtype}) ...")
@@ -434,7 +438,8 @@ class InfMllmNode(Node):
                        queries_waiting=self.jobs.pending(),
                        query_latency_last_s=f"{lat.last_s:.3f}",
                        query_latency_mean_s=f"{lat.mean_recent_s:.3f}",
-                       scenes_published=self.worker.scenes_published)
+                       scenes_published=self.worker.scenes_published,
+                       **{k: f"{v:.3f}" for k, v in self.worker.timing.items()})
         arr.status.append(s)
         return arr
 

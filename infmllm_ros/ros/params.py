@@ -109,6 +109,9 @@ STATIC_SPECS: Tuple[ParamSpec, ...] = (
     _s("model.dtype", "auto", "Weights dtype.", read_only=True, choices=DTYPES),
     _s("model.trust_remote_code", False, "Allow the model folder's own Python code to run "
        "(Hugging Face trust_remote_code).", read_only=True),
+    _s("model.num_threads", 0, "CPU threads torch uses in this process (torch.set_num_threads). "
+       "0: torch's default (one per core). On cores shared with other busy processes, 1 can be "
+       "several times faster.", read_only=True, lo=0, hi=1024),
     _s("encoder.type", "offline", "How a frame becomes tokens: 'offline' (OpenCV detectors -> one "
        "line of text -> the language model) or 'vlm' (the model's own vision tower).",
        read_only=True, choices=ENCODER_TYPES),
@@ -212,6 +215,7 @@ class ModelSettings:
     device: str = "auto"
     dtype: str = "auto"
     trust_remote_code: bool = False
+    num_threads: int = 0
 
 
 @dataclass

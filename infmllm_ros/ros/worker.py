@@ -68,6 +68,9 @@ class StreamWorker:
         self.scenes_published = 0
         self.stats = stream.stats()
         self.error: Optional[str] = None
+        #: Moving averages: encode_s (conversion + encoder), append_s (prefill), frame_tokens,
+        #: scene_s (a whole scene description).
+        self.timing: Dict[str, float] = {}
         #: Longest answer the stream accepts (answers are appended as one chunk); None: no clamp.
         self.max_answer_tokens: Optional[int] = None
         self._stop = threading.Event()
@@ -157,12 +160,18 @@ class StreamWorker:
                 continue
             self._last_sample[cam] = now
             worked = True
+            t0 = time.monotonic()
             try:
                 chunk, ref = self.make_chunk(cam, msg)
             except ValueError as exc:
                 self._bad_frame(cam, str(exc))
                 continue
+            t1 = time.monotonic()
             self.stream.append_chunk(chunk)
+            t2 = time.monotonic()
+            self.timing["encode_s"] = _ewma(self.timing.get("encode_s"), t1 - t0)
+            self.timing["append_s"] = _ewma(self.timing.get("append_s"), t2 - t1)
+            self.timing["frame_tokens"] = _ewma(self.timing.get("frame_tokens"), float(len(chunk)))
             self.book.add(ref)
             self.slots.mark_encoded(cam)
             self._frames_since_scene += 1
@@ -244,7 +253,9 @@ class StreamWorker:
         cams = self.slots.cameras
         camera = cams[0] if len(cams) == 1 else ""
         newest = self.book.newest
+        t0 = time.monotonic()
         res = self._ask(s.prompt, s.max_new_tokens, "", None)
+        self.timing["scene_s"] = _ewma(self.timing.get("scene_s"), time.monotonic() - t0)
         if res.answer.cancelled or self._stop.is_set():
             return
         if newest is not None:  # the newest frame described: appended before the prompt
@@ -253,3 +264,7 @@ class StreamWorker:
         self.scenes_published += 1
         if self.on_scene is not None:
             self.on_scene(res)
+
+
+def _ewma(old: Optional[float], new: float, alpha: float = 0.2) -> float:
+    return new if old is None else (1 - alpha) * old + alpha * new

@@ -29,6 +29,8 @@ from nodekit import (  # noqa: E402
 )
 
 pytestmark = [
+    pytest.mark.ros,
+    pytest.mark.model,
     pytest.mark.usefixtures("interfaces"),
     pytest.mark.skipif(shared_clip() is None, reason="shared/data/video/vtest.avi is missing"),
 ]
@@ -100,6 +102,7 @@ def clip_bag(tmp_path_factory):
     return summary
 
 
+@pytest.mark.slow
 def test_replayed_bag_gives_scenes_and_answers_with_its_stamps(harness, clip_bag):
     from infmllm_ros.ros.replay import BagPlayer
 
@@ -326,28 +329,6 @@ def test_ask_action_streams_partial_answers_and_cancels(harness, frames, ros_con
     bad = Harness.result(client.send_goal_async(Ask.Goal(question="")), 30)
     assert not bad.accepted
     client.destroy()
-
-
-def test_node_starts_from_stream_yaml(ros_context, smollm2):
-    """config/stream.yaml exactly as shipped (what launch passes), with the model shared."""
-    from rclpy.parameter import Parameter  # noqa: F401
-
-    from infmllm_ros.ros.node import InfMllmNode
-
-    node = InfMllmNode(loaded_model=smollm2, context=ros_context,
-                       cli_args=["--ros-args", "--params-file", str(STREAM_YAML)])
-    try:
-        s = node.settings
-        assert s.model.preset == "smollm2-offline" and s.encoder.type == "offline"
-        assert s.camera("front").topic == "/camera/image_raw"
-        assert s.sample_rate_hz == 1.0 and s.cache.budget_tokens == 1024
-        topics = dict(node.get_topic_names_and_types())
-        assert "sensor_msgs/msg/Image" in topics["/camera/image_raw"]
-        services = dict(node.get_service_names_and_types())
-        assert {"/infmllm/query", "/infmllm/reset", "/infmllm/get_stats"} <= set(services)
-        assert node.stream.budget == 1024
-    finally:
-        node.destroy_node()
 
 
 def test_bad_parameters_stop_the_node_with_a_reason(ros_context, smollm2):

@@ -21,6 +21,8 @@ from infmllm_ros.ros.params import (  # noqa: E402
     read_params_file,
 )
 
+pytestmark = pytest.mark.ros
+
 REPO = Path(__file__).resolve().parents[2]
 STREAM_YAML = REPO / "config" / "stream.yaml"
 
