@@ -19,9 +19,9 @@ if _HERE not in sys.path:
 # anything creates a context, and inherited by subprocesses the tests start.
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
-if "INFMLLM_TEST_DOMAIN_ID" not in os.environ:
-    os.environ["INFMLLM_TEST_DOMAIN_ID"] = str(os.getpid() % 90 + 110)
-os.environ["ROS_DOMAIN_ID"] = os.environ["INFMLLM_TEST_DOMAIN_ID"]
+# scripts/env.sh gives each shell its own ROS_DOMAIN_ID (1..100, clear of the
+# ephemeral ports); without it, pick one from this process id in the same range.
+os.environ.setdefault("ROS_DOMAIN_ID", str(os.getpid() % 100 + 1))
 
 #: scripts/test.sh sets INFMLLM_REQUIRE_ROS=1: a missing rclpy or interface is then a failure.
 REQUIRE_ROS = os.environ.get("INFMLLM_REQUIRE_ROS", "0") == "1"
