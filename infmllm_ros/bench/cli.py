@@ -1,0 +1,106 @@
+"""``infmllm-bench``: one entry point, one subcommand per benchmark.
+
+    infmllm-bench ppl    --text text/pg158-emma.txt --policy streamingllm --policy infmllm --budget 1024 --tokens 32768
+    infmllm-bench recall --budget 512 --bias 0 --bias 1 --json
+    infmllm-bench speed  --budget 1024 --json
+    infmllm-bench memory --video video/vtest.avi --minutes 60 --policy infmllm --policy full
+    infmllm-bench gpu    # the prepared GPU run (see benchmarks/gpu.sh)
+
+Defaults come from ``config/bench.yaml`` (``--config`` for another file);
+``--quick`` switches to tiny sizes. With ``--json`` each policy's result is one
+JSON line on stdout; progress bars go to stderr. Results (config + figures) are
+saved under ``--out``; ``--plot`` also writes PNG plots there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional
+
+from .common import COMMANDS, get_model, load_config, save_results
+
+DESCRIPTIONS = {
+    "ppl": "perplexity of a long text streamed through each policy (per-segment curve + mean)",
+    "recall": "long-term recall: planted facts, candidate ranking + free-form answers, bias sweep",
+    "speed": "chunked prefill / decode tokens/s and seconds per query, policies interleaved",
+    "memory": "peak memory and per-frame latency over a long simulated video (1 frame/s)",
+    "gpu": "the prepared GPU run: ppl, speed, memory at larger scale, plus random-weight VLMs",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="infmllm-bench", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        p = sub.add_parser(name, help=DESCRIPTIONS[name], description=DESCRIPTIONS[name])
+        p.add_argument("--config", help="YAML defaults (default: config/bench.yaml)")
+        p.add_argument("--text", help="text file (path, or relative to the shared data folder)")
+        p.add_argument("--video", help="video file (path, or relative to the shared data folder)")
+        p.add_argument("--policy", dest="policies", action="append",
+                       help="full|window|streamingllm|h2o|infmllm, or <policy>-grow (no re-rotation); repeatable")
+        p.add_argument("--budget", dest="budgets", action="append", type=int, help="tokens per layer; repeatable")
+        p.add_argument("--bias", dest="biases", action="append", type=float,
+                       help="Inf-MLLM bias; one infmllm variant per value; repeatable")
+        p.add_argument("--tokens", type=int, help="stream length in tokens")
+        p.add_argument("--chunk", type=int, help="tokens per chunk (max_chunk_tokens)")
+        p.add_argument("--model", help="smollm2, a Hugging Face id or a local folder")
+        p.add_argument("--device", help="cpu, cuda, auto")
+        p.add_argument("--dtype", help="float32, float16, bfloat16, auto")
+        p.add_argument("--threads", type=int, help="torch threads (0: default)")
+        p.add_argument("--trials", type=int, help="recall: single-fact trials")
+        p.add_argument("--distance", type=int, help="recall: tokens between the fact and its question")
+        p.add_argument("--rounds", type=int, help="recall: rounds of the multi-round scenario")
+        p.add_argument("--repeats", type=int, help="speed: interleaved repetitions")
+        p.add_argument("--minutes", type=float, help="memory: minutes of simulated video")
+        p.add_argument("--time-limit", dest="time_limit_s", type=float,
+                       help="memory: seconds per variant before it stops early (0: none)")
+        p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                       help="any other BenchConfig field (YAML value syntax); repeatable")
+        p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in well under a minute")
+        p.add_argument("--json", action="store_true", help="one JSON object per line per policy on stdout")
+        p.add_argument("--out", help="folder for the results JSON (and plots)")
+        p.add_argument("--plot", action="store_true", help="also write PNG plots under --out")
+    return parser
+
+
+def parse(argv: Optional[list] = None):
+    args = build_parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items()
+                 if k not in ("command", "config", "sets", "quick", "json", "plot") and v is not None}
+    if args.json:
+        overrides["json"] = True
+    if args.plot:
+        overrides["plot"] = True
+    if args.sets:
+        import yaml
+
+        for item in args.sets:
+            key, _, value = item.partition("=")
+            overrides[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return load_config(args.command, overrides, args.quick, args.config)
+
+
+def main(argv: Optional[list] = None, lm=None) -> int:
+    """Run one benchmark; ``lm`` (a LoadedModel) skips the model load (tests share one)."""
+    cfg = parse(argv)
+    module = importlib.import_module(f"infmllm_ros.bench.{cfg.command}")
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    if cfg.command != "gpu":
+        lm = get_model(cfg, lm)
+    results = module.run(cfg, lm)
+    extra = {}
+    if cfg.plot and hasattr(module, "plot") and results:
+        extra["plots"] = [str(p) for p in module.plot(cfg, results, lm)]
+    path = save_results(cfg, results, extra)
+    print(f"saved {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,347 @@
+"""What every benchmark shares: the config dataclass, YAML defaults, policy variants, results, plots.
+
+As in kvpress' ``evaluation/``: one :class:`BenchConfig` dataclass, defaults in
+``config/bench.yaml`` (a ``common`` section, one section per subcommand and a
+``quick`` section per subcommand), CLI options override both, and the config
+that actually ran is saved beside the results.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+REPO = Path(__file__).resolve().parents[2]
+
+COMMANDS = ("ppl", "recall", "speed", "memory", "gpu")
+
+
+@dataclass
+class BenchConfig:
+    """Every knob of every benchmark (each subcommand reads the ones it needs)."""
+
+    command: str = "ppl"
+    # model
+    model: str = "smollm2"
+    device: str = "cpu"
+    dtype: str = "float32"
+    attn: str = "sdpa"
+    threads: int = 0  # torch threads; 0 = torch's default
+    # cache
+    policies: list = field(default_factory=lambda: ["full", "window", "streamingllm", "h2o", "infmllm"])
+    budgets: list = field(default_factory=lambda: [1024])
+    biases: list = field(default_factory=lambda: [0.0])  # one infmllm variant per value
+    chunk: int = 256
+    sinks: int = 4
+    recent: int = 64
+    retrieval_window: int = 64
+    h2o_recent_ratio: float = 0.5
+    # inputs
+    text: str = "text/pg158-emma.txt"  # relative paths are under the shared data folder
+    video: str = "video/vtest.avi"
+    tokens: int = 32768
+    # ppl
+    segment: int = 2048
+    full_cap: int = 0  # 0 = the model's context (max_position_embeddings)
+    # recall
+    trials: int = 8
+    distance: int = 1500
+    rounds: int = 12
+    round_tokens: int = 300
+    lag: int = 3
+    candidates: int = 10
+    free_form_tokens: int = 6
+    # speed
+    repeats: int = 3
+    decode_tokens: int = 32
+    query_tokens: int = 16
+    # memory
+    minutes: float = 60.0
+    fps: float = 1.0
+    query_every_s: float = 300.0
+    time_limit_s: float = 0.0  # per variant; 0 = none. A variant that runs out stops early and says so.
+    clip_frames: int = 0  # describe only the first N sampled frames of the clip (0 = all)
+    describe_live: bool = False  # True: run the OpenCV describer on every frame instead of replaying its lines
+    # gpu (VLM path)
+    vlm_families: list = field(default_factory=lambda: ["qwen2_5_vl", "idefics3"])
+    vlm_frames: int = 120
+    vlm_size: str = "real"  # random_vlm size: real (published sizes) or tiny (tests)
+    vlm_budget: int = 4096
+    vlm_max_pixels: int = 448 * 448  # Qwen2.5-VL: 256 visual tokens per frame
+    parts: dict = field(default_factory=dict)  # gpu: per-part overrides {ppl: {...}, speed: {...}, memory: {...}}
+    # output
+    out: str = "bench_results"
+    json: bool = False
+    plot: bool = False
+    quick: bool = False
+    seed: int = 0
+
+    def validate(self) -> "BenchConfig":
+        if self.command not in COMMANDS:
+            raise ValueError(f"unknown benchmark {self.command!r}; choose one of {COMMANDS}")
+        from infmllm_ros.engine import POLICIES
+
+        for name in self.policies:
+            base = name[: -len("-grow")] if name.endswith("-grow") else name
+            if base not in POLICIES:
+                raise ValueError(f"unknown policy {name!r}; choose from {sorted(POLICIES)} (add -grow for rerotate=False)")
+        for name in ("chunk", "tokens", "segment", "trials", "candidates", "repeats"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if any(int(b) < 1 for b in self.budgets):
+            raise ValueError(f"budgets must be >= 1, got {self.budgets}")
+        if any(not (float(b) >= 0 and math.isfinite(float(b))) for b in self.biases):
+            raise ValueError(f"biases must be finite and >= 0, got {self.biases}")
+        return self
+
+
+def default_config_path() -> Path:
+    return Path(os.environ.get("INFMLLM_BENCH_CONFIG", REPO / "config" / "bench.yaml"))
+
+
+def load_config(command: str, overrides: dict, quick: bool, path: Optional[Path] = None) -> BenchConfig:
+    """Dataclass defaults < YAML ``common`` < YAML ``<command>`` < YAML ``quick.<command>`` (if quick) < CLI."""
+    values: dict[str, Any] = {}
+    path = Path(path) if path else default_config_path()
+    if path.is_file():
+        import yaml
+
+        data = yaml.safe_load(path.read_text()) or {}
+        values.update(data.get("common") or {})
+        values.update(data.get(command) or {})
+        if quick:
+            values.update((data.get("quick") or {}).get("common") or {})
+            values.update((data.get("quick") or {}).get(command) or {})
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    values["command"], values["quick"] = command, quick
+    known = {f.name for f in fields(BenchConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown bench settings {unknown} (from {path} or the command line)")
+    return BenchConfig(**values).validate()
+
+
+# -- data ---------------------------------------------------------------------------------------------------
+
+
+def shared_data_dir() -> Path:
+    return Path(os.environ.get("INFMLLM_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def data_file(name: str) -> Path:
+    """``name`` as given if it exists, else under the shared data folder."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    candidate = shared_data_dir() / name
+    if candidate.is_file():
+        return candidate
+    raise FileNotFoundError(f"{name} not found (nor under {shared_data_dir()}; set INFMLLM_SHARED_DATA)")
+
+
+def text_token_ids(lm, path: str, tokens: int, offset_chars: int = 0):
+    """At least ``tokens`` token ids of a text file (``[1, n]``), repeating the file if it is shorter."""
+    import torch
+
+    text = data_file(path).read_text(encoding="utf-8-sig").replace("\r\n", "\n")
+    text = text[offset_chars:] + "\n" + text[:offset_chars]
+    take = max(4096, tokens * 6)
+    pieces = []
+    got = 0
+    while got < tokens:
+        ids = lm.tokenizer(text[:take], add_special_tokens=False, return_tensors="pt")["input_ids"]
+        if ids.shape[1] >= tokens or take >= len(text):
+            pieces.append(ids)
+            got += ids.shape[1]
+            if got < tokens:
+                take = len(text)  # a short file repeats
+        else:
+            take *= 2
+    return torch.cat(pieces, dim=1)[:, :tokens]
+
+
+# -- machine, model ----------------------------------------------------------------------------------------
+
+
+def machine_info() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    text = f"{cpu}, {cores} cores"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            text += f", {torch.cuda.get_device_name(0)}"
+    except Exception:  # pragma: no cover - torch always imports here
+        pass
+    return text
+
+
+_MODELS: dict[tuple, Any] = {}
+
+
+def get_model(cfg: BenchConfig, lm=None):
+    """The loaded model: ``lm`` if given (tests share one load), else loaded once per process."""
+    if lm is not None:
+        return lm
+    key = (cfg.model, cfg.device, cfg.dtype, cfg.attn)
+    if key not in _MODELS:
+        from infmllm_ros.engine import load_model
+
+        _MODELS[key] = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, attn_implementation=cfg.attn)
+    return _MODELS[key]
+
+
+def dtype_name(lm) -> str:
+    return str(lm.dtype).replace("torch.", "")
+
+
+# -- policy variants ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Variant:
+    """One compared setting: a policy at a budget, with its knobs, under a readable label."""
+
+    label: str
+    policy: str
+    budget: int
+    bias: float = 0.0
+    rerotate: bool = True
+
+    def stream_config(self, cfg: BenchConfig, chunk: Optional[int] = None):
+        from infmllm_ros.engine import StreamConfig
+
+        return StreamConfig(
+            policy=self.policy, budget_tokens=self.budget, max_chunk_tokens=chunk or cfg.chunk, sinks=cfg.sinks,
+            recent=cfg.recent, retrieval_window=cfg.retrieval_window, bias=self.bias,
+            h2o_recent_ratio=cfg.h2o_recent_ratio, rerotate=self.rerotate,
+        ).validate()
+
+
+def variants(cfg: BenchConfig, budget: int, policies: Optional[Iterable[str]] = None) -> list[Variant]:
+    """``--policy`` names (``-grow`` = positions grow, no re-rotation) crossed with ``--bias`` for infmllm."""
+    out = []
+    for name in policies or cfg.policies:
+        grow = name.endswith("-grow")
+        base = name[: -len("-grow")] if grow else name
+        if base == "infmllm":
+            for bias in cfg.biases:
+                label = base if float(bias) == 0 else f"{base}-b{float(bias):g}"
+                out.append(Variant(label + ("-grow" if grow else ""), base, budget, float(bias), not grow))
+        else:
+            out.append(Variant(name, base, budget, 0.0, not grow))
+    return out
+
+
+def raw_stream(lm, vcfg):
+    """A stream without the chat framing: token i of the text is stream token i."""
+    from infmllm_ros.engine import Stream
+
+    stream = Stream(lm, vcfg)
+    stream._started = stream._in_user_turn = True
+    return stream
+
+
+def record(cfg: BenchConfig, lm, variant: Variant, **figures) -> dict:
+    """One result line: who/what/where, then the figures."""
+    return {
+        "bench": cfg.command, "policy": variant.label, "base_policy": variant.policy, "budget": variant.budget,
+        "bias": variant.bias, "rerotate": variant.rerotate, "chunk": cfg.chunk, "model": lm.name,
+        "device": str(lm.device), "dtype": dtype_name(lm),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(),
+        "quick": cfg.quick, **figures,
+    }
+
+
+# -- output ------------------------------------------------------------------------------------------------
+
+
+def progress(total: Optional[int], desc: str, unit: str = "tok"):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, mininterval=1.0, dynamic_ncols=True, leave=False)
+
+
+def emit(cfg: BenchConfig, line: dict) -> None:
+    """Print one result (JSON line with --json, else a short readable line)."""
+    if cfg.json:
+        print(json.dumps(line, default=_jsonable), flush=True)
+    else:
+        keys = [k for k in line if isinstance(line[k], (int, float, str)) and k not in ("machine", "date", "bench")]
+        print("  ".join(f"{k}={_short(line[k])}" for k in keys), flush=True)
+
+
+def _short(value):
+    return f"{value:.4g}" if isinstance(value, float) else value
+
+
+def _jsonable(value):
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+def save_results(cfg: BenchConfig, results: list[dict], extra: Optional[dict] = None) -> Path:
+    """Write ``<out>/<command>_<UTC stamp>.json`` holding the config and the results."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = out / f"{cfg.command}{'_quick' if cfg.quick else ''}_{stamp}.json"
+    payload = {"config": asdict(cfg), "machine": machine_info(), "saved": stamp, "results": results, **(extra or {})}
+    path.write_text(json.dumps(payload, indent=1, default=_jsonable))
+    return path
+
+
+def finite(x: float) -> float:
+    """JSON has no inf/nan: clamp to a large finite number (and say so in the docs)."""
+    if x != x:
+        return -1.0
+    return float(min(x, 1e30))
+
+
+def plot_path(cfg: BenchConfig, name: str) -> Path:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out / f"{name}{'_quick' if cfg.quick else ''}.png"
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def stamp_title(cfg: BenchConfig, lm, what: str) -> str:
+    return (f"{what}\n{lm.name} {dtype_name(lm)} on {machine_info()}; "
+            f"{datetime.now(timezone.utc).date().isoformat()}")
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.s = time.perf_counter() - self.start
+        return False

@@ -1,0 +1,193 @@
+"""Memory: peak memory and per-frame latency against stream length, over a long simulated video.
+
+The shared clip is looped and sampled at ``fps`` frames per second of stream
+time, through the offline pipeline (OpenCV describer -> one line of text per
+frame -> tokens), for ``minutes`` of simulated video. The describer costs
+0.3-0.6 s a frame on a 2-core CPU, so by default the clip's sampled frames are
+described once and their lines replayed with the simulated stamps
+(``describe_live: true`` describes every frame instead). Every
+``query_every_s`` seconds of stream time a question is asked (``Stream.ask``).
+
+Memory: process RSS (psutil) on a CPU, ``torch.cuda.max_memory_allocated`` on
+a GPU, plus the KV cache's own bytes. ``full`` has no budget: it stops at the
+model's context (or ``time_limit_s``) and says where.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from .common import BenchConfig, data_file, emit, get_model, plot_path, progress, pyplot, record, variants
+
+QUESTION = "How many people were seen most recently, and where?"
+
+
+def _video_frames(path: Path, fps: float):
+    """RGB frames of the clip sampled at ``fps`` (clip time), with their clip time in seconds."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened():
+        raise FileNotFoundError(f"cannot open video {path}")
+    clip_fps = cap.get(cv2.CAP_PROP_FPS) or 10.0
+    step = max(1, round(clip_fps / fps))
+    index = 0
+    try:
+        while True:
+            ok, bgr = cap.read()
+            if not ok:
+                break
+            if index % step == 0:
+                yield index / clip_fps, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            index += 1
+    finally:
+        cap.release()
+
+
+def clip_observations(cfg: BenchConfig) -> tuple[list, float]:
+    """Describe the clip's sampled frames once (cached under ``--out``); returns (observations, s per frame)."""
+    from infmllm_ros.perception.describer import FrameDescriber, Observation
+
+    video = data_file(cfg.video)
+    cache = Path(cfg.out) / f"describe_{video.stem}_{cfg.fps:g}fps_{cfg.clip_frames or 'all'}.json"
+    if cache.is_file():
+        data = json.loads(cache.read_text())
+        return [Observation(**o) for o in data["observations"]], data["describe_s"]
+    describer = FrameDescriber()
+    observations, spent = [], 0.0
+    for clip_t, frame in _video_frames(video, cfg.fps):
+        if cfg.clip_frames and len(observations) >= cfg.clip_frames:
+            break
+        started = time.perf_counter()
+        observations.append(describer.describe(frame, "front", 1_700_000_000.0 + clip_t))
+        spent += time.perf_counter() - started
+    per_frame = spent / max(1, len(observations))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"video": str(video), "fps": cfg.fps, "describe_s": per_frame,
+                                 "observations": [asdict(o) for o in observations]}, default=list))
+    return observations, per_frame
+
+
+def _memory_mb(lm) -> float:
+    if lm.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(lm.device) / 2**20
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def run(cfg: BenchConfig, lm=None) -> list[dict]:
+    from infmllm_ros.engine import Chunk, Stream
+    from infmllm_ros.perception.describer import FrameDescriber
+    from infmllm_ros.perception.encoders import OfflineTextEncoder
+
+    lm = get_model(cfg, lm)
+    context = int(getattr(lm.text_config, "max_position_embeddings", 0) or 0)
+    frames_total = int(round(cfg.minutes * 60 * cfg.fps))
+    observations, describe_s = ([], 0.0) if cfg.describe_live else clip_observations(cfg)
+    formatter = FrameDescriber()
+    t0 = 1_700_000_000.0
+    results = []
+    for budget in cfg.budgets:
+        for variant in variants(cfg, int(budget)):
+            stream = Stream(lm, variant.stream_config(cfg))
+            encoder = OfflineTextEncoder(lm.tokenizer) if cfg.describe_live else None
+            live = _loop_frames(cfg) if cfg.describe_live else None
+            if lm.device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats(lm.device)
+            start_mb = _memory_mb(lm)
+            latency_ms, mem_mb, held, queries, query_at = [], [], [], [], []
+            stopped, frames = "", 0
+            started = time.perf_counter()
+            next_query = cfg.query_every_s
+            bar = progress(frames_total, f"memory {variant.label} b={budget}", unit="frame")
+            try:
+                for i in range(frames_total):
+                    stamp = t0 + i / cfg.fps
+                    if encoder is not None:
+                        chunk = encoder.encode(next(live), "front", stamp)
+                    else:
+                        obs = replace(observations[i % len(observations)], stamp=stamp)
+                        text = formatter.format_line(obs) + "\n"
+                        ids = lm.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+                        chunk = Chunk(input_ids=ids, kind="frame", camera="front", stamp=stamp, text=text)
+                    if variant.policy == "full" and context and stream.cache.next_position + len(chunk) + 64 > context:
+                        stopped = f"stopped after {frames} frames ({i / cfg.fps / 60:.1f} min): the model's context"
+                        break
+                    if cfg.time_limit_s and time.perf_counter() - started > cfg.time_limit_s:
+                        stopped = f"stopped after {frames} frames ({i / cfg.fps / 60:.1f} min): time limit"
+                        break
+                    if lm.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    stream.append_chunk(chunk)
+                    if lm.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    latency_ms.append((time.perf_counter() - t) * 1000)
+                    mem_mb.append(_memory_mb(lm))
+                    held.append(stream.cache.tokens_held)
+                    frames += 1
+                    if (i + 1) / cfg.fps >= next_query:
+                        queries.append(stream.ask(QUESTION, max_new_tokens=16).latency_s)
+                        query_at.append(frames)
+                        next_query += cfg.query_every_s
+                    bar.update(1)
+                stats = stream.stats()
+            finally:
+                bar.close()
+                stream.close()
+            line = record(cfg, lm, variant, tokens=stats.tokens_seen, frames=frames,
+                          minutes=frames / cfg.fps / 60, fps=cfg.fps, video=cfg.video,
+                          describe="live" if cfg.describe_live else "replayed", describe_s_per_frame=describe_s,
+                          clip_frames=len(observations), peak_mb=max(mem_mb, default=start_mb), start_mb=start_mb,
+                          memory_kind="cuda_max_allocated" if lm.device.type == "cuda" else "rss",
+                          kv_mb_end=stats.bytes_held / 2**20, tokens_held_end=stats.tokens_held,
+                          latency_ms=[round(x, 2) for x in latency_ms], memory_mb=[round(x, 1) for x in mem_mb],
+                          tokens_held=held, query_s=queries, query_at_frame=query_at,
+                          mean_latency_ms=sum(latency_ms) / max(1, len(latency_ms)), stopped=stopped,
+                          seconds=round(time.perf_counter() - started, 1))
+            emit(cfg, line)
+            results.append(line)
+    return results
+
+
+def _loop_frames(cfg: BenchConfig):
+    video = data_file(cfg.video)
+    while True:
+        for _, frame in _video_frames(video, cfg.fps):
+            yield frame
+
+
+def plot(cfg: BenchConfig, results: list[dict], lm=None) -> list:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    for r in results:
+        xs = [(i + 1) / r["fps"] / 60 for i in range(len(r["latency_ms"]))]
+        label = f"{r['policy']} b={r['budget']}" if r["base_policy"] != "full" else "full"
+        window = 20
+        lat = r["latency_ms"]
+        smooth = [sum(lat[max(0, i - window + 1):i + 1]) / len(lat[max(0, i - window + 1):i + 1])
+                  for i in range(len(lat))]
+        axes[0].plot(xs, smooth, label=label)
+        axes[1].plot(xs, r["memory_mb"], label=label)
+        axes[2].plot(xs, r["tokens_held"], label=label)
+    axes[0].set_ylabel("ms per frame (20-frame mean)")
+    axes[1].set_ylabel("RSS MB" if results[0]["memory_kind"] == "rss" else "CUDA max allocated MB")
+    axes[2].set_ylabel("KV tokens held per layer")
+    for ax in axes:
+        ax.set_xlabel("simulated video (minutes, 1 frame/s)")
+        ax.legend(fontsize=8)
+    r0 = results[0]
+    fig.suptitle(f"Long video stream ({r0['video']} looped, frames {r0['describe']}); "
+                 f"{r0['model']} {r0['dtype']} on {r0['machine']}; {r0['date'][:10]}", fontsize=8)
+    fig.tight_layout()
+    path = plot_path(cfg, "memory")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]

@@ -1,0 +1,140 @@
+"""Speed: chunked-prefill and decode tokens/s and seconds per query, every policy side by side.
+
+One stream per policy is first filled to ``budget + chunk`` tokens of novel
+text (untimed; the capped caches are full from then on). Then ``repeats``
+rounds run the policies interleaved (the order rotates each round, so load
+from other processes on a shared machine hits all of them alike); each round
+times, per policy: ``tokens`` of chunked prefill, ``decode_tokens`` greedy
+decode steps (the cache in decoding mode: H2O evicts at every step, Inf-MLLM
+lets the cache grow by at most one chunk), and one ``Stream.ask`` of
+``query_tokens`` tokens at most. Reported: medians over the rounds, and the
+ratios infmllm/h2o and infmllm/streamingllm (>1 = Inf-MLLM faster). ``full``
+keeps growing across rounds (it has no budget); its cache size is reported.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from .common import BenchConfig, emit, get_model, plot_path, progress, pyplot, raw_stream, record, text_token_ids, variants
+
+
+def _sync(lm) -> None:
+    if lm.device.type == "cuda":
+        torch.cuda.synchronize(lm.device)
+
+
+def _prefill(stream, ids, chunk, lm) -> float:
+    from infmllm_ros.engine import Chunk
+
+    _sync(lm)
+    start = time.perf_counter()
+    for a in range(0, ids.shape[1], chunk):
+        stream.append_chunk(Chunk(input_ids=ids[:, a:a + chunk]))
+    _sync(lm)
+    return time.perf_counter() - start
+
+
+def _decode(stream, steps, lm) -> float:
+    from infmllm_ros.engine import Chunk
+
+    logits = stream.append_chunk(Chunk(input_ids=torch.tensor([[lm.tokenizer.encode(" The")[0]]])),
+                                 return_logits=True).logits[-1]
+    stream.cache.decoding = True
+    try:
+        _sync(lm)
+        start = time.perf_counter()
+        for _ in range(steps):
+            token = int(logits.argmax())
+            logits = stream.append_chunk(Chunk(input_ids=torch.tensor([[token]]), kind="answer"),
+                                         return_logits=True).logits[-1]
+        _sync(lm)
+        return time.perf_counter() - start
+    finally:
+        stream.cache.decoding = False
+
+
+def run(cfg: BenchConfig, lm=None) -> list[dict]:
+    lm = get_model(cfg, lm)
+    results = []
+    for budget in cfg.budgets:
+        vs = variants(cfg, int(budget))
+        fill = int(budget) + cfg.chunk
+        per_round = cfg.tokens + cfg.decode_tokens + 40
+        ids = text_token_ids(lm, cfg.text, fill + cfg.repeats * cfg.tokens)
+        streams = {v.label: raw_stream(lm, v.stream_config(cfg)) for v in vs}
+        timings = {v.label: {"prefill": [], "decode": [], "query": [], "query_tokens": []} for v in vs}
+        bar = progress(len(vs) * (fill + cfg.repeats * per_round), f"speed b={budget}")
+        try:
+            for v in vs:
+                _prefill(streams[v.label], ids[:, :fill], cfg.chunk, lm)
+                bar.update(fill)
+            for rnd in range(cfg.repeats):
+                block = ids[:, fill + rnd * cfg.tokens: fill + (rnd + 1) * cfg.tokens]
+                order = vs[rnd % len(vs):] + vs[:rnd % len(vs)]
+                for v in order:
+                    s, t = streams[v.label], timings[v.label]
+                    t["prefill"].append(block.shape[1] / _prefill(s, block, cfg.chunk, lm))
+                    t["decode"].append(cfg.decode_tokens / _decode(s, cfg.decode_tokens, lm))
+                    answer = s.ask("What happened in the last paragraph?", max_new_tokens=cfg.query_tokens)
+                    t["query"].append(answer.latency_s)
+                    t["query_tokens"].append(answer.generated_tokens)
+                    bar.update(per_round)
+            held = {label: s.stats().tokens_held for label, s in streams.items()}
+        finally:
+            bar.close()
+            for s in streams.values():
+                s.close()
+        med = {label: {k: statistics.median(x) for k, x in t.items()} for label, t in timings.items()}
+        lines = []
+        for v in vs:
+            m = med[v.label]
+            lines.append(record(cfg, lm, v, tokens=cfg.tokens, fill=fill, repeats=cfg.repeats,
+                                prefill_tok_s=m["prefill"], decode_tok_s=m["decode"], query_s=m["query"],
+                                query_generated=m["query_tokens"], decode_tokens=cfg.decode_tokens,
+                                tokens_held_end=held[v.label], prefill_runs=timings[v.label]["prefill"],
+                                decode_runs=timings[v.label]["decode"], query_runs=timings[v.label]["query"]))
+        _ratios(lines)
+        for line in lines:
+            emit(cfg, line)
+        results.extend(lines)
+    return results
+
+
+def _ratios(lines: list[dict]) -> None:
+    """Add infmllm/h2o and infmllm/streamingllm speed ratios (>1: Inf-MLLM faster) to the infmllm lines."""
+    by = {x["policy"]: x for x in lines}
+    for line in lines:
+        if line["base_policy"] != "infmllm":
+            continue
+        for other in ("h2o", "streamingllm"):
+            if other in by:
+                o = by[other]
+                line[f"vs_{other}"] = {"prefill": line["prefill_tok_s"] / o["prefill_tok_s"],
+                                       "decode": line["decode_tok_s"] / o["decode_tok_s"],
+                                       "query": o["query_s"] / line["query_s"]}
+
+
+def plot(cfg: BenchConfig, results: list[dict], lm=None) -> list:
+    plt = pyplot()
+    paths = []
+    for budget in sorted({r["budget"] for r in results}):
+        rows = [r for r in results if r["budget"] == budget]
+        fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
+        for ax, key, label in zip(axes, ("prefill_tok_s", "decode_tok_s", "query_s"),
+                                  ("chunked prefill (tokens/s)", "decode (tokens/s)", "seconds per query")):
+            ax.bar(range(len(rows)), [r[key] for r in rows])
+            ax.set_xticks(range(len(rows)), [r["policy"] for r in rows], rotation=20, fontsize=8)
+            ax.set_title(label, fontsize=9)
+        r0 = rows[0]
+        fig.suptitle(f"Speed at budget {budget}, chunk {r0['chunk']} (medians of {r0['repeats']} interleaved rounds); "
+                     f"{r0['model']} {r0['dtype']} on {r0['machine']}; {r0['date'][:10]}", fontsize=8)
+        fig.tight_layout()
+        path = plot_path(cfg, f"speed_b{budget}")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths

@@ -1,0 +1,98 @@
+"""Each `infmllm-bench` subcommand's --quick mode, in-process, on the one SmolLM2 load of the session.
+
+Checks that results are produced and well formed (keys, finite numbers, one
+line per policy variant, config saved with them); no timing asserts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pytest
+
+from infmllm_ros.bench import cli
+from infmllm_ros.bench.common import load_config, variants
+
+pytestmark = [pytest.mark.model, pytest.mark.slow]
+
+COMMON = ("bench", "policy", "budget", "tokens", "model", "device", "dtype", "date", "machine")
+FIGURES = {
+    "ppl": ("ppl", "segments"),
+    "recall": ("accuracy", "per_distance", "free_form_rate", "single_accuracy", "multi_accuracy"),
+    "speed": ("prefill_tok_s", "decode_tok_s", "query_s"),
+    "memory": ("peak_mb", "latency_ms", "memory_mb"),
+}
+
+
+def _numbers(value):
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return []
+    if isinstance(value, (int, float)):
+        return [value]
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _numbers(v)]
+    if isinstance(value, (list, tuple)):
+        return [x for v in value for x in _numbers(v)]
+    return []
+
+
+def _run(command, tmp_path, capsys, lm, *extra):
+    out = tmp_path / command
+    assert cli.main([command, "--quick", "--json", "--plot", "--out", str(out), *extra], lm=lm) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    saved = list(out.glob(f"{command}_quick_*.json"))
+    assert len(saved) == 1
+    payload = json.loads(saved[0].read_text())
+    assert payload["config"]["command"] == command and payload["config"]["quick"] is True
+    assert payload["results"] == lines
+    assert all(p.endswith(".png") and (out / p.split("/")[-1]).is_file() for p in payload.get("plots", []))
+    return lines, payload["config"]
+
+
+@pytest.mark.parametrize("command", ["ppl", "recall", "speed", "memory"])
+def test_quick_mode_gives_one_well_formed_line_per_policy(command, smollm2, shared_data, tmp_path, capsys):
+    lines, config = _run(command, tmp_path, capsys, smollm2)
+    cfg = load_config(command, {}, quick=True)
+    expected = [v.label for b in cfg.budgets for v in variants(cfg, b)]
+    assert [x["policy"] for x in lines] == expected
+    for line in lines:
+        for key in COMMON + FIGURES[command]:
+            assert key in line, (command, key)
+        assert all(math.isfinite(x) for x in _numbers(line)), line
+    if command == "ppl":
+        assert all(x["ppl"] > 1 and len(x["segments"]) >= 1 for x in lines)
+    if command == "recall":
+        assert all(0 <= x["accuracy"] <= 1 and 0 <= x["free_form_rate"] <= 1 for x in lines)
+        assert lines[0]["best_bias"] in config["biases"]
+    if command == "speed":
+        assert all(x["prefill_tok_s"] > 0 and x["decode_tok_s"] > 0 for x in lines)
+        assert "vs_h2o" in next(x for x in lines if x["policy"] == "infmllm")
+    if command == "memory":
+        capped = next(x for x in lines if x["policy"] == "infmllm")
+        assert max(capped["tokens_held"]) <= capped["budget"] + config["chunk"]
+        assert len(capped["latency_ms"]) == capped["frames"] > 0
+
+
+def test_gpu_script_runs_its_vlm_part_tiny_on_cpu(smollm2, shared_data, tmp_path, capsys):
+    if importlib.util.find_spec("infmllm_ros.perception.random_vlm") is None:
+        pytest.skip("random_vlm not present")
+    lines, _ = _run("gpu", tmp_path, capsys, smollm2)
+    assert {(x["family"], x["base_policy"]) for x in lines} == {(f, p) for f in ("qwen2_5_vl", "idefics3")
+                                                                 for p in ("infmllm", "full")}
+    for line in lines:
+        assert line["frames_per_s"] > 0 and line["peak_mb"] > 0 and line["frame_tokens"] > 0
+        assert all(math.isfinite(x) for x in _numbers(line))
+
+
+def test_cli_overrides_and_bad_values():
+    cfg = cli.parse(["ppl", "--quick", "--budget", "64", "--budget", "96", "--bias", "0.5",
+                     "--policy", "streamingllm-grow", "--policy", "infmllm", "--set", "segment=64"])
+    assert cfg.budgets == [64, 96] and cfg.segment == 64
+    assert [v.label for v in variants(cfg, 64)] == ["streamingllm-grow", "infmllm-b0.5"]
+    assert [v.rerotate for v in variants(cfg, 64)] == [False, True]
+    with pytest.raises(ValueError, match="unknown policy"):
+        cli.parse(["ppl", "--policy", "lru"])
+    with pytest.raises(ValueError, match="unknown bench settings"):
+        cli.parse(["ppl", "--set", "nope=1"])
