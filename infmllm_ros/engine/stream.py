@@ -172,7 +172,8 @@ class Stream:
                                  rerotate=config.rerotate)
         self.format = ChatFormat.from_tokenizer(lm.tokenizer, lm.processor)
         forward_params = inspect.signature(lm.model.forward).parameters
-        self._cache_kwarg = "past_key_values" if "past_key_values" in forward_params else "cache"
+        # transformers renamed `past_key_values` to `cache` (5.2x); use whichever this version takes.
+        self._cache_kwarg = "cache" if "cache" in forward_params else "past_key_values"
         self._eos_ids = self._end_token_ids()
         self._reset_state()
 
