@@ -358,28 +358,23 @@ class Stream:
         return budget
 
     def _end_token_ids(self) -> set[int]:
+        """Tokens that end an answer: EOS, the generation config's EOS ids, and the end-of-turn marker."""
         tok = self.lm.tokenizer
-        ids = set()
-        if tok.eos_token_id is not None:
-            ids.add(int(tok.eos_token_id))
-        end = self.format.user_to_assistant and self.format.assistant_to_user.strip()
-        if end:
-            # The assistant's end-of-turn marker (e.g. <|im_end|>) also ends an answer.
-            first = self._encode(self.format.assistant_to_user)[0, 0].item()
-            if tok.convert_ids_to_tokens(first) in (tok.all_special_tokens or []) or first == tok.eos_token_id:
-                ids.add(int(first))
+        candidates = [tok.eos_token_id]
         gen_eos = getattr(getattr(self.lm.model, "generation_config", None), "eos_token_id", None)
-        for value in (gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]):
-            if value is not None:
-                ids.add(int(value))
-        return ids
+        candidates += list(gen_eos) if isinstance(gen_eos, (list, tuple)) else [gen_eos]
+        if self.format.assistant_to_user.strip():
+            # e.g. <|im_end|> or <end_of_utterance>: the first token that closes an assistant turn
+            first = int(self._encode(self.format.assistant_to_user)[0, 0])
+            if tok.convert_ids_to_tokens(first) in set(tok.all_special_tokens or []):
+                candidates.append(first)
+        return {int(c) for c in candidates if c is not None}
 
     def _encode(self, text: str) -> torch.Tensor:
         ids = self.lm.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
         return ids
 
     def _check_chunk(self, chunk: Chunk) -> None:
-        model_dtype, device = self.lm.dtype, self.lm.device
         if chunk.inputs_embeds is not None:
             hidden = int(self.lm.text_config.hidden_size)
             if chunk.inputs_embeds.shape[-1] != hidden:
@@ -397,7 +392,6 @@ class Stream:
             vocab = int(self.lm.text_config.vocab_size)
             if chunk.input_ids.min() < 0 or chunk.input_ids.max() >= vocab:
                 raise ValueError(f"input_ids out of the vocabulary range [0, {vocab})")
-        del model_dtype, device
 
     def _ensure_user_turn(self) -> None:
         if not self._started:
