@@ -122,3 +122,8 @@ def make_encoder(kind: str, lm: Any, **options: Any) -> FrameEncoder:
 #: name -> encoder class with ``from_model(lm, **options)``. Extend it beside
 #: the class you add, e.g. ``ENCODERS["vlm"] = VlmEncoder``.
 ENCODERS: dict[str, Any] = {"offline": OfflineTextEncoder}
+
+# The VLM encoder lives in vlm.py (which does not import this module, so no cycle).
+from .vlm import VlmEncoder  # noqa: E402
+
+ENCODERS["vlm"] = VlmEncoder
