@@ -21,6 +21,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -138,7 +139,8 @@ def write_bag(
         start = time.time() if start_time is None else float(start_time)
         if not math.isfinite(start) or start < 0:
             raise VideoToBagError(f"--start-time must be a non-negative number of seconds, got {start_time}")
-        start_ns = int(round(start * 1e9))
+        # Through the decimal text, not float * 1e9: a float epoch time is ~100 ns off at 1e9 s.
+        start_ns = time.time_ns() if start_time is None else int(Decimal(repr(start)) * 1_000_000_000)
         topic = topic or (DEFAULT_TOPIC + "/compressed" if compressed else DEFAULT_TOPIC)
 
         store = get_typestore(Stores.ROS2_KILTED)

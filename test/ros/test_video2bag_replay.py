@@ -19,7 +19,7 @@ pytest.importorskip("rosbags.rosbag2", reason="the rosbags package is not instal
 from infmllm_ros.ros.video2bag import VideoToBagError, main as video2bag_main, write_bag  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-START = 1700000000.5
+START = 1700000000.75  # a fractional epoch time: stamps must be exact to the nanosecond
 FRAMES = 20
 WIDTH = 384
 
@@ -72,7 +72,7 @@ def test_video2bag_writes_every_frame_with_exact_stamps_and_frame_id(raw_bag):
     assert len(messages) == FRAMES
     assert {topic for topic, _, _ in messages} == {"/camera/image_raw"}
     stamps_ns = [m.header.stamp.sec * 1_000_000_000 + m.header.stamp.nanosec for _, _, m in messages]
-    assert stamps_ns[0] == int(START * 1e9)
+    assert stamps_ns[0] == 1_700_000_000_750_000_000
     assert all(b - a == 100_000_000 for a, b in zip(stamps_ns, stamps_ns[1:]))  # 10 fps: 0.1 s apart
     assert [t for _, t, _ in messages] == stamps_ns  # receive time = stamp, so replays keep the timing
     assert {m.header.frame_id for _, _, m in messages} == {"front_cam"}
