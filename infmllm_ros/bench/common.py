@@ -59,6 +59,8 @@ class BenchConfig:
     lag: int = 3
     candidates: int = 10
     free_form_tokens: int = 6
+    scenarios: list = field(default_factory=lambda: ["single", "multi"])
+    distractors: str = "unplanted"  # multi: unplanted (words never in the stream) or planted (the other facts' words)
     # speed
     repeats: int = 3
     decode_tokens: int = 32
@@ -104,14 +106,26 @@ class BenchConfig:
 
 
 def default_config_path() -> Path:
-    return Path(os.environ.get("INFMLLM_BENCH_CONFIG", REPO / "config" / "bench.yaml"))
+    """``$INFMLLM_BENCH_CONFIG``, else the source tree's ``config/bench.yaml``, else an install space's copy."""
+    if os.environ.get("INFMLLM_BENCH_CONFIG"):
+        return Path(os.environ["INFMLLM_BENCH_CONFIG"])
+    candidates = [REPO / "config" / "bench.yaml", Path(sys.prefix) / "share" / "infmllm_ros" / "config" / "bench.yaml"]
+    candidates += [Path(p) / "share" / "infmllm_ros" / "config" / "bench.yaml"
+                   for p in os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep) if p]
+    for path in candidates:
+        if path.is_file():
+            return path
+    return candidates[0]
 
 
 def load_config(command: str, overrides: dict, quick: bool, path: Optional[Path] = None) -> BenchConfig:
     """Dataclass defaults < YAML ``common`` < YAML ``<command>`` < YAML ``quick.<command>`` (if quick) < CLI."""
     values: dict[str, Any] = {}
     path = Path(path) if path else default_config_path()
-    if path.is_file():
+    if not path.is_file():
+        print(f"infmllm-bench: no {path}; using the built-in defaults (--quick sizes come from that file)",
+              file=sys.stderr)
+    else:
         import yaml
 
         data = yaml.safe_load(path.read_text()) or {}

@@ -155,7 +155,11 @@ def multi_round(cfg: BenchConfig, lm, variant, text: str, pool: dict[str, int], 
             if r >= cfg.lag:
                 q_name, q_word, at = planted[r - cfg.lag]
                 others = [w for _, w, _ in planted if w != q_word]
-                cands = _candidates(q_word, pool, others, cfg.candidates, rng)
+                if cfg.distractors == "planted":
+                    cands = _candidates(q_word, pool, others, cfg.candidates, rng)
+                else:  # never planted: does the stream still hold the fact at all?
+                    unplanted = {w: t for w, t in pool.items() if w not in others and w not in words[:cfg.rounds]}
+                    cands = _candidates(q_word, {**unplanted, q_word: pool[q_word]}, [], cfg.candidates, rng)
                 distances.append(stream.cache.tokens_seen - at)
                 ok, free, rank = asker.ask(f"\n\nQuestion: what is {q_name}'s code word?\n"
                                            f"Answer: {q_name}'s code word is", q_word, cands)
@@ -182,19 +186,26 @@ def run(cfg: BenchConfig, lm=None) -> list[dict]:
     for budget in cfg.budgets:
         lines = []
         for variant in variants(cfg, int(budget)):
-            bar = progress(cfg.trials * per_trial + cfg.rounds * per_round, f"recall {variant.label} b={budget}")
+            total = (cfg.trials * per_trial if "single" in cfg.scenarios else 0) + (
+                cfg.rounds * per_round if "multi" in cfg.scenarios else 0)
+            bar = progress(total, f"recall {variant.label} b={budget}")
             started = time.perf_counter()
+            empty_single = {"single_correct": 0, "single_trials": 0, "single_accuracy": 0.0,
+                            "single_free_form_rate": 0.0, "single_ranks": []}
+            empty_multi = {"multi_correct": 0, "multi_questions": 0, "multi_accuracy": 0.0,
+                           "multi_free_form_rate": 0.0, "multi_ranks": [], "multi_mean_distance": 0}
             try:
-                single = single_fact(cfg, lm, variant, text, pool, bar)
-                multi = multi_round(cfg, lm, variant, text, pool, bar)
+                single = single_fact(cfg, lm, variant, text, pool, bar) if "single" in cfg.scenarios else empty_single
+                multi = multi_round(cfg, lm, variant, text, pool, bar) if "multi" in cfg.scenarios else empty_multi
             finally:
                 bar.close()
             total = single["single_correct"] + multi["multi_correct"]
             questions = single["single_trials"] + multi["multi_questions"]
             free = (single["single_free_form_rate"] * single["single_trials"]
                     + multi["multi_free_form_rate"] * multi["multi_questions"])
-            line = record(cfg, lm, variant, tokens=per_trial, text=cfg.text, accuracy=total / questions,
-                          free_form_rate=free / questions,
+            line = record(cfg, lm, variant, tokens=per_trial, text=cfg.text, accuracy=total / max(1, questions),
+                          free_form_rate=free / max(1, questions), scenarios=list(cfg.scenarios),
+                          distractors=cfg.distractors,
                           per_distance={str(cfg.distance): single["single_accuracy"],
                                         str(multi["multi_mean_distance"]): multi["multi_accuracy"]},
                           candidates=cfg.candidates, distance=cfg.distance, rounds=cfg.rounds, lag=cfg.lag,
@@ -214,8 +225,9 @@ def best_bias(lines: list[dict]):
     inf = [x for x in lines if x["base_policy"] == "infmllm"]
     if not inf:
         return None
-    top = max(inf, key=lambda x: (min(x["single_accuracy"], x["multi_accuracy"]),
-                                  x["single_accuracy"] + x["multi_accuracy"], -x["bias"]))
+    scen = inf[0].get("scenarios", ["single", "multi"])
+    acc = [f"{s}_accuracy" for s in scen]
+    top = max(inf, key=lambda x: (min(x[a] for a in acc), sum(x[a] for a in acc), -x["bias"]))
     return top["bias"]
 
 

@@ -105,7 +105,11 @@ def run(cfg: BenchConfig, lm=None) -> list[dict]:
 
 
 def _ratios(lines: list[dict]) -> None:
-    """Add infmllm/h2o and infmllm/streamingllm speed ratios (>1: Inf-MLLM faster) to the infmllm lines."""
+    """Add infmllm/h2o and infmllm/streamingllm speed ratios (>1: Inf-MLLM faster) to the infmllm lines.
+
+    Each ratio is the median over rounds of the ratio within a round (the two
+    policies ran back to back), which cancels slow drifts in machine load.
+    """
     by = {x["policy"]: x for x in lines}
     for line in lines:
         if line["base_policy"] != "infmllm":
@@ -113,9 +117,11 @@ def _ratios(lines: list[dict]) -> None:
         for other in ("h2o", "streamingllm"):
             if other in by:
                 o = by[other]
-                line[f"vs_{other}"] = {"prefill": line["prefill_tok_s"] / o["prefill_tok_s"],
-                                       "decode": line["decode_tok_s"] / o["decode_tok_s"],
-                                       "query": o["query_s"] / line["query_s"]}
+                line[f"vs_{other}"] = {
+                    "prefill": statistics.median(a / b for a, b in zip(line["prefill_runs"], o["prefill_runs"])),
+                    "decode": statistics.median(a / b for a, b in zip(line["decode_runs"], o["decode_runs"])),
+                    "query": statistics.median(b / a for a, b in zip(line["query_runs"], o["query_runs"])),
+                }
 
 
 def plot(cfg: BenchConfig, results: list[dict], lm=None) -> list:
