@@ -325,7 +325,7 @@ class InfMllmNode(Node):
         job, reason = self._submit_question(g.question, g.camera, g.max_new_tokens, on_text)
         if job is None:
             result.success, result.message = False, reason
-            goal_handle.abort()
+            self._finish_goal(goal_handle.abort)
             return result
         deadline = t0 + self.settings.query.timeout_s
         while not job.wait(0.05):
@@ -342,12 +342,21 @@ class InfMllmNode(Node):
             result.message = "cancelled (partial answer)"
             if not result.answer:
                 result.answer = partial["text"].strip()
-            goal_handle.canceled()
+            self._finish_goal(goal_handle.canceled)
         elif result.success:
-            goal_handle.succeed()
+            self._finish_goal(goal_handle.succeed)
         else:
-            goal_handle.abort()
+            self._finish_goal(goal_handle.abort)
         return result
+
+    def _finish_goal(self, transition) -> None:
+        """Move a goal to its final state; at Ctrl-C the context may already be gone, which is fine."""
+        try:
+            transition()
+        except Exception:  # noqa: BLE001 - rclpy raises RCLError once the context is shut down
+            if self._closed or not self.context.ok():
+                return
+            raise
 
     # -- admin -------------------------------------------------------------------
 

@@ -109,16 +109,16 @@ def test_a_stream_3x_longer_than_the_context_keeps_a_stable_perplexity(smollm2, 
     assert emma_ids.shape[1] >= tokens
     segment = 2048
     for policy in ("infmllm", "streamingllm"):
-        stream = _raw_stream(smollm2, policy=policy, budget_tokens=256, max_chunk_tokens=256, recent=64)
+        stream = _raw_stream(smollm2, policy=policy, budget_tokens=256, max_chunk_tokens=128, recent=64)
         per_segment = []
         try:
             for start in range(0, tokens - segment + 1, segment):
-                nll, count = _nll(stream, emma_ids[:, start : start + segment], 256)
+                nll, count = _nll(stream, emma_ids[:, start : start + segment], 128)
                 per_segment.append(math.exp(nll / count))
         finally:
             stream.close()
         assert all(math.isfinite(p) for p in per_segment), (policy, per_segment)
-        assert stream.cache.next_position <= 512
+        assert stream.cache.next_position <= 256 + 128  # far below the 8192-token context
         # Stable: the last third of the stream is no worse than 1.5x the first third.
         third = len(per_segment) // 3
         first, last = sum(per_segment[:third]) / third, sum(per_segment[-third:]) / third

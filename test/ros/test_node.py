@@ -362,7 +362,7 @@ def test_ctrl_c_mid_answer_exits_cleanly(ros_context, frames):
     """SIGINT while the model is answering: exit 0, no traceback, no 'terminate called'."""
     from rclpy.node import Node
 
-    from infmllm_ros.srv import GetStats, Query
+    from infmllm_ros.srv import GetStats
 
     proc = subprocess.Popen([sys.executable, "-c", SIGINT_CHILD], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ))
@@ -388,11 +388,18 @@ def test_ctrl_c_mid_answer_exits_cleanly(ros_context, frames):
             time.sleep(0.3)
         wait_for(lambda: Harness.result(stats.call_async(GetStats.Request()), 30).frames_encoded >= 2,
                  120, "frames encoded in the child", step=0.5)
-        query = probe.create_client(Query, "/sig/infmllm/query")
-        assert query.wait_for_service(timeout_sec=30)
-        query.call_async(Query.Request(question="Describe everything in great detail.",
-                                       max_new_tokens=200))
-        time.sleep(3.0)  # mid-answer (200 tokens take ~20 s here)
+        # Ask through the action and send SIGINT on its first partial answer: then the
+        # child is certainly mid-answer, however loaded the machine is.
+        from rclpy.action import ActionClient
+
+        from infmllm_ros.action import Ask
+
+        ask = ActionClient(probe, Ask, "/sig/infmllm/ask")
+        assert ask.wait_for_server(timeout_sec=30)
+        partial = threading.Event()
+        ask.send_goal_async(Ask.Goal(question="Describe everything in great detail.", max_new_tokens=200),
+                            feedback_callback=lambda _msg: partial.set())
+        assert partial.wait(120), "no partial answer from the child"
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     finally:
