@@ -337,6 +337,20 @@ def plot_path(cfg: BenchConfig, name: str) -> Path:
     return out / f"{name}{'_quick' if cfg.quick else ''}.png"
 
 
+def run_label(result: dict) -> str:
+    """What every plot's title says about the run: model, dtype, machine, date."""
+    return f"{result['model']} {result['dtype']} on {result['machine']}; {result['date'][:10]}"
+
+
+def save_figure(fig, cfg: BenchConfig, name: str) -> Path:
+    """Lay out, write ``<out>/<name>.png`` and close ``fig``."""
+    fig.tight_layout()
+    path = plot_path(cfg, name)
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path
+
+
 def pyplot():
     import matplotlib
 

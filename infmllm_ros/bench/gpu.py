@@ -24,7 +24,7 @@ from dataclasses import replace
 
 import torch
 
-from .common import (BenchConfig, data_file, emit, get_model, machine_info, plot_path, progress, pyplot,
+from .common import (save_figure, BenchConfig, data_file, emit, get_model, machine_info, progress, pyplot,
                      save_results, variants)
 
 QUESTION = "What did the camera see most recently?"
@@ -148,8 +148,5 @@ def plot(cfg: BenchConfig, results: list[dict], lm=None) -> list:
         ax.legend(fontsize=7)
     fig.suptitle(f"Random-weight VLMs ({rows[0]['size']} sizes), {rows[0]['dtype']} on {rows[0]['machine']}",
                  fontsize=8)
-    fig.tight_layout()
-    path = plot_path(cfg, "gpu_vlm")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    path = save_figure(fig, cfg, "gpu_vlm")
     return [path]

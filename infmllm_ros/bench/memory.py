@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .common import BenchConfig, data_file, emit, get_model, plot_path, progress, pyplot, record, variants
+from .common import run_label, save_figure, BenchConfig, data_file, emit, get_model, progress, pyplot, record, variants
 
 QUESTION = "How many people were seen most recently, and where?"
 
@@ -184,10 +184,7 @@ def plot(cfg: BenchConfig, results: list[dict], lm=None) -> list:
         ax.set_xlabel("simulated video (minutes, 1 frame/s)")
         ax.legend(fontsize=8)
     r0 = results[0]
-    fig.suptitle(f"Long video stream ({r0['video']} looped, frames {r0['describe']}); "
-                 f"{r0['model']} {r0['dtype']} on {r0['machine']}; {r0['date'][:10]}", fontsize=8)
-    fig.tight_layout()
-    path = plot_path(cfg, "memory")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fig.suptitle(f"Long video stream ({r0['video']} looped, frames {r0['describe']}); " +
+                 run_label(r0), fontsize=8)
+    path = save_figure(fig, cfg, "memory")
     return [path]

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from .common import (BenchConfig, emit, finite, get_model, plot_path, progress, pyplot, raw_stream, record,
+from .common import (run_label, save_figure, BenchConfig, emit, finite, get_model, progress, pyplot, raw_stream, record,
                      text_token_ids, variants)
 
 
@@ -101,12 +101,9 @@ def plot(cfg: BenchConfig, results: list[dict], lm=None) -> list:
         ax.set_xlabel(f"stream position (K tokens; ppl per {results[0]['segment']}-token segment)")
         ax.set_ylabel("perplexity (log scale)")
         r0 = results[0]
-        ax.set_title(f"Perplexity of a streamed novel, budget {budget}, chunk {r0['chunk']}\n"
-                     f"{r0['model']} {r0['dtype']} on {r0['machine']}; {r0['date'][:10]}", fontsize=9)
+        ax.set_title(f"Perplexity of a streamed novel, budget {budget}, chunk {r0['chunk']}\n" +
+                     run_label(r0), fontsize=9)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = plot_path(cfg, f"ppl_b{budget}")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        path = save_figure(fig, cfg, f"ppl_b{budget}")
         paths.append(path)
     return paths

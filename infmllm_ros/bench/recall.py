@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from .common import BenchConfig, data_file, emit, get_model, plot_path, progress, pyplot, raw_stream, record, variants
+from .common import run_label, save_figure, BenchConfig, data_file, emit, get_model, progress, pyplot, raw_stream, record, variants
 
 #: candidate answers; only those that are one token (with a leading space) for the model's tokenizer are used
 WORDS = ("tiger horse apple lemon river castle pencil garden rabbit silver dragon candle mirror violin rocket "
@@ -246,12 +246,9 @@ def plot(cfg: BenchConfig, results: list[dict], lm=None) -> list:
         ax.set_ylim(0, 1.05)
         ax.set_ylabel(f"ranked first of {cfg.candidates} candidates")
         r0 = rows[0]
-        ax.set_title(f"Recall, budget {budget}, chunk {r0['chunk']}\n"
-                     f"{r0['model']} {r0['dtype']} on {r0['machine']}; {r0['date'][:10]}", fontsize=9)
+        ax.set_title(f"Recall, budget {budget}, chunk {r0['chunk']}\n" +
+                     run_label(r0), fontsize=9)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = plot_path(cfg, f"recall_b{budget}")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        path = save_figure(fig, cfg, f"recall_b{budget}")
         paths.append(path)
     return paths

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from .common import BenchConfig, emit, get_model, plot_path, progress, pyplot, raw_stream, record, text_token_ids, variants
+from .common import run_label, save_figure, BenchConfig, emit, get_model, progress, pyplot, raw_stream, record, text_token_ids, variants
 
 
 def _sync(lm) -> None:
@@ -136,11 +136,8 @@ def plot(cfg: BenchConfig, results: list[dict], lm=None) -> list:
             ax.set_xticks(range(len(rows)), [r["policy"] for r in rows], rotation=20, fontsize=8)
             ax.set_title(label, fontsize=9)
         r0 = rows[0]
-        fig.suptitle(f"Speed at budget {budget}, chunk {r0['chunk']} (medians of {r0['repeats']} interleaved rounds); "
-                     f"{r0['model']} {r0['dtype']} on {r0['machine']}; {r0['date'][:10]}", fontsize=8)
-        fig.tight_layout()
-        path = plot_path(cfg, f"speed_b{budget}")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        fig.suptitle(f"Speed at budget {budget}, chunk {r0['chunk']} (medians of {r0['repeats']} interleaved rounds); " +
+                     run_label(r0), fontsize=8)
+        path = save_figure(fig, cfg, f"speed_b{budget}")
         paths.append(path)
     return paths
