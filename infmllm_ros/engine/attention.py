@@ -93,13 +93,20 @@ def install(model: torch.nn.Module, decoder_attention: list[torch.nn.Module]) ->
         config._attn_implementation_internal = name
     for idx, module in enumerate(decoder_attention):
         module._infmllm_layer = idx
+        # Several streams may share one model: count them, so closing one keeps the hook for the others.
+        module._infmllm_users = getattr(module, "_infmllm_users", 0) + 1
     return base
 
 
 def uninstall(decoder_attention: list[torch.nn.Module], base: str) -> None:
-    """Put the decoder back on its base attention implementation."""
+    """Put the decoder back on its base attention implementation once no stream uses it."""
+    for module in decoder_attention:
+        module._infmllm_users = max(0, getattr(module, "_infmllm_users", 1) - 1)
+    if any(module._infmllm_users for module in decoder_attention):
+        return
     for module in decoder_attention:
         if hasattr(module, "config"):
             module.config._attn_implementation_internal = base
-        if hasattr(module, "_infmllm_layer"):
-            del module._infmllm_layer
+        for attr in ("_infmllm_layer", "_infmllm_users"):
+            if hasattr(module, attr):
+                delattr(module, attr)

@@ -166,10 +166,12 @@ class Stream:
             raise ValueError(
                 f"found {len(self._attention_modules)} decoder attention modules for {self.num_layers} layers"
             )
-        self._base_attention = attention.install(lm.model, self._attention_modules)
         self.rope = RopeSpec.from_model(lm.model, head_dim)
         self.cache = CappedCache(self.num_layers, self.policy, self.budget, config.max_chunk_tokens, self.rope,
                                  rerotate=config.rerotate)
+        # Last, once every check has passed: a stream that fails to build holds no hook.
+        self._base_attention = attention.install(lm.model, self._attention_modules)
+        self._closed = False
         self.format = ChatFormat.from_tokenizer(lm.tokenizer, lm.processor)
         forward_params = inspect.signature(lm.model.forward).parameters
         # transformers renamed `past_key_values` to `cache` (5.2x); use whichever this version takes.
@@ -277,8 +279,10 @@ class Stream:
         self._reset_state()
 
     def close(self) -> None:
-        """Give the model back its own attention implementation."""
-        attention.uninstall(self._attention_modules, self._base_attention)
+        """Release the model: its own attention implementation is back once no other stream uses it."""
+        if not self._closed:
+            self._closed = True
+            attention.uninstall(self._attention_modules, self._base_attention)
 
     def save(self, path: str | Path) -> None:
         """Write the stream's state (cache and history) to ``path``."""

@@ -177,9 +177,12 @@ def test_save_and_load_restore_the_same_next_prediction(smollm2, emma_ids, tmp_p
     try:
         second.load(tmp_path / "stream.pt")
         got = second.append_chunk(Chunk(input_ids=emma_ids[:, 320:352]), return_logits=True).logits
-        with pytest.raises(ValueError, match="other stream settings"):
-            Stream(smollm2, StreamConfig(policy="h2o", budget_tokens=64, max_chunk_tokens=32)).load(
-                tmp_path / "stream.pt")
+        other = Stream(smollm2, StreamConfig(policy="h2o", budget_tokens=64, max_chunk_tokens=32))
+        try:
+            with pytest.raises(ValueError, match="other stream settings"):
+                other.load(tmp_path / "stream.pt")
+        finally:
+            other.close()
     finally:
         second.close()
     torch.testing.assert_close(got, expected)
@@ -227,8 +230,27 @@ def test_byte_budget_is_converted_to_tokens(smollm2):
     try:
         assert stream.bytes_per_token == one_token
         assert stream.budget == 100
-        per_layer = Stream(smollm2, StreamConfig(policy="streamingllm", budget_tokens=500,
-                                                 budget_bytes_per_layer=80 * one_token // 30, max_chunk_tokens=32))
-        assert per_layer.budget == 80
     finally:
         stream.close()
+    per_layer = Stream(smollm2, StreamConfig(policy="streamingllm", budget_tokens=500,
+                                             budget_bytes_per_layer=80 * one_token // 30, max_chunk_tokens=32))
+    per_layer.close()
+    assert per_layer.budget == 80
+
+
+def test_closing_one_stream_keeps_the_cap_of_another_on_the_same_model(smollm2, emma_ids):
+    attention = smollm2.model.model.layers[0].self_attn
+    users_before = getattr(attention, "_infmllm_users", 0)
+    first = _raw_stream(smollm2, policy="streamingllm", budget_tokens=32, max_chunk_tokens=16)
+    second = _raw_stream(smollm2, policy="streamingllm", budget_tokens=32, max_chunk_tokens=16)
+    first.close()
+    first.close()  # idempotent
+    try:
+        for start in range(0, 96, 16):
+            held = second.append_chunk(Chunk(input_ids=emma_ids[:, start : start + 16])).tokens_held
+            assert held <= 32
+    finally:
+        second.close()
+    assert getattr(attention, "_infmllm_users", 0) == users_before
+    if users_before == 0:  # no other stream alive: the model is back on its own attention
+        assert smollm2.model.config._attn_implementation == "sdpa"
