@@ -170,9 +170,8 @@ class CappedLayer(DynamicLayer):
         stored = scores.shape[-1]
         tail = policy.recent_tokens(owner.budget) + (new if policy.keep_new_chunk else 0)
         tail = min(tail, owner.budget - min(policy.sinks, owner.budget))
-        forced = self.seen[:, : scores.shape[1]] < policy.sinks
+        forced = self.seen[:, : scores.shape[1]] < policy.sinks  # a new tensor: safe to write into
         if tail > 0:
-            forced = forced.clone()
             forced[..., stored - tail :] = True
         scores = scores.masked_fill(forced, math.inf)
         keep = scores.topk(owner.budget, dim=-1, sorted=False).indices
