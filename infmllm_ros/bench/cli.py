@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", help="float32, float16, bfloat16, auto")
         p.add_argument("--threads", type=int, help="torch threads (0: default)")
         p.add_argument("--trials", type=int, help="recall: single-fact trials")
-        p.add_argument("--distance", type=int, help="recall: tokens between the fact and its question")
+        p.add_argument("--distance", dest="distances", action="append", type=int,
+                       help="recall: tokens between the single fact and its question; repeatable")
         p.add_argument("--rounds", type=int, help="recall: rounds of the multi-round scenario")
         p.add_argument("--repeats", type=int, help="speed: interleaved repetitions")
         p.add_argument("--minutes", type=float, help="memory: minutes of simulated video")

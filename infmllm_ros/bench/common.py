@@ -53,10 +53,10 @@ class BenchConfig:
     full_cap: int = 0  # 0 = the model's context (max_position_embeddings)
     # recall
     trials: int = 8
-    distance: int = 1500
+    distances: list = field(default_factory=lambda: [500, 1500])  # single fact: tokens between fact and question
     rounds: int = 12
     round_tokens: int = 300
-    lag: int = 3
+    lags: list = field(default_factory=lambda: [2, 4, 8])  # multi: round r asks about round r - lags[r % len(lags)]
     candidates: int = 10
     free_form_tokens: int = 6
     scenarios: list = field(default_factory=lambda: ["single", "multi"])
@@ -98,6 +98,8 @@ class BenchConfig:
         for name in ("chunk", "tokens", "segment", "trials", "candidates", "repeats"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if any(int(d) < 1 for d in self.distances) or any(int(g) < 1 for g in self.lags):
+            raise ValueError(f"distances and lags must be >= 1, got {self.distances}, {self.lags}")
         if any(int(b) < 1 for b in self.budgets):
             raise ValueError(f"budgets must be >= 1, got {self.budgets}")
         if any(not (float(b) >= 0 and math.isfinite(float(b))) for b in self.biases):

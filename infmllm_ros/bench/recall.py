@@ -1,24 +1,34 @@
 """Long-term recall: facts planted in a stream of novel text, asked about many tokens later.
 
 Two scenarios, both without the chat framing (raw text, so a 135M model can
-complete "the code word is ..."):
+complete the answer):
 
-* **single** (reference probe): one fact early, ``distance`` tokens of filler
-  from a novel, then the question. ``trials`` streams, each with another
-  word and another stretch of filler.
+* **single** (reference probe): one fact early, then ``d`` tokens of filler
+  from a novel for each ``d`` in ``distances``, then the question. ``trials``
+  streams per distance, each with another word and another stretch of filler.
+  Accuracy by distance.
 * **multi** (many rounds): every round brings ``round_tokens`` of filler and a
-  new fact about a new name; from round ``lag`` on, each round also asks
-  about the fact of ``lag`` rounds before. Questions and answers stay in the
+  new fact (a name paired with a word); round ``r`` also asks about the fact
+  of round ``r - lag``, ``lag`` cycling through ``lags`` (so each distance is
+  asked about across the whole stream). Questions and answers stay in the
   stream, so facts that were asked about (and attended to) stay "hot": stale
-  saddles that crowd out the newer facts, the case Inf-MLLM's bias is for.
+  saddles that can crowd out the newer facts, the case Inf-MLLM's bias is
+  for. Accuracy by lag (and its mean distance in tokens).
+
+The facts are "Note: remember the pair <name> <word>." and the question ends
+"... the pair was <name>", so the word to recall directly follows the name
+it was paired with: with a full cache SmolLM2-135M ranks it first among 10
+candidates in 8-9 of 9 questions, while it does not bind names to words in a
+"<name>'s code word is <word>" form (it then copies the most recent fact).
 
 Scoring, for each question: the question chunk's last logits give the
 log-probability of each of ``candidates`` single-token words (the planted one
-and distractors, including other words planted in the same stream); the
-answer is right if the planted word ranks first. This needs no extra forward
-pass and commits nothing to the stream. Then the model answers free-form
-(greedy, ``free_form_tokens`` tokens, committed to the stream as ``ask``
-does); ``free_form_rate`` is the share of answers that contain the word.
+and distractors; in ``multi`` the distractors are words never planted in the
+stream unless ``distractors: planted``); the answer is right if the planted
+word ranks first. This needs no extra forward pass and commits nothing to the
+stream. Then the model answers free-form (greedy, ``free_form_tokens``
+tokens, committed to the stream as ``ask`` does); ``free_form_rate`` is the
+share of answers that contain the word.
 """
 
 from __future__ import annotations
@@ -57,6 +67,13 @@ def _filler(text: str, tokenizer, tokens: int, rng: random.Random) -> torch.Tens
     return ids[:, :tokens]
 
 
+def candidate_rank(logits: torch.Tensor, right: str, candidates: dict[str, int]) -> int:
+    """1 + how many candidate words the next-token logits score above the right one."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    scores = {w: float(logp[t]) for w, t in candidates.items()}
+    return 1 + sum(1 for w, s in scores.items() if w != right and s > scores[right])
+
+
 class _Asker:
     """Appends token streams in chunks, scores candidates from a question's last logits, decodes free-form."""
 
@@ -81,9 +98,7 @@ class _Asker:
 
         ids = self.encode(question)
         logits = self.stream.append_chunk(Chunk(input_ids=ids, kind="question"), return_logits=True).logits[-1]
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        scores = {w: float(logp[t]) for w, t in candidates.items()}
-        rank = 1 + sum(1 for w, s in scores.items() if w != right and s > scores[right])
+        rank = candidate_rank(logits, right, candidates)
         generated = []
         cache = self.stream.cache
         cache.decoding = True
@@ -110,68 +125,100 @@ def _candidates(right: str, pool: dict[str, int], prefer: list[str], k: int, rng
     return {w: pool[w] for w in chosen}
 
 
-def single_fact(cfg: BenchConfig, lm, variant, text: str, pool: dict[str, int], bar) -> dict:
-    rng = random.Random(cfg.seed)
+SINGLE_QUESTION = "\n\nQuestion: what is the secret code word mentioned earlier?\nAnswer: the secret code word is"
+
+
+def single_fact_trials(cfg: BenchConfig, tokenizer, text: str, pool: dict[str, int], distance: int):
+    """The single-fact trials at one distance: (word, context token-id pieces, candidates) for each trial.
+
+    Seeded by ``cfg.seed`` and the distance, so every policy (and the kvpress
+    comparison, ``benchmarks/kvpress_compare.py``) sees the same streams.
+    """
+    rng = random.Random(cfg.seed * 1000 + int(distance))
     words = rng.sample(list(pool), len(pool))
-    right_count = free_count = 0
-    ranks = []
     for trial in range(cfg.trials):
         word = words[trial % len(words)]
-        stream = raw_stream(lm, variant.stream_config(cfg))
-        asker = _Asker(stream, lm, cfg.chunk, cfg.free_form_tokens)
-        try:
-            asker.feed(_filler(text, lm.tokenizer, 48, rng), bar)
-            asker.feed(asker.encode(f"\n\nImportant: the secret code word is {word}. Remember the code word.\n\n"),
-                       bar)
-            asker.feed(_filler(text, lm.tokenizer, cfg.distance, rng), bar)
-            cands = _candidates(word, pool, [], cfg.candidates, rng)
-            ok, free, rank = asker.ask("\n\nQuestion: what is the secret code word mentioned earlier?\n"
-                                       "Answer: the secret code word is", word, cands)
-        finally:
-            stream.close()
-        right_count += ok
-        free_count += free
-        ranks.append(rank)
-    return {"single_correct": right_count, "single_trials": cfg.trials, "single_accuracy": right_count / cfg.trials,
-            "single_free_form_rate": free_count / cfg.trials, "single_ranks": ranks}
+        fact = f"\n\nImportant: the secret code word is {word}. Remember the code word.\n\n"
+        pieces = [_filler(text, tokenizer, 48, rng),
+                  tokenizer(fact, add_special_tokens=False, return_tensors="pt")["input_ids"],
+                  _filler(text, tokenizer, int(distance), rng)]
+        yield word, pieces, _candidates(word, pool, [], cfg.candidates, rng)
+
+
+def single_fact(cfg: BenchConfig, lm, variant, text: str, pool: dict[str, int], bar) -> dict:
+    """Accuracy of one early fact asked after each of ``cfg.distances`` tokens of filler."""
+    by_distance = {}
+    for distance in cfg.distances:
+        right_count = free_count = 0
+        ranks = []
+        for word, pieces, cands in single_fact_trials(cfg, lm.tokenizer, text, pool, distance):
+            stream = raw_stream(lm, variant.stream_config(cfg))
+            asker = _Asker(stream, lm, cfg.chunk, cfg.free_form_tokens)
+            try:
+                for piece in pieces:
+                    asker.feed(piece, bar)
+                ok, free, rank = asker.ask(SINGLE_QUESTION, word, cands)
+            finally:
+                stream.close()
+            right_count += ok
+            free_count += free
+            ranks.append(rank)
+        by_distance[str(distance)] = {"correct": right_count, "trials": cfg.trials,
+                                      "accuracy": right_count / cfg.trials,
+                                      "free_form_rate": free_count / cfg.trials, "ranks": ranks}
+    correct = sum(v["correct"] for v in by_distance.values())
+    trials = sum(v["trials"] for v in by_distance.values())
+    free = sum(v["free_form_rate"] * v["trials"] for v in by_distance.values())
+    return {"single_correct": correct, "single_trials": trials, "single_accuracy": correct / max(1, trials),
+            "single_free_form_rate": free / max(1, trials), "single_by_distance": by_distance}
 
 
 def multi_round(cfg: BenchConfig, lm, variant, text: str, pool: dict[str, int], bar) -> dict:
+    """Accuracy over a multi-round stream: a new fact every round, each round asks about an older one."""
     rng = random.Random(cfg.seed + 1)
     words = rng.sample(list(pool), len(pool))
     names = rng.sample(NAMES, len(NAMES))
     stream = raw_stream(lm, variant.stream_config(cfg))
     asker = _Asker(stream, lm, cfg.chunk, cfg.free_form_tokens)
     planted: list[tuple[str, str, int]] = []  # (name, word, stream token index of the fact)
-    asked = correct = free_count = 0
-    distances = []
-    ranks = []
+    by_lag: dict[str, dict] = {}
     try:
         for r in range(cfg.rounds):
             name, word = names[r % len(names)], words[r % len(words)]
             asker.feed(_filler(text, lm.tokenizer, cfg.round_tokens, rng), bar)
             planted.append((name, word, stream.cache.tokens_seen))
-            asker.feed(asker.encode(f"\n\nNote: {name}'s code word is {word}.\n\n"), bar)
-            if r >= cfg.lag:
-                q_name, q_word, at = planted[r - cfg.lag]
-                others = [w for _, w, _ in planted if w != q_word]
-                if cfg.distractors == "planted":
-                    cands = _candidates(q_word, pool, others, cfg.candidates, rng)
-                else:  # never planted: does the stream still hold the fact at all?
-                    unplanted = {w: t for w, t in pool.items() if w not in others and w not in words[:cfg.rounds]}
-                    cands = _candidates(q_word, {**unplanted, q_word: pool[q_word]}, [], cfg.candidates, rng)
-                distances.append(stream.cache.tokens_seen - at)
-                ok, free, rank = asker.ask(f"\n\nQuestion: what is {q_name}'s code word?\n"
-                                           f"Answer: {q_name}'s code word is", q_word, cands)
-                asked += 1
-                correct += ok
-                free_count += free
-                ranks.append(rank)
+            asker.feed(asker.encode(f"\n\nNote: remember the pair {name} {word}.\n\n"), bar)
+            lag = int(cfg.lags[r % len(cfg.lags)])
+            if r < lag:
+                continue
+            q_name, q_word, at = planted[r - lag]
+            others = [w for _, w, _ in planted if w != q_word]
+            if cfg.distractors == "planted":
+                cands = _candidates(q_word, pool, others, cfg.candidates, rng)
+            else:  # never planted: does the stream still hold the fact at all?
+                unplanted = {w: t for w, t in pool.items() if w not in others and w not in words[:cfg.rounds]}
+                cands = _candidates(q_word, {**unplanted, q_word: pool[q_word]}, [], cfg.candidates, rng)
+            distance = stream.cache.tokens_seen - at
+            ok, free, rank = asker.ask(f"\n\nQuestion: which word was paired with {q_name}?\n"
+                                       f"Answer: the pair was {q_name}", q_word, cands)
+            slot = by_lag.setdefault(str(lag), {"correct": 0, "asked": 0, "free": 0, "ranks": [], "distances": []})
+            slot["correct"] += ok
+            slot["asked"] += 1
+            slot["free"] += free
+            slot["ranks"].append(rank)
+            slot["distances"].append(distance)
     finally:
         stream.close()
+    for slot in by_lag.values():
+        slot["accuracy"] = slot["correct"] / slot["asked"]
+        slot["free_form_rate"] = slot.pop("free") / slot["asked"]
+        slot["mean_distance"] = round(sum(slot["distances"]) / len(slot["distances"]))
+    asked = sum(v["asked"] for v in by_lag.values())
+    correct = sum(v["correct"] for v in by_lag.values())
+    free = sum(v["free_form_rate"] * v["asked"] for v in by_lag.values())
     return {"multi_correct": correct, "multi_questions": asked, "multi_accuracy": correct / max(1, asked),
-            "multi_free_form_rate": free_count / max(1, asked), "multi_ranks": ranks,
-            "multi_mean_distance": round(sum(distances) / max(1, len(distances)))}
+            "multi_free_form_rate": free / max(1, asked),
+            "multi_by_lag": dict(sorted(by_lag.items(), key=lambda kv: int(kv[0])))}
 
 
 def run(cfg: BenchConfig, lm=None) -> list[dict]:
@@ -180,20 +227,19 @@ def run(cfg: BenchConfig, lm=None) -> list[dict]:
     if len(pool) < cfg.candidates:
         raise ValueError(f"only {len(pool)} single-token candidate words for this tokenizer")
     text = data_file(cfg.text).read_text(encoding="utf-8-sig").replace("\r\n", "\n")
-    per_trial = 48 + 20 + cfg.distance + 30
-    per_round = cfg.round_tokens + 20 + cfg.free_form_tokens + 30
+    per_single = sum(cfg.trials * (48 + 20 + int(d) + 30) for d in cfg.distances)
+    per_multi = cfg.rounds * (cfg.round_tokens + 20 + cfg.free_form_tokens + 30)
+    empty_single = {"single_correct": 0, "single_trials": 0, "single_accuracy": 0.0,
+                    "single_free_form_rate": 0.0, "single_by_distance": {}}
+    empty_multi = {"multi_correct": 0, "multi_questions": 0, "multi_accuracy": 0.0,
+                   "multi_free_form_rate": 0.0, "multi_by_lag": {}}
     results = []
     for budget in cfg.budgets:
         lines = []
         for variant in variants(cfg, int(budget)):
-            total = (cfg.trials * per_trial if "single" in cfg.scenarios else 0) + (
-                cfg.rounds * per_round if "multi" in cfg.scenarios else 0)
+            total = (per_single if "single" in cfg.scenarios else 0) + (per_multi if "multi" in cfg.scenarios else 0)
             bar = progress(total, f"recall {variant.label} b={budget}")
             started = time.perf_counter()
-            empty_single = {"single_correct": 0, "single_trials": 0, "single_accuracy": 0.0,
-                            "single_free_form_rate": 0.0, "single_ranks": []}
-            empty_multi = {"multi_correct": 0, "multi_questions": 0, "multi_accuracy": 0.0,
-                           "multi_free_form_rate": 0.0, "multi_ranks": [], "multi_mean_distance": 0}
             try:
                 single = single_fact(cfg, lm, variant, text, pool, bar) if "single" in cfg.scenarios else empty_single
                 multi = multi_round(cfg, lm, variant, text, pool, bar) if "multi" in cfg.scenarios else empty_multi
@@ -203,13 +249,14 @@ def run(cfg: BenchConfig, lm=None) -> list[dict]:
             questions = single["single_trials"] + multi["multi_questions"]
             free = (single["single_free_form_rate"] * single["single_trials"]
                     + multi["multi_free_form_rate"] * multi["multi_questions"])
-            line = record(cfg, lm, variant, tokens=per_trial, text=cfg.text, accuracy=total / max(1, questions),
-                          free_form_rate=free / max(1, questions), scenarios=list(cfg.scenarios),
-                          distractors=cfg.distractors,
-                          per_distance={str(cfg.distance): single["single_accuracy"],
-                                        str(multi["multi_mean_distance"]): multi["multi_accuracy"]},
-                          candidates=cfg.candidates, distance=cfg.distance, rounds=cfg.rounds, lag=cfg.lag,
-                          round_tokens=cfg.round_tokens, **single, **multi,
+            per_distance = {f"single@{d}": v["accuracy"] for d, v in single["single_by_distance"].items()}
+            per_distance.update({f"multi@lag{g}~{v['mean_distance']}": v["accuracy"]
+                                 for g, v in multi["multi_by_lag"].items()})
+            line = record(cfg, lm, variant, tokens=per_single + per_multi, text=cfg.text,
+                          accuracy=total / max(1, questions), free_form_rate=free / max(1, questions),
+                          scenarios=list(cfg.scenarios), distractors=cfg.distractors, per_distance=per_distance,
+                          candidates=cfg.candidates, trials=cfg.trials, distances=list(cfg.distances), rounds=cfg.rounds,
+                          lags=list(cfg.lags), round_tokens=cfg.round_tokens, **single, **multi,
                           seconds=round(time.perf_counter() - started, 1))
             lines.append(line)
         best = best_bias(lines)
@@ -232,23 +279,30 @@ def best_bias(lines: list[dict]):
 
 
 def plot(cfg: BenchConfig, results: list[dict], lm=None) -> list:
+    """Per budget: single-fact accuracy by distance (left), multi-round accuracy by lag (right)."""
     plt = pyplot()
     paths = []
     for budget in sorted({r["budget"] for r in results}):
         rows = [r for r in results if r["budget"] == budget]
-        fig, ax = plt.subplots(figsize=(8, 4))
-        xs = range(len(rows))
-        ax.bar([x - 0.2 for x in xs], [r["single_accuracy"] for r in rows], 0.4,
-               label=f"single fact, {cfg.distance} tokens back")
-        ax.bar([x + 0.2 for x in xs], [r["multi_accuracy"] for r in rows], 0.4,
-               label=f"multi-round, fact {cfg.lag} rounds back (~{rows[0]['multi_mean_distance']} tokens)")
-        ax.set_xticks(list(xs), [r["policy"] for r in rows], rotation=20, fontsize=8)
-        ax.set_ylim(0, 1.05)
-        ax.set_ylabel(f"ranked first of {cfg.candidates} candidates")
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for r in rows:
+            style = dict(marker="o", ms=4, label=r["policy"], ls="--" if r["base_policy"] == "full" else "-")
+            single = r["single_by_distance"]
+            if single:
+                axes[0].plot([int(d) for d in single], [v["accuracy"] for v in single.values()], **style)
+            multi = r["multi_by_lag"]
+            if multi:
+                axes[1].plot([v["mean_distance"] for v in multi.values()], [v["accuracy"] for v in multi.values()],
+                             **style)
         r0 = rows[0]
-        ax.set_title(f"Recall, budget {budget}, chunk {r0['chunk']}\n" +
-                     run_label(r0), fontsize=9)
-        ax.legend(fontsize=8)
+        axes[0].set_title(f"single early fact ({r0['trials']} trials per distance)", fontsize=9)
+        axes[1].set_title(f"multi-round: a new fact every round, {r0['rounds']} rounds", fontsize=9)
+        for ax in axes:
+            ax.set_xlabel("tokens between fact and question")
+            ax.set_ylim(-0.05, 1.05)
+            ax.set_ylabel(f"ranked first of {r0['candidates']} candidates")
+            ax.legend(fontsize=7)
+        fig.suptitle(f"Recall, budget {budget}, chunk {r0['chunk']}; " + run_label(r0), fontsize=8)
         path = save_figure(fig, cfg, f"recall_b{budget}")
         paths.append(path)
     return paths

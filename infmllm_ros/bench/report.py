@@ -60,11 +60,22 @@ def markdown(merged) -> str:
         parts.append("### ppl\n\n" + table(rows, head))
     if "recall" in merged:
         _, lines = merged["recall"]
-        head = ["policy", "budget", "bias", "single fact (right/trials)", "multi-round (right/asked)",
-                "accuracy", "free-form rate", "single ranks", "multi ranks"]
-        rows = [[x["policy"], x["budget"], f(x["bias"], 2), f"{x['single_correct']}/{x['single_trials']}",
-                 f"{x['multi_correct']}/{x['multi_questions']}", f(x["accuracy"], 2), f(x["free_form_rate"], 2),
-                 x["single_ranks"], x["multi_ranks"]] for x in lines]
+        distances = sorted({int(d) for x in lines for d in x.get("single_by_distance", {})})
+        lags = sorted({int(g) for x in lines for g in x.get("multi_by_lag", {})})
+        miles = {g: next(x["multi_by_lag"][str(g)]["mean_distance"] for x in lines if str(g) in x["multi_by_lag"])
+                 for g in lags}
+        head = (["policy", "budget", "bias"] + [f"single @{d}" for d in distances]
+                + [f"multi lag {g} (~{miles[g]} tok)" for g in lags]
+                + ["single", "multi", "free-form rate", "best bias"])
+
+        def cell(slot, n="trials"):
+            return f"{slot['correct']}/{slot[n]}" if slot else ""
+
+        rows = [[x["policy"], x["budget"] if x["base_policy"] != "full" else "-", f(x["bias"], 2)]
+                + [cell(x["single_by_distance"].get(str(d))) for d in distances]
+                + [cell(x["multi_by_lag"].get(str(g)), "asked") for g in lags]
+                + [f(x["single_accuracy"], 2), f(x["multi_accuracy"], 2), f(x["free_form_rate"], 2),
+                   x.get("best_bias", "")] for x in lines]
         parts.append("### recall\n\n" + table(rows, head))
     if "speed" in merged:
         _, lines = merged["speed"]

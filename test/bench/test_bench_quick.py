@@ -66,6 +66,11 @@ def test_quick_mode_gives_one_well_formed_line_per_policy(command, smollm2, shar
     if command == "recall":
         assert all(0 <= x["accuracy"] <= 1 and 0 <= x["free_form_rate"] <= 1 for x in lines)
         assert lines[0]["best_bias"] in config["biases"]
+        for x in lines:  # accuracy by distance (single fact) and by lag (multi-round)
+            assert list(x["single_by_distance"]) == [str(d) for d in config["distances"]]
+            assert sum(v["trials"] for v in x["single_by_distance"].values()) == x["single_trials"]
+            assert set(x["multi_by_lag"]) <= {str(g) for g in config["lags"]} and x["multi_questions"] >= 1
+            assert all(v["mean_distance"] > 0 and len(v["ranks"]) == v["asked"] for v in x["multi_by_lag"].values())
     if command == "speed":
         assert all(x["prefill_tok_s"] > 0 and x["decode_tok_s"] > 0 for x in lines)
         assert "vs_h2o" in next(x for x in lines if x["policy"] == "infmllm")
@@ -92,6 +97,10 @@ def test_cli_overrides_and_bad_values():
     assert cfg.budgets == [64, 96] and cfg.segment == 64
     assert [v.label for v in variants(cfg, 64)] == ["streamingllm-grow", "infmllm-b0.5"]
     assert [v.rerotate for v in variants(cfg, 64)] == [False, True]
+    recall = cli.parse(["recall", "--quick", "--distance", "300", "--distance", "900", "--set", "lags=[2, 5]"])
+    assert recall.distances == [300, 900] and recall.lags == [2, 5]
+    with pytest.raises(ValueError, match="distances and lags"):
+        cli.parse(["recall", "--distance", "0"])
     with pytest.raises(ValueError, match="unknown policy"):
         cli.parse(["ppl", "--policy", "lru"])
     with pytest.raises(ValueError, match="unknown bench settings"):

