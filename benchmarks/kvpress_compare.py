@@ -11,11 +11,15 @@ Two protocols, each as the methods' own code uses them:
 
 1. **ppl of a chunked stream** (as ``infmllm-bench ppl``): the text in
    ``--chunk``-token pieces, each chunk's logits scoring its tokens. Ours:
-   StreamingLLM, H2O and Inf-MLLM streams (keys re-rotated). kvpress: its
+   StreamingLLM, H2O and Inf-MLLM streams (keys re-rotated), and
+   ``streamingllm-grow`` (the same kept tokens at their original positions,
+   as kvpress keeps them). kvpress: its
    decoding-time press, ``DecodingPress(base_press, compression_interval=1,
    target_size=budget)``, which after every forward past the first prunes
    the cache back to the budget by the base press's scores; base presses
-   ``StreamingLLMPress(n_sink=4)`` and ``SnapKVPress(window_size=64)``.
+   ``StreamingLLMPress(n_sink=4)`` and ``SnapKVPress(window_size=64)``, as
+   released and with the kept tokens left in stream order (``in_order``:
+   0.5.5 reorders them by score, which breaks repeated StreamingLLM pruning).
    kvpress keeps every key at its original position (no re-rotation), so
    positions grow with the stream and the run stops at the model's context
    (8192 tokens for SmolLM2); ours are measured on the same tokens. The
@@ -62,6 +66,35 @@ def _positions(start: int, count: int, held: int) -> dict:
     mask needs the index inside the pruned cache."""
     return {"position_ids": torch.arange(start, start + count)[None],
             "cache_position": torch.arange(held, held + count)}
+
+
+def in_order(press_cls):
+    """``press_cls`` whose pruning keeps the surviving tokens in stream order.
+
+    kvpress 0.5.5's ``ScorerPress.compress`` gathers the kept tokens in
+    ``torch.topk`` order, i.e. by score, ties in no particular order. Pruned
+    once (its pipeline) that is harmless: attention does not care about the
+    order of keys. Pruned again and again (``DecodingPress``), it is not:
+    ``StreamingLLMPress`` drops the cache slots right after the first
+    ``n_sink`` slots, assuming slot order is stream order, so once the order is
+    shuffled the sinks themselves get dropped (measured: perplexity as without
+    sinks), and SnapKV's pooling smooths across unrelated neighbours. Sorting
+    the kept indices, as kvpress's own ``KeyRerotationPress`` does, restores
+    what the methods assume; the scores are untouched.
+    """
+    from kvpress.utils import compute_n_kept
+
+    class InOrder(press_cls):
+        def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+            if self.compression_ratio == 0:
+                return keys, values
+            scores = self.score(module, hidden_states, keys, values, attentions, kwargs)
+            kept = scores.topk(compute_n_kept(keys.shape[2], self.compression_ratio), dim=-1).indices
+            kept = kept.sort(dim=-1).values.unsqueeze(-1).expand(-1, -1, -1, module.head_dim)
+            return keys.gather(2, kept).contiguous(), values.gather(2, kept).contiguous()
+
+    InOrder.__name__ = InOrder.__qualname__ = f"InOrder{press_cls.__name__}"
+    return InOrder
 
 
 def kvpress_nll(model, press, ids: torch.Tensor, chunk: int) -> tuple[list[float], int]:
@@ -123,16 +156,19 @@ def run_ppl(args, lm, emit) -> None:
     context = int(lm.text_config.max_position_embeddings)
     tokens = min(args.tokens, context) // args.chunk * args.chunk
     ids = text_token_ids(lm, args.text, tokens)
-    cfg = BenchConfig(command="ppl", policies=["full", "streamingllm", "h2o", "infmllm"], budgets=[args.budget],
+    cfg = BenchConfig(command="ppl", policies=["full", "streamingllm", "streamingllm-grow", "h2o", "infmllm"],
+                      budgets=[args.budget],
                       biases=[0.0, 1.0], chunk=args.chunk, tokens=tokens, threads=1)
+    def decoding(base):
+        return DecodingPress(base_press=base, compression_interval=1, target_size=args.budget,
+                             hidden_states_buffer_size=args.chunk)
+
     presses = {  # None: the same loop with no press, a control that must match our `full`
         "kvpress-loop:full (no press)": None,
-        "kvpress:streamingllm (DecodingPress)": DecodingPress(base_press=StreamingLLMPress(n_sink=4),
-                                                              compression_interval=1, target_size=args.budget,
-                                                              hidden_states_buffer_size=args.chunk),
-        "kvpress:snapkv (DecodingPress)": DecodingPress(base_press=SnapKVPress(window_size=64),
-                                                        compression_interval=1, target_size=args.budget,
-                                                        hidden_states_buffer_size=args.chunk),
+        "kvpress:streamingllm (DecodingPress)": decoding(StreamingLLMPress(n_sink=4)),
+        "kvpress:snapkv (DecodingPress)": decoding(SnapKVPress(window_size=64)),
+        "kvpress:streamingllm (DecodingPress, in order)": decoding(in_order(StreamingLLMPress)(n_sink=4)),
+        "kvpress:snapkv (DecodingPress, in order)": decoding(in_order(SnapKVPress)(window_size=64)),
     }
     for variant in variants(cfg, args.budget):
         started = time.perf_counter()
@@ -189,6 +225,52 @@ def run_recall(args, lm, emit) -> None:
                    seconds=round(time.perf_counter() - started, 1)))
 
 
+def plot(results: list[dict], out: Path) -> list[Path]:
+    """ppl per segment (ours vs kvpress) and recall accuracy by distance, one PNG each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    ppl = [x for x in results if x["bench"] == "ppl"]
+    recall = [x for x in results if x["bench"] == "recall"]
+    if ppl:
+        fig, ax = plt.subplots(figsize=(8, 4.2))
+        for x in ppl:
+            xs = [(i + 1) * x["segment"] / 1000 for i in range(len(x["segments"]))]
+            ax.plot(xs, x["segments"], marker="o", ms=3, ls="--" if x["policy"].startswith("kvpress") else "-",
+                    label=f"{x['policy']} (mean {x['ppl']:.2f})")
+        ax.set_xlabel(f"stream position (K tokens; ppl per {ppl[0]['segment']}-token segment)")
+        ax.set_ylabel("perplexity")
+        ax.set_title(f"Streamed novel, budget {ppl[0]['budget']}, chunk {ppl[0]['chunk']}: ours vs kvpress "
+                     f"{ppl[0]['kvpress']}\n{ppl[0]['model']} {ppl[0]['dtype']}, {ppl[0]['machine']}, "
+                     f"{ppl[0]['date']}", fontsize=9)
+        ax.legend(fontsize=7)
+        paths.append(out / "kvpress_ppl.png")
+        fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
+        plt.close(fig)
+    if recall:
+        fig, ax = plt.subplots(figsize=(8, 4.2))
+        distances = list(recall[0]["single_by_distance"])
+        width = 0.8 / len(recall)
+        for i, x in enumerate(recall):
+            acc = [x["single_by_distance"][d]["correct"] / x["single_by_distance"][d]["trials"] for d in distances]
+            ax.bar([j + i * width for j in range(len(distances))], acc, width, label=x["policy"],
+                   hatch="//" if x["policy"].startswith("kvpress") else None)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(distances))], [f"{d} tokens back" for d in distances])
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("fact ranked first of 10 candidates")
+        ax.set_title(f"One early fact, budget {recall[0]['budget']}: ours (streamed) vs kvpress (one-shot prefill)"
+                     f"\n{recall[0]['model']} {recall[0]['dtype']}, {recall[0]['machine']}, {recall[0]['date']}",
+                     fontsize=9)
+        ax.legend(fontsize=7)
+        paths.append(out / "kvpress_recall.png")
+        fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
+        plt.close(fig)
+    return paths
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=("ppl", "recall", "all"), default="all")
@@ -203,6 +285,7 @@ def main(argv=None) -> int:
     parser.add_argument("--distance", dest="distances", type=int, action="append")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--plot", action="store_true", help="PNG plots under --out")
     parser.add_argument("--out", default="bench_results/kvpress")
     args = parser.parse_args(argv)
     args.distances = args.distances or [500, 1500]
@@ -232,7 +315,8 @@ def main(argv=None) -> int:
         args.budget = budget
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     path = out / f"kvpress_{'quick_' if args.quick else ''}{stamp}.json"
-    path.write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    plots = [str(p) for p in plot(results, out)] if args.plot else []
+    path.write_text(json.dumps({"args": vars(args), "results": results, "plots": plots}, indent=1))
     print(f"saved {path}", file=sys.stderr)
     return 0
 
