@@ -47,7 +47,8 @@ WORDS = ("tiger horse apple lemon river castle pencil garden rabbit silver drago
          "doctor kitten puppy lion wolf bear eagle snake shark whale goat sheep cow pig duck frog fox owl bee "
          "bread cheese honey sugar salt coffee milk water stone glass paper metal wood gold iron copper").split()
 NAMES = ("Anna Ben Carl Dora Emil Fiona George Hanna Ivan Julia Karl Lena Mark Nina Oscar Paula Quentin Rosa "
-         "Simon Tara Umar Vera Walter Xenia Yusuf Zoe").split()
+         "Simon Tara Umar Vera Walter Xenia Yusuf Zoe Adam Bella Chris Diana Eric Flora Gustav Helga Igor Jana "
+         "Kurt Lisa Max Nora Otto Petra").split()
 
 
 def single_token_words(tokenizer) -> dict[str, int]:
@@ -175,6 +176,8 @@ def single_fact(cfg: BenchConfig, lm, variant, text: str, pool: dict[str, int], 
 
 def multi_round(cfg: BenchConfig, lm, variant, text: str, pool: dict[str, int], bar) -> dict:
     """Accuracy over a multi-round stream: a new fact every round, each round asks about an older one."""
+    if cfg.rounds > len(NAMES) or cfg.rounds > len(pool):
+        raise ValueError(f"at most {min(len(NAMES), len(pool))} rounds (one new name and word each), got {cfg.rounds}")
     rng = random.Random(cfg.seed + 1)
     words = rng.sample(list(pool), len(pool))
     names = rng.sample(NAMES, len(NAMES))
@@ -284,20 +287,25 @@ def plot(cfg: BenchConfig, results: list[dict], lm=None) -> list:
     paths = []
     for budget in sorted({r["budget"] for r in results}):
         rows = [r for r in results if r["budget"] == budget]
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        panels = [p for p in ("single", "multi") if any(r[f"{p}_questions" if p == "multi" else "single_trials"]
+                                                       for r in rows)]
+        panels = panels or ["single"]
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+        axes = dict(zip(panels, axes[0]))
+        r0 = rows[0]
         for r in rows:
             style = dict(marker="o", ms=4, label=r["policy"], ls="--" if r["base_policy"] == "full" else "-")
-            single = r["single_by_distance"]
-            if single:
-                axes[0].plot([int(d) for d in single], [v["accuracy"] for v in single.values()], **style)
-            multi = r["multi_by_lag"]
-            if multi:
-                axes[1].plot([v["mean_distance"] for v in multi.values()], [v["accuracy"] for v in multi.values()],
-                             **style)
-        r0 = rows[0]
-        axes[0].set_title(f"single early fact ({r0['trials']} trials per distance)", fontsize=9)
-        axes[1].set_title(f"multi-round: a new fact every round, {r0['rounds']} rounds", fontsize=9)
-        for ax in axes:
+            if "single" in axes:
+                single = r["single_by_distance"]
+                axes["single"].plot([int(d) for d in single], [v["accuracy"] for v in single.values()], **style)
+            if "multi" in axes:
+                multi = r["multi_by_lag"]
+                axes["multi"].plot([v["mean_distance"] for v in multi.values()],
+                                   [v["accuracy"] for v in multi.values()], **style)
+        titles = {"single": f"single early fact ({r0['trials']} trials per distance)",
+                  "multi": f"multi-round: a new fact every round, {r0['rounds']} rounds"}
+        for name, ax in axes.items():
+            ax.set_title(titles[name], fontsize=9)
             ax.set_xlabel("tokens between fact and question")
             ax.set_ylim(-0.05, 1.05)
             ax.set_ylabel(f"ranked first of {r0['candidates']} candidates")

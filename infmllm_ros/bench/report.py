@@ -74,7 +74,8 @@ def markdown(merged) -> str:
         rows = [[x["policy"], x["budget"] if x["base_policy"] != "full" else "-", f(x["bias"], 2)]
                 + [cell(x["single_by_distance"].get(str(d))) for d in distances]
                 + [cell(x["multi_by_lag"].get(str(g)), "asked") for g in lags]
-                + [f(x["single_accuracy"], 2), f(x["multi_accuracy"], 2), f(x["free_form_rate"], 2),
+                + [f(x["single_accuracy"], 2) if x["single_trials"] else "-",
+                   f(x["multi_accuracy"], 2) if x["multi_questions"] else "-", f(x["free_form_rate"], 2),
                    x.get("best_bias", "")] for x in lines]
         parts.append("### recall\n\n" + table(rows, head))
     if "speed" in merged:
