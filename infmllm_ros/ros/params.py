@@ -134,7 +134,7 @@ STATIC_SPECS: Tuple[ParamSpec, ...] = (
        read_only=True, lo=0, hi=65536),
     _s("cache.recent", 64, "Most recent tokens that are never evicted.", read_only=True, lo=0,
        hi=1 << 20),
-    _s("cache.bias", 0.5, "infmllm policy: attention bias; each token's normalised score loses "
+    _s("cache.bias", 0.0, "infmllm policy: attention bias; each token's normalised score loses "
        "bias * age / budget, so larger values follow newer content (0: pure attention).",
        read_only=True, lo=0.0, hi=100.0),
     _s("cache.retrieval_window", 64, "infmllm policy: how many of a new chunk's last queries score "
@@ -234,7 +234,7 @@ class CacheSettings:
     max_chunk_tokens: int = 256
     sinks: int = 4
     recent: int = 64
-    bias: float = 0.5
+    bias: float = 0.0
     retrieval_window: int = 64
     h2o_recent_ratio: float = 0.5
     repetition_penalty: float = 1.1
