@@ -265,6 +265,10 @@ class CappedCache(Cache):
         seen = torch.arange(self.tokens_seen, self.tokens_seen + new, device=positions.device)
         self._pending = (seen, positions.to(torch.int32))
 
+    def abort_step(self) -> None:
+        """Forget the step begun by :meth:`begin_step` (its forward failed); counters stay as they were."""
+        self._pending = None
+
     def end_step(self, span: int) -> None:
         new = self._pending[0].numel()
         self.tokens_seen += new

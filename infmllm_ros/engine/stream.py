@@ -458,7 +458,7 @@ class Stream:
             with attention.active(self.cache):
                 out = self.lm.model(**kwargs)
         except Exception:
-            self.cache._pending = None
+            self.cache.abort_step()
             raise
         self.cache.end_step(span)
         return out.logits[0].float() if return_logits else None

@@ -146,3 +146,16 @@ def test_budget_must_hold_what_is_always_kept():
 def test_window_policy_has_no_sinks():
     assert Window().sinks == 0
     assert make_policy("window", sinks=4, bias=1.0).sinks == 0
+
+
+def test_an_aborted_step_leaves_the_cache_as_it_was():
+    cache = _cache(StreamingLLM(sinks=1), budget=8)
+    _append(cache, _background(6), _background(2))
+    before = (cache.tokens_seen, cache.next_position, _kept(cache))
+    cache.begin_step(torch.arange(cache.next_position, cache.next_position + 3).unsqueeze(-1))
+    cache.abort_step()  # the model's forward raised before the layer stored anything
+    assert (cache.tokens_seen, cache.next_position, _kept(cache)) == before
+    with pytest.raises(RuntimeError):  # no step is pending any more
+        cache.pending(3, torch.device("cpu"))
+    _append(cache, _background(3), _background(1))  # and the next step works
+    assert cache.tokens_seen == before[0] + 3 and _kept(cache)[-3:] == [6, 7, 8]
