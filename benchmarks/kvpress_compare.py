@@ -57,8 +57,8 @@ sys.path.insert(0, str(REPO))
 
 from infmllm_ros.bench import ppl as ppl_bench  # noqa: E402
 from infmllm_ros.bench import recall as recall_bench  # noqa: E402
-from infmllm_ros.bench.common import (BenchConfig, data_file, machine_info, raw_stream, text_token_ids,  # noqa: E402
-                                      variants)
+from infmllm_ros.bench.common import (BenchConfig, data_file, machine_info, pyplot, raw_stream,  # noqa: E402
+                                      run_label, text_token_ids, variants)
 
 
 def _positions(start: int, count: int, held: int) -> dict:
@@ -110,11 +110,8 @@ def kvpress_nll(model, press, ids: torch.Tensor, chunk: int) -> tuple[list[float
             logits = model(input_ids=piece, past_key_values=cache, use_cache=True,
                            **_positions(start, piece.shape[1], held)).logits[0].float()
             held_max = max(held_max, cache.get_seq_length())
-            logp = torch.log_softmax(logits, dim=-1)
-            if previous is not None:
-                nll.append(-float(previous[piece[0, 0]]))
-            nll.extend((-logp[:-1].gather(1, piece[0, 1:, None])[:, 0]).tolist())
-            previous = logp[-1]
+            piece_nll, previous = ppl_bench.chunk_nll(logits, piece, previous)
+            nll.extend(piece_nll)
     return nll, held_max
 
 
@@ -227,11 +224,7 @@ def run_recall(args, lm, emit) -> None:
 
 def plot(results: list[dict], out: Path) -> list[Path]:
     """ppl per segment (ours vs kvpress) and recall accuracy by distance, one PNG each."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     paths = []
     ppl = [x for x in results if x["bench"] == "ppl"]
     recall = [x for x in results if x["bench"] == "recall"]
@@ -244,8 +237,7 @@ def plot(results: list[dict], out: Path) -> list[Path]:
         ax.set_xlabel(f"stream position (K tokens; ppl per {ppl[0]['segment']}-token segment)")
         ax.set_ylabel("perplexity")
         ax.set_title(f"Streamed novel, budget {ppl[0]['budget']}, chunk {ppl[0]['chunk']}: ours vs kvpress "
-                     f"{ppl[0]['kvpress']}\n{ppl[0]['model']} {ppl[0]['dtype']}, {ppl[0]['machine']}, "
-                     f"{ppl[0]['date']}", fontsize=9)
+                     f"{ppl[0]['kvpress']}\n{run_label(ppl[0])}", fontsize=9)
         ax.legend(fontsize=7)
         paths.append(out / "kvpress_ppl.png")
         fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
@@ -262,8 +254,7 @@ def plot(results: list[dict], out: Path) -> list[Path]:
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("fact ranked first of 10 candidates")
         ax.set_title(f"One early fact, budget {recall[0]['budget']}: ours (streamed) vs kvpress (one-shot prefill)"
-                     f"\n{recall[0]['model']} {recall[0]['dtype']}, {recall[0]['machine']}, {recall[0]['date']}",
-                     fontsize=9)
+                     f"\n{run_label(recall[0])}", fontsize=9)
         ax.legend(fontsize=7)
         paths.append(out / "kvpress_recall.png")
         fig.savefig(paths[-1], dpi=110, bbox_inches="tight")

@@ -13,9 +13,9 @@ import math
 import os
 import platform
 import sys
-import time
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -187,7 +187,9 @@ def text_token_ids(lm, path: str, tokens: int, offset_chars: int = 0):
 # -- machine, model ----------------------------------------------------------------------------------------
 
 
+@lru_cache(maxsize=None)
 def machine_info() -> str:
+    """CPU model and core count (and the GPU's name): the same for every line of a run, so read once."""
     cpu = platform.processor() or "cpu"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -272,6 +274,37 @@ def raw_stream(lm, vcfg):
     stream = Stream(lm, vcfg)
     stream._started = stream._in_user_turn = True
     return stream
+
+
+def append_in_chunks(stream, ids, chunk: int, bar=None) -> None:
+    """Append token ids ``[1, n]`` to ``stream`` in ``chunk``-token pieces (ticking ``bar`` per token)."""
+    from infmllm_ros.engine import Chunk
+
+    for start in range(0, ids.shape[1], chunk):
+        piece = ids[:, start:start + chunk]
+        stream.append_chunk(Chunk(input_ids=piece))
+        if bar is not None:
+            bar.update(piece.shape[1])
+
+
+def greedy_decode(stream, logits, steps: int) -> list[int]:
+    """``steps`` greedy tokens from next-token ``logits``, each appended as an answer token with the
+    cache in decoding mode (as ``Stream.ask`` decodes, without its chat framing)."""
+    import torch
+
+    from infmllm_ros.engine import Chunk
+
+    generated = []
+    stream.cache.decoding = True
+    try:
+        for _ in range(steps):
+            token = int(logits.argmax())
+            generated.append(token)
+            logits = stream.append_chunk(Chunk(input_ids=torch.tensor([[token]]), kind="answer"),
+                                         return_logits=True).logits[-1]
+    finally:
+        stream.cache.decoding = False
+    return generated
 
 
 def record(cfg: BenchConfig, lm, variant: Variant, **figures) -> dict:
@@ -360,18 +393,3 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def stamp_title(cfg: BenchConfig, lm, what: str) -> str:
-    return (f"{what}\n{lm.name} {dtype_name(lm)} on {machine_info()}; "
-            f"{datetime.now(timezone.utc).date().isoformat()}")
-
-
-class Timer:
-    def __enter__(self):
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.s = time.perf_counter() - self.start
-        return False

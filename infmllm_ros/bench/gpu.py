@@ -24,8 +24,8 @@ from dataclasses import replace
 
 import torch
 
-from .common import (save_figure, BenchConfig, data_file, emit, get_model, machine_info, progress, pyplot,
-                     save_results, variants)
+from .common import (BenchConfig, data_file, emit, get_model, progress, pyplot, record, save_figure, save_results,
+                     variants)
 
 QUESTION = "What did the camera see most recently?"
 
@@ -65,7 +65,7 @@ def run(cfg: BenchConfig, lm=None) -> list[dict]:
 
 def vlm_part(cfg: BenchConfig, text_lm) -> list[dict]:
     """Random-weight VLMs of the real classes: frames/s, memory and query latency, Inf-MLLM vs full."""
-    from infmllm_ros.engine import Stream, StreamConfig
+    from infmllm_ros.engine import Stream
     from infmllm_ros.perception.random_vlm import build_random_vlm
     from infmllm_ros.perception.vlm import VlmEncoder
 
@@ -85,9 +85,7 @@ def vlm_part(cfg: BenchConfig, text_lm) -> list[dict]:
         chunk = max(cfg.chunk, frame_tokens + 32)
         budget = max(cfg.vlm_budget, cfg.sinks + cfg.recent + chunk + 1)
         for v in variants(replace(cfg, biases=[cfg.biases[0]]), budget, ["infmllm", "full"]):
-            stream = Stream(vlm, StreamConfig(policy=v.policy, budget_tokens=budget, max_chunk_tokens=chunk,
-                                              sinks=cfg.sinks, recent=cfg.recent,
-                                              retrieval_window=cfg.retrieval_window, bias=v.bias))
+            stream = Stream(vlm, v.stream_config(cfg, chunk=chunk))
             if vlm.device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats(vlm.device)
@@ -111,18 +109,14 @@ def vlm_part(cfg: BenchConfig, text_lm) -> list[dict]:
             finally:
                 bar.close()
                 stream.close()
-            line = {
-                "bench": "vlm", "policy": v.label, "base_policy": v.policy, "budget": budget if v.policy != "full" else 0,
-                "bias": v.bias, "model": vlm.name, "family": family, "size": cfg.vlm_size, "device": str(vlm.device),
-                "dtype": str(vlm.dtype).replace("torch.", ""), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "machine": machine_info(), "quick": cfg.quick, "build_s": build_s, "frame_tokens": frame_tokens,
-                "chunk": chunk, "frames": cfg.vlm_frames, "tokens": stats.tokens_seen,
-                "frames_per_s": cfg.vlm_frames / total, "mean_frame_ms": sum(latency_ms) / len(latency_ms),
-                "peak_mb": max(mem_mb), "memory_mb": [round(x, 1) for x in mem_mb],
-                "latency_ms": [round(x, 2) for x in latency_ms], "query_s": [q["s"] for q in queries],
-                "queries": queries, "tokens_held_end": stats.tokens_held, "kv_mb_end": stats.bytes_held / 2**20,
-                "memory_kind": "cuda_max_allocated" if vlm.device.type == "cuda" else "rss",
-            }
+            line = record(replace(cfg, command="vlm"), vlm, v, budget=budget if v.policy != "full" else 0,
+                          family=family, size=cfg.vlm_size, build_s=build_s, frame_tokens=frame_tokens,
+                          chunk=chunk, frames=cfg.vlm_frames, tokens=stats.tokens_seen,
+                          frames_per_s=cfg.vlm_frames / total, mean_frame_ms=sum(latency_ms) / len(latency_ms),
+                          peak_mb=max(mem_mb), memory_mb=[round(x, 1) for x in mem_mb],
+                          latency_ms=[round(x, 2) for x in latency_ms], query_s=[q["s"] for q in queries],
+                          queries=queries, tokens_held_end=stats.tokens_held, kv_mb_end=stats.bytes_held / 2**20,
+                          memory_kind="cuda_max_allocated" if vlm.device.type == "cuda" else "rss")
             emit(cfg, line)
             out.append(line)
         del vlm, encoder

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from .common import run_label, save_figure, BenchConfig, data_file, emit, get_model, progress, pyplot, record, variants
+from .common import (BenchConfig, data_file, emit, get_model, progress, pyplot, record, run_label, save_figure,
+                     variants)
 
 QUESTION = "How many people were seen most recently, and where?"
 

@@ -16,8 +16,22 @@ import time
 
 import torch
 
-from .common import (run_label, save_figure, BenchConfig, emit, finite, get_model, progress, pyplot, raw_stream, record,
-                     text_token_ids, variants)
+from .common import (BenchConfig, emit, finite, get_model, progress, pyplot, raw_stream, record, run_label,
+                     save_figure, text_token_ids, variants)
+
+
+def chunk_nll(logits: torch.Tensor, piece: torch.Tensor, previous) -> tuple[list[float], torch.Tensor]:
+    """NLL of a chunk's tokens (``piece`` ``[1, n]``) from its logits ``[n, vocab]``.
+
+    ``previous``, the log-probabilities after the chunk before (None for the
+    first), scores the chunk's first token. Returns (the NLLs, this chunk's
+    last log-probabilities, to pass as the next chunk's ``previous``).
+    """
+    logp = torch.log_softmax(logits, dim=-1)
+    target = piece[0]
+    nll = [] if previous is None else [-float(previous[target[0]])]
+    nll.extend((-logp[:-1].gather(1, target[1:, None])[:, 0]).tolist())
+    return nll, logp[-1]
 
 
 def stream_nll(stream, ids: torch.Tensor, chunk: int, bar=None) -> list[float]:
@@ -29,12 +43,8 @@ def stream_nll(stream, ids: torch.Tensor, chunk: int, bar=None) -> list[float]:
     for start in range(0, ids.shape[1], chunk):
         piece = ids[:, start:start + chunk]
         logits = stream.append_chunk(Chunk(input_ids=piece), return_logits=True).logits
-        logp = torch.log_softmax(logits, dim=-1)
-        target = piece[0]
-        if previous is not None:
-            nll.append(-float(previous[target[0]]))
-        nll.extend((-logp[:-1].gather(1, target[1:, None])[:, 0]).tolist())
-        previous = logp[-1]
+        piece_nll, previous = chunk_nll(logits, piece, previous)
+        nll.extend(piece_nll)
         if bar is not None:
             bar.update(piece.shape[1])
     return nll

@@ -38,7 +38,8 @@ import time
 
 import torch
 
-from .common import run_label, save_figure, BenchConfig, data_file, emit, get_model, progress, pyplot, raw_stream, record, variants
+from .common import (BenchConfig, append_in_chunks, data_file, emit, get_model, greedy_decode, progress, pyplot,
+                     raw_stream, record, run_label, save_figure, variants)
 
 #: candidate answers; only those that are one token (with a leading space) for the model's tokenizer are used
 WORDS = ("tiger horse apple lemon river castle pencil garden rabbit silver dragon candle mirror violin rocket "
@@ -85,13 +86,7 @@ class _Asker:
         return self.lm.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
 
     def feed(self, ids: torch.Tensor, bar=None) -> None:
-        from infmllm_ros.engine import Chunk
-
-        for start in range(0, ids.shape[1], self.chunk):
-            piece = ids[:, start:start + self.chunk]
-            self.stream.append_chunk(Chunk(input_ids=piece))
-            if bar is not None:
-                bar.update(piece.shape[1])
+        append_in_chunks(self.stream, ids, self.chunk, bar)
 
     def ask(self, question: str, right: str, candidates: dict[str, int]) -> tuple[bool, bool, int]:
         """(ranked first, free-form contains it, rank) for one question."""
@@ -100,17 +95,7 @@ class _Asker:
         ids = self.encode(question)
         logits = self.stream.append_chunk(Chunk(input_ids=ids, kind="question"), return_logits=True).logits[-1]
         rank = candidate_rank(logits, right, candidates)
-        generated = []
-        cache = self.stream.cache
-        cache.decoding = True
-        try:
-            for _ in range(self.free_tokens):
-                token = int(logits.argmax())
-                generated.append(token)
-                logits = self.stream.append_chunk(Chunk(input_ids=torch.tensor([[token]]), kind="answer"),
-                                                  return_logits=True).logits[-1]
-        finally:
-            cache.decoding = False
+        generated = greedy_decode(self.stream, logits, self.free_tokens)
         text = self.lm.tokenizer.decode(generated, skip_special_tokens=True).lower()
         self.feed(self.encode("\n"))
         return rank == 1, right in text.split() or f" {right}" in f" {text}", rank
@@ -258,8 +243,8 @@ def run(cfg: BenchConfig, lm=None) -> list[dict]:
             line = record(cfg, lm, variant, tokens=per_single + per_multi, text=cfg.text,
                           accuracy=total / max(1, questions), free_form_rate=free / max(1, questions),
                           scenarios=list(cfg.scenarios), distractors=cfg.distractors, per_distance=per_distance,
-                          candidates=cfg.candidates, trials=cfg.trials, distances=list(cfg.distances), rounds=cfg.rounds,
-                          lags=list(cfg.lags), round_tokens=cfg.round_tokens, **single, **multi,
+                          candidates=cfg.candidates, trials=cfg.trials, distances=list(cfg.distances),
+                          rounds=cfg.rounds, lags=list(cfg.lags), round_tokens=cfg.round_tokens, **single, **multi,
                           seconds=round(time.perf_counter() - started, 1))
             lines.append(line)
         best = best_bias(lines)

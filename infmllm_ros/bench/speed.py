@@ -19,7 +19,8 @@ import time
 
 import torch
 
-from .common import run_label, save_figure, BenchConfig, emit, get_model, progress, pyplot, raw_stream, record, text_token_ids, variants
+from .common import (BenchConfig, append_in_chunks, emit, get_model, greedy_decode, progress, pyplot, raw_stream,
+                     record, run_label, save_figure, text_token_ids, variants)
 
 
 def _sync(lm) -> None:
@@ -28,12 +29,9 @@ def _sync(lm) -> None:
 
 
 def _prefill(stream, ids, chunk, lm) -> float:
-    from infmllm_ros.engine import Chunk
-
     _sync(lm)
     start = time.perf_counter()
-    for a in range(0, ids.shape[1], chunk):
-        stream.append_chunk(Chunk(input_ids=ids[:, a:a + chunk]))
+    append_in_chunks(stream, ids, chunk)
     _sync(lm)
     return time.perf_counter() - start
 
@@ -43,18 +41,11 @@ def _decode(stream, steps, lm) -> float:
 
     logits = stream.append_chunk(Chunk(input_ids=torch.tensor([[lm.tokenizer.encode(" The")[0]]])),
                                  return_logits=True).logits[-1]
-    stream.cache.decoding = True
-    try:
-        _sync(lm)
-        start = time.perf_counter()
-        for _ in range(steps):
-            token = int(logits.argmax())
-            logits = stream.append_chunk(Chunk(input_ids=torch.tensor([[token]]), kind="answer"),
-                                         return_logits=True).logits[-1]
-        _sync(lm)
-        return time.perf_counter() - start
-    finally:
-        stream.cache.decoding = False
+    _sync(lm)
+    start = time.perf_counter()
+    greedy_decode(stream, logits, steps)
+    _sync(lm)
+    return time.perf_counter() - start
 
 
 def run(cfg: BenchConfig, lm=None) -> list[dict]:
