@@ -58,7 +58,7 @@ sys.path.insert(0, str(REPO))
 from infmllm_ros.bench import ppl as ppl_bench  # noqa: E402
 from infmllm_ros.bench import recall as recall_bench  # noqa: E402
 from infmllm_ros.bench.common import (BenchConfig, data_file, machine_info, pyplot, raw_stream,  # noqa: E402
-                                      run_label, text_token_ids, variants)
+                                      run_label, save_figure, text_token_ids, variants)
 
 
 def _positions(start: int, count: int, held: int) -> dict:
@@ -225,6 +225,7 @@ def run_recall(args, lm, emit) -> None:
 def plot(results: list[dict], out: Path) -> list[Path]:
     """ppl per segment (ours vs kvpress) and recall accuracy by distance, one PNG each."""
     plt = pyplot()
+    where = BenchConfig(out=str(out))  # save_figure writes <out>/<name>.png
     paths = []
     ppl = [x for x in results if x["bench"] == "ppl"]
     recall = [x for x in results if x["bench"] == "recall"]
@@ -239,9 +240,7 @@ def plot(results: list[dict], out: Path) -> list[Path]:
         ax.set_title(f"Streamed novel, budget {ppl[0]['budget']}, chunk {ppl[0]['chunk']}: ours vs kvpress "
                      f"{ppl[0]['kvpress']}\n{run_label(ppl[0])}", fontsize=9)
         ax.legend(fontsize=7)
-        paths.append(out / "kvpress_ppl.png")
-        fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
-        plt.close(fig)
+        paths.append(save_figure(fig, where, "kvpress_ppl"))
     if recall:
         fig, ax = plt.subplots(figsize=(8, 4.2))
         distances = list(recall[0]["single_by_distance"])
@@ -256,9 +255,7 @@ def plot(results: list[dict], out: Path) -> list[Path]:
         ax.set_title(f"One early fact, budget {recall[0]['budget']}: ours (streamed) vs kvpress (one-shot prefill)"
                      f"\n{run_label(recall[0])}", fontsize=9)
         ax.legend(fontsize=7)
-        paths.append(out / "kvpress_recall.png")
-        fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
-        plt.close(fig)
+        paths.append(save_figure(fig, where, "kvpress_recall"))
     return paths
 
 
