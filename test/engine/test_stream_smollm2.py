@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from infmllm_ros.engine import POLICIES, Chunk, Stream, StreamConfig
+from infmllm_ros.engine import POLICIES, Cancelled, Chunk, Stream, StreamConfig
 
 pytestmark = pytest.mark.model
 
@@ -159,8 +159,35 @@ def test_ask_can_be_cancelled_and_streams_text(smollm2):
                             on_text=pieces.append)
     finally:
         stream.close()
-    assert answer.cancelled and answer.generated_tokens == 3
+    # should_stop is asked once before the question's one piece, then before each token.
+    assert answer.cancelled and answer.generated_tokens == 2
     assert "".join(pieces).strip() == answer.text
+
+
+def test_a_long_prefill_stops_between_pieces_and_the_stream_goes_on(smollm2, emma_ids):
+    stream = Stream(smollm2, StreamConfig(policy="infmllm", budget_tokens=256, max_chunk_tokens=32))
+    try:
+        stream.append_text("12:00:00 front: 2 people, left\n", kind="frame", camera="front", stamp=1.0)
+        before = stream.stats().tokens_seen
+        checks = iter(range(1000))
+        with pytest.raises(Cancelled) as stop:
+            stream.append_chunk(Chunk(input_ids=emma_ids[:, :200], kind="text"),
+                                should_stop=lambda: next(checks) >= 3)
+        assert (stop.value.appended, stop.value.total) == (96, 200)
+        assert stream.stats().tokens_seen == before + 96
+
+        long_question = "Was there " + "a person, " * 120 + "or not?"
+        checks = iter(range(1000))
+        answer = stream.ask(long_question, max_new_tokens=8, should_stop=lambda: next(checks) >= 2)
+        assert answer.cancelled and answer.generated_tokens == 0 and answer.text == ""
+        assert stream.stats().tokens_seen == before + 96 + 64
+
+        # The stream is still a working conversation: more frames, then a full answer.
+        stream.append_text("12:00:05 front: 1 person, right\n", kind="frame", camera="front", stamp=5.0)
+        answer = stream.ask("How many people?", max_new_tokens=4)
+        assert not answer.cancelled and answer.generated_tokens >= 1
+    finally:
+        stream.close()
 
 
 def test_save_and_load_restore_the_same_next_prediction(smollm2, emma_ids, tmp_path):
