@@ -33,7 +33,8 @@ from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
-from rclpy.qos import QoSProfile, qos_profile_sensor_data
+from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,
+                       qos_profile_sensor_data)
 from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import Trigger
 
@@ -42,8 +43,18 @@ from infmllm_ros.msg import SceneDescription
 from infmllm_ros.srv import GetStats, Query
 
 from .core import FrameRef, Job, JobQueue, FrameSlots, sec_to_stamp
-from .params import DEFAULT_NODE_NAME, NodeSettings, ParameterError, declare_node_parameters
+from .params import (DEFAULT_NODE_NAME, STATIC_BY_NAME, NodeSettings, ParameterError,
+                     declare_node_parameters)
 from .worker import AnswerResult, StreamWorker
+
+#: QoS of the node's services and action: reliable, KEEP_ALL. The default service
+#: profile keeps the last 10 requests (and responses), so a burst of more than
+#: 10 simultaneous calls silently lost requests before the executor took them
+#: (issue #15 item 9: 6-10 of 20 clients never got a response). KEEP_ALL keeps
+#: every request until it is taken and every response until it is delivered.
+SERVICE_QOS = QoSProfile(history=HistoryPolicy.KEEP_ALL, reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.VOLATILE)
+
 
 def to_time(ref: Optional[FrameRef]) -> Time:
     """A FrameRef's exact stamp as builtin_interfaces/Time (zero for None)."""
@@ -154,14 +165,17 @@ class InfMllmNode(Node):
                 qos_profile_sensor_data, callback_group=self._sensor_group))
             log.info(f"camera '{cam.name}': {cam.topic} ({msg_type.__name__})")
 
-        self.create_service(Query, "~/query", self._on_query, callback_group=self._query_group)
-        self.create_service(Trigger, "~/reset", self._on_reset, callback_group=self._admin_group)
-        self.create_service(GetStats, "~/get_stats", self._on_get_stats,
+        self.create_service(Query, "~/query", self._on_query, qos_profile=SERVICE_QOS,
+                            callback_group=self._query_group)
+        self.create_service(Trigger, "~/reset", self._on_reset, qos_profile=SERVICE_QOS,
+                            callback_group=self._admin_group)
+        self.create_service(GetStats, "~/get_stats", self._on_get_stats, qos_profile=SERVICE_QOS,
                             callback_group=self._admin_group)
         self._ask_server = ActionServer(
             self, Ask, "~/ask", execute_callback=self._execute_ask,
             goal_callback=self._on_ask_goal, cancel_callback=lambda _goal: CancelResponse.ACCEPT,
-            callback_group=self._query_group)
+            goal_service_qos_profile=SERVICE_QOS, result_service_qos_profile=SERVICE_QOS,
+            cancel_service_qos_profile=SERVICE_QOS, callback_group=self._query_group)
         self._diag_timer = None
         self._make_diag_timer(s.diagnostics_period_s)
         self.worker.start()
@@ -170,8 +184,17 @@ class InfMllmNode(Node):
                  + f"; queries {s.query.busy_policy} (queue {s.query.queue_size})")
 
     def executor_threads(self) -> int:
-        """Threads a MultiThreadedExecutor needs so waiting questions never starve the rest."""
-        return max(4, min(64, self.settings.query.queue_size + 5))
+        """Threads a MultiThreadedExecutor needs so waiting questions never starve the rest.
+
+        A ~/query or ~/ask callback holds its thread until the answer, a refusal or
+        ``query.timeout_s``; at most ``query.queue_size`` + 1 do so at once (the rest
+        are refused at once). ``query.queue_size`` can be raised live, so the pool is
+        sized for its upper bound; its threads start only when needed (a
+        ThreadPoolExecutor grows on demand), so the size costs nothing idle. Four
+        more keep images, timers, ~/get_stats, ~/reset and refusals moving.
+        """
+        most_waiting = int(STATIC_BY_NAME["query.queue_size"].hi)
+        return most_waiting + 1 + 4
 
     # -- parameters --------------------------------------------------------------
 
@@ -262,13 +285,19 @@ class InfMllmNode(Node):
             return None, reason
         n = int(max_new_tokens) or self.settings.query.max_new_tokens
         job = Job("query", question=question.strip(), camera=camera,
-                  max_new_tokens=min(n, self.max_answer_tokens))
+                  max_new_tokens=min(n, self.max_answer_tokens),
+                  timeout_s=self.settings.query.timeout_s)
         job.on_text = on_text
         reason = self.jobs.submit(job)
         return (None, reason) if reason else (job, None)
 
     def _fill_answer(self, resp, job: Job, t0: float):
+        """The response for ``job``: its answer, its error, or the timeout (with any partial answer)."""
         resp.latency_s = float(time.monotonic() - t0)
+        if not job.done:
+            job.cancel()  # the worker stops it between prefill pieces / tokens
+            resp.success, resp.message = False, job.timeout_reason()
+            return resp
         if job.error:
             resp.success, resp.message = False, job.error
             return resp
@@ -280,7 +309,11 @@ class InfMllmNode(Node):
         resp.prompt_tokens = int(a.prompt_tokens)
         resp.generated_tokens = int(a.generated_tokens)
         resp.success = not a.cancelled
-        resp.message = "cancelled (partial answer)" if a.cancelled else ""
+        if a.cancelled:
+            resp.message = (job.timeout_reason() + " (partial answer)" if job.expired
+                            else "cancelled (partial answer)")
+        else:
+            resp.message = ""
         return resp
 
     def _on_query(self, req: Query.Request, resp: Query.Response) -> Query.Response:
@@ -290,14 +323,11 @@ class InfMllmNode(Node):
             resp.success, resp.message = False, reason
             self.get_logger().info(f"query refused: {reason}")
             return resp
-        timeout = self.settings.query.timeout_s
-        if not job.wait(timeout):
-            job.cancel()
-            resp.success = False
-            resp.message = f"timed out after {timeout:g} s (query.timeout_s); the answer was cancelled"
-            resp.latency_s = float(time.monotonic() - t0)
-            return resp
-        return self._fill_answer(resp, job, t0)
+        job.wait(job.remaining())  # the worker finishes it, refuses it or stops it at the deadline
+        resp = self._fill_answer(resp, job, t0)
+        if not resp.success:
+            self.get_logger().info(f"query not answered: {resp.message}")
+        return resp
 
     def _on_ask_goal(self, goal) -> GoalResponse:
         reason = self.check_question(goal.question, goal.camera)
@@ -327,16 +357,14 @@ class InfMllmNode(Node):
             result.success, result.message = False, reason
             self._finish_goal(goal_handle.abort)
             return result
-        deadline = t0 + self.settings.query.timeout_s
         while not job.wait(0.05):
-            if goal_handle.is_cancel_requested or time.monotonic() > deadline:
+            if goal_handle.is_cancel_requested:
                 job.cancel()
                 job.wait(5.0)
                 break
-        if job.done:
-            self._fill_answer(result, job, t0)
-        else:
-            result.success, result.message = False, "timed out"
+            if job.expired:
+                break
+        self._fill_answer(result, job, t0)
         if goal_handle.is_cancel_requested:
             result.success = False
             result.message = "cancelled (partial answer)"
