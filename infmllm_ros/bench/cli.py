@@ -3,6 +3,7 @@
     infmllm-bench ppl    --text text/pg158-emma.txt --policy streamingllm --policy infmllm --budget 1024 --tokens 32768
     infmllm-bench recall --budget 512 --bias 0 --bias 1 --json
     infmllm-bench speed  --budget 1024 --json
+    infmllm-bench speed  --peer llama.cpp --threads 1   # + llama.cpp and plain transformers, interleaved
     infmllm-bench memory --video video/vtest.avi --minutes 60 --policy infmllm --policy full
     infmllm-bench gpu    # the prepared GPU run (see benchmarks/gpu.sh)
 
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="recall: tokens between the single fact and its question; repeatable")
         p.add_argument("--rounds", type=int, help="recall: rounds of the multi-round scenario")
         p.add_argument("--repeats", type=int, help="speed: interleaved repetitions")
+        p.add_argument("--peer", choices=["llama.cpp"],
+                       help="speed: also time llama.cpp (own venv, built on first use) and plain transformers")
         p.add_argument("--minutes", type=float, help="memory: minutes of simulated video")
         p.add_argument("--time-limit", dest="time_limit_s", type=float,
                        help="memory: seconds per variant before it stops early (0: none)")

@@ -65,6 +65,7 @@ class BenchConfig:
     repeats: int = 3
     decode_tokens: int = 32
     query_tokens: int = 16
+    peer: str = ""  # speed: "llama.cpp" adds llama.cpp and plain transformers as references (bench/peers.py)
     # memory
     minutes: float = 60.0
     fps: float = 1.0
@@ -100,6 +101,8 @@ class BenchConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if any(int(d) < 1 for d in self.distances) or any(int(g) < 1 for g in self.lags):
             raise ValueError(f"distances and lags must be >= 1, got {self.distances}, {self.lags}")
+        if self.peer not in ("", "llama.cpp"):
+            raise ValueError(f"unknown peer {self.peer!r}; the one peer is 'llama.cpp'")
         if any(int(b) < 1 for b in self.budgets):
             raise ValueError(f"budgets must be >= 1, got {self.budgets}")
         if any(not (float(b) >= 0 and math.isfinite(float(b))) for b in self.biases):
