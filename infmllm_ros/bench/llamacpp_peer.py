@@ -43,14 +43,18 @@ class Peer:
                 "n_ctx": self.llm.n_ctx(), "n_threads": n_threads, "n_batch": n_batch}
 
     def _cut(self, keep: int) -> None:
-        """Forget every token after the first ``keep`` (KV cache and token list)."""
+        """Forget every token after the first ``keep`` (``Llama.eval`` drops their KV entries)."""
         if self.llm.n_tokens > keep:
-            self.llm._ctx.kv_cache_seq_rm(-1, keep, -1)
             self.llm.n_tokens = keep
+
+    def _last_logits(self):
+        """The last evaluated token's logits (with ``logits_all=False`` llama.cpp keeps only those)."""
+        import numpy as np
+
+        return np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.llm.n_vocab(),))
 
     def fill(self, tokens: list) -> dict:
         self.llm.reset()
-        self.llm._ctx.kv_cache_clear()
         self.llm.eval(tokens)
         return {"n_tokens": self.llm.n_tokens}
 
@@ -64,14 +68,12 @@ class Peer:
         return {"seconds": total, "n_tokens": self.llm.n_tokens}
 
     def decode(self, steps: int, keep: int, start: int) -> dict:
-        import numpy as np
-
         self._cut(keep)
         self.llm.eval([start])
         out = []
         t0 = time.perf_counter()
         for _ in range(steps):
-            token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            token = int(self._last_logits().argmax())
             out.append(token)
             self.llm.eval([token])
         return {"seconds": time.perf_counter() - t0, "tokens": out, "n_tokens": self.llm.n_tokens}

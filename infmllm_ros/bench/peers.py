@@ -144,8 +144,9 @@ class TransformersReference:
                                  logits_to_keep=1).logits[0, -1]
 
     def _cut(self, keep: int) -> None:
-        if self.cache.get_seq_length() > keep:
-            self.cache.crop(keep)
+        extra = self.cache.get_seq_length() - keep
+        if extra > 0:
+            self.cache.crop(-extra)  # transformers 5: a negative count removes that many from the end
 
     def fill(self, ids) -> None:
         from transformers import DynamicCache

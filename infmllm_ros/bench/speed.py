@@ -23,6 +23,7 @@ decode, the median of the per-round ratios.
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from typing import Optional
 
@@ -123,6 +124,12 @@ def run(cfg: BenchConfig, lm=None) -> list[dict]:
         _ratios(lines)
         for line in lines:
             emit(cfg, line)
+        for line in lines:  # the side-by-side ratios, readable
+            for key in ("vs_llama.cpp", "vs_transformers", "vs_h2o", "vs_streamingllm"):
+                if key in line:
+                    r = line[key]
+                    print(f"  {line['policy']} / {key[3:]}: " + ", ".join(f"{k} {v:.2f}x" for k, v in r.items()),
+                          file=sys.stderr)
         results.extend(lines)
     return results
 

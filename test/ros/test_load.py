@@ -72,6 +72,7 @@ class Camera:
         self._thread.join(5.0)
 
 
+@pytest.mark.slow
 def test_every_one_of_many_simultaneous_queries_gets_exactly_one_response(harness, frames):
     """40 clients call ~/query at once while frames stream at 5 Hz: each call gets one
     response (an answer, a refusal with its reason, or a timeout with its reason) within
@@ -120,6 +121,7 @@ def test_every_one_of_many_simultaneous_queries_gets_exactly_one_response(harnes
         cam.stop()
 
 
+@pytest.mark.slow
 def test_a_question_that_cannot_be_answered_in_time_stops_at_the_timeout(harness, frames,
                                                                         emma_text):
     """A question of ~5000 tokens (many seconds of prefill on any CPU) asked with
