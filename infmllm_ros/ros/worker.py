@@ -13,14 +13,14 @@
   keeps only the newest, counted as dropped), so a slow model never builds a
   queue.
 * the **model** thread owns the stream and loops over three duties, otherwise
-  sleeping: (1) append the encoded frames, in order; (2) one question / reset
-  from the :class:`~.core.JobQueue`, so a question sees every frame encoded
-  before it and waits at most for those appends; (3) every ``scene.period_s``
-  (when new frames arrived) ask ``scene.prompt`` and hand the result to
-  ``on_scene``.
+  sleeping: (1) one question / reset from the :class:`~.core.JobQueue`;
+  (2) append the encoded frames, in order, at least one, then more until a
+  question is waiting; (3) every ``scene.period_s`` (when new frames arrived)
+  ask ``scene.prompt`` and hand the result to ``on_scene``.
 
-Questions and frames share the model thread by turns, frames first; encoding,
-the costlier part of a frame with the offline encoder, overlaps the answers.
+Questions and frames share the model thread by turns: a question waits for at
+most one frame's append, frames for at most one answer, and encoding (the
+costlier part of a frame with the offline encoder) overlaps the answers.
 Generation checks ``should_stop`` between tokens and prefill pieces, so
 :meth:`StreamWorker.stop` (or a cancelled or timed-out job) ends an answer
 within one decoding step or piece.
@@ -136,11 +136,12 @@ class StreamWorker:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                worked = self._append_frames()
+                worked = False
                 job = self.jobs.pop()
                 if job is not None:
                     self._run_job(job)
                     worked = True
+                worked = self._append_frames() or worked
                 if self._scene_due():
                     self._describe_scene()
                     worked = True
@@ -225,11 +226,17 @@ class StreamWorker:
     # -- frames: the model thread -----------------------------------------------------
 
     def _append_frames(self) -> bool:
-        """Append every encoded frame waiting, oldest first; True if there was one."""
+        """Append the encoded frames waiting now (at most ``max_ready``), oldest first; True if
+        there was one. It yields to a question after the first append, so a question waits
+        for at most one frame's append, and frames for at most one answer."""
+        with self._ready_lock:
+            waiting = len(self._ready)
         worked = False
-        while not self._stop.is_set():
+        for _ in range(waiting):
+            if self._stop.is_set() or (worked and self.jobs.pending()):
+                break
             with self._ready_lock:
-                if not self._ready:
+                if not self._ready:  # cleared by a reset
                     break
                 cam, chunk, ref = self._ready.popleft()
             self._encoder_wake.set()  # room for the next frame
