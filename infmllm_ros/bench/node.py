@@ -50,24 +50,13 @@ NAMESPACE = "/bench"
 NODE_NAME = "infmllm"
 
 
-def clip_frames(cfg: BenchConfig, count: int = 60, every: int = 5) -> list:
-    """``count`` full-size RGB frames of the clip, one every ``every`` source frames (cycled by the phases)."""
-    import cv2
+def clip_frames(cfg: BenchConfig, count: int = 60, fps: float = 2.0) -> list:
+    """The first ``count`` full-size RGB frames of the clip sampled at ``fps`` (the phases cycle them)."""
+    import itertools
 
-    cap = cv2.VideoCapture(str(data_file(cfg.video)))
-    if not cap.isOpened():
-        raise FileNotFoundError(f"cannot open video {cfg.video}")
-    out, index = [], 0
-    try:
-        while len(out) < count:
-            ok, bgr = cap.read()
-            if not ok:
-                break
-            if index % every == 0:
-                out.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-            index += 1
-    finally:
-        cap.release()
+    from .memory import _video_frames
+
+    out = [frame for _, frame in itertools.islice(_video_frames(data_file(cfg.video), fps), count)]
     if not out:
         raise ValueError(f"no frames in {cfg.video}")
     return out

@@ -133,26 +133,35 @@ class StreamWorker:
 
     # -- the loop -----------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _serve(self, step: Callable[[], bool], wake: threading.Event,
+               idle_timeout: Callable[[], float], what: str) -> None:
+        """One thread's loop: ``step`` until stopped, sleeping on ``wake`` when it did nothing."""
         while not self._stop.is_set():
             try:
-                worked = False
-                job = self.jobs.pop()
-                if job is not None:
-                    self._run_job(job)
-                    worked = True
-                worked = self._append_frames() or worked
-                if self._scene_due():
-                    self._describe_scene()
-                    worked = True
+                worked = step()
             except Exception as exc:  # noqa: BLE001 - keep serving; the reason is logged
                 self.error = f"{type(exc).__name__}: {exc}"
-                self.log.error(f"worker step failed: {self.error}")
+                self.log.error(f"{what} failed: {self.error}")
                 worked = False
                 self._stop.wait(0.5)
             if not worked and not self._stop.is_set():
-                self._wake.wait(self._idle_timeout())
-                self._wake.clear()
+                wake.wait(idle_timeout())
+                wake.clear()
+
+    def _run(self) -> None:
+        self._serve(self._model_step, self._wake, self._idle_timeout, "worker step")
+
+    def _model_step(self) -> bool:
+        worked = False
+        job = self.jobs.pop()
+        if job is not None:
+            self._run_job(job)
+            worked = True
+        worked = self._append_frames() or worked
+        if self._scene_due():
+            self._describe_scene()
+            worked = True
+        return worked
 
     def _period(self) -> float:
         return 1.0 / float(self.settings.sample_rate_hz)
@@ -168,17 +177,7 @@ class StreamWorker:
     # -- frames: the encoder thread -------------------------------------------------
 
     def _encode_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                worked = self._encode_frames()
-            except Exception as exc:  # noqa: BLE001 - keep encoding; the reason is logged
-                self.error = f"{type(exc).__name__}: {exc}"
-                self.log.error(f"encoding a frame failed: {self.error}")
-                worked = False
-                self._stop.wait(0.5)
-            if not worked and not self._stop.is_set():
-                self._encoder_wake.wait(self._encode_timeout())
-                self._encoder_wake.clear()
+        self._serve(self._encode_frames, self._encoder_wake, self._encode_timeout, "encoding a frame")
 
     def _encode_timeout(self) -> float:
         """Encoder thread: sleep until the next camera's sample is due (woken by new images)."""

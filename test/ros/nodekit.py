@@ -6,6 +6,7 @@ real engine; these only publish real images and call the real services.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -85,6 +86,23 @@ def wait_for(pred: Callable[[], bool], timeout: float, what: str, step: float = 
             return
         time.sleep(step)
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+@contextlib.contextmanager
+def harness_factory(context, lm, **defaults):
+    """Yields ``make(**params) -> Harness`` (``defaults`` under ``params``); closes them all after."""
+    made = []
+
+    def make(**params):
+        h = Harness(context, lm, params={**defaults, **params})
+        made.append(h)
+        return h
+
+    try:
+        yield make
+    finally:
+        for h in made:
+            h.close()
 
 
 class Harness:

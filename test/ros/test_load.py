@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("rclpy", reason="rclpy is not importable (source scripts/env.sh)")
 
-from nodekit import Harness, clip_frames, image_msg, shared_clip, wait_for  # noqa: E402
+from nodekit import clip_frames, harness_factory, image_msg, shared_clip, wait_for  # noqa: E402
 
 pytestmark = [
     pytest.mark.ros,
@@ -36,17 +36,8 @@ def frames():
 
 @pytest.fixture
 def harness(ros_context, smollm2):
-    made = []
-
-    def make(**params):
-        params.setdefault("cameras.front.topic", "/t/cam")
-        h = Harness(ros_context, smollm2, params=params)
-        made.append(h)
-        return h
-
-    yield make
-    for h in made:
-        h.close()
+    with harness_factory(ros_context, smollm2, **{"cameras.front.topic": "/t/cam"}) as make:
+        yield make
 
 
 class Camera:
