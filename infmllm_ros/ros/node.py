@@ -76,9 +76,19 @@ def load_for_settings(settings: NodeSettings):
 
 
 def build_encoder(lm, settings: NodeSettings):
-    """The frame encoder named by ``encoder.type`` (perception/encoders.py)."""
+    """The frame encoder named by ``encoder.type`` (perception/encoders.py).
+
+    The encoder runs in the worker's encoder thread beside the model thread, so it
+    gets its own copy of the tokenizer and processor: a Hugging Face fast tokenizer
+    used from two threads at once can fail ("Already borrowed").
+    """
+    import copy
+    import dataclasses
+
     from infmllm_ros.perception.encoders import make_encoder
 
+    lm = dataclasses.replace(lm, tokenizer=copy.deepcopy(lm.tokenizer),
+                             processor=copy.deepcopy(lm.processor))
     e = settings.encoder
     return make_encoder(e.type, lm, image_size=e.image_size, max_pixels=e.max_pixels,
                         min_pixels=e.min_pixels)

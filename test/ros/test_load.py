@@ -163,3 +163,37 @@ def test_a_question_that_cannot_be_answered_in_time_stops_at_the_timeout(harness
     r_short = h.result(fut_short, 120.0 + MARGIN_S, "the short question's response")
     assert r_short.success and r_short.answer, r_short.message
     assert h.node.worker.alive
+
+
+@pytest.mark.slow
+def test_frames_keep_being_encoded_while_a_question_is_answered(harness, frames, emma_text):
+    """A camera at 2 Hz while a long question (~3000 tokens) is read in: the frames that
+    come meanwhile are encoded then, not dropped down to the newest one, and go into the
+    stream right after the answer (the encoder thread works beside the model thread)."""
+    from infmllm_ros.srv import Query
+
+    h = harness(**{"sample_rate_hz": 2.0, "query.timeout_s": 600.0,
+                   "query.max_question_chars": 100_000, "cache.budget_tokens": 6144,
+                   "cache.max_chunk_tokens": 128, "query.max_new_tokens": 4})
+    pub = h.publisher("/t/cam")
+    h.wait_subscribed("/t/cam")
+    for _ in range(3):  # one frame in memory first (best-effort QoS: send again if lost)
+        pub.publish(image_msg(frames[0], T0))
+        try:
+            wait_for(lambda: h.node.slots.totals().encoded >= 1, 120, "the first frame encoded")
+            break
+        except AssertionError:
+            pass
+    fut = h.call_async(Query, "query", question=f"Who speaks first here? {emma_text[5000:17000]}",
+                       max_new_tokens=4)
+    wait_for(lambda: h.node.jobs.busy or fut.done(), 60, "the long question to start")
+    before = h.node.slots.totals().encoded
+    cam = Camera(h, "/t/cam", frames, hz=2.0)
+    try:
+        r = h.result(fut, 600, "the long question's answer")
+    finally:
+        cam.stop()  # nothing more arrives once the answer is out
+    assert r.success, r.message
+    # Old single-loop worker: only the newest frame survived the answer (+1).
+    wait_for(lambda: h.node.slots.totals().encoded - before >= 3, 120,
+             "frames encoded during the answer appended after it")
