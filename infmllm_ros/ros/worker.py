@@ -10,8 +10,9 @@
 3. **scenes**: every ``scene.period_s`` (when new frames arrived) ask
    ``scene.prompt`` and hand the result to ``on_scene``.
 
-Generation checks ``should_stop`` between tokens, so :meth:`StreamWorker.stop`
-(or a cancelled job) ends an answer within one decoding step.
+Prefill (frames, questions) checks ``should_stop`` between pieces of at most
+``cache.max_chunk_tokens`` and generation between tokens, so :meth:`StreamWorker.stop`
+(or a cancelled job) ends any work within one piece or one decoding step.
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from .core import FrameRef, FrameSlots, Job, JobQueue, LatencyStats, StampBook
+
+try:  # the engine's stop signal for prefill; a stand-in keeps this module importable without it
+    from infmllm_ros.engine.types import Cancelled
+except ImportError:  # pragma: no cover - engine (torch) missing
+    class Cancelled(RuntimeError):  # type: ignore[no-redef]
+        pass
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +174,10 @@ class StreamWorker:
                 self._bad_frame(cam, str(exc))
                 continue
             t1 = time.monotonic()
-            self.stream.append_chunk(chunk)
+            try:
+                self.stream.append_chunk(chunk, should_stop=self._stop.is_set)
+            except Cancelled:  # stopping: the pieces already appended stay, the frame is not counted
+                break
             t2 = time.monotonic()
             self.timing["encode_s"] = _ewma(self.timing.get("encode_s"), t1 - t0)
             self.timing["append_s"] = _ewma(self.timing.get("append_s"), t2 - t1)
