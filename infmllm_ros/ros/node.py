@@ -22,6 +22,14 @@ destroy the node, ``rclpy.try_shutdown()``.
 
 from __future__ import annotations
 
+import os
+
+# No progress bars in the node process: under launch they come out as empty lines. Set
+# before transformers imports tqdm, which reads TQDM_* once (its GGUF loader calls tqdm
+# directly, past transformers' own disable_progress_bar()).
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
 import sys
 import threading
 import time
@@ -32,10 +40,9 @@ from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
-from rclpy.node import Node
 from rclpy.clock import Clock, ClockType
 from rclpy.event_handler import SubscriptionEventCallbacks
+from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import Trigger
@@ -101,6 +108,8 @@ class InfMllmNode(Node):
         super().__init__(node_name, **kwargs)
         self._closed = False
         self._calls = _Counter()  # ~/query and ~/ask callbacks in progress (see drain)
+        #: At shutdown, how long a running answer may take to stop before its caller is told.
+        self.stop_grace_s = 1.0
         self.worker: Optional[StreamWorker] = None
         try:
             self.settings, self._params = declare_node_parameters(self, self._on_settings)
@@ -354,13 +363,35 @@ class InfMllmNode(Node):
             self.get_logger().info(f"query refused: {reason}")
             return resp
         timeout = self.settings.query.timeout_s
-        if not job.wait(timeout):
+        if not self._wait_job(job, t0 + timeout):
             job.cancel()
+            if self._closed:
+                resp.success, resp.message = False, "the node is shutting down"
+                resp.latency_s = float(time.monotonic() - t0)
+                return resp
             resp.success = False
             resp.message = f"timed out after {timeout:g} s (query.timeout_s); the answer was cancelled"
             resp.latency_s = float(time.monotonic() - t0)
             return resp
         return self._fill_answer(resp, job, t0)
+
+    def _wait_job(self, job: Job, deadline: float, cancelled=None) -> bool:
+        """Wait for ``job`` until ``deadline`` (monotonic) or ``cancelled()``; True when done.
+
+        Once the node is shutting down the worker has ``stop_grace_s`` to finish it (an
+        answer stops at its next token), so every caller gets its reply before the executor
+        stops, even when the worker is stuck in a long step.
+        """
+        closed_at = None
+        while not job.wait(0.05):
+            now = time.monotonic()
+            if now > deadline or (cancelled is not None and cancelled()):
+                return False
+            if self._closed:
+                closed_at = closed_at or now
+                if now - closed_at > self.stop_grace_s:
+                    return False
+        return True
 
     def _on_ask_goal(self, goal) -> GoalResponse:
         reason = self.check_question(goal.question, goal.camera)
@@ -391,13 +422,10 @@ class InfMllmNode(Node):
             self._finish_goal(goal_handle.abort)
             return result
         deadline = t0 + self.settings.query.timeout_s
-        while not job.wait(0.05):
-            if self._closed and not self.worker.alive:
-                break  # shutting down: the reply goes out while the executor still spins
-            if goal_handle.is_cancel_requested or time.monotonic() > deadline:
-                job.cancel()
+        if not self._wait_job(job, deadline, lambda: goal_handle.is_cancel_requested):
+            job.cancel()
+            if not self._closed:
                 job.wait(5.0)
-                break
         if job.done:
             self._fill_answer(result, job, t0)
         elif self._closed:
@@ -553,15 +581,21 @@ class InfMllmNode(Node):
         self._closed = True
         if self.worker is None:
             return True
+        t = self.slots.totals()
+        self.get_logger().info(
+            f"stopping after {t.received} frames received, {t.encoded} encoded, "
+            f"{self.worker.latency.count} questions answered")
         if self.jobs.busy:
             self.get_logger().info("stopping: cancelling the answer in progress")
         if self.worker.stop(timeout):
             self.stream.close()  # give the (maybe shared) model its own attention back
             return True
-        self.get_logger().warning(f"worker did not stop within {timeout:g} s")
+        self.get_logger().warning(
+            f"the worker is still inside one step after {timeout:g} s (a frame's encoding or a "
+            "prefill piece on a busy machine); not waiting for it")
         return False
 
-    def drain(self, timeout: float = 5.0) -> None:
+    def drain(self, timeout: float = 1.0) -> None:
         """After :meth:`shutdown`: wait until every ~/query and ~/ask callback has returned,
         then a moment more for the executor to send their replies (action results are sent
         by a task that runs after the callback)."""
@@ -603,25 +637,12 @@ def _kv(**values) -> list:
 
 def main(args=None) -> int:
     """``infmllm-node``: run the node until SIGINT/SIGTERM (see :mod:`.run` for the stop order)."""
-    from .run import run_node
+    from .run import exit_now, run_node
 
-    quiet_progress_bars()
-    return run_node(InfMllmNode, args, name=DEFAULT_NODE_NAME, startup_errors=(ParameterError,))
-
-
-def quiet_progress_bars() -> None:
-    """No transformers/hub/tqdm progress bars in the node process: under launch they come
-    out as empty lines (transformers' GGUF loader calls tqdm directly, hence TQDM_DISABLE)."""
-    import os
-
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except Exception:  # noqa: BLE001 - transformers missing: the model load will say so
-        pass
+    code = run_node(InfMllmNode, args, name=DEFAULT_NODE_NAME, startup_errors=(ParameterError,))
+    if args is None:  # the executable (not a caller in this process): skip the slow teardown
+        exit_now(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import threading
 import time
 from typing import Callable, List, Optional, Sequence, Tuple, Type
 
-__all__ = ["StartupInterrupted", "StopSignals", "run_node"]
+__all__ = ["StartupInterrupted", "StopSignals", "exit_now", "run_node"]
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -111,7 +111,7 @@ def _spin(executor, stop: StopSignals, errors: list) -> None:
 
 def run_node(make_node: Callable[[], "object"], args: Optional[list] = None, *,
              name: str = "node", startup_errors: Tuple[Type[BaseException], ...] = (),
-             startup_code: int = 2, stop_timeout: float = 20.0) -> int:
+             startup_code: int = 2, stop_timeout: float = 3.5) -> int:
     """Create the node with ``make_node()`` and run it until a stop signal; the exit code.
 
     Args:
@@ -121,9 +121,13 @@ def run_node(make_node: Callable[[], "object"], args: Optional[list] = None, *,
         args: command-line arguments for ``rclpy.init`` (``--ros-args ...``).
         name: used in the start-up error line ``[name] cannot start: <reason>``.
         startup_errors: exception types that mean "cannot start" (exit ``startup_code``).
-        stop_timeout: seconds to wait for the node's worker to stop; past it the
-            process ends with exit code 1 instead of waiting on (a step that
-            cannot be interrupted) or aborting in the interpreter's teardown.
+        stop_timeout: seconds to wait for the node's worker to stop. It stops
+            between tokens and prefill pieces, well inside a second on an idle
+            machine; a single step (a frame's encoding or one prefill piece) on
+            an overloaded one can take longer. Past it the ROS side still stops
+            in order and the process ends without waiting for that step (the
+            stream in memory goes with the process anyway), within launch's 5 s
+            ``sigterm_timeout``.
     """
     import rclpy
     from rclpy.executors import MultiThreadedExecutor
@@ -171,20 +175,12 @@ def _stop_in_order(node, executor, spinner, stop: StopSignals, stop_timeout: flo
     if node is not None:
         stopped = node.shutdown(stop_timeout)
         if spinner is not None and spinner.is_alive():
-            node.drain(5.0)
-    if not stopped:
-        node.get_logger().error(
-            f"the worker did not stop within {stop_timeout:g} s (a step that cannot be "
-            "interrupted); exiting without waiting for it")
-        sys.stderr.flush()
-        sys.stdout.flush()
-        import os
-
-        os._exit(1)  # a thread still inside torch would abort the interpreter's teardown
+            node.drain(1.0)
     if executor is not None:
-        executor.shutdown(timeout_sec=10.0)
+        # Callbacks return within the node's stop grace; don't wait on a stuck one forever.
+        executor.shutdown(timeout_sec=5.0, wait_for_threads=stopped)
     if spinner is not None:
-        spinner.join(10.0)
+        spinner.join(5.0)
     if node is not None:
         extra = len(stop.received) - 1
         node.get_logger().info(
@@ -193,4 +189,28 @@ def _stop_in_order(node, executor, spinner, stop: StopSignals, stop_timeout: flo
         node.destroy_node()
     rclpy.try_shutdown()
     stop.restore()
+    if not stopped:
+        exit_now(code)  # a thread still inside torch would abort the interpreter's teardown
     return code
+
+
+def exit_now(code: int) -> None:
+    """End the process with ``code`` without the interpreter's teardown.
+
+    Called after :func:`run_node` has stopped everything in order (worker
+    joined, node destroyed, ROS context shut down). What the teardown would
+    still do is free the model and unload libraries: with torch and
+    transformers loaded that took 4-5 s here (more on a busy machine, past
+    launch's 5 s ``sigterm_timeout``), and a library destructor that waits on
+    a thread is what ends in ``terminate called without an active exception``.
+    """
+    import logging
+    import os
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed pipe: nothing more to say
+            pass
+    os._exit(code)
