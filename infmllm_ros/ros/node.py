@@ -559,6 +559,7 @@ class InfMllmNode(Node):
                        query_latency_last_s=f"{lat.last_s:.3f}",
                        query_latency_mean_s=f"{lat.mean_recent_s:.3f}",
                        scenes_published=self.worker.scenes_published,
+                       worker_activity=self.worker.activity,
                        **{k: f"{v:.3f}" for k, v in self.worker.timing.items()})
         arr.status.append(s)
         return arr

@@ -80,6 +80,8 @@ class StreamWorker:
         self.timing: Dict[str, float] = {}
         #: Longest answer the stream accepts (answers are appended as one chunk); None: no clamp.
         self.max_answer_tokens: Optional[int] = None
+        #: What the worker is doing now: "idle", "frame", "query", "reset" or "scene".
+        self.activity = "idle"
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._last_sample: Dict[str, float] = {c: 0.0 for c in slots.cameras}
@@ -122,9 +124,11 @@ class StreamWorker:
                 worked = self._sample_frames()
                 job = self.jobs.pop()
                 if job is not None:
+                    self.activity = job.kind
                     self._run_job(job)
                     worked = True
                 if self._scene_due():
+                    self.activity = "scene"
                     self._describe_scene()
                     worked = True
             except Exception as exc:  # noqa: BLE001 - keep serving; the reason is logged
@@ -132,6 +136,7 @@ class StreamWorker:
                 self.log.error(f"worker step failed: {self.error}")
                 worked = False
                 self._stop.wait(0.5)
+            self.activity = "idle"
             if not worked and not self._stop.is_set():
                 self._wake.wait(self._idle_timeout())
                 self._wake.clear()
@@ -167,6 +172,7 @@ class StreamWorker:
                 continue
             self._last_sample[cam] = now
             worked = True
+            self.activity = "frame"
             t0 = time.monotonic()
             try:
                 chunk, ref = self.make_chunk(cam, msg)
