@@ -85,7 +85,7 @@ def test_defaults_make_valid_settings():
     assert check_settings(s) is None
     assert s.model.name == "smollm2" and s.model.trust_remote_code is False
     assert s.cache.policy == "infmllm" and s.cache.budget_tokens == 1024
-    assert s.cameras[0].topic == "/front/image_raw" and s.cameras[0].transport == "raw"
+    assert s.cameras[0].topic == "front/image_raw" and s.cameras[0].transport == "raw"
     assert s.scene.period_s == 0.0  # scenes off unless asked for
     assert s.query.busy_policy == "queue"
     assert NodeSettings.from_values(s.to_values()) == s
@@ -150,7 +150,7 @@ def test_stream_yaml_is_the_offline_default():
     values = read_params_file(STREAM_YAML)
     assert values["model.preset"] == "smollm2-offline"
     assert values["cameras.names"] == ["front"]
-    assert values["cameras.front.topic"] == "/camera/image_raw"
+    assert values["cameras.front.topic"] == "camera/image_raw"
     assert values["cameras.front.transport"] == "raw"
     assert values["sample_rate_hz"] == 1.0
     assert values["cache.budget_tokens"] == 1024 and values["cache.policy"] == "infmllm"
@@ -191,7 +191,7 @@ def test_per_camera_parameters_follow_cameras_names(ros_context):
         rear = s.camera("rear")
         assert (rear.topic, rear.transport, rear.frame_id) == (
             "/rear/image_raw/compressed", "compressed", "rear_optical")
-        assert node.get_parameter("cameras.front.topic").value == "/front/image_raw"
+        assert node.get_parameter("cameras.front.topic").value == "front/image_raw"
     finally:
         node.destroy_node()
 
@@ -262,7 +262,7 @@ def test_params_file_and_preset_through_rcl(ros_context):
         assert s.encoder.type == "offline"
         assert s.scene.prompt == preset["scene.prompt"]  # from the preset
         assert s.scene.period_s == 20.0  # from stream.yaml
-        assert s.camera("front").topic == "/camera/image_raw"
+        assert s.camera("front").topic == "camera/image_raw"
         assert s.cache.budget_tokens == 1024
     finally:
         node.destroy_node()
