@@ -21,7 +21,9 @@ Start: publishing before subscribers are discovered loses the first messages
 (reliable QoS too: a writer only keeps samples for readers it knows), so by
 default the first message waits until every topic has a subscriber
 (``--wait-for-subscribers 1``, at most ``--wait-timeout`` seconds, then it plays
-anyway and says so), then ``--delay`` seconds more.
+anyway and says so), then ``--delay`` seconds more (0.5 s: the subscriber may learn
+of this publisher a moment after the publisher learnt of it; best-effort samples
+sent in between are lost, reliable ones are repaired from the last 50).
 
 ``--clock [HZ]`` publishes ``/clock`` (rosgraph_msgs/Clock) from the bag's time
 while playing, as ``ros2 bag play --clock`` does, for nodes with ``use_sim_time``.
@@ -86,7 +88,9 @@ def _qos_profile(qos: str):
     if qos == "sensor":
         return qos_profile_sensor_data  # best effort, keep last 5: what camera drivers offer
     if qos == "reliable":
-        return QoSProfile(depth=10, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE)
+        # Deep enough to repair the first messages for a subscriber that knows this writer
+        # later than the writer knows it (discovery is not symmetric in time on a busy host).
+        return QoSProfile(depth=50, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE)
     raise BagError(f"qos must be 'sensor' or 'reliable', not {qos!r}")
 
 
@@ -179,6 +183,8 @@ class BagPlayer:
             self._clock_pub = node.create_publisher(
                 Clock, "/clock", QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT))
         self._bag_time: Optional[tuple] = None  # (wall monotonic, bag ns) of the pass playing
+        self._clock_lock = threading.Lock()
+        self._clock_last: Optional[tuple] = None  # (_bag_time of its pass, last ns published)
 
         self.published = 0  # messages published so far, over all passes
         self.passes = 0  # complete passes through the bag
@@ -213,6 +219,16 @@ class BagPlayer:
         return [p.topic_name for p in self._publishers.values()
                 if p.get_subscription_count() < count]
 
+    def wait_for_all_acked(self, timeout: float = 5.0) -> bool:
+        """Wait until reliable subscribers acknowledged every message (a no-op for best effort);
+        False after ``timeout`` s. Call it before destroying the node: samples still being
+        repaired are lost with the publisher."""
+        from rclpy.duration import Duration
+
+        end = time.monotonic() + timeout
+        return all(p.wait_for_all_acked(Duration(seconds=max(0.0, end - time.monotonic())))
+                   for p in self._publishers.values())
+
     def bag_time_ns(self) -> Optional[int]:
         """The bag time being played now (nanoseconds), or None before the first message."""
         origin = self._bag_time
@@ -222,14 +238,21 @@ class BagPlayer:
         return bag_ns + int((time.monotonic() - wall) * self.rate * 1e9)
 
     def _publish_clock(self, ns: Optional[int] = None) -> None:
+        """Publish /clock at bag time ``ns`` (default: now); never backwards within a pass
+        (the clock thread and the message thread both publish)."""
         from rosgraph_msgs.msg import Clock
 
         ns = self.bag_time_ns() if ns is None else ns
         if self._clock_pub is None or ns is None:
             return
-        msg = Clock()
-        msg.clock.sec, msg.clock.nanosec = divmod(int(ns), 1_000_000_000)
-        self._clock_pub.publish(msg)
+        with self._clock_lock:
+            if self._clock_last is not None and self._clock_last[0] == self._bag_time \
+                    and ns <= self._clock_last[1]:
+                return
+            self._clock_last = (self._bag_time, ns)
+            msg = Clock()
+            msg.clock.sec, msg.clock.nanosec = divmod(int(ns), 1_000_000_000)
+            self._clock_pub.publish(msg)
 
     def _run_clock(self) -> None:
         period = 1.0 / self._clock_hz
@@ -330,7 +353,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--remap", action="append", default=[], metavar="FROM:=TO",
                    help="publish bag topic FROM as TO (repeatable)")
     p.add_argument("--qos", choices=("sensor", "reliable"), default="sensor",
-                   help="sensor: best effort, keep last 5 (default); reliable: keep last 10")
+                   help="sensor: best effort, keep last 5 (default); reliable: keep last 50")
     p.add_argument("--clock", type=float, nargs="?", const=40.0, default=0.0, metavar="HZ",
                    help="publish /clock from the bag's time at HZ (default 40) while playing, for "
                         "nodes with use_sim_time")
@@ -340,8 +363,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--wait-timeout", type=float, default=10.0, metavar="SEC",
                    help="give up waiting for subscribers after SEC seconds and play anyway "
                         "(default 10; 0: wait as long as it takes)")
-    p.add_argument("--delay", type=float, default=0.0, metavar="SEC",
-                   help="wait SEC seconds more before the first message (default 0)")
+    p.add_argument("--delay", type=float, default=0.5, metavar="SEC",
+                   help="wait SEC seconds more before the first message, for discovery to "
+                        "settle on the subscriber's side too (default 0.5)")
     return p
 
 
@@ -406,6 +430,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             executor.spin_once(timeout_sec=0.1)
         if player.error is not None:
             raise player.error
+        if not stop.requested and not player.wait_for_all_acked(5.0):
+            log.warning("some reliable subscribers did not acknowledge every message within 5 s")
     except BagError as err:
         print(f"infmllm-replay: error: {err}", file=sys.stderr)
         rc = 2

@@ -277,3 +277,20 @@ def test_explicit_parameters_override_the_preset(ros_context):
         assert s.cache.budget_tokens == 512  # explicit beats preset
     finally:
         node.destroy_node()
+
+
+def test_params_file_sections_follow_rcl_matching(tmp_path):
+    from infmllm_ros.ros.params import section_applies, unmatched_params_files
+
+    assert section_applies("/**", "/watcher") and section_applies("/**", "/r1/watcher")
+    assert section_applies("/**/infmllm", "/r1/infmllm") and section_applies("infmllm", "/infmllm")
+    assert not section_applies("/**/infmllm", "/watcher")
+    assert section_applies("/r1/*", "/r1/x") and not section_applies("/r1/*", "/r1/a/x")
+    assert not section_applies("/r1/infmllm", "/r2/infmllm")
+    keyed = tmp_path / "keyed.yaml"
+    keyed.write_text("/**/infmllm:\n  ros__parameters:\n    sample_rate_hz: 2.0\n")
+    args = ["--ros-args", "--params-file", str(keyed), "--params-file", str(STREAM_YAML)]
+    assert unmatched_params_files(args, "/infmllm") == []
+    assert unmatched_params_files(args, "/watcher") == [(str(keyed), ["/**/infmllm"])]
+    # the shipped file applies whatever the node is called
+    assert read_params_file(STREAM_YAML, "/r1/watcher")["model.preset"] == "smollm2-offline"
