@@ -13,7 +13,8 @@ Nested names, in the llama_ros manner::
     model.*        which model to load (read-only: loaded once at start-up)
     encoder.*      how a camera frame becomes tokens (read-only)
     cache.*        the capped KV cache (read-only: the stream is built once)
-    cameras.*      ``cameras.names`` first, then ``cameras.<name>.{topic,transport,frame_id}``
+    cameras.*      ``cameras.names`` first, then
+                   ``cameras.<name>.{topic,transport,frame_id,reliability}``
     sample_rate_hz, scene.*, query.*, diagnostics.*   may change while running
 
 ``model.preset`` names a params file under ``config/models/`` (``smollm2-offline``
@@ -146,8 +147,8 @@ STATIC_SPECS: Tuple[ParamSpec, ...] = (
        "generated in this answer by this (1: off).", read_only=True, lo=1.0, hi=10.0),
     _s("cache.system_prompt", "", "System prompt that opens the stream. Empty: the engine's "
        "default (the visual memory of a robot).", read_only=True),
-    _s("cameras.names", ["front"], "Cameras to watch; each one's topic, transport and frame_id are "
-       "cameras.<name>.*. Names: letters, digits and '_', starting with a letter.",
+    _s("cameras.names", ["front"], "Cameras to watch; each one's topic, transport, frame_id and "
+       "reliability are cameras.<name>.*. Names: letters, digits and '_', starting with a letter.",
        read_only=True),
     _s("sample_rate_hz", 1.0, "Frames per second taken from each camera into the stream; between "
        "samples only the latest frame is kept (the rest are counted as dropped).", lo=0.001,
