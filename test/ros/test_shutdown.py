@@ -36,6 +36,7 @@ def _clean_exit(node: NodeProcess, code: int) -> None:
     out = node.output
     assert "Traceback" not in out, out[-4000:]
     assert "terminate called" not in out, out[-4000:]
+    assert "it/s]" not in out, out[-4000:]  # no progress bars (empty lines under launch)
     assert code == 0, (code, out[-4000:])
     stop = re.search(r"stopped in ([0-9.]+) s", out)
     print(f"node stop took {stop.group(1) if stop else '?'} s after the first signal")
