@@ -22,7 +22,16 @@ destroy the node, ``rclpy.try_shutdown()``.
 
 from __future__ import annotations
 
+import os
+
+# No progress bars in the node process: under launch they come out as empty lines. Set
+# before transformers imports tqdm, which reads TQDM_* once (its GGUF loader calls tqdm
+# directly, past transformers' own disable_progress_bar()).
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
 import sys
+import threading
 import time
 from typing import Any, Optional, Tuple
 
@@ -31,9 +40,10 @@ from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.clock import Clock, ClockType
+from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.node import Node
-from rclpy.qos import QoSProfile, qos_profile_sensor_data
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import Trigger
 
@@ -42,7 +52,14 @@ from infmllm_ros.msg import SceneDescription
 from infmllm_ros.srv import GetStats, Query
 
 from .core import FrameRef, Job, JobQueue, FrameSlots, sec_to_stamp
-from .params import DEFAULT_NODE_NAME, NodeSettings, ParameterError, declare_node_parameters
+from .health import SimClockWatch
+from .params import (
+    DEFAULT_NODE_NAME,
+    NodeSettings,
+    ParameterError,
+    declare_node_parameters,
+    unmatched_params_files,
+)
 from .worker import AnswerResult, StreamWorker
 
 def to_time(ref: Optional[FrameRef]) -> Time:
@@ -90,9 +107,13 @@ class InfMllmNode(Node):
     def __init__(self, node_name: str = DEFAULT_NODE_NAME, *, loaded_model=None, **kwargs: Any):
         super().__init__(node_name, **kwargs)
         self._closed = False
+        self._calls = _Counter()  # ~/query and ~/ask callbacks in progress (see drain)
+        #: At shutdown, how long a running answer may take to stop before its caller is told.
+        self.stop_grace_s = 1.0
         self.worker: Optional[StreamWorker] = None
         try:
             self.settings, self._params = declare_node_parameters(self, self._on_settings)
+            self._warn_unmatched_params_files(list(kwargs.get("cli_args") or []) + sys.argv)
             self._start(loaded_model)
         except BaseException:
             self.shutdown()
@@ -100,6 +121,13 @@ class InfMllmNode(Node):
             raise
 
     # -- start-up -------------------------------------------------------------------
+
+    def _warn_unmatched_params_files(self, args) -> None:
+        for path, keys in unmatched_params_files(args, self.get_fully_qualified_name()):
+            self.get_logger().warning(
+                f"params file {path} has no section for this node "
+                f"({self.get_fully_qualified_name()}; its sections: {keys}), so none of its "
+                "values apply: key it '/**:' or by this node's name")
 
     def _start(self, loaded_model) -> None:
         from infmllm_ros.engine import Stream
@@ -144,30 +172,60 @@ class InfMllmNode(Node):
         self._admin_group = MutuallyExclusiveCallbackGroup()
         self._timer_group = MutuallyExclusiveCallbackGroup()
 
-        self.scene_pub = self.create_publisher(SceneDescription, "~/scene", QoSProfile(depth=10))
+        # Transient local, depth 1: a late subscriber gets the last description at once.
+        self.scene_pub = self.create_publisher(SceneDescription, "~/scene", QoSProfile(
+            depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", QoSProfile(depth=10))
         self._subs = []
-        for cam in s.cameras:
-            msg_type = CompressedImage if cam.transport == "compressed" else Image
-            self._subs.append(self.create_subscription(
-                msg_type, cam.topic, lambda msg, name=cam.name: self.slots.put(name, msg),
-                qos_profile_sensor_data, callback_group=self._sensor_group))
-            log.info(f"camera '{cam.name}': {cam.topic} ({msg_type.__name__})")
-
-        self.create_service(Query, "~/query", self._on_query, callback_group=self._query_group)
+        self._topics: dict = {}  # camera -> its topic, resolved in the node's namespace
+        self._qos_events: dict = {c: 0 for c in s.camera_names}
+        self.create_service(Query, "~/query", self._counted(self._on_query),
+                            callback_group=self._query_group)
         self.create_service(Trigger, "~/reset", self._on_reset, callback_group=self._admin_group)
         self.create_service(GetStats, "~/get_stats", self._on_get_stats,
                             callback_group=self._admin_group)
         self._ask_server = ActionServer(
-            self, Ask, "~/ask", execute_callback=self._execute_ask,
+            self, Ask, "~/ask", execute_callback=self._counted(self._execute_ask),
             goal_callback=self._on_ask_goal, cancel_callback=lambda _goal: CancelResponse.ACCEPT,
             callback_group=self._query_group)
         self._diag_timer = None
+        self._clock_watch = SimClockWatch(self)
         self._make_diag_timer(s.diagnostics_period_s)
         self.worker.start()
+        # Subscribed last: a publisher that waits for this subscription (infmllm-replay,
+        # launch) starts once the model is loaded and the worker runs.
+        for cam in s.cameras:
+            self._subscribe(cam)
         log.info(f"ready: {len(s.cameras)} camera(s) at {s.sample_rate_hz:g} Hz; scene every "
                  + (f"{s.scene.period_s:g} s" if s.scene.period_s > 0 else "(off)")
                  + f"; queries {s.query.busy_policy} (queue {s.query.queue_size})")
+
+    def _subscribe(self, cam) -> None:
+        """The subscription of one camera, with its transport and QoS reliability."""
+        msg_type = CompressedImage if cam.transport == "compressed" else Image
+        qos = qos_profile_sensor_data
+        if cam.reliability == "reliable":
+            qos = QoSProfile(depth=qos_profile_sensor_data.depth,
+                             reliability=ReliabilityPolicy.RELIABLE)
+        self._subs.append(self.create_subscription(
+            msg_type, cam.topic, lambda msg, name=cam.name: self._on_image(name, msg), qos,
+            callback_group=self._sensor_group,
+            event_callbacks=SubscriptionEventCallbacks(
+                incompatible_qos=lambda info, cam=cam: self._on_incompatible_qos(cam, info))))
+        self._topics[cam.name] = self._subs[-1].topic_name
+        self.get_logger().info(f"camera '{cam.name}': {self._topics[cam.name]} "
+                               f"({msg_type.__name__}, {cam.reliability})")
+
+    def _on_image(self, camera: str, msg) -> None:
+        st = msg.header.stamp
+        self.slots.put(camera, msg, st.sec + st.nanosec * 1e-9)
+
+    def _on_incompatible_qos(self, cam, info) -> None:
+        self._qos_events[cam.name] = self._qos_events.get(cam.name, 0) + 1
+        self.get_logger().warning(
+            f"camera '{cam.name}': a publisher on {cam.topic} offers a QoS this subscription "
+            f"cannot match ({info.last_policy_kind.name}); with cameras.{cam.name}.reliability "
+            "'reliable' only reliable publishers are received")
 
     def executor_threads(self) -> int:
         """Threads a MultiThreadedExecutor needs so waiting questions never starve the rest."""
@@ -190,8 +248,10 @@ class InfMllmNode(Node):
             self.destroy_timer(self._diag_timer)
             self._diag_timer = None
         if period > 0:
+            # On the steady clock: with use_sim_time and no /clock, a ROS-time timer never fires.
             self._diag_timer = self.create_timer(period, self._publish_diagnostics,
-                                                 callback_group=self._timer_group)
+                                                 callback_group=self._timer_group,
+                                                 clock=Clock(clock_type=ClockType.STEADY_TIME))
 
     # -- frames ------------------------------------------------------------------
 
@@ -280,8 +340,20 @@ class InfMllmNode(Node):
         resp.prompt_tokens = int(a.prompt_tokens)
         resp.generated_tokens = int(a.generated_tokens)
         resp.success = not a.cancelled
-        resp.message = "cancelled (partial answer)" if a.cancelled else ""
+        resp.message = ""
+        if a.cancelled:
+            resp.message = ("stopped: the node is shutting down (partial answer)" if self._closed
+                            else "cancelled (partial answer)")
         return resp
+
+    def _counted(self, callback):
+        """``callback`` counted in :attr:`_calls` while it runs (see :meth:`drain`)."""
+
+        def counted(*args):
+            with self._calls:
+                return callback(*args)
+
+        return counted
 
     def _on_query(self, req: Query.Request, resp: Query.Response) -> Query.Response:
         t0 = time.monotonic()
@@ -291,13 +363,35 @@ class InfMllmNode(Node):
             self.get_logger().info(f"query refused: {reason}")
             return resp
         timeout = self.settings.query.timeout_s
-        if not job.wait(timeout):
+        if not self._wait_job(job, t0 + timeout):
             job.cancel()
+            if self._closed:
+                resp.success, resp.message = False, "the node is shutting down"
+                resp.latency_s = float(time.monotonic() - t0)
+                return resp
             resp.success = False
             resp.message = f"timed out after {timeout:g} s (query.timeout_s); the answer was cancelled"
             resp.latency_s = float(time.monotonic() - t0)
             return resp
         return self._fill_answer(resp, job, t0)
+
+    def _wait_job(self, job: Job, deadline: float, cancelled=None) -> bool:
+        """Wait for ``job`` until ``deadline`` (monotonic) or ``cancelled()``; True when done.
+
+        Once the node is shutting down the worker has ``stop_grace_s`` to finish it (an
+        answer stops at its next token), so every caller gets its reply before the executor
+        stops, even when the worker is stuck in a long step.
+        """
+        closed_at = None
+        while not job.wait(0.05):
+            now = time.monotonic()
+            if now > deadline or (cancelled is not None and cancelled()):
+                return False
+            if self._closed:
+                closed_at = closed_at or now
+                if now - closed_at > self.stop_grace_s:
+                    return False
+        return True
 
     def _on_ask_goal(self, goal) -> GoalResponse:
         reason = self.check_question(goal.question, goal.camera)
@@ -328,13 +422,14 @@ class InfMllmNode(Node):
             self._finish_goal(goal_handle.abort)
             return result
         deadline = t0 + self.settings.query.timeout_s
-        while not job.wait(0.05):
-            if goal_handle.is_cancel_requested or time.monotonic() > deadline:
-                job.cancel()
+        if not self._wait_job(job, deadline, lambda: goal_handle.is_cancel_requested):
+            job.cancel()
+            if not self._closed:
                 job.wait(5.0)
-                break
         if job.done:
             self._fill_answer(result, job, t0)
+        elif self._closed:
+            result.success, result.message = False, "the node is shutting down"
         else:
             result.success, result.message = False, "timed out"
         if goal_handle.is_cancel_requested:
@@ -413,25 +508,41 @@ class InfMllmNode(Node):
         """The node's DiagnosticArray: one status per camera and one for the stream."""
         arr = DiagnosticArray()
         arr.header.stamp = self.get_clock().now().to_msg()
-        hw = self.get_fully_qualified_name()
+        hw = self.get_fully_qualified_name()  # unique per node, also across namespaces
         period = 1.0 / self.settings.sample_rate_hz
         for name, c in self.slots.counts().items():
             cam = self.settings.camera(name)
-            s = DiagnosticStatus(name=f"{self.get_name()}: camera {name}", hardware_id=hw)
+            s = DiagnosticStatus(name=f"{hw}: camera {name}", hardware_id=hw)
             if c.received == 0:
                 s.level, s.message = DiagnosticStatus.WARN, "no images received yet"
             elif c.bad and c.bad >= c.encoded:
                 s.level, s.message = DiagnosticStatus.WARN, f"unusable images: {c.last_error}"
+            elif c.lost_fraction > 0.5:
+                s.level = DiagnosticStatus.WARN
+                s.message = (f"receiving, but about {100 * c.lost_fraction:.0f}% of the camera's "
+                             "frames are lost before they reach the node (large frames over "
+                             "best-effort QoS: see README, 'Large frames')")
             else:
                 s.level, s.message = DiagnosticStatus.OK, "receiving"
-            s.values = _kv(topic=cam.topic if cam else "", received=c.received,
-                           dropped=c.dropped, encoded=c.encoded, bad=c.bad,
+            s.values = _kv(topic=self._topics.get(name, cam.topic if cam else ""),
+                           received=c.received, dropped=c.dropped, encoded=c.encoded, bad=c.bad,
+                           frames_lost_estimate=c.lost_estimate,
+                           lost_fraction_recent=f"{c.lost_fraction:.2f}",
+                           camera_hz_estimate=f"{c.camera_hz:.2f}",
                            received_hz=f"{c.received_hz:.2f}", encoded_hz=f"{c.encoded_hz:.2f}",
-                           target_hz=f"{1.0 / period:.2f}", last_error=c.last_error)
+                           target_hz=f"{1.0 / period:.2f}",
+                           reliability=cam.reliability if cam else "",
+                           incompatible_qos_events=self._qos_events.get(name, 0),
+                           last_error=c.last_error)
             arr.status.append(s)
+        clock_problem = self._clock_watch.problem()
+        if clock_problem:
+            arr.status.append(DiagnosticStatus(name=f"{hw}: clock", hardware_id=hw,
+                                               level=DiagnosticStatus.WARN,
+                                               message=clock_problem))
         st = self.worker.stats
         lat = self.worker.latency
-        s = DiagnosticStatus(name=f"{self.get_name()}: stream", hardware_id=hw)
+        s = DiagnosticStatus(name=f"{hw}: stream", hardware_id=hw)
         if not self.worker.alive and not self._closed:
             s.level, s.message = DiagnosticStatus.ERROR, f"worker stopped: {self.worker.error}"
         elif self.worker.error:
@@ -448,6 +559,7 @@ class InfMllmNode(Node):
                        query_latency_last_s=f"{lat.last_s:.3f}",
                        query_latency_mean_s=f"{lat.mean_recent_s:.3f}",
                        scenes_published=self.worker.scenes_published,
+                       worker_activity=self.worker.activity,
                        **{k: f"{v:.3f}" for k, v in self.worker.timing.items()})
         arr.status.append(s)
         return arr
@@ -457,18 +569,43 @@ class InfMllmNode(Node):
 
     # -- shutdown ----------------------------------------------------------------
 
-    def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop the worker (answers stop between tokens) and join it; idempotent."""
+    def shutdown(self, timeout: float = 20.0) -> bool:
+        """Stop the worker and join it; idempotent. True when it has stopped.
+
+        The answer or prefill in progress stops at its next token or piece,
+        waiting questions are refused ("the node is shutting down") and their
+        callers, ``~/ask`` goals included, get that reply while the executor
+        still spins (see :meth:`drain`).
+        """
         if self._closed:
-            return
+            return self.worker is None or not self.worker.alive
         self._closed = True
-        if self.worker is not None:
-            if self.jobs.busy:
-                self.get_logger().info("stopping: cancelling the answer in progress")
-            if self.worker.stop(timeout):
-                self.stream.close()  # give the (maybe shared) model its own attention back
-            else:
-                self.get_logger().warning("worker did not stop in time")
+        if self.worker is None:
+            return True
+        t = self.slots.totals()
+        self.get_logger().info(
+            f"stopping after {t.received} frames received, {t.encoded} encoded, "
+            f"{self.worker.latency.count} questions answered")
+        if self.jobs.busy:
+            self.get_logger().info("stopping: cancelling the answer in progress")
+        if self.worker.stop(timeout):
+            self.stream.close()  # give the (maybe shared) model its own attention back
+            return True
+        self.get_logger().warning(
+            f"the worker is still inside one step after {timeout:g} s (a frame's encoding or a "
+            "prefill piece on a busy machine); not waiting for it")
+        return False
+
+    def drain(self, timeout: float = 1.0) -> None:
+        """After :meth:`shutdown`: wait until every ~/query and ~/ask callback has returned,
+        then a moment more for the executor to send their replies (action results are sent
+        by a task that runs after the callback)."""
+        end = time.monotonic() + timeout
+        had_calls = self._calls.value > 0
+        while self._calls.value > 0 and time.monotonic() < end:
+            time.sleep(0.02)
+        if had_calls:
+            time.sleep(min(0.5, max(0.0, end - time.monotonic())))
 
     def destroy_node(self) -> None:
         self.shutdown()
@@ -478,34 +615,34 @@ class InfMllmNode(Node):
         super().destroy_node()
 
 
+class _Counter:
+    """A thread-safe count of callbacks in progress (``with counter: ...``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.value = 0
+
+    def __enter__(self):
+        with self._lock:
+            self.value += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            self.value -= 1
+
+
 def _kv(**values) -> list:
     return [KeyValue(key=k, value=str(v)) for k, v in values.items()]
 
 
 def main(args=None) -> int:
-    """``infmllm_node``: run the node on a MultiThreadedExecutor until Ctrl-C."""
-    rclpy.init(args=args)
-    node: Optional[InfMllmNode] = None
-    executor: Optional[MultiThreadedExecutor] = None
-    code = 0
-    try:
-        node = InfMllmNode()
-        executor = MultiThreadedExecutor(num_threads=node.executor_threads())
-        executor.add_node(node)
-        executor.spin()
-    except ParameterError as exc:
-        print(f"[{DEFAULT_NODE_NAME}] cannot start: {exc}", file=sys.stderr)
-        code = 2
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        if node is not None:
-            node.shutdown()
-        if executor is not None:
-            executor.shutdown(timeout_sec=10.0)
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
+    """``infmllm-node``: run the node until SIGINT/SIGTERM (see :mod:`.run` for the stop order)."""
+    from .run import exit_now, run_node
+
+    code = run_node(InfMllmNode, args, name=DEFAULT_NODE_NAME, startup_errors=(ParameterError,))
+    if args is None:  # the executable (not a caller in this process): skip the slow teardown
+        exit_now(code)
     return code
 
 

@@ -13,7 +13,8 @@ Nested names, in the llama_ros manner::
     model.*        which model to load (read-only: loaded once at start-up)
     encoder.*      how a camera frame becomes tokens (read-only)
     cache.*        the capped KV cache (read-only: the stream is built once)
-    cameras.*      ``cameras.names`` first, then ``cameras.<name>.{topic,transport,frame_id}``
+    cameras.*      ``cameras.names`` first, then
+                   ``cameras.<name>.{topic,transport,frame_id,reliability}``
     sample_rate_hz, scene.*, query.*, diagnostics.*   may change while running
 
 ``model.preset`` names a params file under ``config/models/`` (``smollm2-offline``
@@ -51,7 +52,8 @@ TRANSPORTS = ("raw", "compressed")
 BUSY_POLICIES = ("queue", "reject")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 CAMERA_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
-CAMERA_KEYS = ("topic", "transport", "frame_id")
+RELIABILITIES = ("best_effort", "reliable")
+CAMERA_KEYS = ("topic", "transport", "frame_id", "reliability")
 
 
 class ParameterError(ValueError):
@@ -145,8 +147,8 @@ STATIC_SPECS: Tuple[ParamSpec, ...] = (
        "generated in this answer by this (1: off).", read_only=True, lo=1.0, hi=10.0),
     _s("cache.system_prompt", "", "System prompt that opens the stream. Empty: the engine's "
        "default (the visual memory of a robot).", read_only=True),
-    _s("cameras.names", ["front"], "Cameras to watch; each one's topic, transport and frame_id are "
-       "cameras.<name>.*. Names: letters, digits and '_', starting with a letter.",
+    _s("cameras.names", ["front"], "Cameras to watch; each one's topic, transport, frame_id and "
+       "reliability are cameras.<name>.*. Names: letters, digits and '_', starting with a letter.",
        read_only=True),
     _s("sample_rate_hz", 1.0, "Frames per second taken from each camera into the stream; between "
        "samples only the latest frame is kept (the rest are counted as dropped).", lo=0.001,
@@ -176,13 +178,18 @@ def camera_specs(camera: str) -> Tuple[ParamSpec, ...]:
     """The per-camera parameters of ``camera``."""
     p = f"cameras.{camera}."
     return (
-        _s(p + "topic", f"/{camera}/image_raw", f"Image topic of camera '{camera}' "
-           "(sensor_msgs/Image, or CompressedImage with transport 'compressed').", read_only=True),
+        _s(p + "topic", f"{camera}/image_raw", f"Image topic of camera '{camera}' "
+           "(sensor_msgs/Image, or CompressedImage with transport 'compressed'). A relative name "
+           "resolves in the node's namespace.", read_only=True),
         _s(p + "transport", "raw", f"Message type on camera '{camera}''s topic: 'raw' "
            "(sensor_msgs/Image) or 'compressed' (sensor_msgs/CompressedImage).", read_only=True,
            choices=TRANSPORTS),
         _s(p + "frame_id", "", f"frame_id reported for camera '{camera}'; empty: the images' "
            "header.frame_id.", read_only=True),
+        _s(p + "reliability", "best_effort", f"QoS reliability of camera '{camera}''s "
+           "subscription: 'best_effort' (sensor data QoS, matches every publisher; large frames "
+           "can be lost on the way) or 'reliable' (nothing lost in transport; matches only "
+           "reliable publishers).", read_only=True, choices=RELIABILITIES),
     )
 
 
@@ -205,6 +212,7 @@ class CameraSettings:
     topic: str
     transport: str = "raw"
     frame_id: str = ""  # empty: use the images' header.frame_id
+    reliability: str = "best_effort"
 
 
 @dataclass
@@ -464,20 +472,64 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
+def section_applies(key: str, node: str) -> bool:
+    """Whether a params-file section ``key`` applies to ``node`` (its fully qualified name,
+    or a bare name for a node in the root namespace), by rcl's rules: ``/**`` matches
+    every node, ``*`` one name token, ``**`` any number of them, and a key without a
+    leading ``/`` is absolute."""
+    pattern = [t for t in str(key).strip().split("/") if t]
+    name = [t for t in node.split("/") if t]
+
+    def match(p: int, n: int) -> bool:
+        if p == len(pattern):
+            return n == len(name)
+        if pattern[p] == "**":
+            return any(match(p + 1, k) for k in range(n, len(name) + 1))
+        if n == len(name):
+            return False
+        return (pattern[p] == "*" or pattern[p] == name[n]) and match(p + 1, n + 1)
+
+    return match(0, 0)
+
+
 def read_params_file(path: Path, node_name: str = DEFAULT_NODE_NAME) -> Dict[str, Any]:
-    """Flat ``{name: value}`` of a ``ros__parameters`` file, for ``node_name`` or ``/**``."""
-    with open(path, "r", encoding="utf-8") as f:
-        doc = yaml.safe_load(f) or {}
-    if not isinstance(doc, Mapping):
-        raise ParameterError(f"{path}: not a ros__parameters file")
+    """Flat ``{name: value}`` of a ``ros__parameters`` file: the sections that apply to
+    ``node_name`` (a fully qualified or bare name; see :func:`section_applies`)."""
+    doc = _load_params_doc(path)
     out: Dict[str, Any] = {}
     for key, body in doc.items():
-        k = str(key).strip("/")
-        if k not in ("**", "*", node_name) and not k.endswith("/" + node_name):
+        if not section_applies(key, node_name):
             continue
         if not isinstance(body, Mapping) or "ros__parameters" not in body:
             raise ParameterError(f"{path}: section {key!r} has no ros__parameters")
         out.update(flatten(body["ros__parameters"] or {}))
+    return out
+
+
+def _load_params_doc(path: Path) -> Mapping:
+    with open(path, "r", encoding="utf-8") as f:
+        doc = yaml.safe_load(f) or {}
+    if not isinstance(doc, Mapping):
+        raise ParameterError(f"{path}: not a ros__parameters file")
+    return doc
+
+
+def params_files_in(args: Sequence[str]) -> List[str]:
+    """The ``--params-file`` paths among ROS command-line arguments."""
+    return [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--params-file"]
+
+
+def unmatched_params_files(args: Sequence[str], node_fqn: str) -> List[Tuple[str, List[str]]]:
+    """``(path, its section keys)`` of each ``--params-file`` in ``args`` that has no section
+    for ``node_fqn``: rcl applies none of its values to the node, silently."""
+    out = []
+    for path in params_files_in(args):
+        try:
+            keys = [str(k) for k in _load_params_doc(Path(path))]
+        except (OSError, yaml.YAMLError, ParameterError):
+            continue  # unreadable: rcl itself refuses it before the node exists
+        if not any(section_applies(k, node_fqn) for k in keys):
+            out.append((path, keys))
     return out
 
 
@@ -598,7 +650,9 @@ class ParameterGuard:
                 f"parameter {spec.name} must be of type {type(spec.default).__name__} "
                 f"(e.g. {spec.default!r}): {exc}") from None
         except InvalidParameterValueException as exc:
-            raise ParameterError(f"parameter {spec.name}: {_reason_of(exc)}") from None
+            reason = _reason_of(exc, spec.name)
+            raise ParameterError(reason if spec.name in reason else f"{spec.name}: {reason}") \
+                from None
 
     def _coerce_override(self, spec: ParamSpec) -> None:
         """A params file's ``rate: 1`` for a double parameter means ``1.0``."""
@@ -661,11 +715,14 @@ class ParameterGuard:
             self._on_change(self.settings)
 
 
-def _reason_of(exc: Exception) -> str:
-    """The human part of rclpy's InvalidParameterValueException."""
+def _reason_of(exc: Exception, name: str = "") -> str:
+    """The human part of rclpy's InvalidParameterValueException (whose text ends in ': <name>')."""
     text = str(exc.args[0]) if getattr(exc, "args", None) else str(exc)
     m = re.search(r"Reason: (.*)$", text, re.S)
-    return m.group(1).strip() if m else text
+    reason = m.group(1).strip() if m else text.strip()
+    if name and reason.endswith(f": {name}"):
+        reason = reason[: -len(name) - 2].rstrip()
+    return reason
 
 
 def declare_node_parameters(node, on_change=None) -> Tuple[NodeSettings, ParameterGuard]:
@@ -694,6 +751,7 @@ __all__ = [
     "ParameterGuard",
     "POLICY_NAMES",
     "STATIC_SPECS",
+    "RELIABILITIES",
     "TRANSPORTS",
     "camera_specs",
     "check_settings",
@@ -701,6 +759,8 @@ __all__ = [
     "describe_parameters",
     "preset_defaults",
     "read_params_file",
+    "section_applies",
+    "unmatched_params_files",
     "resolve_preset",
     "spec_for",
 ]

@@ -85,7 +85,7 @@ def test_defaults_make_valid_settings():
     assert check_settings(s) is None
     assert s.model.name == "smollm2" and s.model.trust_remote_code is False
     assert s.cache.policy == "infmllm" and s.cache.budget_tokens == 1024
-    assert s.cameras[0].topic == "/front/image_raw" and s.cameras[0].transport == "raw"
+    assert s.cameras[0].topic == "front/image_raw" and s.cameras[0].transport == "raw"
     assert s.scene.period_s == 0.0  # scenes off unless asked for
     assert s.query.busy_policy == "queue"
     assert NodeSettings.from_values(s.to_values()) == s
@@ -150,7 +150,7 @@ def test_stream_yaml_is_the_offline_default():
     values = read_params_file(STREAM_YAML)
     assert values["model.preset"] == "smollm2-offline"
     assert values["cameras.names"] == ["front"]
-    assert values["cameras.front.topic"] == "/camera/image_raw"
+    assert values["cameras.front.topic"] == "camera/image_raw"
     assert values["cameras.front.transport"] == "raw"
     assert values["sample_rate_hz"] == 1.0
     assert values["cache.budget_tokens"] == 1024 and values["cache.policy"] == "infmllm"
@@ -191,7 +191,7 @@ def test_per_camera_parameters_follow_cameras_names(ros_context):
         rear = s.camera("rear")
         assert (rear.topic, rear.transport, rear.frame_id) == (
             "/rear/image_raw/compressed", "compressed", "rear_optical")
-        assert node.get_parameter("cameras.front.topic").value == "/front/image_raw"
+        assert node.get_parameter("cameras.front.topic").value == "front/image_raw"
     finally:
         node.destroy_node()
 
@@ -262,7 +262,7 @@ def test_params_file_and_preset_through_rcl(ros_context):
         assert s.encoder.type == "offline"
         assert s.scene.prompt == preset["scene.prompt"]  # from the preset
         assert s.scene.period_s == 20.0  # from stream.yaml
-        assert s.camera("front").topic == "/camera/image_raw"
+        assert s.camera("front").topic == "camera/image_raw"
         assert s.cache.budget_tokens == 1024
     finally:
         node.destroy_node()
@@ -277,3 +277,20 @@ def test_explicit_parameters_override_the_preset(ros_context):
         assert s.cache.budget_tokens == 512  # explicit beats preset
     finally:
         node.destroy_node()
+
+
+def test_params_file_sections_follow_rcl_matching(tmp_path):
+    from infmllm_ros.ros.params import section_applies, unmatched_params_files
+
+    assert section_applies("/**", "/watcher") and section_applies("/**", "/r1/watcher")
+    assert section_applies("/**/infmllm", "/r1/infmllm") and section_applies("infmllm", "/infmllm")
+    assert not section_applies("/**/infmllm", "/watcher")
+    assert section_applies("/r1/*", "/r1/x") and not section_applies("/r1/*", "/r1/a/x")
+    assert not section_applies("/r1/infmllm", "/r2/infmllm")
+    keyed = tmp_path / "keyed.yaml"
+    keyed.write_text("/**/infmllm:\n  ros__parameters:\n    sample_rate_hz: 2.0\n")
+    args = ["--ros-args", "--params-file", str(keyed), "--params-file", str(STREAM_YAML)]
+    assert unmatched_params_files(args, "/infmllm") == []
+    assert unmatched_params_files(args, "/watcher") == [(str(keyed), ["/**/infmllm"])]
+    # the shipped file applies whatever the node is called
+    assert read_params_file(STREAM_YAML, "/r1/watcher")["model.preset"] == "smollm2-offline"
