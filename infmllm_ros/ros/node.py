@@ -29,6 +29,7 @@ from typing import Any, Optional, Tuple
 import rclpy
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rclpy._rclpy_pybind11 import RCLError
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
@@ -42,7 +43,8 @@ from infmllm_ros.msg import SceneDescription
 from infmllm_ros.srv import GetStats, Query
 
 from .core import FrameRef, Job, JobQueue, FrameSlots, sec_to_stamp
-from .params import DEFAULT_NODE_NAME, NodeSettings, ParameterError, declare_node_parameters
+from .params import (DEFAULT_NODE_NAME, NodeSettings, ParameterError, declare_node_parameters,
+                     params_file_problem)
 from .worker import AnswerResult, StreamWorker
 
 def to_time(ref: Optional[FrameRef]) -> Time:
@@ -62,6 +64,19 @@ def load_for_settings(settings: NodeSettings):
     m = settings.model
     return load_model(m.name, gguf_file=m.gguf_file or None, device=m.device, dtype=m.dtype,
                       trust_remote_code=m.trust_remote_code)
+
+
+def check_model_settings(settings: NodeSettings) -> None:
+    """``model.*`` checks that need no weights (folder, GGUF file, device); ParameterError."""
+    from infmllm_ros.engine.models import check_model_source, resolve_device
+
+    m = settings.model
+    for name, check in (("model.name", lambda: check_model_source(m.name, m.gguf_file or None)),
+                        ("model.device", lambda: resolve_device(m.device))):
+        try:
+            check()
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ParameterError(f"{name}: {exc}") from None
 
 
 def build_encoder(lm, settings: NodeSettings):
@@ -112,9 +127,14 @@ class InfMllmNode(Node):
 
             torch.set_num_threads(s.model.num_threads)
         if loaded_model is None:
+            check_model_settings(s)  # a missing folder fails now, not after a 30-50 s load
             log.info(f"loading model '{s.model.name}' (device {s.model.device}, dtype "
                      f"{s.model.dtype}) ...")
-            loaded_model = load_for_settings(s)
+            try:
+                loaded_model = load_for_settings(s)
+            except (OSError, ValueError, ImportError) as exc:  # not found, no hub, bad weights
+                raise ParameterError(f"model.name '{s.model.name}' could not be loaded: "
+                                     + " ".join(str(exc).split())) from None
             how = f"loaded in {time.monotonic() - t0:.1f} s"
         else:
             how = "already loaded"
@@ -484,7 +504,15 @@ def _kv(**values) -> list:
 
 def main(args=None) -> int:
     """``infmllm_node``: run the node on a MultiThreadedExecutor until Ctrl-C."""
-    rclpy.init(args=args)
+    problem = params_file_problem(sys.argv if args is None else args)
+    if problem:
+        print(f"[{DEFAULT_NODE_NAME}] cannot start: {problem}", file=sys.stderr)
+        return 2
+    try:
+        rclpy.init(args=args)
+    except RCLError as exc:  # e.g. a malformed --ros-args; rcl's message, on one line
+        print(f"[{DEFAULT_NODE_NAME}] cannot start: " + " ".join(str(exc).split()), file=sys.stderr)
+        return 2
     node: Optional[InfMllmNode] = None
     executor: Optional[MultiThreadedExecutor] = None
     code = 0

@@ -391,6 +391,26 @@ def check_settings(s: NodeSettings) -> Optional[str]:
         StreamConfig.from_dict(c.as_dict()).validate()
     except (ValueError, TypeError) as exc:
         return f"cache.*: {exc}"
+    return _budget_reason(c)
+
+
+def _budget_reason(c: CacheSettings) -> Optional[str]:
+    """Whether ``cache.budget_tokens`` holds what the policy always keeps (sinks, recent, a
+    chunk): known without the model, so it fails before the 30-50 s load. A byte budget
+    needs the model's layer sizes and is checked once the model is there."""
+    if not c.budget_tokens:
+        return None
+    try:
+        from infmllm_ros.engine.policies import make_policy
+    except Exception:  # noqa: BLE001 - engine missing
+        return None
+    try:
+        policy = make_policy(c.policy, sinks=c.sinks, recent=c.recent,
+                             retrieval_window=c.retrieval_window, bias=c.bias,
+                             recent_ratio=c.h2o_recent_ratio)
+        policy.check_budget(c.budget_tokens, c.max_chunk_tokens)
+    except (ValueError, TypeError) as exc:
+        return f"cache.budget_tokens: {exc}"
     return None
 
 
@@ -556,6 +576,8 @@ class ParameterGuard:
         self._on_change = on_change
         self._ready = False
         self.settings: Optional[NodeSettings] = None
+        #: ``(name, hint)`` of each override (params file, ``-p``, launch) this node does not know.
+        self.unknown: List[Tuple[str, str]] = []
         node.add_pre_set_parameters_callback(self._coerce)
         node.add_on_set_parameters_callback(self._validate)
         node.add_post_set_parameters_callback(self._applied)
@@ -576,6 +598,9 @@ class ParameterGuard:
                     "and '_', starting with a letter")
             for spec in camera_specs(cam):
                 self._declare_one(spec, defaults.get(spec.name))
+        self.unknown = unknown_overrides(self._node)
+        for name, hint in self.unknown:
+            self._node.get_logger().warning(f"ignoring unknown parameter '{name}': {hint}")
         settings = NodeSettings.from_values(self.values()).validate()
         self.settings = settings
         self._ready = True
@@ -661,6 +686,79 @@ class ParameterGuard:
             self._on_change(self.settings)
 
 
+def unknown_overrides(node) -> List[Tuple[str, str]]:
+    """Overrides given to ``node`` (params files, ``-p``, launch) that name no parameter of it.
+
+    rclpy drops an override whose name is never declared, so a misspelt
+    ``cache.budjet_tokens`` would otherwise start silently with the default.
+    Returns ``(name, hint)`` pairs; the hint names the closest known parameter.
+    Call after every parameter is declared.
+    """
+    import difflib
+
+    overrides = getattr(node, "_parameter_overrides", None) or {}
+    cameras = [c for c in node.get_parameter("cameras.names").value] if node.has_parameter(
+        "cameras.names") else []
+    known = sorted(set(node._parameters))  # noqa: SLF001 - rclpy keeps no public dict
+    out: List[Tuple[str, str]] = []
+    for name in sorted(overrides):
+        if node.has_parameter(name) or name.startswith("qos_overrides."):
+            continue  # declared (ours or rclpy's own, e.g. use_sim_time), or rclpy's QoS overrides
+        parts = name.split(".")
+        if len(parts) == 3 and parts[0] == "cameras" and parts[2] in CAMERA_KEYS:
+            out.append((name, f"camera '{parts[1]}' is not in cameras.names {cameras}"))
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        out.append((name, f"did you mean '{close[0]}'?" if close else "no such parameter"))
+    return out
+
+
+def params_file_problem(argv: Sequence[str]) -> Optional[str]:
+    """Why a ``--params-file`` among ROS arguments is unusable, or None.
+
+    rcl reads these files inside ``rclpy.init`` and fails with a C-level message
+    and a traceback; this check names the file and the problem first (missing,
+    unreadable, malformed YAML with its line, not a ``ros__parameters`` file).
+    """
+    files, in_ros = [], False
+    args = list(argv)
+    for i, a in enumerate(args):
+        if a == "--ros-args":
+            in_ros = True
+        elif a == "--":
+            in_ros = False
+        elif in_ros and a == "--params-file":
+            if i + 1 >= len(args):
+                return "--params-file needs a file name"
+            files.append(args[i + 1])
+    for f in files:
+        path = Path(f)
+        if not path.exists():
+            return f"params file {f} does not exist"
+        if not path.is_file():
+            return f"params file {f} is not a file"
+        try:
+            with open(path, "r", encoding="utf-8") as fh:
+                doc = yaml.safe_load(fh)
+        except OSError as exc:
+            return f"params file {f} cannot be read: {exc.strerror or exc}"
+        except UnicodeDecodeError as exc:
+            return f"params file {f} is not UTF-8 text: {exc}"
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            return f"params file {f} is not valid YAML{where}: {problem}"
+        if doc is None:
+            continue  # an empty file sets nothing (rcl agrees)
+        if not isinstance(doc, Mapping):
+            return f"params file {f} is not a ros__parameters file (its top level is not a mapping)"
+        for key, body in doc.items():
+            if not isinstance(body, Mapping) or "ros__parameters" not in body:
+                return f"params file {f}: section {key!r} has no ros__parameters"
+    return None
+
+
 def _reason_of(exc: Exception) -> str:
     """The human part of rclpy's InvalidParameterValueException."""
     text = str(exc.args[0]) if getattr(exc, "args", None) else str(exc)
@@ -698,6 +796,8 @@ __all__ = [
     "camera_specs",
     "check_settings",
     "declare_node_parameters",
+    "params_file_problem",
+    "unknown_overrides",
     "describe_parameters",
     "preset_defaults",
     "read_params_file",
