@@ -131,6 +131,7 @@ class CameraCounts:
     last_error: str = ""
     received_hz: float = 0.0
     encoded_hz: float = 0.0
+    silent_s: Optional[float] = None  # seconds since the last message arrived; None: none yet
 
 
 class FrameSlots:
@@ -147,6 +148,8 @@ class FrameSlots:
         self._counts: Dict[str, CameraCounts] = {c: CameraCounts() for c in cameras}
         self._rx = {c: RateMeter(clock=clock) for c in cameras}
         self._enc = {c: RateMeter(clock=clock) for c in cameras}
+        self._last_put: Dict[str, Optional[float]] = {c: None for c in cameras}
+        self._clock = clock
         self._on_put = on_put
 
     @property
@@ -159,6 +162,7 @@ class FrameSlots:
             c = self._counts[camera]
             c.received += 1
             self._rx[camera].tick()
+            self._last_put[camera] = self._clock()
             overwrote = self._slot[camera] is not None
             if overwrote:
                 c.dropped += 1
@@ -191,9 +195,12 @@ class FrameSlots:
         """A copy of each camera's counters, with current rates."""
         with self._lock:
             out = {}
+            now = self._clock()
             for cam, c in self._counts.items():
+                last = self._last_put[cam]
                 out[cam] = CameraCounts(c.received, c.dropped, c.encoded, c.bad, c.last_error,
-                                        self._rx[cam].rate(), self._enc[cam].rate())
+                                        self._rx[cam].rate(), self._enc[cam].rate(),
+                                        None if last is None else now - last)
             return out
 
     def totals(self) -> CameraCounts:

@@ -105,6 +105,7 @@ class InfMllmNode(Node):
     def __init__(self, node_name: str = DEFAULT_NODE_NAME, *, loaded_model=None, **kwargs: Any):
         super().__init__(node_name, **kwargs)
         self._closed = False
+        self._started_at = time.monotonic()
         self.worker: Optional[StreamWorker] = None
         try:
             self.settings, self._params = declare_node_parameters(self, self._on_settings)
@@ -184,6 +185,7 @@ class InfMllmNode(Node):
             callback_group=self._query_group)
         self._diag_timer = None
         self._make_diag_timer(s.diagnostics_period_s)
+        self._started_at = time.monotonic()  # cameras are silent "since start-up" from here
         self.worker.start()
         log.info(f"ready: {len(s.cameras)} camera(s) at {s.sample_rate_hz:g} Hz; scene every "
                  + (f"{s.scene.period_s:g} s" if s.scene.period_s > 0 else "(off)")
@@ -435,11 +437,19 @@ class InfMllmNode(Node):
         arr.header.stamp = self.get_clock().now().to_msg()
         hw = self.get_fully_qualified_name()
         period = 1.0 / self.settings.sample_rate_hz
+        stale_s = self.settings.diagnostics_stale_periods * period
+        dead_s = self.settings.diagnostics_dead_periods * period
+        up_s = time.monotonic() - self._started_at
         for name, c in self.slots.counts().items():
             cam = self.settings.camera(name)
             s = DiagnosticStatus(name=f"{self.get_name()}: camera {name}", hardware_id=hw)
-            if c.received == 0:
-                s.level, s.message = DiagnosticStatus.WARN, "no images received yet"
+            if c.silent_s is None:
+                s.level = DiagnosticStatus.ERROR if up_s > dead_s else DiagnosticStatus.WARN
+                s.message = f"no images received in {up_s:.1f} s since start-up"
+            elif c.silent_s > dead_s:
+                s.level, s.message = DiagnosticStatus.ERROR, f"dead: no image for {c.silent_s:.1f} s"
+            elif c.silent_s > stale_s:
+                s.level, s.message = DiagnosticStatus.WARN, f"stale: no image for {c.silent_s:.1f} s"
             elif c.bad and c.bad >= c.encoded:
                 s.level, s.message = DiagnosticStatus.WARN, f"unusable images: {c.last_error}"
             else:
@@ -447,7 +457,9 @@ class InfMllmNode(Node):
             s.values = _kv(topic=cam.topic if cam else "", received=c.received,
                            dropped=c.dropped, encoded=c.encoded, bad=c.bad,
                            received_hz=f"{c.received_hz:.2f}", encoded_hz=f"{c.encoded_hz:.2f}",
-                           target_hz=f"{1.0 / period:.2f}", last_error=c.last_error)
+                           target_hz=f"{1.0 / period:.2f}", last_error=c.last_error,
+                           seconds_since_last_image=("" if c.silent_s is None
+                                                     else f"{c.silent_s:.2f}"))
             arr.status.append(s)
         st = self.worker.stats
         lat = self.worker.latency

@@ -167,6 +167,11 @@ STATIC_SPECS: Tuple[ParamSpec, ...] = (
        "included) is cancelled and refused.", lo=0.1, hi=86400.0),
     _s("diagnostics.period_s", 2.0, "Publish diagnostic_msgs/DiagnosticArray on /diagnostics "
        "every this many seconds. 0: off.", lo=0.0, hi=3600.0),
+    _s("diagnostics.stale_periods", 5.0, "A camera with no image for this many sample periods "
+       "(1 / sample_rate_hz) is reported WARN (stale) on /diagnostics.", lo=1.0, hi=1e6),
+    _s("diagnostics.dead_periods", 30.0, "A camera with no image for this many sample periods "
+       "(or none since start-up for that long) is reported ERROR; must exceed "
+       "diagnostics.stale_periods.", lo=1.0, hi=1e6),
 )
 
 STATIC_BY_NAME: Dict[str, ParamSpec] = {s.name: s for s in STATIC_SPECS}
@@ -276,6 +281,8 @@ class NodeSettings:
     scene: SceneSettings = field(default_factory=SceneSettings)
     query: QuerySettings = field(default_factory=QuerySettings)
     diagnostics_period_s: float = 2.0
+    diagnostics_stale_periods: float = 5.0
+    diagnostics_dead_periods: float = 30.0
 
     @property
     def camera_names(self) -> List[str]:
@@ -314,6 +321,8 @@ class NodeSettings:
             scene=group("scene", SceneSettings),
             query=group("query", QuerySettings),
             diagnostics_period_s=float(get("diagnostics.period_s")),
+            diagnostics_stale_periods=float(get("diagnostics.stale_periods")),
+            diagnostics_dead_periods=float(get("diagnostics.dead_periods")),
         )
 
     def to_values(self) -> Dict[str, Any]:
@@ -328,6 +337,8 @@ class NodeSettings:
                 out[f"cameras.{c.name}.{k}"] = getattr(c, k)
         out["sample_rate_hz"] = self.sample_rate_hz
         out["diagnostics.period_s"] = self.diagnostics_period_s
+        out["diagnostics.stale_periods"] = self.diagnostics_stale_periods
+        out["diagnostics.dead_periods"] = self.diagnostics_dead_periods
         return out
 
     def validate(self) -> "NodeSettings":
@@ -372,6 +383,9 @@ def check_settings(s: NodeSettings) -> Optional[str]:
         return f"two cameras subscribe to the same topic {sorted(dup)[0]!r}"
     if not s.scene.prompt.strip():
         return "scene.prompt is empty"
+    if s.diagnostics_dead_periods <= s.diagnostics_stale_periods:
+        return (f"diagnostics.dead_periods ({s.diagnostics_dead_periods:g}) must exceed "
+                f"diagnostics.stale_periods ({s.diagnostics_stale_periods:g})")
     if not s.model.name.strip():
         return "model.name is empty"
     c = s.cache

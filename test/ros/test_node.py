@@ -417,3 +417,44 @@ def test_ctrl_c_mid_answer_exits_cleanly(ros_context, frames):
     assert "Traceback" not in err, err[-3000:]
     assert "terminate called" not in err, err[-3000:]
     assert proc.returncode == 0, (proc.returncode, err[-3000:])
+
+
+def _camera_status(h, name="front"):
+    """The newest /diagnostics status of camera ``name`` (None before the first)."""
+    for arr in reversed(list(h.diagnostics)):
+        for st in arr.status:
+            if st.name.endswith(f"camera {name}"):
+                return st
+    return None
+
+
+def test_a_silent_camera_goes_stale_then_dead_and_recovers(harness, frames):
+    """WARN after diagnostics.stale_periods sample periods without an image, ERROR after
+    diagnostics.dead_periods, OK again as soon as images come back."""
+    from diagnostic_msgs.msg import DiagnosticStatus
+
+    h = harness(**{"cameras.front.topic": "/t/cam", "sample_rate_hz": 5.0,
+                   "diagnostics.period_s": 0.2, "diagnostics.stale_periods": 5.0,
+                   "diagnostics.dead_periods": 15.0})  # 1 s stale, 3 s dead
+    h.watch_diagnostics()
+    pub = h.publisher("/t/cam")
+    h.wait_subscribed("/t/cam")
+    sent = [0]
+
+    def level_is(level, words="", streaming=False):
+        def check():
+            if streaming:  # a live camera: a new image every poll
+                pub.publish(image_msg(frames[sent[0] % 4], T0 + sent[0], NS))
+                sent[0] += 1
+            st = _camera_status(h)
+            return st is not None and st.level == level and words in st.message
+        return check
+
+    wait_for(level_is(DiagnosticStatus.WARN, "no images received"), 30, "WARN before any image")
+    wait_for(level_is(DiagnosticStatus.OK, "receiving", streaming=True), 60, "OK while images arrive",
+             step=0.1)
+    wait_for(level_is(DiagnosticStatus.WARN, "stale"), 30, "WARN once the camera is silent")
+    wait_for(level_is(DiagnosticStatus.ERROR, "dead"), 30, "ERROR after a longer silence")
+    assert float(_kv(_camera_status(h), "seconds_since_last_image")) > 3.0
+    wait_for(level_is(DiagnosticStatus.OK, "receiving", streaming=True), 60,
+             "OK again once images come back", step=0.1)
