@@ -66,8 +66,17 @@ class StampBook:
         self._capacity = capacity
         self._lock = threading.Lock()
         self.newest: Optional[FrameRef] = None
+        self._last: Dict[str, FrameRef] = {}  # per camera: the last frame added
+        #: per camera: how many times its stamps went backwards
+        self.jumps_back: Dict[str, int] = collections.defaultdict(int)
 
-    def add(self, ref: FrameRef) -> float:
+    def add(self, ref: FrameRef) -> Optional[float]:
+        """Remember ``ref``; returns how many seconds its camera's stamps jumped back, or None.
+
+        A jump back (a bag replayed in a loop, a clock reset) is not an error: the
+        stream orders frames by arrival. It is reported so the node can warn, as tf
+        buffers do when time goes backwards.
+        """
         key = ref.seconds
         with self._lock:
             self._refs[key] = ref
@@ -75,7 +84,12 @@ class StampBook:
             while len(self._refs) > self._capacity:
                 self._refs.popitem(last=False)
             self.newest = ref
-        return key
+            last = self._last.get(ref.camera)
+            self._last[ref.camera] = ref
+            if last is not None and (ref.sec, ref.nanosec) < (last.sec, last.nanosec):
+                self.jumps_back[ref.camera] += 1
+                return last.seconds - key
+        return None
 
     def lookup(self, t: Optional[float], camera: str = "") -> Optional[FrameRef]:
         if t is None:
@@ -90,6 +104,7 @@ class StampBook:
     def clear(self) -> None:
         with self._lock:
             self._refs.clear()
+            self._last.clear()
             self.newest = None
 
 

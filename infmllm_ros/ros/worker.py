@@ -172,7 +172,12 @@ class StreamWorker:
             self.timing["encode_s"] = _ewma(self.timing.get("encode_s"), t1 - t0)
             self.timing["append_s"] = _ewma(self.timing.get("append_s"), t2 - t1)
             self.timing["frame_tokens"] = _ewma(self.timing.get("frame_tokens"), float(len(chunk)))
-            self.book.add(ref)
+            back = self.book.add(ref)
+            if back is not None:
+                self.log.warning(
+                    f"camera '{cam}': image stamp jumped back {back:.3f} s (to {ref.sec}."
+                    f"{ref.nanosec:09d}): a bag replayed in a loop or a clock reset? Answers "
+                    "report frames by their order in the stream")
             self.slots.mark_encoded(cam)
             self._frames_since_scene += 1
             self.stats = self.stream.stats()

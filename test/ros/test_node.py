@@ -60,14 +60,14 @@ def harness(ros_context, smollm2):
 
 
 def feed(h, topic, frames, start=0, period=0.0, compressed=False, frame_id="cam_optical",
-         sync=True):
-    """Publish ``frames`` stamped ``T0 + i`` (+NS). ``sync``: one at a time, each one taken
+         sync=True, t0=T0):
+    """Publish ``frames`` stamped ``t0 + i`` (+NS). ``sync``: one at a time, each one taken
     in by the worker (encoded or counted bad) before the next, so none is dropped."""
     pub = h.publisher(topic, compressed)
     h.wait_subscribed(topic)
     make = compressed_msg if compressed else image_msg
     for i, f in enumerate(frames, start):
-        msg = make(f, T0 + i, NS, frame_id)
+        msg = make(f, t0 + i, NS, frame_id)
         if not sync:
             pub.publish(msg)
             if period:
@@ -166,6 +166,30 @@ def test_exact_stamps_of_every_frame_in_memory(harness, frames):
     assert (r.newest_frame_stamp.sec, r.newest_frame_stamp.nanosec) == (T0 + 3, NS)
     s = h.stats()
     assert (s.frames_received, s.frames_encoded, s.frames_dropped) == (4, 4, 0)
+
+
+def test_stamps_jumping_back_report_frames_by_stream_order(harness, frames, capfd):
+    """A bag looping back to its start, and a second camera on another clock (e.g. since boot):
+    Query and GetStats report the frame that arrived last as the newest, per camera when a
+    question names one, and the jump back is logged."""
+    h = harness(**{"cameras.names": ["front", "rear"], "cameras.front.topic": "/t/front",
+                   "cameras.rear.topic": "/t/rear", "sample_rate_hz": 50.0})
+    feed(h, "/t/front", frames[:4], start=10)  # T0+10 .. T0+13
+    feed(h, "/t/rear", frames[4:6], start=0, t0=1000)  # another clock: 1000, 1001
+    feed(h, "/t/front", frames[6:8], start=0)  # the loop: back to T0+0, T0+1
+    r = h.ask("What did the front camera see?", camera="front", max_new_tokens=4)
+    assert r.success, r.message
+    assert (r.oldest_frame_stamp.sec, r.newest_frame_stamp.sec) == (T0 + 10, T0 + 1)
+    assert r.newest_frame_stamp.nanosec == NS
+    r = h.ask("What did the rear camera see?", camera="rear", max_new_tokens=4)
+    assert (r.oldest_frame_stamp.sec, r.newest_frame_stamp.sec) == (1000, 1001)
+    s = h.stats()
+    assert (s.oldest_frame_stamp.sec, s.newest_frame_stamp.sec) == (T0 + 10, T0 + 1)
+    feed(h, "/t/rear", frames[8:9], start=2, t0=1000)
+    assert h.stats().newest_frame_stamp.sec == 1002  # the rear camera's clock is behind, but it is newest
+    err = capfd.readouterr().err
+    assert "camera 'front': image stamp jumped back 13.000 s" in err, err[-2000:]
+    assert "camera 'rear': image stamp jumped back" not in err
 
 
 def test_frames_are_dropped_not_queued_when_the_model_is_slower(harness, frames):
