@@ -101,6 +101,22 @@ class StampBook:
             ref = FrameRef(camera, sec, ns, "")
         return ref
 
+    def refs(self) -> List[FrameRef]:
+        """Every remembered frame, oldest first (for saving beside the stream's state)."""
+        with self._lock:
+            return list(self._refs.values())
+
+    def restore(self, refs: List[FrameRef]) -> None:
+        """Replace the book with ``refs`` (oldest first), e.g. after a state file was loaded."""
+        with self._lock:
+            self._refs.clear()
+            self._last.clear()
+            for ref in refs[-self._capacity:]:
+                self._refs[ref.seconds] = ref
+                self._refs.move_to_end(ref.seconds)
+                self._last[ref.camera] = ref
+            self.newest = refs[-1] if refs else None
+
     def clear(self) -> None:
         with self._lock:
             self._refs.clear()

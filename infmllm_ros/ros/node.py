@@ -13,7 +13,10 @@ A thin node around the engine's :class:`~infmllm_ros.engine.Stream`:
   partial answers, cancel) in their own reentrant callback group, handing jobs
   to the worker through a bounded :class:`~.core.JobQueue`;
 * ``~/reset`` (std_srvs/Trigger), ``~/get_stats`` (infmllm_ros/srv/GetStats),
-  ``~/scene`` (infmllm_ros/msg/SceneDescription) and ``/diagnostics``.
+  ``~/scene`` (infmllm_ros/msg/SceneDescription) and ``/diagnostics``;
+* ``memory.state_file`` (:mod:`.state`): the memory loaded at start-up, saved
+  atomically every ``memory.save_period_s``, at a clean shutdown and on
+  ``~/save``; ``~/load`` restores it on demand (std_srvs/Trigger both).
 
 Parameters are all in :mod:`infmllm_ros.ros.params`. Shutdown order: stop the
 worker (the running answer stops between tokens), shut the executor down,
@@ -45,6 +48,7 @@ from infmllm_ros.srv import GetStats, Query
 from .core import FrameRef, Job, JobQueue, FrameSlots, sec_to_stamp
 from .params import (DEFAULT_NODE_NAME, NodeSettings, ParameterError, declare_node_parameters,
                      params_file_problem)
+from .state import StateFile
 from .worker import AnswerResult, StreamWorker
 
 def to_time(ref: Optional[FrameRef]) -> Time:
@@ -66,10 +70,15 @@ def load_for_settings(settings: NodeSettings):
                       trust_remote_code=m.trust_remote_code)
 
 
-def check_model_settings(settings: NodeSettings) -> None:
-    """``model.*`` checks that need no weights (folder, GGUF file, device); ParameterError."""
+def check_before_load(settings: NodeSettings) -> None:
+    """Checks that need no weights: ``model.*`` (folder, GGUF file, device) and
+    ``memory.state_file``'s folder; ParameterError."""
     from infmllm_ros.engine.models import check_model_source, resolve_device
 
+    if settings.memory.state_file:
+        problem = StateFile(settings.memory.state_file).problem()
+        if problem:
+            raise ParameterError(f"memory.state_file: {problem}")
     m = settings.model
     for name, check in (("model.name", lambda: check_model_source(m.name, m.gguf_file or None)),
                         ("model.device", lambda: resolve_device(m.device))):
@@ -107,6 +116,8 @@ class InfMllmNode(Node):
         self._closed = False
         self._started_at = time.monotonic()
         self.worker: Optional[StreamWorker] = None
+        self.state: Optional[StateFile] = None
+        self._save_timer = None
         try:
             self.settings, self._params = declare_node_parameters(self, self._on_settings)
             self._start(loaded_model)
@@ -128,7 +139,7 @@ class InfMllmNode(Node):
 
             torch.set_num_threads(s.model.num_threads)
         if loaded_model is None:
-            check_model_settings(s)  # a missing folder fails now, not after a 30-50 s load
+            check_before_load(s)  # a missing folder fails now, not after a 30-50 s load
             log.info(f"loading model '{s.model.name}' (device {s.model.device}, dtype "
                      f"{s.model.dtype}) ...")
             try:
@@ -159,6 +170,8 @@ class InfMllmNode(Node):
         self.worker = StreamWorker(self.stream, self.slots, self.jobs, self._make_chunk, s,
                                    on_scene=self._publish_scene, logger=log)
         self.worker.max_answer_tokens = self.max_answer_tokens
+        self.state = self._load_state_file(s)
+        self.worker.state = self.state
 
         self._sensor_group = MutuallyExclusiveCallbackGroup()
         self._query_group = ReentrantCallbackGroup()
@@ -177,6 +190,8 @@ class InfMllmNode(Node):
 
         self.create_service(Query, "~/query", self._on_query, callback_group=self._query_group)
         self.create_service(Trigger, "~/reset", self._on_reset, callback_group=self._admin_group)
+        self.create_service(Trigger, "~/save", self._on_save, callback_group=self._admin_group)
+        self.create_service(Trigger, "~/load", self._on_load, callback_group=self._admin_group)
         self.create_service(GetStats, "~/get_stats", self._on_get_stats,
                             callback_group=self._admin_group)
         self._ask_server = ActionServer(
@@ -185,6 +200,9 @@ class InfMllmNode(Node):
             callback_group=self._query_group)
         self._diag_timer = None
         self._make_diag_timer(s.diagnostics_period_s)
+        self._save_timer = None
+        self._save_job: Optional[Job] = None
+        self._make_save_timer(s.memory.save_period_s)
         self._started_at = time.monotonic()  # cameras are silent "since start-up" from here
         self.worker.start()
         log.info(f"ready: {len(s.cameras)} camera(s) at {s.sample_rate_hz:g} Hz; scene every "
@@ -205,6 +223,8 @@ class InfMllmNode(Node):
             self.jobs.configure(s.query.queue_size, s.query.busy_policy)
             if s.diagnostics_period_s != old.diagnostics_period_s:
                 self._make_diag_timer(s.diagnostics_period_s)
+            if s.memory.save_period_s != old.memory.save_period_s:
+                self._make_save_timer(s.memory.save_period_s)
             self._wake_worker()
 
     def _make_diag_timer(self, period: float) -> None:
@@ -382,19 +402,93 @@ class InfMllmNode(Node):
 
     # -- admin -------------------------------------------------------------------
 
-    def _on_reset(self, req: Trigger.Request, resp: Trigger.Response) -> Trigger.Response:
-        before = self.worker.stats.tokens_held
-        job = Job("reset", control=True)
+    def _control(self, kind: str, **args) -> Tuple[Optional[Job], Optional[str]]:
+        """Run a control job (reset, save, load) on the worker; the job and why it failed."""
+        job = Job(kind, control=True, **args)
         reason = self.jobs.submit(job)
         if reason is None and not job.wait(self.settings.query.timeout_s):
             job.cancel()
             reason = "timed out waiting for the worker"
         if reason is None and job.error:
             reason = job.error
+        return job, reason
+
+    def _on_reset(self, req: Trigger.Request, resp: Trigger.Response) -> Trigger.Response:
+        before = self.worker.stats.tokens_held
+        _, reason = self._control("reset")
         resp.success = reason is None
         resp.message = reason or f"cache cleared ({before} tokens dropped)"
         self.get_logger().info(f"reset: {resp.message}")
         return resp
+
+    # -- memory across restarts ------------------------------------------------------
+
+    def _load_state_file(self, s: NodeSettings) -> Optional[StateFile]:
+        """Start-up: restore the memory from ``memory.state_file`` if it is there and matches."""
+        if not s.memory.state_file:
+            return None
+        log = self.get_logger()
+        state = StateFile(s.memory.state_file)
+        for name in state.remove_leftovers():
+            log.warning(f"removed {name}, left by a save that was interrupted")
+        res = state.load(self.stream, set_aside=True)
+        if res.loaded:
+            self.worker.book.restore(list(res.refs))
+            self.worker.stats = self.stream.stats()
+            log.info(f"memory: {res.reason}")
+        elif res.set_aside:
+            log.warning(f"memory: {res.reason}; starting with an empty memory")
+        else:
+            log.info(f"memory: {res.reason}; starting with an empty memory")
+        return state
+
+    def _make_save_timer(self, period: float) -> None:
+        if self._save_timer is not None:
+            self.destroy_timer(self._save_timer)
+            self._save_timer = None
+        if period > 0 and self.state is not None:
+            self._save_timer = self.create_timer(period, self._periodic_save,
+                                                 callback_group=self._timer_group)
+
+    def _periodic_save(self) -> None:
+        if self._save_job is None or self._save_job.done:  # never pile saves up behind a slow disk
+            self._save_job = Job("save", control=True, force=False)
+            if self.jobs.submit(self._save_job) is not None:
+                self._save_job = None
+
+    def _on_save(self, req: Trigger.Request, resp: Trigger.Response) -> Trigger.Response:
+        if self.state is None:
+            resp.success, resp.message = False, "memory.state_file is not set: nowhere to save"
+            return resp
+        job, reason = self._control("save", force=True)
+        resp.success = reason is None
+        if reason is None:
+            r = job.result
+            resp.message = f"saved {r.bytes} bytes to {r.path} in {r.seconds:.2f} s"
+        else:
+            resp.message = f"not saved: {reason}"
+        self.get_logger().info(f"save: {resp.message}")
+        return resp
+
+    def _on_load(self, req: Trigger.Request, resp: Trigger.Response) -> Trigger.Response:
+        if self.state is None:
+            resp.success, resp.message = False, "memory.state_file is not set: nothing to load"
+            return resp
+        job, reason = self._control("load")
+        resp.success = reason is None
+        resp.message = reason or job.result.reason
+        self.get_logger().info(f"load: {resp.message}")
+        return resp
+
+    def _save_on_shutdown(self) -> None:
+        """A clean shutdown keeps the memory (the worker has stopped: the stream is free)."""
+        if getattr(self, "state", None) is None:
+            return
+        try:
+            r = self.state.save(self.stream, self.worker.book.refs(), force=False)
+            self.get_logger().info(f"memory: {'unchanged in' if r.skipped else 'saved to'} {r.path}")
+        except Exception as exc:  # noqa: BLE001 - the previous file is intact; say why
+            self.get_logger().error(f"memory: could not save to {self.state.path}: {exc}")
 
     def cache_budget_bytes(self) -> int:
         """Bytes the cache may hold at its budget (0: unbounded)."""
@@ -498,6 +592,7 @@ class InfMllmNode(Node):
             if self.jobs.busy:
                 self.get_logger().info("stopping: cancelling the answer in progress")
             if self.worker.stop(timeout):
+                self._save_on_shutdown()
                 self.stream.close()  # give the (maybe shared) model its own attention back
             else:
                 self.get_logger().warning("worker did not stop in time")

@@ -14,7 +14,8 @@ Nested names, in the llama_ros manner::
     encoder.*      how a camera frame becomes tokens (read-only)
     cache.*        the capped KV cache (read-only: the stream is built once)
     cameras.*      ``cameras.names`` first, then ``cameras.<name>.{topic,transport,frame_id}``
-    sample_rate_hz, scene.*, query.*, diagnostics.*   may change while running
+    memory.*       the state file that keeps the memory across restarts
+    sample_rate_hz, scene.*, query.*, diagnostics.*, memory.save_period_s   may change while running
 
 ``model.preset`` names a params file under ``config/models/`` (``smollm2-offline``
 -> ``smollm2_offline.yaml``) or a path to one; its values become the defaults
@@ -167,6 +168,13 @@ STATIC_SPECS: Tuple[ParamSpec, ...] = (
        "included) is cancelled and refused.", lo=0.1, hi=86400.0),
     _s("diagnostics.period_s", 2.0, "Publish diagnostic_msgs/DiagnosticArray on /diagnostics "
        "every this many seconds. 0: off.", lo=0.0, hi=3600.0),
+    _s("memory.state_file", "", "File that keeps the stream's memory (KV cache and records) "
+       "across restarts: loaded at start-up when it matches the model and cache settings (else "
+       "moved aside as <file>.rejected-<time>), saved atomically every memory.save_period_s, at "
+       "a clean shutdown and on ~/save. Empty: off.", read_only=True),
+    _s("memory.save_period_s", 300.0, "Save the memory to memory.state_file every this many "
+       "seconds (only when something new came in). 0: only at shutdown and on ~/save.",
+       lo=0.0, hi=86400.0),
     _s("diagnostics.stale_periods", 5.0, "A camera with no image for this many sample periods "
        "(1 / sample_rate_hz) is reported WARN (stale) on /diagnostics.", lo=1.0, hi=1e6),
     _s("diagnostics.dead_periods", 30.0, "A camera with no image for this many sample periods "
@@ -270,6 +278,12 @@ class QuerySettings:
 
 
 @dataclass
+class MemorySettings:
+    state_file: str = ""
+    save_period_s: float = 300.0
+
+
+@dataclass
 class NodeSettings:
     """All parameter values of the node, read into plain Python."""
 
@@ -280,6 +294,7 @@ class NodeSettings:
     sample_rate_hz: float = 1.0
     scene: SceneSettings = field(default_factory=SceneSettings)
     query: QuerySettings = field(default_factory=QuerySettings)
+    memory: MemorySettings = field(default_factory=MemorySettings)
     diagnostics_period_s: float = 2.0
     diagnostics_stale_periods: float = 5.0
     diagnostics_dead_periods: float = 30.0
@@ -320,6 +335,7 @@ class NodeSettings:
             sample_rate_hz=float(get("sample_rate_hz")),
             scene=group("scene", SceneSettings),
             query=group("query", QuerySettings),
+            memory=group("memory", MemorySettings),
             diagnostics_period_s=float(get("diagnostics.period_s")),
             diagnostics_stale_periods=float(get("diagnostics.stale_periods")),
             diagnostics_dead_periods=float(get("diagnostics.dead_periods")),
@@ -328,7 +344,7 @@ class NodeSettings:
     def to_values(self) -> Dict[str, Any]:
         """The inverse of :meth:`from_values`."""
         out: Dict[str, Any] = {}
-        for prefix in ("model", "encoder", "cache", "scene", "query"):
+        for prefix in ("model", "encoder", "cache", "scene", "query", "memory"):
             for k, v in getattr(self, prefix).__dict__.items():
                 out[f"{prefix}.{k}"] = v
         out["cameras.names"] = self.camera_names

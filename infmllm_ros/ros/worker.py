@@ -73,6 +73,8 @@ class StreamWorker:
         self.timing: Dict[str, float] = {}
         #: Longest answer the stream accepts (answers are appended as one chunk); None: no clamp.
         self.max_answer_tokens: Optional[int] = None
+        #: The stream's state file (``.state.StateFile``) for "save" / "load" jobs; None: off.
+        self.state = None
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._last_sample: Dict[str, float] = {c: 0.0 for c in slots.cameras}
@@ -201,6 +203,16 @@ class StreamWorker:
         try:
             if job.kind == "query":
                 self._query(job)
+            elif job.kind == "save":
+                job.finish(result=self.state.save(self.stream, self.book.refs(),
+                                                  force=job.args.get("force", True)))
+            elif job.kind == "load":
+                res = self.state.load(self.stream, set_aside=False)
+                if res.loaded:
+                    self.book.restore(list(res.refs))
+                    self._frames_since_scene = 0
+                    self.stats = self.stream.stats()
+                job.finish(result=res, error=None if res.loaded else res.reason)
             elif job.kind == "reset":
                 self.stream.reset()
                 self.book.clear()

@@ -482,3 +482,54 @@ def test_a_silent_camera_goes_stale_then_dead_and_recovers(harness, frames):
     assert float(_kv(_camera_status(h), "seconds_since_last_image")) > 3.0
     wait_for(level_is(DiagnosticStatus.OK, "receiving", streaming=True), 60,
              "OK again once images come back", step=0.1)
+
+
+def test_memory_survives_a_restart_through_the_state_file(harness, frames, tmp_path):
+    """memory.state_file: periodic and on-demand atomic saves, a save at shutdown, the memory
+    back after a restart (same cache, exact stamps), and a file that does not match (or is
+    not a state at all) moved aside with the node starting fresh."""
+    from std_srvs.srv import Trigger
+
+    path = tmp_path / "memory.pt"
+    params = {"cameras.front.topic": "/t/cam", "sample_rate_hz": 50.0,
+              "memory.state_file": str(path), "memory.save_period_s": 0.5}
+    a = harness(**params)
+    feed(a, "/t/cam", frames[:3])
+    wait_for(path.is_file, 60, "a periodic save")
+    saved = a.call(Trigger, "save", timeout=120)
+    assert saved.success and f"to {path}" in saved.message, saved.message
+    feed(a, "/t/cam", frames[3:4], start=3)  # after the last save: kept by the shutdown save
+    before = a.stats()
+    assert (before.newest_frame_stamp.sec, before.frames_encoded) == (T0 + 3, 4)
+    a.close()
+    size = path.stat().st_size
+    assert size <= 1.1 * before.cache_bytes + 256 * 1024  # the cache and its records, no more
+
+    b = harness(**params)
+    after = b.stats()
+    assert after.cache_tokens == before.cache_tokens > 0 and after.tokens_seen == before.tokens_seen
+    assert (after.oldest_frame_stamp.sec, after.oldest_frame_stamp.nanosec) == (T0, NS)  # exact
+    assert (after.newest_frame_stamp.sec, after.newest_frame_stamp.nanosec) == (T0 + 3, NS)
+    r = b.ask("How many people were visible?", max_new_tokens=4)  # no new frame needed
+    assert r.success and r.newest_frame_stamp.sec == T0 + 3, r.message
+    loaded = b.call(Trigger, "load", timeout=120)
+    assert loaded.success and "restored" in loaded.message, loaded.message
+    b.close()
+
+    other = harness(**{**params, "cache.budget_tokens": 512})  # other settings: start fresh
+    assert other.stats().cache_tokens == 0
+    aside = list(tmp_path.glob("memory.pt.rejected-*"))
+    assert [p.name for p in aside if not p.name.endswith(".json")] and not path.exists()
+    refused = other.call(Trigger, "load", timeout=120)
+    assert not refused.success and "no state file" in refused.message
+    other.close()
+
+    path.write_bytes(b"not a torch file at all")
+    garbage = harness(**params)
+    assert garbage.stats().cache_tokens == 0
+    assert len([p for p in tmp_path.glob("memory.pt.rejected-*") if not p.name.endswith(".json")]) == 2
+    garbage.close()
+
+    off = harness(**{"cameras.front.topic": "/t/cam"})
+    r = off.call(Trigger, "save", timeout=60)
+    assert not r.success and "memory.state_file is not set" in r.message

@@ -322,6 +322,7 @@ def _start(*args: str):
     ("missing-gguf", "GGUF file 'm.gguf' is not in the model folder"),
     ("budget-below-sinks-and-recent", "cache.budget_tokens: budget of 60 tokens leaves no room"),
     ("budget-below-a-chunk", "cannot keep 4 sinks + 64 recent tokens + a whole chunk of 256"),
+    ("state-file-folder-missing", "memory.state_file: folder {tmp}/gone does not exist"),
 ])
 def test_start_up_errors_are_one_line_with_exit_2_before_the_model_load(interfaces, tmp_path, case, words):
     bad = tmp_path / "bad.yaml"
@@ -336,6 +337,7 @@ def test_start_up_errors_are_one_line_with_exit_2_before_the_model_load(interfac
         "missing-gguf": ["-p", f"model.name:={tmp_path}", "-p", "model.gguf_file:=m.gguf"],
         "budget-below-sinks-and-recent": ["-p", "cache.budget_tokens:=60"],
         "budget-below-a-chunk": ["-p", "cache.budget_tokens:=200"],
+        "state-file-folder-missing": ["-p", f"memory.state_file:={tmp_path}/gone/memory.pt"],
     }[case]
     proc = _start(*args)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
