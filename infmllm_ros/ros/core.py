@@ -67,16 +67,8 @@ class StampBook:
         self._lock = threading.Lock()
         self.newest: Optional[FrameRef] = None
         self._last: Dict[str, FrameRef] = {}  # per camera: the last frame added
-        #: per camera: how many times its stamps went backwards
-        self.jumps_back: Dict[str, int] = collections.defaultdict(int)
 
-    def add(self, ref: FrameRef) -> Optional[float]:
-        """Remember ``ref``; returns how many seconds its camera's stamps jumped back, or None.
-
-        A jump back (a bag replayed in a loop, a clock reset) is not an error: the
-        stream orders frames by arrival. It is reported so the node can warn, as tf
-        buffers do when time goes backwards.
-        """
+    def add(self, ref: FrameRef) -> float:
         key = ref.seconds
         with self._lock:
             self._refs[key] = ref
@@ -84,12 +76,21 @@ class StampBook:
             while len(self._refs) > self._capacity:
                 self._refs.popitem(last=False)
             self.newest = ref
-            last = self._last.get(ref.camera)
             self._last[ref.camera] = ref
-            if last is not None and (ref.sec, ref.nanosec) < (last.sec, last.nanosec):
-                self.jumps_back[ref.camera] += 1
-                return last.seconds - key
-        return None
+        return key
+
+    def jump_back(self, ref: FrameRef) -> Optional[float]:
+        """How many seconds ``ref`` lies before the last frame added from its camera, or None.
+
+        A jump back (a bag replayed in a loop, a clock reset) is not an error: the
+        stream orders frames by arrival. It is reported so the node can warn, as tf
+        buffers do when time goes backwards.
+        """
+        with self._lock:
+            last = self._last.get(ref.camera)
+        if last is None or (ref.sec, ref.nanosec) >= (last.sec, last.nanosec):
+            return None
+        return last.seconds - ref.seconds
 
     def lookup(self, t: Optional[float], camera: str = "") -> Optional[FrameRef]:
         if t is None:

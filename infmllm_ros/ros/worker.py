@@ -174,7 +174,8 @@ class StreamWorker:
             self.timing["encode_s"] = _ewma(self.timing.get("encode_s"), t1 - t0)
             self.timing["append_s"] = _ewma(self.timing.get("append_s"), t2 - t1)
             self.timing["frame_tokens"] = _ewma(self.timing.get("frame_tokens"), float(len(chunk)))
-            back = self.book.add(ref)
+            back = self.book.jump_back(ref)
+            self.book.add(ref)
             if back is not None:
                 self.log.warning(
                     f"camera '{cam}': image stamp jumped back {back:.3f} s (to {ref.sec}."
