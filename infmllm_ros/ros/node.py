@@ -70,15 +70,17 @@ def load_for_settings(settings: NodeSettings):
                       trust_remote_code=m.trust_remote_code)
 
 
-def check_before_load(settings: NodeSettings) -> None:
-    """Checks that need no weights: ``model.*`` (folder, GGUF file, device) and
-    ``memory.state_file``'s folder; ParameterError."""
+def check_before_load(settings: NodeSettings, *, model: bool = True) -> None:
+    """Checks that need no weights: ``memory.state_file``'s folder and (``model``) the
+    ``model.*`` folder, GGUF file and device; ParameterError."""
     from infmllm_ros.engine.models import check_model_source, resolve_device
 
     if settings.memory.state_file:
         problem = StateFile(settings.memory.state_file).problem()
         if problem:
             raise ParameterError(f"memory.state_file: {problem}")
+    if not model:
+        return
     m = settings.model
     for name, check in (("model.name", lambda: check_model_source(m.name, m.gguf_file or None)),
                         ("model.device", lambda: resolve_device(m.device))):
@@ -138,8 +140,8 @@ class InfMllmNode(Node):
             import torch
 
             torch.set_num_threads(s.model.num_threads)
+        check_before_load(s, model=loaded_model is None)  # fails now, not after a 30-50 s load
         if loaded_model is None:
-            check_before_load(s)  # a missing folder fails now, not after a 30-50 s load
             log.info(f"loading model '{s.model.name}' (device {s.model.device}, dtype "
                      f"{s.model.dtype}) ...")
             try:

@@ -181,9 +181,10 @@ class StreamWorker:
                     f"camera '{cam}': image stamp jumped back {back:.3f} s (to {ref.sec}."
                     f"{ref.nanosec:09d}): a bag replayed in a loop or a clock reset? Answers "
                     "report frames by their order in the stream")
+            # Stats first: whoever sees the frame counted as encoded (GetStats) also sees it held.
+            self.stats = self.stream.stats()
             self.slots.mark_encoded(cam)
             self._frames_since_scene += 1
-            self.stats = self.stream.stats()
         return worked
 
     def _bad_frame(self, cam: str, reason: str) -> None:
