@@ -66,6 +66,7 @@ class StampBook:
         self._capacity = capacity
         self._lock = threading.Lock()
         self.newest: Optional[FrameRef] = None
+        self._last: Dict[str, FrameRef] = {}  # per camera: the last frame added
 
     def add(self, ref: FrameRef) -> float:
         key = ref.seconds
@@ -75,7 +76,21 @@ class StampBook:
             while len(self._refs) > self._capacity:
                 self._refs.popitem(last=False)
             self.newest = ref
+            self._last[ref.camera] = ref
         return key
+
+    def jump_back(self, ref: FrameRef) -> Optional[float]:
+        """How many seconds ``ref`` lies before the last frame added from its camera, or None.
+
+        A jump back (a bag replayed in a loop, a clock reset) is not an error: the
+        stream orders frames by arrival. It is reported so the node can warn, as tf
+        buffers do when time goes backwards.
+        """
+        with self._lock:
+            last = self._last.get(ref.camera)
+        if last is None or (ref.sec, ref.nanosec) >= (last.sec, last.nanosec):
+            return None
+        return last.seconds - ref.seconds
 
     def lookup(self, t: Optional[float], camera: str = "") -> Optional[FrameRef]:
         if t is None:
@@ -87,9 +102,26 @@ class StampBook:
             ref = FrameRef(camera, sec, ns, "")
         return ref
 
+    def refs(self) -> List[FrameRef]:
+        """Every remembered frame, oldest first (for saving beside the stream's state)."""
+        with self._lock:
+            return list(self._refs.values())
+
+    def restore(self, refs: List[FrameRef]) -> None:
+        """Replace the book with ``refs`` (oldest first), e.g. after a state file was loaded."""
+        with self._lock:
+            self._refs.clear()
+            self._last.clear()
+            for ref in refs[-self._capacity:]:
+                self._refs[ref.seconds] = ref
+                self._refs.move_to_end(ref.seconds)
+                self._last[ref.camera] = ref
+            self.newest = refs[-1] if refs else None
+
     def clear(self) -> None:
         with self._lock:
             self._refs.clear()
+            self._last.clear()
             self.newest = None
 
 
@@ -198,6 +230,7 @@ class CameraCounts:
     lost_estimate: int = 0  # frames lost before the callback, from gaps in the stamps (StampGaps)
     lost_fraction: float = 0.0  # share of the camera's recent frames lost that way
     camera_hz: float = 0.0  # the camera's own rate estimated from its stamps (0: unknown)
+    silent_s: Optional[float] = None  # seconds since the last message arrived; None: none yet
 
 
 class FrameSlots:
@@ -215,6 +248,8 @@ class FrameSlots:
         self._rx = {c: RateMeter(clock=clock) for c in cameras}
         self._enc = {c: RateMeter(clock=clock) for c in cameras}
         self._gaps = {c: StampGaps() for c in cameras}
+        self._last_put: Dict[str, Optional[float]] = {c: None for c in cameras}
+        self._clock = clock
         self._on_put = on_put
 
     @property
@@ -232,6 +267,7 @@ class FrameSlots:
             self._rx[camera].tick()
             if stamp is not None:
                 self._gaps[camera].add(stamp)
+            self._last_put[camera] = self._clock()
             overwrote = self._slot[camera] is not None
             if overwrote:
                 c.dropped += 1
@@ -264,12 +300,15 @@ class FrameSlots:
         """A copy of each camera's counters, with current rates."""
         with self._lock:
             out = {}
+            now = self._clock()
             for cam, c in self._counts.items():
                 g = self._gaps[cam]
+                last = self._last_put[cam]
                 out[cam] = CameraCounts(c.received, c.dropped, c.encoded, c.bad, c.last_error,
-                                        self._rx[cam].rate(), self._enc[cam].rate(), g.lost,
-                                        g.recent_lost_fraction(),
-                                        1.0 / g.period if g.period else 0.0)
+                                        self._rx[cam].rate(), self._enc[cam].rate(),
+                                        lost_estimate=g.lost, lost_fraction=g.recent_lost_fraction(),
+                                        camera_hz=1.0 / g.period if g.period else 0.0,
+                                        silent_s=None if last is None else now - last)
             return out
 
     def totals(self) -> CameraCounts:

@@ -13,7 +13,10 @@ A thin node around the engine's :class:`~infmllm_ros.engine.Stream`:
   partial answers, cancel) in their own reentrant callback group, handing jobs
   to the worker through a bounded :class:`~.core.JobQueue`;
 * ``~/reset`` (std_srvs/Trigger), ``~/get_stats`` (infmllm_ros/srv/GetStats),
-  ``~/scene`` (infmllm_ros/msg/SceneDescription) and ``/diagnostics``.
+  ``~/scene`` (infmllm_ros/msg/SceneDescription) and ``/diagnostics``;
+* ``memory.state_file`` (:mod:`.state`): the memory loaded at start-up, saved
+  atomically every ``memory.save_period_s``, at a clean shutdown and on
+  ``~/save``; ``~/load`` restores it on demand (std_srvs/Trigger both).
 
 Parameters are all in :mod:`infmllm_ros.ros.params`. Shutdown order: stop the
 worker (the running answer stops between tokens), shut the executor down,
@@ -35,7 +38,6 @@ import threading
 import time
 from typing import Any, Optional, Tuple
 
-import rclpy
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
@@ -58,8 +60,10 @@ from .params import (
     NodeSettings,
     ParameterError,
     declare_node_parameters,
+    params_file_problem,
     unmatched_params_files,
 )
+from .state import StateFile
 from .worker import AnswerResult, StreamWorker
 
 def to_time(ref: Optional[FrameRef]) -> Time:
@@ -79,6 +83,26 @@ def load_for_settings(settings: NodeSettings):
     m = settings.model
     return load_model(m.name, gguf_file=m.gguf_file or None, device=m.device, dtype=m.dtype,
                       trust_remote_code=m.trust_remote_code)
+
+
+def check_before_load(settings: NodeSettings, *, model: bool = True) -> None:
+    """Checks that need no weights: ``memory.state_file``'s folder and (``model``) the
+    ``model.*`` folder, GGUF file and device; ParameterError."""
+    from infmllm_ros.engine.models import check_model_source, resolve_device
+
+    if settings.memory.state_file:
+        problem = StateFile(settings.memory.state_file).problem()
+        if problem:
+            raise ParameterError(f"memory.state_file: {problem}")
+    if not model:
+        return
+    m = settings.model
+    for name, check in (("model.name", lambda: check_model_source(m.name, m.gguf_file or None)),
+                        ("model.device", lambda: resolve_device(m.device))):
+        try:
+            check()
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ParameterError(f"{name}: {exc}") from None
 
 
 def build_encoder(lm, settings: NodeSettings):
@@ -110,7 +134,10 @@ class InfMllmNode(Node):
         self._calls = _Counter()  # ~/query and ~/ask callbacks in progress (see drain)
         #: At shutdown, how long a running answer may take to stop before its caller is told.
         self.stop_grace_s = 1.0
+        self._started_at = time.monotonic()
         self.worker: Optional[StreamWorker] = None
+        self.state: Optional[StateFile] = None
+        self._save_timer = None
         try:
             self.settings, self._params = declare_node_parameters(self, self._on_settings)
             self._warn_unmatched_params_files(list(kwargs.get("cli_args") or []) + sys.argv)
@@ -139,10 +166,15 @@ class InfMllmNode(Node):
             import torch
 
             torch.set_num_threads(s.model.num_threads)
+        check_before_load(s, model=loaded_model is None)  # fails now, not after a 30-50 s load
         if loaded_model is None:
             log.info(f"loading model '{s.model.name}' (device {s.model.device}, dtype "
                      f"{s.model.dtype}) ...")
-            loaded_model = load_for_settings(s)
+            try:
+                loaded_model = load_for_settings(s)
+            except (OSError, ValueError, ImportError) as exc:  # not found, no hub, bad weights
+                raise ParameterError(f"model.name '{s.model.name}' could not be loaded: "
+                                     + " ".join(str(exc).split())) from None
             how = f"loaded in {time.monotonic() - t0:.1f} s"
         else:
             how = "already loaded"
@@ -166,6 +198,8 @@ class InfMllmNode(Node):
         self.worker = StreamWorker(self.stream, self.slots, self.jobs, self._make_chunk, s,
                                    on_scene=self._publish_scene, logger=log)
         self.worker.max_answer_tokens = self.max_answer_tokens
+        self.state = self._load_state_file(s)
+        self.worker.state = self.state
 
         self._sensor_group = MutuallyExclusiveCallbackGroup()
         self._query_group = ReentrantCallbackGroup()
@@ -182,6 +216,8 @@ class InfMllmNode(Node):
         self.create_service(Query, "~/query", self._counted(self._on_query),
                             callback_group=self._query_group)
         self.create_service(Trigger, "~/reset", self._on_reset, callback_group=self._admin_group)
+        self.create_service(Trigger, "~/save", self._on_save, callback_group=self._admin_group)
+        self.create_service(Trigger, "~/load", self._on_load, callback_group=self._admin_group)
         self.create_service(GetStats, "~/get_stats", self._on_get_stats,
                             callback_group=self._admin_group)
         self._ask_server = ActionServer(
@@ -191,6 +227,10 @@ class InfMllmNode(Node):
         self._diag_timer = None
         self._clock_watch = SimClockWatch(self)
         self._make_diag_timer(s.diagnostics_period_s)
+        self._save_timer = None
+        self._save_job: Optional[Job] = None
+        self._make_save_timer(s.memory.save_period_s)
+        self._started_at = time.monotonic()  # cameras are silent "since start-up" from here
         self.worker.start()
         # Subscribed last: a publisher that waits for this subscription (infmllm-replay,
         # launch) starts once the model is loaded and the worker runs.
@@ -241,6 +281,8 @@ class InfMllmNode(Node):
             self.jobs.configure(s.query.queue_size, s.query.busy_policy)
             if s.diagnostics_period_s != old.diagnostics_period_s:
                 self._make_diag_timer(s.diagnostics_period_s)
+            if s.memory.save_period_s != old.memory.save_period_s:
+                self._make_save_timer(s.memory.save_period_s)
             self._wake_worker()
 
     def _make_diag_timer(self, period: float) -> None:
@@ -455,19 +497,93 @@ class InfMllmNode(Node):
 
     # -- admin -------------------------------------------------------------------
 
-    def _on_reset(self, req: Trigger.Request, resp: Trigger.Response) -> Trigger.Response:
-        before = self.worker.stats.tokens_held
-        job = Job("reset", control=True)
+    def _control(self, kind: str, **args) -> Tuple[Optional[Job], Optional[str]]:
+        """Run a control job (reset, save, load) on the worker; the job and why it failed."""
+        job = Job(kind, control=True, **args)
         reason = self.jobs.submit(job)
         if reason is None and not job.wait(self.settings.query.timeout_s):
             job.cancel()
             reason = "timed out waiting for the worker"
         if reason is None and job.error:
             reason = job.error
+        return job, reason
+
+    def _on_reset(self, req: Trigger.Request, resp: Trigger.Response) -> Trigger.Response:
+        before = self.worker.stats.tokens_held
+        _, reason = self._control("reset")
         resp.success = reason is None
         resp.message = reason or f"cache cleared ({before} tokens dropped)"
         self.get_logger().info(f"reset: {resp.message}")
         return resp
+
+    # -- memory across restarts ------------------------------------------------------
+
+    def _load_state_file(self, s: NodeSettings) -> Optional[StateFile]:
+        """Start-up: restore the memory from ``memory.state_file`` if it is there and matches."""
+        if not s.memory.state_file:
+            return None
+        log = self.get_logger()
+        state = StateFile(s.memory.state_file)
+        for name in state.remove_leftovers():
+            log.warning(f"removed {name}, left by a save that was interrupted")
+        res = state.load(self.stream, set_aside=True)
+        if res.loaded:
+            self.worker.book.restore(list(res.refs))
+            self.worker.stats = self.stream.stats()
+            log.info(f"memory: {res.reason}")
+        elif res.set_aside:
+            log.warning(f"memory: {res.reason}; starting with an empty memory")
+        else:
+            log.info(f"memory: {res.reason}; starting with an empty memory")
+        return state
+
+    def _make_save_timer(self, period: float) -> None:
+        if self._save_timer is not None:
+            self.destroy_timer(self._save_timer)
+            self._save_timer = None
+        if period > 0 and self.state is not None:
+            self._save_timer = self.create_timer(period, self._periodic_save,
+                                                 callback_group=self._timer_group)
+
+    def _periodic_save(self) -> None:
+        if self._save_job is None or self._save_job.done:  # never pile saves up behind a slow disk
+            self._save_job = Job("save", control=True, force=False)
+            if self.jobs.submit(self._save_job) is not None:
+                self._save_job = None
+
+    def _on_save(self, req: Trigger.Request, resp: Trigger.Response) -> Trigger.Response:
+        if self.state is None:
+            resp.success, resp.message = False, "memory.state_file is not set: nowhere to save"
+            return resp
+        job, reason = self._control("save", force=True)
+        resp.success = reason is None
+        if reason is None:
+            r = job.result
+            resp.message = f"saved {r.bytes} bytes to {r.path} in {r.seconds:.2f} s"
+        else:
+            resp.message = f"not saved: {reason}"
+        self.get_logger().info(f"save: {resp.message}")
+        return resp
+
+    def _on_load(self, req: Trigger.Request, resp: Trigger.Response) -> Trigger.Response:
+        if self.state is None:
+            resp.success, resp.message = False, "memory.state_file is not set: nothing to load"
+            return resp
+        job, reason = self._control("load")
+        resp.success = reason is None
+        resp.message = reason or job.result.reason
+        self.get_logger().info(f"load: {resp.message}")
+        return resp
+
+    def _save_on_shutdown(self) -> None:
+        """A clean shutdown keeps the memory (the worker has stopped: the stream is free)."""
+        if getattr(self, "state", None) is None:
+            return
+        try:
+            r = self.state.save(self.stream, self.worker.book.refs(), force=False)
+            self.get_logger().info(f"memory: {'unchanged in' if r.skipped else 'saved to'} {r.path}")
+        except Exception as exc:  # noqa: BLE001 - the previous file is intact; say why
+            self.get_logger().error(f"memory: could not save to {self.state.path}: {exc}")
 
     def cache_budget_bytes(self) -> int:
         """Bytes the cache may hold at its budget (0: unbounded)."""
@@ -510,11 +626,19 @@ class InfMllmNode(Node):
         arr.header.stamp = self.get_clock().now().to_msg()
         hw = self.get_fully_qualified_name()  # unique per node, also across namespaces
         period = 1.0 / self.settings.sample_rate_hz
+        stale_s = self.settings.diagnostics_stale_periods * period
+        dead_s = self.settings.diagnostics_dead_periods * period
+        up_s = time.monotonic() - self._started_at
         for name, c in self.slots.counts().items():
             cam = self.settings.camera(name)
             s = DiagnosticStatus(name=f"{hw}: camera {name}", hardware_id=hw)
-            if c.received == 0:
-                s.level, s.message = DiagnosticStatus.WARN, "no images received yet"
+            if c.silent_s is None:
+                s.level = DiagnosticStatus.ERROR if up_s > dead_s else DiagnosticStatus.WARN
+                s.message = f"no images received in {up_s:.1f} s since start-up"
+            elif c.silent_s > dead_s:
+                s.level, s.message = DiagnosticStatus.ERROR, f"dead: no image for {c.silent_s:.1f} s"
+            elif c.silent_s > stale_s:
+                s.level, s.message = DiagnosticStatus.WARN, f"stale: no image for {c.silent_s:.1f} s"
             elif c.bad and c.bad >= c.encoded:
                 s.level, s.message = DiagnosticStatus.WARN, f"unusable images: {c.last_error}"
             elif c.lost_fraction > 0.5:
@@ -533,7 +657,9 @@ class InfMllmNode(Node):
                            target_hz=f"{1.0 / period:.2f}",
                            reliability=cam.reliability if cam else "",
                            incompatible_qos_events=self._qos_events.get(name, 0),
-                           last_error=c.last_error)
+                           last_error=c.last_error,
+                           seconds_since_last_image=("" if c.silent_s is None
+                                                     else f"{c.silent_s:.2f}"))
             arr.status.append(s)
         clock_problem = self._clock_watch.problem()
         if clock_problem:
@@ -589,6 +715,7 @@ class InfMllmNode(Node):
         if self.jobs.busy:
             self.get_logger().info("stopping: cancelling the answer in progress")
         if self.worker.stop(timeout):
+            self._save_on_shutdown()
             self.stream.close()  # give the (maybe shared) model its own attention back
             return True
         self.get_logger().warning(
@@ -640,7 +767,13 @@ def main(args=None) -> int:
     """``infmllm-node``: run the node until SIGINT/SIGTERM (see :mod:`.run` for the stop order)."""
     from .run import exit_now, run_node
 
-    code = run_node(InfMllmNode, args, name=DEFAULT_NODE_NAME, startup_errors=(ParameterError,))
+    # Params files are read before rclpy.init, which would only say "failed to parse".
+    problem = params_file_problem(sys.argv if args is None else args)
+    if problem:
+        print(f"[{DEFAULT_NODE_NAME}] cannot start: {problem}", file=sys.stderr)
+        code = 2
+    else:
+        code = run_node(InfMllmNode, args, name=DEFAULT_NODE_NAME, startup_errors=(ParameterError,))
     if args is None:  # the executable (not a caller in this process): skip the slow teardown
         exit_now(code)
     return code

@@ -97,6 +97,10 @@ class StopSignals:
             raise StartupInterrupted(name)
 
 
+class _CannotStart(Exception):
+    """rclpy could not initialise (its reason is the start-up error)."""
+
+
 def _spin(executor, stop: StopSignals, errors: list) -> None:
     from rclpy.executors import ExternalShutdownException
 
@@ -131,6 +135,7 @@ def run_node(make_node: Callable[[], "object"], args: Optional[list] = None, *,
     """
     import rclpy
     from rclpy.executors import MultiThreadedExecutor
+    from rclpy._rclpy_pybind11 import RCLError
     from rclpy.signals import SignalHandlerOptions
 
     stop = StopSignals().install()
@@ -138,7 +143,10 @@ def run_node(make_node: Callable[[], "object"], args: Optional[list] = None, *,
     node = executor = spinner = None
     errors: list = []
     try:
-        rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+        try:
+            rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+        except RCLError as exc:  # e.g. malformed --ros-args: rcl's reason is the start-up error
+            raise _CannotStart(str(exc)) from None
         node = make_node()
         executor = MultiThreadedExecutor(num_threads=node.executor_threads())
         executor.add_node(node)
@@ -155,9 +163,9 @@ def run_node(make_node: Callable[[], "object"], args: Optional[list] = None, *,
     except StartupInterrupted as exc:
         stop.running()
         print(f"[{name}] stopped during start-up ({exc})", file=sys.stderr)
-    except startup_errors as exc:
+    except (_CannotStart, *startup_errors) as exc:
         stop.running()
-        print(f"[{name}] cannot start: {exc}", file=sys.stderr)
+        print(f"[{name}] cannot start: " + " ".join(str(exc).split()), file=sys.stderr)  # one line
         code = startup_code
     finally:
         code = _stop_in_order(node, executor, spinner, stop, stop_timeout, code)

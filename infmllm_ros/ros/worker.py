@@ -82,6 +82,8 @@ class StreamWorker:
         self.max_answer_tokens: Optional[int] = None
         #: What the worker is doing now: "idle", "frame", "query", "reset" or "scene".
         self.activity = "idle"
+        #: The stream's state file (``.state.StateFile``) for "save" / "load" jobs; None: off.
+        self.state = None
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._last_sample: Dict[str, float] = {c: 0.0 for c in slots.cameras}
@@ -188,10 +190,17 @@ class StreamWorker:
             self.timing["encode_s"] = _ewma(self.timing.get("encode_s"), t1 - t0)
             self.timing["append_s"] = _ewma(self.timing.get("append_s"), t2 - t1)
             self.timing["frame_tokens"] = _ewma(self.timing.get("frame_tokens"), float(len(chunk)))
+            back = self.book.jump_back(ref)
             self.book.add(ref)
+            if back is not None:
+                self.log.warning(
+                    f"camera '{cam}': image stamp jumped back {back:.3f} s (to {ref.sec}."
+                    f"{ref.nanosec:09d}): a bag replayed in a loop or a clock reset? Answers "
+                    "report frames by their order in the stream")
+            # Stats first: whoever sees the frame counted as encoded (GetStats) also sees it held.
+            self.stats = self.stream.stats()
             self.slots.mark_encoded(cam)
             self._frames_since_scene += 1
-            self.stats = self.stream.stats()
         return worked
 
     def _bad_frame(self, cam: str, reason: str) -> None:
@@ -212,6 +221,16 @@ class StreamWorker:
         try:
             if job.kind == "query":
                 self._query(job)
+            elif job.kind == "save":
+                job.finish(result=self.state.save(self.stream, self.book.refs(),
+                                                  force=job.args.get("force", True)))
+            elif job.kind == "load":
+                res = self.state.load(self.stream, set_aside=False)
+                if res.loaded:
+                    self.book.restore(list(res.refs))
+                    self._frames_since_scene = 0
+                    self.stats = self.stream.stats()
+                job.finish(result=res, error=None if res.loaded else res.reason)
             elif job.kind == "reset":
                 self.stream.reset()
                 self.book.clear()

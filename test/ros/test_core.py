@@ -184,3 +184,19 @@ def test_slots_report_the_lost_estimate_per_camera_and_reset_it():
     assert c["a"].camera_hz == pytest.approx(5.0)
     slots.reset_counts()
     assert slots.counts()["a"].lost_estimate == 0
+def test_the_book_tells_a_jump_back_per_camera_and_restores_refs():
+    book = StampBook()
+    front = [FrameRef("front", 100 + i, 5, "f") for i in range(3)]
+    for r in front:
+        assert book.jump_back(r) is None
+        book.add(r)
+    rear = FrameRef("rear", 7, 0, "r")  # another clock: not a jump of front's
+    assert book.jump_back(rear) is None
+    book.add(rear)
+    looped = FrameRef("front", 100, 5, "f")
+    assert book.jump_back(looped) == pytest.approx(2.0)
+    assert book.jump_back(FrameRef("front", 102, 5, "f")) is None  # the same stamp again is no jump
+    again = StampBook()
+    again.restore(book.refs())
+    assert again.newest == rear and again.lookup(front[1].seconds) == front[1]
+    assert again.jump_back(looped) == pytest.approx(2.0)
