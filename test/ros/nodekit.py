@@ -19,6 +19,18 @@ REPO = Path(__file__).resolve().parents[2]
 STREAM_YAML = REPO / "config" / "stream.yaml"
 
 
+def node_test_marks() -> list:
+    """The marks of a test module that runs the node on the real model and the shared clip."""
+    import pytest
+
+    return [
+        pytest.mark.ros,
+        pytest.mark.model,
+        pytest.mark.usefixtures("interfaces"),
+        pytest.mark.skipif(shared_clip() is None, reason="shared/data/video/vtest.avi is missing"),
+    ]
+
+
 def shared_clip() -> Optional[Path]:
     """The shared vtest.avi (INFMLLM_SHARED_DATA or <repo>/../shared/data), if present."""
     roots = [os.environ.get("INFMLLM_SHARED_DATA", ""), str(REPO.parent / "shared" / "data")]
