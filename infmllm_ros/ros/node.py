@@ -745,6 +745,7 @@ class InfMllmNode(Node):
         if self._closed:
             return self.worker is None or not self.worker.alive
         self._closed = True
+        self._closed_at = time.monotonic()
         if self.worker is None:
             return True
         t = self.slots.totals()
@@ -767,7 +768,10 @@ class InfMllmNode(Node):
         then a moment more for the executor to send their replies (action results are sent
         by a task that runs after the callback)."""
         end = time.monotonic() + timeout
-        had_calls = self._calls.value > 0
+        # A callback that returned since the stop began (while the worker was joined) has its
+        # reply still to send, as much as one that is still running.
+        had_calls = (self._calls.value > 0
+                     or self._calls.last_exit >= getattr(self, "_closed_at", float("inf")))
         while self._calls.value > 0 and time.monotonic() < end:
             time.sleep(0.02)
         if had_calls:
@@ -787,6 +791,7 @@ class _Counter:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.value = 0
+        self.last_exit = float("-inf")  # monotonic time the last callback returned
 
     def __enter__(self):
         with self._lock:
@@ -796,6 +801,7 @@ class _Counter:
     def __exit__(self, *exc) -> None:
         with self._lock:
             self.value -= 1
+            self.last_exit = time.monotonic()
 
 
 def _kv(**values) -> list:
