@@ -1,7 +1,10 @@
-"""The offline frame describer: one short factual line per camera frame.
+"""The previous offline describer: OpenCV's HOG people detector and Haar face cascade.
 
-It runs only trained models that installed packages ship, so it works with no
-network and no model download:
+Kept as the baseline ``infmllm-bench memory`` times the YOLOv3-tiny describer
+(:mod:`.describer`) against, in the same run; the node no longer uses it. It
+finds people and faces only, so it cannot answer questions about other objects.
+
+It runs only trained models that OpenCV ships:
 
 * people: OpenCV's HOG + linear SVM pedestrian detector
   (``cv2.HOGDescriptor_getDefaultPeopleDetector``, Dalal & Triggs 2005);
@@ -12,7 +15,6 @@ network and no model download:
 
 Example line: ``"12:00:05 front: 3 people (left, centre), 1 face, strong motion
 left, bright, mostly grey"``.
-
 OpenCV 5 moved the HOG and cascade detectors out of the main wheel; use
 ``opencv-python-headless`` 4.x (the 4.x wheels ship both the detector and the
 cascade files). :class:`DetectorUnavailableError` says so when they are missing.
@@ -48,29 +50,25 @@ people counted by eye on saved frames):
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
 from typing import Literal, Optional
 
 import cv2
 import numpy as np
 
+from .describer import brightness_word, dominant_colour, time_phrase
 from .frames import validate_frame
+from .tracking import REGIONS, region_of
 
 __all__ = [
-    "DescriberConfig",
     "DetectorUnavailableError",
-    "FrameDescriber",
-    "Observation",
-    "REGIONS",
+    "HogHaarConfig",
+    "HogHaarDescriber",
+    "HogObservation",
 ]
-
-#: Horizontal thirds of the frame, used for people and motion positions.
-REGIONS = ("left", "centre", "right")
 
 Box = tuple[int, int, int, int]  # x, y, width, height in the input frame's pixels
 
@@ -80,11 +78,11 @@ class DetectorUnavailableError(RuntimeError):
 
 
 @dataclass
-class Observation:
+class HogObservation:
     """What the describer saw in one frame.
 
     ``boxes`` and ``face_boxes`` are ``(x, y, w, h)`` in the pixels of the
-    frame passed to :meth:`FrameDescriber.describe`. ``motion`` is the fraction
+    frame passed to :meth:`HogHaarDescriber.describe`. ``motion`` is the fraction
     of the frame that changed since the previous frame of the same camera
     (0.0 for a camera's first frame). ``brightness`` is mean luma, 0..255.
     """
@@ -105,7 +103,7 @@ class Observation:
 
 
 @dataclass
-class DescriberConfig:
+class HogHaarConfig:
     """The describer's knobs; defaults are tuned on the shared clips (see module notes)."""
 
     #: Width the frame is resized to (up or down) for the fine HOG scan. Its
@@ -183,7 +181,7 @@ class _CameraState:
     previous_thumb: Optional[np.ndarray] = None
 
 
-class FrameDescriber:
+class HogHaarDescriber:
     """Describe frames with OpenCV's shipped detectors; keeps per-camera motion state.
 
     One instance serves any number of cameras. ``describe`` holds a lock for its
@@ -192,14 +190,14 @@ class FrameDescriber:
     thread never waits on it.
 
     Example:
-        >>> d = FrameDescriber()
+        >>> d = HogHaarDescriber()
         >>> obs = d.describe(frame_rgb, camera="front", stamp=1700000000.0)
         >>> obs.text
         '22:13:20 front: 2 people (centre, right), slight motion centre, bright, mostly green'
     """
 
-    def __init__(self, config: Optional[DescriberConfig] = None, **overrides) -> None:
-        config = config or DescriberConfig()
+    def __init__(self, config: Optional[HogHaarConfig] = None, **overrides) -> None:
+        config = config or HogHaarConfig()
         self.config = replace(config, **overrides) if overrides else config
         self._hog = _load_people_detector()
         self._face_cascade = _load_face_cascade() if self.config.detect_faces else None
@@ -216,7 +214,7 @@ class FrameDescriber:
             else:
                 self._cameras.pop(camera, None)
 
-    def describe(self, frame_rgb: np.ndarray, camera: str, stamp: float) -> Observation:
+    def describe(self, frame_rgb: np.ndarray, camera: str, stamp: float) -> HogObservation:
         """Describe one RGB frame of ``camera`` taken at ``stamp`` (seconds since the epoch)."""
         started = time.perf_counter()
         frame = validate_frame(frame_rgb)
@@ -231,12 +229,12 @@ class FrameDescriber:
             thumb_rgb, thumb_grey = self._thumbnails(frame, grey)
             motion, motion_region = self._motion(state, thumb_grey)
             brightness = float(thumb_grey.mean())
-            colour = _dominant_colour(thumb_rgb)
+            colour = dominant_colour(thumb_rgb, pair=True)
             relative_to = self._first_stamp
 
         width = frame.shape[1]
-        regions = [_region_of(x + w / 2.0, width) for x, _, w, _ in people_boxes]
-        obs = Observation(
+        regions = [region_of(x + w / 2.0, width) for x, _, w, _ in people_boxes]
+        obs = HogObservation(
             camera=camera,
             stamp=float(stamp),
             people=len(people_boxes),
@@ -255,27 +253,18 @@ class FrameDescriber:
 
     # -- the line ---------------------------------------------------------------
 
-    def format_line(self, obs: Observation, relative_to: Optional[float] = None) -> str:
+    def format_line(self, obs: HogObservation, relative_to: Optional[float] = None) -> str:
         """One factual line for ``obs``; the only place the wording lives."""
         parts = [_people_phrase(obs.people, obs.people_regions)]
         if obs.faces:
             parts.append(f"{obs.faces} face" + ("s" if obs.faces != 1 else ""))
         parts.append(self._motion_phrase(obs.motion, obs.motion_region))
-        parts.append(_brightness_word(obs.brightness))
+        parts.append(brightness_word(obs.brightness))
         parts.append(f"mostly {obs.colour}")
-        when = self._time_phrase(obs.stamp, relative_to)
+        when = time_phrase(obs.stamp, self.config.time_format, relative_to)
         head = f"{when} {obs.camera}" if when else obs.camera
         head = head.strip()
         return f"{head}: {', '.join(parts)}" if head else ", ".join(parts)
-
-    def _time_phrase(self, stamp: float, relative_to: Optional[float]) -> str:
-        fmt = self.config.time_format
-        if fmt == "none" or stamp is None or not math.isfinite(stamp):
-            return ""
-        if fmt == "relative":
-            origin = stamp if relative_to is None else relative_to
-            return f"t+{stamp - origin:.1f}s"
-        return datetime.fromtimestamp(stamp, tz=timezone.utc).strftime("%H:%M:%S")
 
     def _motion_phrase(self, fraction: float, region: str) -> str:
         cfg = self.config
@@ -388,7 +377,7 @@ class FrameDescriber:
         return fraction, region
 
 
-# -- helpers (pure functions, tested through FrameDescriber) ---------------------
+# -- helpers (pure functions, tested through HogHaarDescriber) ---------------------
 
 
 def _load_people_detector():
@@ -443,61 +432,9 @@ def _merge_nested(rects: np.ndarray, scores: np.ndarray, threshold: float) -> li
     return kept
 
 
-def _region_of(x_centre: float, width: int) -> str:
-    return REGIONS[min(2, max(0, int(3 * x_centre / width)))]
-
-
 def _people_phrase(count: int, regions: list[str]) -> str:
     if count == 0:
         return "no people"
     noun = "person" if count == 1 else "people"
     where = [r for r in REGIONS if r in regions]
     return f"{count} {noun} ({', '.join(where)})"
-
-
-def _brightness_word(mean_luma: float) -> str:
-    if mean_luma < 50:
-        return "dark"
-    if mean_luma < 100:
-        return "dim"
-    if mean_luma < 170:
-        return "normal light"
-    return "bright"
-
-
-#: Hue ranges (OpenCV hue, 0..180) of the chromatic colour names. Red wraps.
-_HUE_NAMES = (
-    (0, 10, "red"),
-    (10, 22, "orange"),
-    (22, 34, "yellow"),
-    (34, 80, "green"),
-    (80, 100, "cyan"),
-    (100, 130, "blue"),
-    (130, 160, "purple"),
-    (160, 181, "red"),
-)
-
-
-def _dominant_colour(thumb_rgb: np.ndarray) -> str:
-    """Name the colour covering most of the frame; two names when close.
-
-    Pixels with little saturation are black, grey or white by value; the rest
-    are named by hue, with dark orange called brown (bricks, wood, soil).
-    """
-    hsv = cv2.cvtColor(thumb_rgb, cv2.COLOR_RGB2HSV).reshape(-1, 3).astype(np.int32)
-    hue, sat, val = hsv[:, 0], hsv[:, 1], hsv[:, 2]
-    names = np.empty(hue.shape, dtype=object)
-    achromatic = (sat < 60) | (val < 40)
-    names[achromatic & (val < 60)] = "black"
-    names[achromatic & (val >= 60) & (val < 190)] = "grey"
-    names[achromatic & (val >= 190)] = "white"
-    chromatic = ~achromatic
-    for low, high, name in _HUE_NAMES:
-        names[chromatic & (hue >= low) & (hue < high)] = name
-    names[chromatic & (hue >= 5) & (hue < 22) & (val < 150)] = "brown"
-    labels, counts = np.unique(names.astype(str), return_counts=True)
-    order = np.argsort(-counts)
-    first = labels[order[0]]
-    if len(order) > 1 and counts[order[1]] >= 0.6 * counts[order[0]]:
-        return f"{first} and {labels[order[1]]}"
-    return str(first)
