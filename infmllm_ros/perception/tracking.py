@@ -247,6 +247,9 @@ class ObjectTracker:
                 events.append(TrackEvent("left", track.label, track.track_id, track.region,
                                          seconds=track.last_seen - track.first_seen))
                 del state.tracks[key]
+                # Gone for good: if ByteTrack re-finds it later, that is a new track with a new id.
+                for ref in [r for r, v in state.short_ids.items() if r[0] == key[0] and v == key[1]]:
+                    del state.short_ids[ref]
         events.sort(key=lambda e: (EVENT_KINDS.index(e.kind), e.label, e.track_id))
         return ids, events
 
