@@ -160,6 +160,7 @@ class InfMllmNode(Node):
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", QoSProfile(depth=10))
         # Reliable, depth 1: matches best-effort and reliable viewers (rqt_image_view, RViz) alike.
         self.debug_pub = self.create_publisher(Image, "~/debug_image", QoSProfile(depth=1))
+        self.debug_images_published = 0
         self._debug_failed = False
         self._subs = []
         for cam in s.cameras:
@@ -248,6 +249,7 @@ class InfMllmNode(Node):
                 self.get_logger().warning(f"~/debug_image: drawing failed: {type(exc).__name__}: {exc}")
             return
         self._safe_publish(self.debug_pub, msg)
+        self.debug_images_published += 1
 
     # -- scene -------------------------------------------------------------------
 
