@@ -11,10 +11,12 @@ The pipeline every user without VLM weights runs:
    and the frame's brightness;
 4. :meth:`FrameDescriber.format_line`: the one place the wording lives.
 
-Example lines (``vtest.avi`` at 1 frame/s; the indoor clip dark)::
+Example lines (``vtest.avi`` at 1 frame/s from its start; the indoor clip from
+frame 240 with ``time_format="relative"``)::
 
-    22:13:52 front: 4 people (left black, centre 2 black, right blue), 1 truck (right white), 1 car (right white); person 9 appeared left, person 6 crossed left to right
-    22:14:05 room (dim): nothing detected; person 2 left after 21 s
+    22:13:50 front: 5 people (centre 3 black, right black, right blue), 1 car (right cyan), 1 truck (right white); car 1 stayed 30 s, truck 1 stayed 30 s
+    22:13:51 front: 6 people (left black, centre 2 black, right 2 black, right blue), 1 car (right cyan), 1 truck (right white); person 11 crossed right to left
+    t+23.0s room: nothing detected; person 1 left after 19 s
 
 The line reads: time (UTC, or ``t+12.5s`` relative, or none), camera, a
 light word only when the frame is not normally lit, then per class (most
