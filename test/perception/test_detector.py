@@ -146,7 +146,7 @@ def test_a_users_own_darknet_detector_with_its_names(user_files, clip_frames):
 
 def _load_error(**files) -> str:
     with pytest.raises(DetectorLoadError) as info:
-        ObjectDetector(DetectorConfig(**{k: str(v) for k, v in files.items()}))
+        ObjectDetector(DetectorConfig(**{k: v if isinstance(v, (int, float)) else str(v) for k, v in files.items()}))
     return str(info.value)
 
 
@@ -201,3 +201,29 @@ def test_inconsistent_settings_are_refused_before_loading(tmp_path):
     other.write_bytes(b"\x00")
     with pytest.raises(DetectorLoadError, match=r"\.weights .* or an \.onnx"):
         DetectorConfig(model=str(other), names=str(names)).check_files()
+
+
+DATA = __import__("pathlib").Path(__file__).resolve().parent / "data"
+
+
+@pytest.mark.parametrize("model", ["fixed_yolov8.onnx", "fixed_yolov5.onnx"])
+def test_an_onnx_detector_in_either_ultralytics_layout(model):
+    """Real ONNX files (made by data/make_fixed_yolo_onnx.py) whose output is a known constant:
+    the frame is letterboxed (640x480 -> 320x320: scale 0.5, 40 px bars top and bottom), boxes
+    come back in frame pixels, the duplicate dog goes to NMS, scores under 0.4 are dropped."""
+    det = ObjectDetector(DetectorConfig(model=str(DATA / model), names=str(DATA / "fixed_yolo.names"),
+                                        input_size=320))
+    assert det.format == "onnx" and det.names == ["person", "cup", "dog"]
+    found = det.detect(np.zeros((480, 640, 3), np.uint8))
+    assert [(d.label, d.box) for d in found] == [("cup", (240, 120, 160, 80)), ("dog", (80, 240, 80, 160))]
+    assert [d.score for d in found] == pytest.approx([0.9, 0.8])
+    wide = det.detect(np.zeros((320, 640, 3), np.uint8))  # scale 0.5, 80 px bars: boxes move up 80 px
+    assert [d.box for d in wide] == [(240, 40, 160, 80), (80, 160, 80, 160)]
+
+
+
+def test_an_onnx_output_that_does_not_fit_the_names_is_a_load_error(tmp_path):
+    five = tmp_path / "five.names"
+    five.write_text("a\nb\nc\nd\ne\n")
+    reason = _load_error(model=DATA / "fixed_yolov8.onnx", names=five, input_size=320)
+    assert "fixed_yolov8.onnx" in reason and str(five) in reason and "5 classes" in reason
