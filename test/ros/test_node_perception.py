@@ -83,28 +83,9 @@ def test_debug_image_round_trip_only_while_subscribed(node, frames):
     assert node.node.debug_images_published == published
 
 
-class _FailingNet:
-    """The node's real network, failing on its next forward pass (a broken model, a lost device)."""
-
-    def __init__(self, net):
-        self._net, self.fail = net, 1
-
-    def forward(self, *args):
-        if self.fail:
-            self.fail -= 1
-            import cv2
-
-            raise cv2.error("injected: the network failed on this frame")
-        return self._net.forward(*args)
-
-    def __getattr__(self, name):
-        return getattr(self._net, name)
-
-
 @pytest.mark.slow
-def test_a_frame_the_detector_fails_on_is_counted_bad_and_the_node_goes_on(node, frames):
-    detector = node.node.encoder.describer.detector
-    detector._net = _FailingNet(detector._net)
+def test_a_frame_the_detector_fails_on_is_counted_bad_and_the_node_goes_on(node, frames, fail_next_forward):
+    fail_next_forward(node.node.encoder.describer.detector)
     offer(node, frames[0], 0)
     counts = node.node.slots.counts()["front"]
     assert counts.bad == 1 and counts.encoded == 0 and "detector failed" in counts.last_error
