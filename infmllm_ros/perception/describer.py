@@ -14,8 +14,8 @@ The pipeline every user without VLM weights runs:
 Example lines (``vtest.avi`` at 1 frame/s from its start; the indoor clip from
 frame 240 with ``time_format="relative"``)::
 
-    22:13:50 front: 5 people (centre 3 black, right black, right blue), 1 car (right cyan), 1 truck (right white); car 1 stayed 30 s, truck 1 stayed 30 s
-    22:13:51 front: 6 people (left black, centre 2 black, right 2 black, right blue), 1 car (right cyan), 1 truck (right white); person 11 crossed right to left
+    22:13:50 front: 5 people: 4 in black (3 centre, 1 right) and 1 in blue (right), 1 cyan car (right), 1 white truck (right); car 1 stayed 30 s, truck 1 stayed 30 s
+    22:13:51 front: 6 people: 5 in black (1 left, 2 centre, 2 right) and 1 in blue (right), 1 cyan car (right), 1 white truck (right); person 11 crossed right to left
     t+23.0s room: nothing detected; person 1 left after 19 s
 
 The line reads: time (UTC, or ``t+12.5s`` relative, or none), camera, a
@@ -61,7 +61,7 @@ __all__ = [
 ]
 
 #: Changes whenever the line's wording or the Observation's fields change (caches key on it).
-DESCRIBER_VERSION = "yolo-bytetrack-1"
+DESCRIBER_VERSION = "yolo-bytetrack-2"
 
 Box = tuple[int, int, int, int]  # x, y, width, height in the input frame's pixels
 
@@ -195,7 +195,7 @@ class FrameDescriber:
     Example:
         >>> d = FrameDescriber()
         >>> d.describe(frame_rgb, camera="room", stamp=1700000000.0).text
-        '22:13:20 room: 1 person (centre black); person 1 appeared centre'
+        '22:13:20 room: 1 person in black (centre); person 1 appeared centre'
     """
 
     def __init__(self, config: Optional[DescriberConfig] = None, detector: Optional[ObjectDetector] = None,
@@ -289,18 +289,39 @@ class FrameDescriber:
 
     def _objects_phrase(self, objects: list[SeenObject]) -> str:
         counts = Counter(o.label for o in objects)
+        return ", ".join(self._class_phrase(label, [o for o in objects if o.label == label])
+                         for label in sorted(counts, key=lambda name: (-counts[name], name)))
+
+    def _class_phrase(self, label: str, mine: list[SeenObject]) -> str:
+        """``'1 white truck (right)'``, ``'3 people in black (1 centre, 2 right)'``,
+        ``'4 people: 3 in black (1 centre, 2 right) and 1 in blue (left)'``.
+
+        The colour goes where English puts it, before the noun ("in" for people, whose colour
+        is their clothes), so a small language model reads "white truck" as it would in prose;
+        a class of several colours gives its total first, then each colour.
+        """
+        n = len(mine)
+        noun = plural(label, n)
+        colours = Counter(o.colour for o in mine)
+        if len(colours) * len({o.region for o in mine}) > self.config.max_groups:
+            return f"{n} {noun} ({_regions(mine)})"  # a crowd: where only
+        if len(colours) == 1:
+            colour = mine[0].colour
+            named = f"{noun} in {colour}" if label == "person" else f"{colour} {noun}"
+            return f"{n} {named} ({_regions(mine)})"
         parts = []
-        for label in sorted(counts, key=lambda name: (-counts[name], name)):
-            mine = [o for o in objects if o.label == label]
-            groups = Counter((REGIONS.index(o.region), o.colour) for o in mine)
-            if len(groups) > self.config.max_groups:
-                groups = Counter((REGIONS.index(o.region), "") for o in mine)
-            items = []
-            for (region, colour), n in sorted(groups.items()):
-                words = [REGIONS[region]] + ([str(n)] if n > 1 else []) + ([colour] if colour else [])
-                items.append(" ".join(words))
-            parts.append(f"{counts[label]} {plural(label, counts[label])} ({', '.join(items)})")
-        return ", ".join(parts)
+        for colour in sorted(colours, key=lambda c: (-colours[c], c)):
+            group = [o for o in mine if o.colour == colour]
+            parts.append(f"{len(group)} {'in ' if label == 'person' else ''}{colour} ({_regions(group)})")
+        return f"{n} {noun}: " + ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _regions(objects: list[SeenObject]) -> str:
+    """``'right'`` for one object, else counts per region in frame order: ``'1 centre, 2 right'``."""
+    if len(objects) == 1:
+        return objects[0].region
+    counts = Counter(o.region for o in objects)
+    return ", ".join(f"{counts[r]} {r}" for r in REGIONS if r in counts)
 
 
 # -- shared helpers (also used by the HOG/Haar baseline in hog.py) -------------------

@@ -64,7 +64,7 @@ class OfflineTextEncoder:
         >>> enc = OfflineTextEncoder(tokenizer)
         >>> chunk = enc.encode(frame_rgb, "front", 1700000000.0)
         >>> chunk.text
-        '22:13:20 front: 1 person (centre black); person 1 appeared centre\\n'
+        '22:13:20 front: 1 person in black (centre); person 1 appeared centre\\n'
     """
 
     name = "offline"

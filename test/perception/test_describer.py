@@ -41,8 +41,8 @@ def test_line_lists_classes_with_where_and_colour(describer, clip_frames):
     frames = clip_frames(CAMPUS, [0])
     obs = describer.describe(frames[0], "front", 1700000000.0)
     assert obs.counts == {"person": 3, "truck": 1, "car": 1}
-    assert obs.text.startswith("22:13:20 front: 3 people (centre black, right 2 black), 1 car (right ")
-    assert "1 truck (right white)" in obs.text
+    assert obs.text.startswith("22:13:20 front: 3 people in black (1 centre, 2 right), 1 cyan car (right), "
+                               "1 white truck (right); ")
     assert obs.people == 3 and len(obs.objects) == 5
     assert [o.score for o in obs.objects] == sorted((o.score for o in obs.objects), reverse=True)
     assert all(isinstance(o, SeenObject) and o.region in ("left", "centre", "right") for o in obs.objects)
@@ -55,7 +55,7 @@ def test_object_colours_name_the_clothes(describer, clip_frames):
     assert [(o.label, o.colour) for o in black.objects] == [("person", "black")]
     grey = describer.describe(frames[1300], "room2", 1.0)
     assert [(o.label, o.colour) for o in grey.objects] == [("person", "grey")]
-    assert "1 person (centre grey)" in grey.text
+    assert "1 person in grey (centre)" in grey.text
 
 
 def test_empty_and_synthetic_frames(describer, clip_frames):
@@ -87,10 +87,16 @@ def test_line_wording_limits_and_plurals(describer):
 
     obs = Observation("cam", 0.0, objects=[person(10), person(20), person(200, "red")])
     obs.counts = {"person": 3}
-    assert describer.format_line(obs) == "00:00:00 cam: 3 people (left 2 black, right red)"
+    assert describer.format_line(obs) == "00:00:00 cam: 3 people: 2 in black (2 left) and 1 in red (right)"
+    two = Observation("cam", 0.0, objects=[person(10), person(200)])
+    assert describer.format_line(two) == "00:00:00 cam: 2 people in black (1 left, 1 right)"
+    car = SeenObject("car", 2, 0.8, (300, 10, 40, 20), "right", "white")
+    bus = SeenObject("bus", 0, 0.8, (30, 10, 40, 20), "left", "red")
+    assert describer.format_line(Observation("cam", 0.0, objects=[car, bus, person(10)])) == (
+        "00:00:00 cam: 1 red bus (left), 1 white car (right), 1 person in black (left)")
     colours = ["black", "white", "red", "blue", "green", "grey", "yellow"]
     many = Observation("cam", 0.0, objects=[person(10 + i, c) for i, c in enumerate(colours)])
-    assert describer.format_line(many).endswith("7 people (left 7)")  # over max_groups: regions only
+    assert describer.format_line(many).endswith("7 people (7 left)")  # over max_groups: regions only
     events = [TrackEvent("appeared", "person", i, "left") for i in range(1, 12)]
     busy = Observation("cam", 0.0, events=events)
     line = describer.format_line(busy)

@@ -68,7 +68,7 @@ def test_a_person_crossing_keeps_one_id_and_gives_a_crossed_event(campus):
 
 def test_parked_vehicles_are_counted_every_frame_and_stay(campus):
     for index, obs in campus.items():
-        assert obs.counts.get("truck") == 1 and "1 truck (right white)" in obs.text, obs.text
+        assert obs.counts.get("truck") == 1 and "1 white truck (right)" in obs.text, obs.text
         assert obs.counts.get("car") == 1, obs.text
     stayed = {(e.label, e.track_id, e.seconds) for e in campus[300].events if e.kind == "stayed"}
     assert stayed == {("truck", 1, 30.0), ("car", 1, 30.0)}
@@ -93,13 +93,13 @@ def test_room_lines_match_what_was_seen(room):
     for i in range(240, 431, 10):  # the man walking in, then at the table
         assert observations[i].counts == {"person": 1}, texts[i]
         assert observations[i].objects[0].region == "centre" and observations[i].objects[0].track_id == 1
-        assert "1 person (centre black)" in texts[i]
+        assert "1 person in black (centre)" in texts[i]
     for i in range(470, 511, 10):  # the empty room
         assert observations[i].objects == [] and "nothing detected" in texts[i], texts[i]
     events = {i: [e.phrase for e in o.events] for i, o in observations.items() if o.events}
     assert events == {240: ["person 1 appeared centre"], 470: ["person 1 left after 19 s"]}
-    assert texts[240] == "t+0.0s room: 1 person (centre black); person 1 appeared centre"
-    assert texts[250] == "t+1.0s room: 1 person (centre black)"
+    assert texts[240] == "t+0.0s room: 1 person in black (centre); person 1 appeared centre"
+    assert texts[250] == "t+1.0s room: 1 person in black (centre)"
     assert texts[470] == "t+23.0s room: nothing detected; person 1 left after 19 s"
 
 
