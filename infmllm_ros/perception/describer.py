@@ -14,8 +14,8 @@ The pipeline every user without VLM weights runs:
 Example lines (``vtest.avi`` at 1 frame/s from its start; the indoor clip from
 frame 240 with ``time_format="relative"``)::
 
-    22:13:50 front: 5 people: 4 in black (3 centre, 1 right) and 1 in blue (right), 1 cyan car (right), 1 white truck (right); car 1 stayed 30 s, truck 1 stayed 30 s
-    22:13:51 front: 6 people: 5 in black (1 left, 2 centre, 2 right) and 1 in blue (right), 1 cyan car (right), 1 white truck (right); person 11 crossed right to left
+    22:13:50 front: 5 people: 4 in black (3 centre, right) and 1 in blue (right), 1 cyan car (right), 1 white truck (right); car 1 stayed 30 s, truck 1 stayed 30 s
+    22:13:51 front: 6 people: 5 in black (left, 2 centre, 2 right) and 1 in blue (right), 1 cyan car (right), 1 white truck (right); person 11 crossed right to left
     t+23.0s room: nothing detected; person 1 left after 19 s
 
 The line reads: time (UTC, or ``t+12.5s`` relative, or none), camera, a
@@ -293,8 +293,8 @@ class FrameDescriber:
                          for label in sorted(counts, key=lambda name: (-counts[name], name)))
 
     def _class_phrase(self, label: str, mine: list[SeenObject]) -> str:
-        """``'1 white truck (right)'``, ``'3 people in black (1 centre, 2 right)'``,
-        ``'4 people: 3 in black (1 centre, 2 right) and 1 in blue (left)'``.
+        """``'1 white truck (right)'``, ``'3 people in black (centre, 2 right)'``,
+        ``'4 people: 3 in black (centre, 2 right) and 1 in blue (left)'``.
 
         The colour goes where English puts it, before the noun ("in" for people, whose colour
         is their clothes), so a small language model reads "white truck" as it would in prose;
@@ -317,11 +317,9 @@ class FrameDescriber:
 
 
 def _regions(objects: list[SeenObject]) -> str:
-    """``'right'`` for one object, else counts per region in frame order: ``'1 centre, 2 right'``."""
-    if len(objects) == 1:
-        return objects[0].region
+    """The regions of ``objects`` in frame order, with a count where more than one: ``'centre, 2 right'``."""
     counts = Counter(o.region for o in objects)
-    return ", ".join(f"{counts[r]} {r}" for r in REGIONS if r in counts)
+    return ", ".join(f"{counts[r]} {r}" if counts[r] > 1 else r for r in REGIONS if r in counts)
 
 
 # -- shared helpers (also used by the HOG/Haar baseline in hog.py) -------------------

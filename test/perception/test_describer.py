@@ -41,7 +41,7 @@ def test_line_lists_classes_with_where_and_colour(describer, clip_frames):
     frames = clip_frames(CAMPUS, [0])
     obs = describer.describe(frames[0], "front", 1700000000.0)
     assert obs.counts == {"person": 3, "truck": 1, "car": 1}
-    assert obs.text.startswith("22:13:20 front: 3 people in black (1 centre, 2 right), 1 cyan car (right), "
+    assert obs.text.startswith("22:13:20 front: 3 people in black (centre, 2 right), 1 cyan car (right), "
                                "1 white truck (right); ")
     assert obs.people == 3 and len(obs.objects) == 5
     assert [o.score for o in obs.objects] == sorted((o.score for o in obs.objects), reverse=True)
@@ -89,7 +89,7 @@ def test_line_wording_limits_and_plurals(describer):
     obs.counts = {"person": 3}
     assert describer.format_line(obs) == "00:00:00 cam: 3 people: 2 in black (2 left) and 1 in red (right)"
     two = Observation("cam", 0.0, objects=[person(10), person(200)])
-    assert describer.format_line(two) == "00:00:00 cam: 2 people in black (1 left, 1 right)"
+    assert describer.format_line(two) == "00:00:00 cam: 2 people in black (left, right)"
     car = SeenObject("car", 2, 0.8, (300, 10, 40, 20), "right", "white")
     bus = SeenObject("bus", 0, 0.8, (30, 10, 40, 20), "left", "red")
     assert describer.format_line(Observation("cam", 0.0, objects=[car, bus, person(10)])) == (
