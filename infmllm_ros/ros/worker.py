@@ -173,9 +173,10 @@ class StreamWorker:
             self.timing["append_s"] = _ewma(self.timing.get("append_s"), t2 - t1)
             self.timing["frame_tokens"] = _ewma(self.timing.get("frame_tokens"), float(len(chunk)))
             self.book.add(ref)
-            self.slots.mark_encoded(cam)
             self._frames_since_scene += 1
+            # Stats first: whoever sees the encoded count go up then sees this frame in them too.
             self.stats = self.stream.stats()
+            self.slots.mark_encoded(cam)
         return worked
 
     def _bad_frame(self, cam: str, reason: str) -> None:
