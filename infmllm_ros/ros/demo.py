@@ -13,7 +13,7 @@
 3. prints each frame's line as it goes into memory (``[frame]``: objects per
    class with where and in which colour, and the tracks' events) and each
    SceneDescription as it arrives, then asks the questions (by default one
-   about people, one about the vehicles and their colours) and prints each
+   about people, one about the colour of the parked van) and prints each
    answer with the span of frames it came from, and the cache statistics;
 4. shuts down cleanly (Ctrl-C at any point too).
 
@@ -32,8 +32,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-DEFAULT_QUESTIONS = ("How many people were visible recently, and where?",
-                     "Which vehicles did the camera see, and what colour were they?")
+#: One question about people, one about an object (the sample clip's parked van, which YOLO calls a truck).
+DEFAULT_QUESTIONS = ("How many people were visible recently, and where?", "What colour was the truck?")
 TOPIC = "/camera/image_raw"
 
 
@@ -118,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds between SceneDescriptions (default 15; 0: off)")
     p.add_argument("--question", action="append", default=None,
                    help="a question asked at the end (repeatable; default: one about people, one about "
-                        "vehicles)")
+                        "the parked van of the sample clip)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (model.num_threads). Default 1: on a 2-core machine "
                         "shared with DDS, OpenCV and other processes it was 3-10x faster than "

@@ -176,8 +176,8 @@ STATIC_SPECS: Tuple[ParamSpec, ...] = (
        hi=1000.0),
     _s("scene.period_s", 0.0, "Publish a SceneDescription on ~/scene every this many seconds "
        "(only when new frames arrived). 0: off.", lo=0.0, hi=86400.0),
-    _s("scene.prompt", "Describe what the cameras saw recently: which people, vehicles and other "
-       "objects, and where.",
+    _s("scene.prompt", "Describe what the cameras saw recently: how many people and which objects, "
+       "and where.",
        "Question the model answers for each SceneDescription."),
     _s("scene.max_new_tokens", 48, "Longest scene description in tokens.", lo=1, hi=4096),
     _s("query.max_new_tokens", 64, "Default longest answer to ~/query in tokens (a request's "
