@@ -109,9 +109,11 @@ def _cpu_seconds(pid: Optional[int] = None) -> float:
 def engine_phase(cfg: BenchConfig, lm, budget: int, rate: float, frames: list) -> dict:
     from infmllm_ros.engine import Stream
     from infmllm_ros.perception.encoders import make_encoder
+    from infmllm_ros.perception.tracking import TrackerConfig
 
     stream = Stream(lm, stream_config(cfg, budget))
-    encoder = make_encoder("offline", lm)
+    # As the node builds it with its default encoder.* parameters (its tracker runs at the sample rate).
+    encoder = make_encoder("offline", lm, tracker=TrackerConfig(frame_rate=rate))
     period = 1.0 / rate
     answers, encoded, encode_s, append_s = [], 0, [], []
     last_index, last_sample = -1, -1e9

@@ -14,6 +14,9 @@ A thin node around the engine's :class:`~infmllm_ros.engine.Stream`:
   to the worker through a bounded :class:`~.core.JobQueue`;
 * ``~/reset`` (std_srvs/Trigger), ``~/get_stats`` (infmllm_ros/srv/GetStats),
   ``~/scene`` (infmllm_ros/msg/SceneDescription) and ``/diagnostics``;
+* ``~/debug_image`` (sensor_msgs/Image): each encoded frame with the offline
+  describer's boxes, class and track id drawn, stamped like the frame it comes
+  from; drawn only while someone subscribes;
 * ``memory.state_file`` (:mod:`.state`): the memory loaded at start-up, saved
   atomically every ``memory.save_period_s``, at a clean shutdown and on
   ``~/save``; ``~/load`` restores it on demand (std_srvs/Trigger both).
@@ -131,8 +134,15 @@ def build_encoder(lm, settings: NodeSettings):
     lm = dataclasses.replace(lm, tokenizer=copy.deepcopy(lm.tokenizer),
                              processor=copy.deepcopy(lm.processor))
     e = settings.encoder
+    offline = {}
+    if e.type == "offline":
+        from infmllm_ros.perception.tracking import TrackerConfig
+
+        offline = dict(detector=e.detector.detector_config(),
+                       tracker=TrackerConfig(frame_rate=settings.sample_rate_hz, lost_s=e.tracker.lost_s,
+                                             match_buffer=e.tracker.match_buffer))
     return make_encoder(e.type, lm, image_size=e.image_size, max_pixels=e.max_pixels,
-                        min_pixels=e.min_pixels)
+                        min_pixels=e.min_pixels, **offline)
 
 
 class InfMllmNode(Node):
@@ -203,11 +213,13 @@ class InfMllmNode(Node):
         try:
             self.stream = Stream(self.lm, s.stream_config())
             self.encoder = build_encoder(self.lm, s)
-        except ValueError as exc:  # a budget the model cannot use, an unknown encoder ...
+        except ValueError as exc:  # a budget the model cannot use, an unusable detector file ...
             raise ParameterError(str(exc)) from None
+        describer = getattr(self.encoder, "describer", None)
+        detector = f" ({describer.detector.description})" if describer is not None else ""
         log.info(
             f"model '{self.lm.name}' ({self.lm.kind}) on {self.lm.device}, {self.lm.dtype} ({how}); "
-            f"encoder {s.encoder.type}; cache policy {s.cache.policy}, budget "
+            f"encoder {s.encoder.type}{detector}; cache policy {s.cache.policy}, budget "
             f"{self.stream.budget} tokens" + (f" / {s.cache.budget_bytes} bytes"
                                                if s.cache.budget_bytes else ""))
 
@@ -231,6 +243,10 @@ class InfMllmNode(Node):
         self.scene_pub = self.create_publisher(SceneDescription, "~/scene", QoSProfile(
             depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", QoSProfile(depth=10))
+        # Reliable, depth 1: matches best-effort and reliable viewers (rqt_image_view, RViz) alike.
+        self.debug_pub = self.create_publisher(Image, "~/debug_image", QoSProfile(depth=1))
+        self.debug_images_published = 0
+        self._debug_failed = False
         self._subs = []
         self._topics: dict = {}  # camera -> its topic, resolved in the node's namespace
         self._qos_events: dict = {c: 0 for c in s.camera_names}
@@ -346,7 +362,30 @@ class InfMllmNode(Node):
         cam = self.settings.camera(camera)
         ref = FrameRef(camera, int(sec), int(ns), (cam.frame_id if cam else "") or msg.header.frame_id)
         rgb = image_msg_to_rgb(msg)
-        return self.encoder.encode(rgb, camera, ref.seconds), ref
+        chunk = self.encoder.encode(rgb, camera, ref.seconds)
+        self._publish_debug_image(rgb, ref)
+        return chunk, ref
+
+    def _publish_debug_image(self, rgb, ref: FrameRef) -> None:
+        """``~/debug_image``: the frame just encoded with its objects drawn, stamped like it
+        (``ref``: its stamp and frame_id). Only while someone subscribes: drawing and
+        publishing a full frame costs a few ms, the node's own work does not need it."""
+        obs = getattr(self.encoder, "last_observation", None)
+        if obs is None or self._closed or self.debug_pub.get_subscription_count() == 0:
+            return
+        try:
+            from infmllm_ros.perception.draw import draw_observation
+
+            from .images import rgb_to_image_msg
+
+            msg = rgb_to_image_msg(draw_observation(rgb, obs), (ref.sec, ref.nanosec), ref.frame_id)
+        except Exception as exc:  # noqa: BLE001 - a debug view must never cost a frame
+            if not self._debug_failed:
+                self._debug_failed = True
+                self.get_logger().warning(f"~/debug_image: drawing failed: {type(exc).__name__}: {exc}")
+            return
+        self._safe_publish(self.debug_pub, msg)
+        self.debug_images_published += 1
 
     # -- scene -------------------------------------------------------------------
 
