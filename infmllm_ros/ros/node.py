@@ -691,6 +691,8 @@ class InfMllmNode(Node):
         resp.frames_received = t.received
         resp.frames_encoded = t.encoded
         resp.frames_dropped = t.dropped
+        resp.frames_bad = t.bad
+        resp.frames_pending = t.pending
         resp.oldest_frame_stamp = to_time(self.worker.book.lookup(st.oldest_stamp))
         resp.newest_frame_stamp = to_time(self.worker.book.lookup(st.newest_stamp))
         resp.next_position = int(st.next_position)
@@ -728,6 +730,7 @@ class InfMllmNode(Node):
                 s.level, s.message = DiagnosticStatus.OK, "receiving"
             s.values = _kv(topic=self._topics.get(name, cam.topic if cam else ""),
                            received=c.received, dropped=c.dropped, encoded=c.encoded, bad=c.bad,
+                           pending=c.pending,
                            frames_lost_estimate=c.lost_estimate,
                            lost_fraction_recent=f"{c.lost_fraction:.2f}",
                            camera_hz_estimate=f"{c.camera_hz:.2f}",

@@ -104,7 +104,7 @@ class StreamWorker:
         self._bad_logged: Dict[str, float] = {}
         #: Most encoded frames waiting for the model thread (see the module docstring).
         self.max_ready = 4
-        self._ready: Deque[Tuple[str, Any, FrameRef]] = collections.deque()
+        self._ready: Deque[Tuple[str, Any, FrameRef, int]] = collections.deque()
         self._ready_lock = threading.Lock()
         self._epoch = 0  # bumped by reset: frames encoded before it are not appended after it
         self._encoder_wake = threading.Event()
@@ -219,21 +219,22 @@ class StreamWorker:
             if now < self._last_sample[cam] + period or not self.slots.has_fresh(cam):
                 continue
             epoch = self._epoch
-            msg = self.slots.take(cam)
-            if msg is None:
+            sample = self.slots.take_sample(cam)
+            if sample is None:
                 continue
+            msg, generation = sample
             self._last_sample[cam] = now
             worked = True
             t0 = time.monotonic()
             try:
                 chunk, ref = self.make_chunk(cam, msg)
             except ValueError as exc:
-                self._bad_frame(cam, str(exc))
+                self._bad_frame(cam, str(exc), generation)
                 continue
             self.timing["encode_s"] = _ewma(self.timing.get("encode_s"), time.monotonic() - t0)
             with self._ready_lock:
                 if epoch == self._epoch:
-                    self._ready.append((cam, chunk, ref))
+                    self._ready.append((cam, chunk, ref, generation))
             self._wake.set()
         return worked
 
@@ -252,7 +253,7 @@ class StreamWorker:
             with self._ready_lock:
                 if not self._ready:  # cleared by a reset
                     break
-                cam, chunk, ref = self._ready.popleft()
+                cam, chunk, ref, generation = self._ready.popleft()
             self._encoder_wake.set()  # room for the next frame
             worked = True
             self.activity = "frame"
@@ -261,6 +262,10 @@ class StreamWorker:
                 self.stream.append_chunk(chunk, should_stop=self._stop.is_set)
             except Cancelled:  # stopping: the pieces already appended stay, the frame is not counted
                 break
+            except Exception as exc:  # counted, then reported by the serving loop
+                self.slots.mark_bad(cam, f"the model could not append it: {type(exc).__name__}: "
+                                    f"{exc}", generation)
+                raise
             self.timing["append_s"] = _ewma(self.timing.get("append_s"), time.monotonic() - t0)
             self.timing["frame_tokens"] = _ewma(self.timing.get("frame_tokens"), float(len(chunk)))
             back = self.book.jump_back(ref)
@@ -272,12 +277,12 @@ class StreamWorker:
                     "report frames by their order in the stream")
             # Stats first: whoever sees the frame counted as encoded (GetStats) also sees it held.
             self.stats = self.stream.stats()
-            self.slots.mark_encoded(cam)
+            self.slots.mark_encoded(cam, generation)
             self._frames_since_scene += 1
         return worked
 
-    def _bad_frame(self, cam: str, reason: str) -> None:
-        self.slots.mark_bad(cam, reason)
+    def _bad_frame(self, cam: str, reason: str, generation: Optional[int] = None) -> None:
+        self.slots.mark_bad(cam, reason, generation)
         now = time.monotonic()
         if now - self._bad_logged.get(cam, -1e9) > 5.0:  # at most one warning per 5 s
             self._bad_logged[cam] = now
