@@ -5,6 +5,7 @@
     infmllm-bench speed  --budget 1024 --json
     infmllm-bench memory --video video/vtest.avi --minutes 60 --policy infmllm --policy full
     infmllm-bench gpu    # the prepared GPU run (see benchmarks/gpu.sh)
+    infmllm-bench quant  --budget 1024 --tokens 2048   # int8 weights: ppl cost next to speed
 
 Defaults come from ``config/bench.yaml`` (``--config`` for another file);
 ``--quick`` switches to tiny sizes. With ``--json`` each policy's result is one
@@ -27,6 +28,7 @@ DESCRIPTIONS = {
     "speed": "chunked prefill / decode tokens/s and seconds per query, policies interleaved",
     "memory": "peak memory and per-frame latency over a long simulated video (1 frame/s)",
     "gpu": "the prepared GPU run: ppl, speed, memory at larger scale, plus random-weight VLMs",
+    "quant": "weight-only int8 vs float32 on the same stream: perplexity next to prefill/decode speed",
 }
 
 

@@ -29,6 +29,7 @@ class LoadedModel:
     tokenizer: Any
     processor: Any = None
     name: str = ""
+    quantize: str = "none"  # "int8": Linear weights in int8 (see quantize_model)
 
     @property
     def device(self) -> torch.device:
@@ -88,6 +89,57 @@ def smollm2_path() -> Path:
     return folder
 
 
+QUANTIZE_CHOICES = ("none", "int8")
+
+
+def quantize_model(model: torch.nn.Module, method: str = "int8") -> torch.nn.Module:
+    """Weight-only-style int8 for the ``nn.Linear`` layers (weights stored in int8, computed per call).
+
+    CPU: PyTorch's dynamic quantisation (``torch.ao.quantization.quantize_dynamic``,
+    fbgemm/x86 kernels): int8 weights with per-tensor scales, activations
+    quantised on the fly; embeddings, norms and the KV cache stay float32.
+    CUDA: torchao's ``Int8WeightOnlyConfig`` when torchao is installed.
+    Decode reads every weight once per token, so int8 weights cut the bytes
+    read by about 4x; the perplexity it costs is measured by ``infmllm-bench
+    ppl --set quantize=int8`` (docs/benchmarks.md).
+
+    Raises:
+        ValueError: an unknown method, a non-float32 model on CPU, or CUDA without torchao.
+    """
+    if method not in QUANTIZE_CHOICES:
+        raise ValueError(f"unknown quantize method {method!r}; choose one of {QUANTIZE_CHOICES}")
+    if method == "none":
+        return model
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        try:
+            from torchao.quantization import Int8WeightOnlyConfig, quantize_
+        except ImportError:
+            raise ValueError("quantize int8 on CUDA needs torchao (pip install torchao); "
+                             "PyTorch's dynamic int8 quantisation runs on CPU only") from None
+        quantize_(model, Int8WeightOnlyConfig())
+        return model
+    dtype = next(model.parameters()).dtype
+    if dtype != torch.float32:
+        raise ValueError(f"quantize int8 on CPU needs a float32 model (dtype float32), got {dtype}")
+    import warnings
+
+    with warnings.catch_warnings():
+        # torch.ao.quantization is deprecated in favour of torchao, which has no CPU int8
+        # linear kernels as fast as fbgemm's here; the API works on the torch we pin.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        from torch.ao.quantization import quantize_dynamic
+
+        engines = torch.backends.quantized.supported_engines
+        for engine in ("x86", "fbgemm", "qnnpack"):
+            if engine in engines:
+                torch.backends.quantized.engine = engine
+                break
+        quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    return model
+
+
 def load_model(
     name: str = SMOLLM2,
     *,
@@ -96,16 +148,22 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     attn_implementation: str = "sdpa",
     trust_remote_code: bool = False,
+    quantize: str = "none",
 ) -> LoadedModel:
     """Load a causal LM or a VLM (Idefics3/SmolVLM, Qwen2.5-VL, ...) for streaming.
 
     ``name`` is ``smollm2``, a Hugging Face model id, or a local folder
-    (``gguf_file`` names a GGUF file inside it).
+    (``gguf_file`` names a GGUF file inside it). ``quantize="int8"`` stores the
+    Linear weights in int8 (:func:`quantize_model`).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"unknown quantize method {quantize!r}; choose one of {QUANTIZE_CHOICES}")
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    if quantize == "int8" and dev.type == "cpu" and torch_dtype != torch.float32:
+        raise ValueError(f"quantize int8 on CPU needs dtype float32, got {torch_dtype}")
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code,
                               "attn_implementation": attn_implementation}
     source: str | Path = name
@@ -130,7 +188,8 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
                                                   **({"gguf_file": gguf_file} if gguf_file else {}))
     model.to(dev).eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, processor=processor, name=str(name))
+    quantize_model(model, quantize)
+    return LoadedModel(model=model, tokenizer=tokenizer, processor=processor, name=str(name), quantize=quantize)
 
 
 def decoder_attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:

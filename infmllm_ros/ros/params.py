@@ -50,6 +50,8 @@ ENCODER_TYPES = ("offline", "vlm")
 TRANSPORTS = ("raw", "compressed")
 BUSY_POLICIES = ("queue", "reject")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+COMPILE_MODES = ("auto", "on", "off")
+QUANTIZE_METHODS = ("none", "int8")
 CAMERA_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 CAMERA_KEYS = ("topic", "transport", "frame_id")
 
@@ -112,6 +114,15 @@ STATIC_SPECS: Tuple[ParamSpec, ...] = (
     _s("model.num_threads", 0, "CPU threads torch uses in this process (torch.set_num_threads). "
        "0: torch's default (one per core). On cores shared with other busy processes, 1 can be "
        "several times faster.", read_only=True, lo=0, hi=1024),
+    _s("model.compile", "auto", "Run each decode step as one compiled, static-shape graph "
+       "(torch.compile; CUDA graphs on a GPU): auto (on for CUDA; off for CPU, where it measured "
+       "no faster), on, off. The compile time is logged at start-up and kept on disk "
+       "($TORCHINDUCTOR_CACHE_DIR, default ~/.cache/infmllm_ros/torchinductor) for the next start.",
+       read_only=True, choices=COMPILE_MODES),
+    _s("model.quantize", "none", "Store the Linear weights in int8: 'int8' (CPU: PyTorch dynamic "
+       "quantisation, needs model.dtype float32 or auto; CUDA: needs torchao) reads about 4x fewer "
+       "weight bytes per decoded token, at a small perplexity cost (docs/benchmarks.md); 'none'.",
+       read_only=True, choices=QUANTIZE_METHODS),
     _s("encoder.type", "offline", "How a frame becomes tokens: 'offline' (OpenCV detectors -> one "
        "line of text -> the language model) or 'vlm' (the model's own vision tower).",
        read_only=True, choices=ENCODER_TYPES),
@@ -216,6 +227,8 @@ class ModelSettings:
     dtype: str = "auto"
     trust_remote_code: bool = False
     num_threads: int = 0
+    compile: str = "auto"
+    quantize: str = "none"
 
 
 @dataclass
@@ -341,7 +354,7 @@ class NodeSettings:
         """The engine's ``StreamConfig`` for the cache settings."""
         from infmllm_ros.engine import StreamConfig
 
-        return StreamConfig.from_dict(self.cache.as_dict())
+        return StreamConfig.from_dict({**self.cache.as_dict(), "compile": self.model.compile})
 
 
 def check_settings(s: NodeSettings) -> Optional[str]:
@@ -374,6 +387,9 @@ def check_settings(s: NodeSettings) -> Optional[str]:
         return "scene.prompt is empty"
     if not s.model.name.strip():
         return "model.name is empty"
+    if s.model.quantize == "int8" and s.model.dtype not in ("auto", "float32") and s.model.device == "cpu":
+        return (f"model.quantize int8 on the CPU needs model.dtype float32 (or auto), got "
+                f"{s.model.dtype!r}")
     c = s.cache
     if c.budget_tokens == 0 and c.budget_bytes == 0 and c.policy != "full":
         return (f"cache.policy {c.policy!r} needs a budget: set cache.budget_tokens or "

@@ -25,10 +25,9 @@ def _append(cache, keys, query, decoding=False):
     cache.decoding = decoding
     layer = cache.layers[0]
     layer.update(keys.unsqueeze(0), keys.unsqueeze(0).clone())
-    evicted = layer.after_attention(query.unsqueeze(0), scaling=1.0, attn_weights=None)
-    cache.end_step(n)
+    layer.after_attention(query.unsqueeze(0), scaling=1.0, attn_weights=None)
     del start
-    return evicted
+    return cache.end_step(n)
 
 
 def _kept(cache, head=0):
@@ -53,13 +52,13 @@ def test_full_never_evicts():
 
 
 def test_window_keeps_the_newest_and_no_sinks():
-    cache = _cache(make_policy("window", sinks=4), budget=4)
+    cache = _cache(make_policy("window", sinks=4), budget=4, max_chunk=10)
     _append(cache, _background(10), torch.randn(1, 10, DIM))
     assert _kept(cache) == [6, 7, 8, 9]
 
 
 def test_streamingllm_keeps_sinks_and_recent():
-    cache = _cache(StreamingLLM(sinks=2), budget=6)
+    cache = _cache(StreamingLLM(sinks=2), budget=6, max_chunk=10)
     _append(cache, _background(10), torch.randn(1, 10, DIM))
     assert _kept(cache) == [0, 1, 6, 7, 8, 9]
     # and again once more tokens arrive: sinks survive every step
