@@ -256,8 +256,10 @@ class Variant:
     def stream_config(self, cfg: BenchConfig, chunk: Optional[int] = None):
         from infmllm_ros.engine import StreamConfig
 
+        # `full` is the reference: no token budget (it would cap it), only the model's context.
         return StreamConfig(
-            policy=self.policy, budget_tokens=self.budget, max_chunk_tokens=chunk or cfg.chunk, sinks=cfg.sinks,
+            policy=self.policy, budget_tokens=0 if self.policy == "full" else self.budget,
+            max_chunk_tokens=chunk or cfg.chunk, sinks=cfg.sinks,
             recent=cfg.recent, retrieval_window=cfg.retrieval_window, bias=self.bias,
             h2o_recent_ratio=cfg.h2o_recent_ratio, rerotate=self.rerotate, compile=cfg.compile,
         ).validate()

@@ -108,9 +108,14 @@ class CappedLayer(CacheLayerMixin):
             with the keys.
     """
 
-    is_compileable = True
     is_sliding = False
     is_croppable = False
+
+    @property
+    def is_compileable(self) -> bool:
+        # Only a static step has static shapes. Saying so makes transformers build an explicit
+        # mask for a one-token query; an eager step keeps sdpa's faster mask-free GQA path.
+        return self.owner.static_step
 
     def __init__(self, owner: "CappedCache"):
         super().__init__()

@@ -92,16 +92,26 @@ def smollm2_path() -> Path:
 QUANTIZE_CHOICES = ("none", "int8")
 
 
+#: Linear layers left in float by int8 on CPU: their inputs carry the activation outliers that
+#: per-tensor activation quantisation destroys (LLM.int8(), Dettmers et al. 2022, arXiv 2208.07339).
+#: Measured on SmolLM2-135M: quantising down_proj alone raised perplexity by 46%, every other
+#: Linear together by about 13% (docs/benchmarks.md).
+KEEP_FLOAT_ON_CPU = ("down_proj", "fc2")
+
+
 def quantize_model(model: torch.nn.Module, method: str = "int8") -> torch.nn.Module:
-    """Weight-only-style int8 for the ``nn.Linear`` layers (weights stored in int8, computed per call).
+    """int8 weights for the language model's ``nn.Linear`` layers.
 
     CPU: PyTorch's dynamic quantisation (``torch.ao.quantization.quantize_dynamic``,
-    fbgemm/x86 kernels): int8 weights with per-tensor scales, activations
-    quantised on the fly; embeddings, norms and the KV cache stay float32.
-    CUDA: torchao's ``Int8WeightOnlyConfig`` when torchao is installed.
-    Decode reads every weight once per token, so int8 weights cut the bytes
-    read by about 4x; the perplexity it costs is measured by ``infmllm-bench
-    ppl --set quantize=int8`` (docs/benchmarks.md).
+    fbgemm/x86 kernels): int8 weights with per-output-channel scales,
+    activations quantised per call; the MLP output projections
+    (:data:`KEEP_FLOAT_ON_CPU`), embeddings, norms, the vision tower and the
+    KV cache stay float32. (The weight-only int8 kernel ``_weight_int8pack_mm``
+    keeps the perplexity but ran 2-17x slower than float32 on the AVX2 CPUs
+    here.) CUDA: torchao's ``Int8WeightOnlyConfig`` (weights only, every
+    Linear) when torchao is installed. Decode reads every weight once per
+    token, so int8 weights cut the bytes it reads; ``infmllm-bench quant``
+    measures the perplexity cost next to the speed.
 
     Raises:
         ValueError: an unknown method, a non-float32 model on CPU, or CUDA without torchao.
@@ -129,14 +139,19 @@ def quantize_model(model: torch.nn.Module, method: str = "int8") -> torch.nn.Mod
         # linear kernels as fast as fbgemm's here; the API works on the torch we pin.
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", UserWarning)
-        from torch.ao.quantization import quantize_dynamic
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
         engines = torch.backends.quantized.supported_engines
         for engine in ("x86", "fbgemm", "qnnpack"):
             if engine in engines:
                 torch.backends.quantized.engine = engine
                 break
-        quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+        chosen = {name: per_channel_dynamic_qconfig for name, module in model.named_modules()
+                  if isinstance(module, torch.nn.Linear) and not name.endswith(KEEP_FLOAT_ON_CPU)
+                  and "vision" not in name.lower() and "visual" not in name.lower()}
+        if not chosen:
+            raise ValueError(f"no Linear layer to quantize in {type(model).__name__}")
+        quantize_dynamic(model, chosen, dtype=torch.qint8, inplace=True)
     return model
 
 

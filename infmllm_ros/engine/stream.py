@@ -186,12 +186,14 @@ class Stream:
                 f"found {len(self._attention_modules)} decoder attention modules for {self.num_layers} layers"
             )
         self.rope = RopeSpec.from_model(lm.model, self.head_dim)
-        self._compile = compile_wanted(config.compile, lm.device)
-        grows = self.policy.evicts is False and not self._compile
-        # `full` without a compiled step allocates as it grows (doubling, up to its capacity);
-        # every other cache allocates its capacity once.
+        # Compiled decode steps need a fixed capacity and a policy that is quiet while decoding
+        # (Inf-MLLM); H2O and StreamingLLM evict at every step and stay eager.
+        self._compile = (compile_wanted(config.compile, lm.device) and self.policy.evicts
+                         and self.policy.quiet_while_decoding)
+        # `full` allocates as it grows (doubling, up to its capacity: a model's context can be
+        # long); every capped cache allocates its capacity once.
         self.cache = CappedCache(self.num_layers, self.policy, self.budget, config.max_chunk_tokens, self.rope,
-                                 rerotate=config.rerotate, capacity=None if grows else self.capacity,
+                                 rerotate=config.rerotate, capacity=self.capacity if self.policy.evicts else None,
                                  max_rows=self.capacity or 0)
         self.format = ChatFormat.from_tokenizer(lm.tokenizer, lm.processor)
         forward_params = inspect.signature(lm.model.forward).parameters
@@ -428,7 +430,7 @@ class Stream:
 
     @property
     def compiled(self) -> bool:
-        """Whether decode steps run compiled (``compile`` resolved for this device)."""
+        """Whether decode steps run compiled (``compile`` resolved for this device and policy)."""
         return self._compile
 
     def stats(self) -> StreamStats:

@@ -135,10 +135,14 @@ STATIC_SPECS: Tuple[ParamSpec, ...] = (
        "processor's default.", read_only=True, lo=0, hi=1 << 26),
     _s("cache.policy", "infmllm", "KV-cache eviction policy.", read_only=True,
        choices=POLICY_NAMES),
-    _s("cache.budget_tokens", 1024, "Most tokens the KV cache keeps per layer. 0: no token cap "
-       "(only with a byte budget or policy 'full').", read_only=True, lo=0, hi=1 << 20),
-    _s("cache.budget_bytes", 0, "Most bytes the KV cache keeps over all layers. 0: no byte cap.",
-       read_only=True, lo=0, hi=1 << 40),
+    _s("cache.budget_tokens", 1024, "Tokens the KV cache keeps per layer after each eviction; "
+       "its buffers, allocated once, add room for a chunk (max_chunk_tokens) and, for infmllm, an "
+       "answer (GetStats' cache_budget_tokens is that ceiling). Policy 'full': the most it holds "
+       "(it refuses to grow past it, or past the model's context). 0: no token cap (only with a "
+       "byte budget or policy 'full').", read_only=True, lo=0, hi=1 << 20),
+    _s("cache.budget_bytes", 0, "Most bytes of keys and values over all layers, room for a chunk "
+       "and an answer included: the cache never takes more (it keeps what the bytes hold minus "
+       "that room). 0: no byte cap.", read_only=True, lo=0, hi=1 << 40),
     _s("cache.max_chunk_tokens", 256, "Longest piece appended in one forward pass; longer chunks "
        "are split.", read_only=True, lo=1, hi=65536),
     _s("cache.sinks", 4, "Attention-sink tokens at the start of the stream that are never evicted.",
