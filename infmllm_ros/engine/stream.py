@@ -405,6 +405,7 @@ class Stream:
             self.chunks_seen += 1
         return Generation(tokens=tokens, text=detok.text, cancelled=cancelled)
 
+    @torch.inference_mode()  # the cache's buffers are inference tensors: change them in that mode
     def warmup(self) -> Optional[float]:
         """Compile the decode step now (if ``compile`` is on) instead of at the first answer.
 
@@ -454,6 +455,7 @@ class Stream:
             bytes_reserved=self.cache.reserved_bytes,
         )
 
+    @torch.inference_mode()
     def reset(self) -> None:
         """Forget everything; the next append starts a fresh conversation (buffers stay allocated)."""
         self.cache.reset()
@@ -490,6 +492,7 @@ class Stream:
             "in_user_turn": self._in_user_turn,
         }, str(path))
 
+    @torch.inference_mode()
     def load(self, path: str | Path) -> None:
         """Restore a state written by ``save`` for the same model and settings.
 
@@ -724,6 +727,7 @@ class Stream:
             self._decode_step = CompiledDecodeStep(self.lm.model, self.cache, self._cache_kwarg, self.lm.device)
         return self._decode_step
 
+    @torch.inference_mode()
     def _decode_one(self, token: int, want_logits: bool = True) -> Optional[torch.Tensor]:
         """Append one generated token; returns the next-token logits ``[vocab]`` (float32) if wanted."""
         if self._compile and self.rope.components == 1 and self._compiled_step().allowed():
