@@ -187,9 +187,10 @@ class Stream:
             )
         self.rope = RopeSpec.from_model(lm.model, self.head_dim)
         # Compiled decode steps need a fixed capacity and a policy that is quiet while decoding
-        # (Inf-MLLM); H2O and StreamingLLM evict at every step and stay eager.
+        # (Inf-MLLM); H2O and StreamingLLM evict at every step and stay eager. Multimodal RoPE
+        # models (Qwen2.5-VL) decode eagerly too: their compiled step is untested.
         self._compile = (compile_wanted(config.compile, lm.device) and self.policy.evicts
-                         and self.policy.quiet_while_decoding)
+                         and self.policy.quiet_while_decoding and self.rope.components == 1)
         # `full` allocates as it grows (doubling, up to its capacity: a model's context can be
         # long); every capped cache allocates its capacity once.
         self.cache = CappedCache(self.num_layers, self.policy, self.budget, config.max_chunk_tokens, self.rope,
@@ -730,7 +731,7 @@ class Stream:
     @torch.inference_mode()
     def _decode_one(self, token: int, want_logits: bool = True) -> Optional[torch.Tensor]:
         """Append one generated token; returns the next-token logits ``[vocab]`` (float32) if wanted."""
-        if self._compile and self.rope.components == 1 and self._compiled_step().allowed():
+        if self._compile and self._compiled_step().allowed():
             self.cache.make_room(1)
             if self._decode_step.allowed():  # re-rotation does not change the count; stay safe
                 return self._decode_step(token, self.cache.next_position)
