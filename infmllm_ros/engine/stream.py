@@ -206,6 +206,8 @@ class Stream:
         self._turn_end = self._encode(self.format.assistant_to_user)
         self._eos_ids = self._end_token_ids()
         self._decode_step: Optional[CompiledDecodeStep] = None
+        #: why compile "auto" fell back to eager decoding (None: it did not)
+        self.compile_error: Optional[str] = None
         # Last, once every check has passed: a stream that fails to build holds no hook.
         self._base_attention = attention.install(lm.model, self._attention_modules)
         self._closed = False
@@ -418,14 +420,23 @@ class Stream:
         if not self._compile:
             return None
         self._ensure_user_turn()
-        step = self._compiled_step()
         started = time.perf_counter()
         self.cache.decoding = True
         try:
+            step = self._compiled_step()
             # CUDA graphs record on the first replays: warm up past them.
             for _ in range(3):
                 self.cache.make_room(1)
                 step(int(self._turn_end[0, 0]), self.cache.next_position, commit=False)
+        except Exception as exc:  # noqa: BLE001 - compilers fail in many ways
+            if self.config.compile == "on":
+                raise
+            # compile "auto": an eager decode is still right, only slower; say why.
+            self._compile, self._decode_step = False, None
+            self.compile_error = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"the compiled decode step failed ({self.compile_error}); decoding eagerly",
+                          RuntimeWarning, stacklevel=2)
+            return None
         finally:
             self.cache.decoding = False
         return time.perf_counter() - started

@@ -133,7 +133,9 @@ class InfMllmNode(Node):
         compiled_s = self.stream.warmup()
         log.info(f"decode step: compiled in {compiled_s:.1f} s (model.compile {s.model.compile})"
                  if compiled_s is not None else
-                 f"decode step: eager (model.compile {s.model.compile} on {self.lm.device.type})")
+                 f"decode step: eager (model.compile {s.model.compile} on {self.lm.device.type}"
+                 + (f"; compiling failed: {self.stream.compile_error})" if self.stream.compile_error
+                    else ")"))
 
         self.max_answer_tokens = max(1, self.stream.max_answer_tokens)
 
