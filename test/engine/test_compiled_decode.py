@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from infmllm_ros.engine import Chunk, LoadedModel, Stream, StreamConfig
+from infmllm_ros.bench.common import raw_stream
+from infmllm_ros.engine import Chunk, LoadedModel, StreamConfig
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
@@ -27,10 +28,8 @@ def tiny_llama(smollm2):
 
 
 def _stream(lm, compile_mode):
-    stream = Stream(lm, StreamConfig(policy="infmllm", budget_tokens=64, max_chunk_tokens=16, recent=8,
-                                     retrieval_window=8, compile=compile_mode))
-    stream._started = stream._in_user_turn = True
-    return stream
+    return raw_stream(lm, StreamConfig(policy="infmllm", budget_tokens=64, max_chunk_tokens=16, recent=8,
+                                       retrieval_window=8, compile=compile_mode))
 
 
 def test_compiled_decode_steps_match_eager_ones_and_compile_once(tiny_llama):

@@ -15,6 +15,7 @@ import warnings
 import pytest
 import torch
 
+from infmllm_ros.bench.common import raw_stream
 from infmllm_ros.engine import Chunk, IncrementalDetokenizer, LoadedModel, Stream, StreamConfig
 
 pytestmark = pytest.mark.model
@@ -22,15 +23,9 @@ pytestmark = pytest.mark.model
 FRAME = "12:00:{:02d} front: {} people (left, centre), strong motion left, mostly grey\n"
 
 
-@pytest.fixture(scope="module")
-def emma_ids(smollm2, emma_text):
-    return smollm2.tokenizer(emma_text[:40_000], add_special_tokens=False, return_tensors="pt")["input_ids"]
-
-
 def _raw(lm, **settings) -> Stream:
-    stream = Stream(lm, StreamConfig(**settings))
-    stream._started = stream._in_user_turn = True
-    return stream
+    """A stream without the chat framing: token i of the text is stream token i."""
+    return raw_stream(lm, StreamConfig(**settings))
 
 
 def _frames(stream, n, start=0):

@@ -8,21 +8,15 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from infmllm_ros.bench.common import raw_stream
 from infmllm_ros.engine import POLICIES, Cancelled, Chunk, Stream, StreamConfig
 
 pytestmark = pytest.mark.model
 
 
-@pytest.fixture(scope="module")
-def emma_ids(smollm2, emma_text):
-    return smollm2.tokenizer(emma_text[:200_000], add_special_tokens=False, return_tensors="pt")["input_ids"]
-
-
 def _raw_stream(lm, **settings) -> Stream:
     """A stream that skips the chat framing, so token i of the text is stream token i."""
-    stream = Stream(lm, StreamConfig(**settings))
-    stream._started = stream._in_user_turn = True
-    return stream
+    return raw_stream(lm, StreamConfig(**settings))
 
 
 def _nll(stream, ids, chunk):
