@@ -11,6 +11,7 @@ Not thread-safe: one thread (the node's worker) owns a stream.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import threading
@@ -200,9 +201,11 @@ class Stream:
         forward_params = inspect.signature(lm.model.forward).parameters
         # transformers renamed `past_key_values` to `cache` (5.2x); use whichever this version takes.
         self._cache_kwarg = "cache" if "cache" in forward_params else "past_key_values"
-        # The node checks questions from its service threads while the worker encodes: fast
-        # tokenizers must not be entered from two threads at once.
-        self._tokenizer_lock = threading.Lock()
+        # The node checks questions from its service threads while the worker (and its frame
+        # encoder) tokenizes: a fast tokenizer must not be entered from two threads at once, so
+        # checks use a copy of their own, one at a time.
+        self._check_lock = threading.Lock()
+        self._check_tokenizer = None
         self._turn_end = self._encode(self.format.assistant_to_user)
         self._eos_ids = self._end_token_ids()
         self._decode_step: Optional[CompiledDecodeStep] = None
@@ -277,7 +280,14 @@ class Stream:
         if not 1 <= answer <= self.max_answer_tokens:
             return (f"max_new_tokens must be between 1 and {self.max_answer_tokens} "
                     "(max_chunk_tokens minus the turn end)")
-        tokens = int(self._question_prompt(question, "").shape[1])
+        with self._check_lock:
+            if self._check_tokenizer is None:
+                try:
+                    self._check_tokenizer = copy.deepcopy(self.lm.tokenizer)
+                except Exception:  # noqa: BLE001 - a tokenizer that cannot be copied: share it
+                    self._check_tokenizer = self.lm.tokenizer
+            tokens = len(self._check_tokenizer(self._question_text(question, ""), add_special_tokens=False,
+                                               return_attention_mask=False)["input_ids"])
         room = self.question_room(answer)
         if tokens > room:
             if self.policy.evicts:
@@ -591,9 +601,12 @@ class Stream:
                           stacklevel=3)
         return [None if saved is None else {n: saved[n] for n in names} for saved in layers]
 
-    def _question_prompt(self, question: str, camera: str) -> torch.Tensor:
+    def _question_text(self, question: str, camera: str) -> str:
         about = f" (about camera {camera})" if camera else ""
-        return self._encode(f"Question{about}: {question.strip()}{self.format.user_to_assistant}")
+        return f"Question{about}: {question.strip()}{self.format.user_to_assistant}"
+
+    def _question_prompt(self, question: str, camera: str) -> torch.Tensor:
+        return self._encode(self._question_text(question, camera))
 
     def _close_assistant_turn(self) -> None:
         """Append the end of the assistant turn so the stream stays a well-formed conversation."""
@@ -660,8 +673,7 @@ class Stream:
         return {int(c) for c in candidates if c is not None}
 
     def _encode(self, text: str) -> torch.Tensor:
-        with self._tokenizer_lock:
-            return self.lm.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        return self.lm.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
 
     def _check_chunk(self, chunk: Chunk) -> None:
         if chunk.inputs_embeds is not None:
