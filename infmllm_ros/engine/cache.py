@@ -335,6 +335,15 @@ class CappedLayer(CacheLayerMixin):
         first_moved = torch.where(moved.any(dim=-1), moved.to(torch.int8).argmax(dim=-1), kept)
         first = int(first_moved.min())
         keep = keep[..., first:]
+        start = keep[..., :1]
+        if bool((keep == start + torch.arange(kept - first, device=keep.device)).all()) and \
+                bool((start == start.flatten()[0]).all()):
+            # One block of rows for every head (StreamingLLM, window, a decode step's single
+            # eviction): a plain copy, not a gather. The source overlaps the target: clone it first.
+            src = int(start.flatten()[0])
+            for buf in self._all().values():
+                buf[:, :, first:kept] = buf[:, :, src:src + kept - first].clone()
+            return
         for buf in self._all().values():
             src = buf[:, :, :stored]
             index = keep.view(*keep.shape, *([1] * (buf.dim() - 3))).expand(*keep.shape, *buf.shape[3:])
