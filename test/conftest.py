@@ -62,3 +62,32 @@ def tiny_idefics3(smollm2):
     from infmllm_ros.perception.random_vlm import build_random_vlm
 
     return build_random_vlm("idefics3", size="tiny", text_tokenizer=smollm2.tokenizer, seed=0)
+
+
+class _FailingNet:
+    """A real OpenCV network that fails on its next ``fail`` forward passes (as a broken
+    user model or a lost accelerator would), then works again."""
+
+    def __init__(self, net, fail: int):
+        self._net, self.fail = net, fail
+
+    def forward(self, *args):
+        if self.fail:
+            import cv2
+
+            self.fail -= 1
+            raise cv2.error("injected: the network failed on this frame")
+        return self._net.forward(*args)
+
+    def __getattr__(self, name):
+        return getattr(self._net, name)
+
+
+@pytest.fixture
+def fail_next_forward():
+    """``fail_next_forward(detector, n=1)``: the detector's network raises on its next n passes."""
+
+    def inject(detector, n: int = 1) -> None:
+        detector._net = _FailingNet(detector._net, n)
+
+    return inject

@@ -74,7 +74,8 @@ class BenchConfig:
     query_every_s: float = 300.0
     time_limit_s: float = 0.0  # per variant; 0 = none. A variant that runs out stops early and says so.
     clip_frames: int = 0  # describe only the first N sampled frames of the clip (0 = all)
-    describe_live: bool = False  # True: run the OpenCV describer on every frame instead of replaying its lines
+    describe_live: bool = False  # True: run the describer on every frame instead of replaying its lines
+    describe_frames: int = 40  # sampled frames timed for the describer comparison (YOLO vs HOG/Haar); 0 = skip
     # gpu (VLM path)
     vlm_families: list = field(default_factory=lambda: ["qwen2_5_vl", "idefics3"])
     vlm_frames: int = 120

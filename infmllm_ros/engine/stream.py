@@ -334,7 +334,7 @@ class Stream:
         reason = self.check_question(question, max_new_tokens)
         if reason:
             raise ValueError(reason)
-        oldest, newest = self._held_frame_stamps()
+        oldest, newest = self._held_frame_stamps(camera)
         prompt = self._question_prompt(question, camera)
         try:
             result = self._append(Chunk(input_ids=prompt, kind="question", camera=camera, text=question),
@@ -814,9 +814,16 @@ class Stream:
                              if bool(((held >= r.seen_start) & (held < r.seen_end)).any())]
         self._next_prune = max(256, 2 * len(self._records))
 
-    def _held_frame_stamps(self) -> tuple[Optional[float], Optional[float]]:
-        """Stamps of the oldest and newest frames that still have a token in any layer."""
-        stamped = [r for r in self._records if r.stamp is not None and r.kind == "frame"]
+    def _held_frame_stamps(self, camera: str = "") -> tuple[Optional[float], Optional[float]]:
+        """Stamps of the first- and last-appended frames (of ``camera``, or of any) that still
+        have a token in any layer.
+
+        By order in the stream, not by stamp value: a bag replayed in a loop, a clock
+        reset or two cameras on different clocks make stamps jump, but what arrived
+        last is the newest thing the stream knows.
+        """
+        stamped = [r for r in self._records if r.stamp is not None and r.kind == "frame"
+                   and (not camera or r.camera == camera)]
         if not stamped or not self.cache.layers[0].is_initialized:
             return None, None
         held = self._held_seen()
@@ -826,11 +833,10 @@ class Stream:
         valid = slot >= 0
         slot, held = slot[valid], held[valid]
         inside = held < ends[slot]
-        kept = sorted(set(slot[inside].tolist()))
-        if not kept:
+        kept = slot[inside]
+        if kept.numel() == 0:
             return None, None
-        stamps = [stamped[i].stamp for i in kept]
-        return min(stamps), max(stamps)
+        return stamped[int(kept.min())].stamp, stamped[int(kept.max())].stamp
 
 
 def _logits_mode(request: LogitsRequest) -> str:

@@ -29,7 +29,9 @@ STREAM_YAML = REPO / "config" / "stream.yaml"
 EXPECTED = {
     "model.preset", "model.name", "model.gguf_file", "model.device", "model.dtype",
     "model.trust_remote_code", "model.compile", "model.quantize", "encoder.type", "encoder.image_size", "encoder.max_pixels",
-    "encoder.min_pixels", "cache.policy", "cache.budget_tokens", "cache.budget_bytes",
+    "encoder.min_pixels", "encoder.detector.model", "encoder.detector.config", "encoder.detector.names",
+    "encoder.detector.input_size", "encoder.detector.score_threshold", "encoder.detector.nms_threshold",
+    "encoder.tracker.lost_s", "encoder.tracker.match_buffer", "cache.policy", "cache.budget_tokens", "cache.budget_bytes",
     "cache.max_chunk_tokens", "cache.sinks", "cache.recent", "cache.bias", "cameras.names",
     "sample_rate_hz", "scene.period_s", "scene.prompt", "scene.max_new_tokens",
     "query.max_new_tokens", "query.max_question_chars", "query.busy_policy", "query.queue_size",
@@ -83,7 +85,8 @@ def test_compile_and_quantize_are_checked_before_the_model_loads(ros_context):
 
 def test_what_cannot_change_live_is_read_only():
     for spec in P.describe_parameters(["front"]):
-        fixed = spec.name.split(".")[0] in ("model", "encoder", "cache", "cameras")
+        fixed = (spec.name.split(".")[0] in ("model", "encoder", "cache", "cameras")
+                 or spec.name == "memory.state_file")  # loaded once, at start-up
         assert spec.read_only == fixed, spec.name
 
 
@@ -92,7 +95,7 @@ def test_defaults_make_valid_settings():
     assert check_settings(s) is None
     assert s.model.name == "smollm2" and s.model.trust_remote_code is False
     assert s.cache.policy == "infmllm" and s.cache.budget_tokens == 1024
-    assert s.cameras[0].topic == "/front/image_raw" and s.cameras[0].transport == "raw"
+    assert s.cameras[0].topic == "front/image_raw" and s.cameras[0].transport == "raw"
     assert s.scene.period_s == 0.0  # scenes off unless asked for
     assert s.query.busy_policy == "queue"
     assert NodeSettings.from_values(s.to_values()) == s
@@ -119,11 +122,39 @@ def test_cache_settings_map_onto_the_engine_config():
     ({"cache.budget_tokens": 0, "cache.policy": "window"}, "needs a budget"),
     ({"query.max_new_tokens": 256}, "must be below cache.max_chunk_tokens"),
     ({"scene.prompt": "  "}, "scene.prompt is empty"),
+    ({"encoder.detector.model": "/no/such/model.onnx", "encoder.detector.names": "/no/such.names"},
+     "'/no/such/model.onnx' does not exist"),
+    ({"encoder.detector.model": "/no/such/model.onnx"}, "encoder.detector.names"),
+    ({"encoder.detector.input_size": 300}, "multiple of 32"),
+    ({"encoder.detector.score_threshold": 0.0}, "encoder.detector.score_threshold must be >="),
+    ({"encoder.tracker.lost_s": 0.0}, "encoder.tracker.lost_s must be >="),
 ])
 def test_bad_settings_have_a_reason(values, words):
     values = {"cameras.names": ["front"], **values}
     reason = check_settings(NodeSettings.from_values(values))
     assert reason and words in reason, reason
+
+
+def test_detector_files_are_checked_before_any_model_loads(tmp_path):
+    """A truncated weights file is refused by the settings check (no model, no OpenCV network)."""
+    detector = pytest.importorskip("infmllm_ros.perception.detector")
+    try:
+        cfg, weights, names = detector.bundled_yolov3_tiny()
+    except detector.DetectorLoadError as err:
+        pytest.skip(str(err))
+    cut = tmp_path / "cut.weights"
+    cut.write_bytes(weights.read_bytes()[:4096])
+    values = {"cameras.names": ["front"], "encoder.detector.model": str(cut),
+              "encoder.detector.config": str(cfg), "encoder.detector.names": str(names)}
+    reason = check_settings(NodeSettings.from_values(values))
+    assert reason.startswith("encoder.detector.*: ") and str(cut) in reason and "truncated" in reason
+    values["encoder.detector.model"] = str(weights)
+    s = NodeSettings.from_values(values)
+    assert check_settings(s) is None and s.encoder.detector.model == str(weights)
+    assert NodeSettings.from_values(s.to_values()) == s
+    values["encoder.type"] = "vlm"  # the detector is not used: not checked
+    values["encoder.detector.model"] = str(cut)
+    assert check_settings(NodeSettings.from_values(values)) is None
 
 
 # -- presets and params files ------------------------------------------------------
@@ -157,7 +188,7 @@ def test_stream_yaml_is_the_offline_default():
     values = read_params_file(STREAM_YAML)
     assert values["model.preset"] == "smollm2-offline"
     assert values["cameras.names"] == ["front"]
-    assert values["cameras.front.topic"] == "/camera/image_raw"
+    assert values["cameras.front.topic"] == "camera/image_raw"
     assert values["cameras.front.transport"] == "raw"
     assert values["sample_rate_hz"] == 1.0
     assert values["cache.budget_tokens"] == 1024 and values["cache.policy"] == "infmllm"
@@ -198,7 +229,7 @@ def test_per_camera_parameters_follow_cameras_names(ros_context):
         rear = s.camera("rear")
         assert (rear.topic, rear.transport, rear.frame_id) == (
             "/rear/image_raw/compressed", "compressed", "rear_optical")
-        assert node.get_parameter("cameras.front.topic").value == "/front/image_raw"
+        assert node.get_parameter("cameras.front.topic").value == "front/image_raw"
     finally:
         node.destroy_node()
 
@@ -212,6 +243,8 @@ def test_per_camera_parameters_follow_cameras_names(ros_context):
     ({"sample_rate_hz": "fast"}, "must be of type float"),
     ({"cache__budget_tokens": 0}, "needs a budget"),
     ({"query__max_new_tokens": 300}, "must be below cache.max_chunk_tokens"),
+    ({"encoder__detector__model": "/missing.weights", "encoder__detector__config": "/missing.cfg",
+      "encoder__detector__names": "/missing.names"}, "'/missing.weights' does not exist"),
 ])
 def test_bad_values_stop_the_start_with_a_reason(ros_context, values, words):
     assert words in refusal(ros_context, **values)
@@ -269,7 +302,7 @@ def test_params_file_and_preset_through_rcl(ros_context):
         assert s.encoder.type == "offline"
         assert s.scene.prompt == preset["scene.prompt"]  # from the preset
         assert s.scene.period_s == 20.0  # from stream.yaml
-        assert s.camera("front").topic == "/camera/image_raw"
+        assert s.camera("front").topic == "camera/image_raw"
         assert s.cache.budget_tokens == 1024
     finally:
         node.destroy_node()
@@ -284,3 +317,87 @@ def test_explicit_parameters_override_the_preset(ros_context):
         assert s.cache.budget_tokens == 512  # explicit beats preset
     finally:
         node.destroy_node()
+
+
+def test_params_file_sections_follow_rcl_matching(tmp_path):
+    from infmllm_ros.ros.params import section_applies, unmatched_params_files
+
+    assert section_applies("/**", "/watcher") and section_applies("/**", "/r1/watcher")
+    assert section_applies("/**/infmllm", "/r1/infmllm") and section_applies("infmllm", "/infmllm")
+    assert not section_applies("/**/infmllm", "/watcher")
+    assert section_applies("/r1/*", "/r1/x") and not section_applies("/r1/*", "/r1/a/x")
+    assert not section_applies("/r1/infmllm", "/r2/infmllm")
+    keyed = tmp_path / "keyed.yaml"
+    keyed.write_text("/**/infmllm:\n  ros__parameters:\n    sample_rate_hz: 2.0\n")
+    args = ["--ros-args", "--params-file", str(keyed), "--params-file", str(STREAM_YAML)]
+    assert unmatched_params_files(args, "/infmllm") == []
+    assert unmatched_params_files(args, "/watcher") == [(str(keyed), ["/**/infmllm"])]
+    # the shipped file applies whatever the node is called
+    assert read_params_file(STREAM_YAML, "/r1/watcher")["model.preset"] == "smollm2-offline"
+# -- start-up errors: one line, exit 2, before the model load ------------------------
+
+
+def test_misspelt_keys_are_warned_with_the_closest_name(ros_context, tmp_path, capfd):
+    f = tmp_path / "typo.yaml"
+    f.write_text("infmllm:\n  ros__parameters:\n    cache:\n      budjet_tokens: 100\n"
+                 "    cameras:\n      rear:\n        topic: /rear/image_raw\n")
+    node, s, guard = declare(ros_context, [Parameter("query.timeout", value=3.0)],
+                             cli_args=["--ros-args", "--params-file", str(f), "-p", "use_sim_time:=true"])
+    try:
+        unknown = dict(guard.unknown)
+        assert set(unknown) == {"cache.budjet_tokens", "cameras.rear.topic", "query.timeout"}
+        assert "cache.budget_tokens" in unknown["cache.budjet_tokens"]
+        assert "query.timeout_s" in unknown["query.timeout"]
+        assert "not in cameras.names" in unknown["cameras.rear.topic"]
+        assert s.cache.budget_tokens == 1024  # the default: the misspelt value went nowhere
+        err = capfd.readouterr().err
+        assert "ignoring unknown parameter 'cache.budjet_tokens': did you mean 'cache.budget_tokens'?" in err
+    finally:
+        node.destroy_node()
+
+
+STARTUP_CHILD = ("import sys\nfrom infmllm_ros.ros.node import main\n"
+                 "sys.exit(main(['infmllm_node', '--ros-args', '-r', '__ns:=/startup'] + sys.argv[1:]))")
+
+
+def _start(*args: str):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", STARTUP_CHILD, *args], capture_output=True, text=True,
+                          timeout=240, env=dict(os.environ))
+
+
+@pytest.mark.parametrize("case, words", [
+    ("missing-file", "params file {tmp}/nope.yaml does not exist"),
+    ("malformed-yaml", "is not valid YAML at line 4"),
+    ("not-ros-parameters", "has no ros__parameters"),
+    ("missing-model-folder", "model.name: model folder {tmp}/no_model does not exist"),
+    ("missing-gguf", "GGUF file 'm.gguf' is not in the model folder"),
+    ("budget-below-sinks-and-recent", "cache.budget_tokens: budget of 60 tokens leaves no room"),
+    ("budget-below-a-chunk", "cannot keep 4 sinks + 64 recent tokens + a whole chunk of 256"),
+    ("state-file-folder-missing", "memory.state_file: folder {tmp}/gone does not exist"),
+])
+def test_start_up_errors_are_one_line_with_exit_2_before_the_model_load(interfaces, tmp_path, case, words):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("infmllm:\n  ros__parameters:\n    cache: {budget_tokens: 100\n")
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("cache:\n  budget_tokens: 100\n")
+    args = {
+        "missing-file": ["--params-file", f"{tmp_path}/nope.yaml"],
+        "malformed-yaml": ["--params-file", str(bad)],
+        "not-ros-parameters": ["--params-file", str(flat)],
+        "missing-model-folder": ["-p", f"model.name:={tmp_path}/no_model"],
+        "missing-gguf": ["-p", f"model.name:={tmp_path}", "-p", "model.gguf_file:=m.gguf"],
+        "budget-below-sinks-and-recent": ["-p", "cache.budget_tokens:=60"],
+        "budget-below-a-chunk": ["-p", "cache.budget_tokens:=200"],
+        "state-file-folder-missing": ["-p", f"memory.state_file:={tmp_path}/gone/memory.pt"],
+    }[case]
+    proc = _start(*args)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "loading model" not in proc.stderr  # failed before the load
+    assert lines and lines[-1].startswith("[infmllm] cannot start: "), proc.stderr[-3000:]
+    assert words.format(tmp=tmp_path) in lines[-1]
