@@ -496,7 +496,9 @@ class Stream:
             if not layer.is_initialized:
                 layers.append(None)
                 continue
-            layers.append({name: layer.held(name).cpu() for name in ("keys", "values", *layer.buffers)})
+            # Copies of the held rows: a view would make torch.save write the whole buffer.
+            layers.append({name: layer.held(name).to("cpu", copy=True) for name in ("keys", "values",
+                                                                                     *layer.buffers)})
         torch.save({
             "format": _STATE_FORMAT,
             "model": self.lm.name,
