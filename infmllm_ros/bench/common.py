@@ -21,7 +21,7 @@ from typing import Any, Iterable, Optional
 
 REPO = Path(__file__).resolve().parents[2]
 
-COMMANDS = ("ppl", "recall", "speed", "memory", "gpu", "quant")
+COMMANDS = ("ppl", "recall", "speed", "memory", "gpu", "node", "quant")
 
 
 @dataclass
@@ -68,6 +68,12 @@ class BenchConfig:
     repeats: int = 3
     decode_tokens: int = 32
     query_tokens: int = 16
+    peer: str = ""  # speed: "llama.cpp" adds llama.cpp and plain transformers as references (bench/peers.py)
+    # node (bench/node.py): the real node over DDS beside the engine alone
+    rates: list = field(default_factory=lambda: [1.0, 5.0])  # camera Hz = the node's sample_rate_hz
+    duration_s: float = 180.0  # measured seconds per phase
+    node_process: str = "process"  # process: infmllm_node as a child process; inproc: in this process
+    node_load_timeout_s: float = 900.0  # the node's start-up (model load) may take this long
     # memory
     minutes: float = 60.0
     fps: float = 1.0
@@ -111,6 +117,12 @@ class BenchConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if any(int(d) < 1 for d in self.distances) or any(int(g) < 1 for g in self.lags):
             raise ValueError(f"distances and lags must be >= 1, got {self.distances}, {self.lags}")
+        if self.peer not in ("", "llama.cpp"):
+            raise ValueError(f"unknown peer {self.peer!r}; the one peer is 'llama.cpp'")
+        if self.node_process not in ("process", "inproc"):
+            raise ValueError(f"node_process must be 'process' or 'inproc', got {self.node_process!r}")
+        if any(not float(r) > 0 for r in self.rates) or not float(self.duration_s) > 0:
+            raise ValueError(f"rates and duration_s must be > 0, got {self.rates}, {self.duration_s}")
         if any(int(b) < 1 for b in self.budgets):
             raise ValueError(f"budgets must be >= 1, got {self.budgets}")
         if any(not (float(b) >= 0 and math.isfinite(float(b))) for b in self.biases):

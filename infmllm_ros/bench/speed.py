@@ -11,102 +11,26 @@ lets the cache grow by at most one chunk), and one ``Stream.ask`` of
 ratios infmllm/h2o and infmllm/streamingllm (>1 = Inf-MLLM faster). ``full``
 keeps growing across rounds (it has no budget); its cache size is reported.
 
-``reference`` (default on) adds plain transformers as the yardstick, in the
-same rounds: the model's own ``DynamicCache`` filled with the same
-``budget + chunk`` tokens, the same chunked prefill and greedy decode (its
-cache cut back to the fill after each timing, so its context stays that of
-the capped caches), and a question of the same length. Every policy line then
-carries ``vs_transformers`` (>1 = faster than plain transformers).
+``--peer llama.cpp`` adds two references to the same rounds (:mod:`.peers`):
+llama.cpp (llama-cpp-python on the same GGUF, in its own venv) and plain
+transformers (``DynamicCache``), each fed the same token ids in the same chunks
+with the same threads, at the context of a capped cache (cut back to ``budget``
+tokens before each chunk and before decoding). Every policy line then carries
+``vs_llama.cpp`` and ``vs_transformers``: our/their tokens/s for prefill and
+decode, the median of the per-round ratios.
 """
 
 from __future__ import annotations
 
-import inspect
 import statistics
+import sys
 import time
+from typing import Optional
 
 import torch
 
-from .common import (BenchConfig, Variant, append_in_chunks, emit, get_model, greedy_decode, progress, pyplot,
-                     raw_stream, record, run_label, save_figure, text_token_ids, variants)
-
-REFERENCE = "transformers"
-QUESTION = "What happened in the last paragraph?"
-
-
-class PlainTransformers:
-    """Plain transformers with its ``DynamicCache``: the yardstick, driven like the streams.
-
-    After each timed part the cache is cut back to the ``fill`` tokens, so every
-    round starts from the same context as the capped caches (``budget + chunk``).
-    """
-
-    def __init__(self, lm, fill_ids: torch.Tensor, chunk: int):
-        from transformers import DynamicCache
-
-        self.lm = lm
-        params = inspect.signature(lm.model.forward).parameters
-        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
-        self.cache = DynamicCache()
-        self.chunk = chunk
-        self.length = 0
-        self._prefill(fill_ids)
-        self.fill = self.length
-
-    @torch.inference_mode()
-    def _step(self, ids: torch.Tensor, logits: bool) -> torch.Tensor:
-        n = ids.shape[1]
-        out = self.lm.model(input_ids=ids.to(self.lm.device), use_cache=True, logits_to_keep=1,
-                            position_ids=torch.arange(self.length, self.length + n, device=self.lm.device)[None],
-                            **{self.cache_kwarg: self.cache})
-        self.length += n
-        return out.logits[0, -1] if logits else None
-
-    def _prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        logits = None
-        for start in range(0, ids.shape[1], self.chunk):
-            logits = self._step(ids[:, start:start + self.chunk], True)
-        return logits
-
-    def _cut_back(self) -> None:
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[..., :self.fill, :]
-            layer.values = layer.values[..., :self.fill, :]
-        self.length = self.fill
-
-    def _greedy(self, logits: torch.Tensor, steps: int) -> int:
-        for _ in range(steps):
-            logits = self._step(torch.tensor([[int(logits.argmax())]]), True)
-        return steps
-
-    def prefill(self, ids: torch.Tensor) -> float:
-        _sync(self.lm)
-        start = time.perf_counter()
-        self._prefill(ids)
-        _sync(self.lm)
-        took = time.perf_counter() - start
-        self._cut_back()
-        return took
-
-    def decode(self, first_token: int, steps: int) -> float:
-        logits = self._step(torch.tensor([[first_token]]), True)
-        _sync(self.lm)
-        start = time.perf_counter()
-        self._greedy(logits, steps)
-        _sync(self.lm)
-        took = time.perf_counter() - start
-        self._cut_back()
-        return took
-
-    def query(self, question: str, steps: int) -> float:
-        ids = self.lm.tokenizer(f"Question: {question}\nAnswer:", add_special_tokens=False,
-                                return_tensors="pt")["input_ids"]
-        start = time.perf_counter()
-        self._greedy(self._prefill(ids), steps)
-        _sync(self.lm)
-        took = time.perf_counter() - start
-        self._cut_back()
-        return took
+from .common import (BenchConfig, append_in_chunks, emit, get_model, greedy_decode, progress, pyplot, raw_stream,
+                     Variant, record, run_label, save_figure, text_token_ids, variants)
 
 
 def _sync(lm) -> None:
@@ -126,7 +50,7 @@ def _decode(stream, steps, lm) -> float:
     from infmllm_ros.engine import Chunk
 
     logits = stream.append_chunk(Chunk(input_ids=torch.tensor([[lm.tokenizer.encode(" The")[0]]])),
-                                 return_logits="last").logits[-1]
+                                 return_logits=True).logits[-1]
     _sync(lm)
     start = time.perf_counter()
     greedy_decode(stream, logits, steps)
@@ -135,43 +59,45 @@ def _decode(stream, steps, lm) -> float:
 
 
 def run(cfg: BenchConfig, lm=None) -> list[dict]:
+    from .peers import make_references
+
     lm = get_model(cfg, lm)
     results = []
-    first_token = lm.tokenizer.encode(" The")[0]
+    start_token = lm.tokenizer.encode(" The")[0]
     for budget in cfg.budgets:
         vs = variants(cfg, int(budget))
         fill = int(budget) + cfg.chunk
         per_round = cfg.tokens + cfg.decode_tokens + 40
         ids = text_token_ids(lm, cfg.text, fill + cfg.repeats * cfg.tokens)
+        refs = make_references(cfg, lm, int(budget))
         streams = {v.label: raw_stream(lm, v.stream_config(cfg)) for v in vs}
-        if cfg.reference:
-            vs = vs + [Variant(REFERENCE, REFERENCE, int(budget))]
         timings = {v.label: {"prefill": [], "decode": [], "query": [], "query_tokens": []} for v in vs}
-        bar = progress(len(vs) * (fill + cfg.repeats * per_round), f"speed b={budget}")
-        plain = None
+        ref_timings = {r.label: {"prefill": [], "decode": []} for r in refs}
+        bar = progress((len(vs) + len(refs)) * (fill + cfg.repeats * per_round), f"speed b={budget}")
         compile_s = {}
         try:
             for v in vs:
-                if v.policy == REFERENCE:
-                    plain = PlainTransformers(lm, ids[:, :fill], cfg.chunk)
-                else:
-                    _prefill(streams[v.label], ids[:, :fill], cfg.chunk, lm)
-                    # Compiles the decode step when compile is on (untimed; reported).
-                    compile_s[v.label] = streams[v.label].warmup()
+                _prefill(streams[v.label], ids[:, :fill], cfg.chunk, lm)
+                # Compiles the decode step when compile is on (untimed; reported as compile_s).
+                compile_s[v.label] = streams[v.label].warmup()
+                bar.update(fill)
+            for r in refs:
+                r.fill(ids[0, :int(budget)].tolist() if r.label == "llama.cpp" else ids[:, :int(budget)])
                 bar.update(fill)
             for rnd in range(cfg.repeats):
                 block = ids[:, fill + rnd * cfg.tokens: fill + (rnd + 1) * cfg.tokens]
-                order = vs[rnd % len(vs):] + vs[:rnd % len(vs)]
+                entries = vs + refs
+                order = entries[rnd % len(entries):] + entries[:rnd % len(entries)]
                 for v in order:
-                    t = timings[v.label]
-                    if v.policy == REFERENCE:
-                        t["prefill"].append(block.shape[1] / plain.prefill(block))
-                        t["decode"].append(cfg.decode_tokens / plain.decode(first_token, cfg.decode_tokens))
-                        t["query"].append(plain.query(QUESTION, cfg.query_tokens))
-                        t["query_tokens"].append(cfg.query_tokens)
+                    if v in refs:  # a reference engine: same tokens, chunks and context, no policy
+                        t = ref_timings[v.label]
+                        piece = block[0].tolist() if v.label == "llama.cpp" else block
+                        t["prefill"].append(block.shape[1] / v.prefill(piece, cfg.chunk, int(budget)))
+                        t["decode"].append(cfg.decode_tokens / v.decode(cfg.decode_tokens, int(budget),
+                                                                        start_token))
                         bar.update(per_round)
                         continue
-                    s = streams[v.label]
+                    s, t = streams[v.label], timings[v.label]
                     if s.capacity and s.stats().tokens_held + block.shape[1] + per_round > s.capacity:
                         # `full` would pass the model's context: start it again from the fill (untimed).
                         s.reset()
@@ -179,17 +105,18 @@ def run(cfg: BenchConfig, lm=None) -> list[dict]:
                         _prefill(s, ids[:, :fill], cfg.chunk, lm)
                     t["prefill"].append(block.shape[1] / _prefill(s, block, cfg.chunk, lm))
                     t["decode"].append(cfg.decode_tokens / _decode(s, cfg.decode_tokens, lm))
-                    answer = s.ask(QUESTION, max_new_tokens=cfg.query_tokens)
+                    answer = s.ask("What happened in the last paragraph?", max_new_tokens=cfg.query_tokens)
                     t["query"].append(answer.latency_s)
                     t["query_tokens"].append(answer.generated_tokens)
                     bar.update(per_round)
             held = {label: s.stats().tokens_held for label, s in streams.items()}
-            if plain is not None:
-                held[REFERENCE] = plain.fill
+            peer_info = {r.label: getattr(r, "info", {}) for r in refs}
         finally:
             bar.close()
             for s in streams.values():
                 s.close()
+            for r in refs:
+                r.close()
         med = {label: {k: statistics.median(x) for k, x in t.items()} for label, t in timings.items()}
         lines = []
         for v in vs:
@@ -200,9 +127,18 @@ def run(cfg: BenchConfig, lm=None) -> list[dict]:
                                 tokens_held_end=held[v.label], compile_s=compile_s.get(v.label),
                                 prefill_runs=timings[v.label]["prefill"],
                                 decode_runs=timings[v.label]["decode"], query_runs=timings[v.label]["query"]))
+        for r in refs:
+            t = ref_timings[r.label]
+            lines.append(_reference_line(cfg, lm, r.label, int(budget), t, peer_info.get(r.label)))
         _ratios(lines)
         for line in lines:
             emit(cfg, line)
+        for line in lines:  # the side-by-side ratios, readable
+            for key in ("vs_llama.cpp", "vs_transformers", "vs_h2o", "vs_streamingllm"):
+                if key in line:
+                    r = line[key]
+                    print(f"  {line['policy']} / {key[3:]}: " + ", ".join(f"{k} {v:.2f}x" for k, v in r.items()),
+                          file=sys.stderr)
         results.extend(lines)
     return results
 
@@ -215,12 +151,13 @@ def _ratios(lines: list[dict]) -> None:
     """
     by = {x["policy"]: x for x in lines}
     for line in lines:
-        if REFERENCE in by and line["policy"] != REFERENCE:
-            o = by[REFERENCE]
-            line[f"vs_{REFERENCE}"] = {
-                "prefill": statistics.median(a / b for a, b in zip(line["prefill_runs"], o["prefill_runs"])),
-                "decode": statistics.median(a / b for a, b in zip(line["decode_runs"], o["decode_runs"])),
-            }
+        for ref in ("llama.cpp", "transformers"):
+            if ref in by and line["base_policy"] not in ("llama.cpp", "transformers"):
+                o = by[ref]
+                line[f"vs_{ref}"] = {
+                    "prefill": statistics.median(a / b for a, b in zip(line["prefill_runs"], o["prefill_runs"])),
+                    "decode": statistics.median(a / b for a, b in zip(line["decode_runs"], o["decode_runs"])),
+                }
         if line["base_policy"] != "infmllm":
             continue
         for other in ("h2o", "streamingllm"):
@@ -233,6 +170,19 @@ def _ratios(lines: list[dict]) -> None:
                 }
 
 
+def _reference_line(cfg: BenchConfig, lm, label: str, budget: int, t: dict,
+                    info: Optional[dict]) -> dict:
+    """A result line for a reference engine, shaped like a policy's (no query: it has no chat stream)."""
+    line = record(cfg, lm, Variant(label, label, budget, 0.0, False), tokens=cfg.tokens, fill=budget,
+                  repeats=cfg.repeats, prefill_tok_s=statistics.median(t["prefill"]),
+                  decode_tok_s=statistics.median(t["decode"]), query_s=None, decode_tokens=cfg.decode_tokens,
+                  context=f"cut to {budget} tokens before each {cfg.chunk}-token chunk and before decoding",
+                  prefill_runs=t["prefill"], decode_runs=t["decode"], query_runs=[])
+    if label == "llama.cpp":
+        line.update(model=f"{lm.name} (GGUF Q4_1)", dtype="q4_1", device="cpu", peer=info or {})
+    return line
+
+
 def plot(cfg: BenchConfig, results: list[dict], lm=None) -> list:
     plt = pyplot()
     paths = []
@@ -241,7 +191,7 @@ def plot(cfg: BenchConfig, results: list[dict], lm=None) -> list:
         fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
         for ax, key, label in zip(axes, ("prefill_tok_s", "decode_tok_s", "query_s"),
                                   ("chunked prefill (tokens/s)", "decode (tokens/s)", "seconds per query")):
-            ax.bar(range(len(rows)), [r[key] for r in rows])
+            ax.bar(range(len(rows)), [r[key] or 0.0 for r in rows])  # references have no query
             ax.set_xticks(range(len(rows)), [r["policy"] for r in rows], rotation=20, fontsize=8)
             ax.set_title(label, fontsize=9)
         r0 = rows[0]

@@ -337,18 +337,32 @@ class Job:
     """One request for the worker: ``kind`` ("query", "reset" ...) and its arguments.
 
     The caller waits on :meth:`wait`; the worker calls :meth:`finish`. ``cancel``
-    (a timeout, a cancelled action goal, shutdown) makes :attr:`should_stop` true,
-    which the worker passes to generation so it stops between tokens.
+    (a cancelled action goal, shutdown) and the ``timeout_s`` deadline make
+    :meth:`should_stop` true, which the worker passes to the engine so it stops
+    between prefill pieces and tokens. The deadline is the worker's own, so a
+    question that cannot be answered in time stops at ``timeout_s`` even when
+    the thread waiting for it is late, and never holds up the jobs behind it
+    for longer than that.
+
+    Args:
+        kind: "query", "reset" ...
+        control: control jobs skip the question limit (reset).
+        timeout_s: seconds from now after which the job stops and counts as
+            timed out (``None``: no deadline).
+        **args: the job's arguments (question, camera, max_new_tokens ...).
     """
 
     _ids = itertools.count(1)
 
-    def __init__(self, kind: str, *, control: bool = False, **args: Any):
+    def __init__(self, kind: str, *, control: bool = False, timeout_s: Optional[float] = None,
+                 **args: Any):
         self.id = next(Job._ids)
         self.kind = kind
         self.args = args
-        self.control = control  # control jobs skip the question limit (reset)
+        self.control = control
         self.created = time.monotonic()
+        self.timeout_s = timeout_s
+        self.deadline: Optional[float] = None if timeout_s is None else self.created + timeout_s
         self.started: Optional[float] = None
         self.result: Any = None
         self.error: Optional[str] = None
@@ -363,8 +377,21 @@ class Job:
     def cancelled(self) -> bool:
         return self._cancel.is_set()
 
+    @property
+    def expired(self) -> bool:
+        """True once the deadline has passed."""
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def remaining(self) -> Optional[float]:
+        """Seconds left until the deadline (>= 0), or None without one."""
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
     def should_stop(self) -> bool:
-        return self._cancel.is_set()
+        return self._cancel.is_set() or self.expired
+
+    def timeout_reason(self) -> str:
+        return (f"timed out after {self.timeout_s:g} s (query.timeout_s): "
+                "not answered in time, the question was cancelled")
 
     def finish(self, result: Any = None, error: Optional[str] = None) -> None:
         self.result, self.error = result, error
@@ -433,6 +460,9 @@ class JobQueue:
                     job = q.popleft()
                     if job.cancelled:
                         job.finish(error="cancelled before it started")
+                        continue
+                    if job.expired:  # waited out its whole time behind other jobs
+                        job.finish(error=job.timeout_reason())
                         continue
                     job.started = time.monotonic()
                     self._running = job

@@ -48,7 +48,8 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallb
 from rclpy.clock import Clock, ClockType
 from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.node import Node
-from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,
+                       qos_profile_sensor_data)
 from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import Trigger
 
@@ -60,6 +61,7 @@ from .core import FrameRef, Job, JobQueue, FrameSlots, sec_to_stamp
 from .health import SimClockWatch
 from .params import (
     DEFAULT_NODE_NAME,
+    STATIC_BY_NAME,
     NodeSettings,
     ParameterError,
     declare_node_parameters,
@@ -68,6 +70,15 @@ from .params import (
 )
 from .state import StateFile
 from .worker import AnswerResult, StreamWorker
+
+#: QoS of the node's services and action: reliable, KEEP_ALL. The default service
+#: profile keeps the last 10 requests (and responses), so a burst of more than
+#: 10 simultaneous calls silently lost requests before the executor took them
+#: (issue #15 item 9: 6-10 of 20 clients never got a response). KEEP_ALL keeps
+#: every request until it is taken and every response until it is delivered.
+SERVICE_QOS = QoSProfile(history=HistoryPolicy.KEEP_ALL, reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.VOLATILE)
+
 
 def to_time(ref: Optional[FrameRef]) -> Time:
     """A FrameRef's exact stamp as builtin_interfaces/Time (zero for None)."""
@@ -109,9 +120,19 @@ def check_before_load(settings: NodeSettings, *, model: bool = True) -> None:
 
 
 def build_encoder(lm, settings: NodeSettings):
-    """The frame encoder named by ``encoder.type`` (perception/encoders.py)."""
+    """The frame encoder named by ``encoder.type`` (perception/encoders.py).
+
+    The encoder runs in the worker's encoder thread beside the model thread, so it
+    gets its own copy of the tokenizer and processor: a Hugging Face fast tokenizer
+    used from two threads at once can fail ("Already borrowed").
+    """
+    import copy
+    import dataclasses
+
     from infmllm_ros.perception.encoders import make_encoder
 
+    lm = dataclasses.replace(lm, tokenizer=copy.deepcopy(lm.tokenizer),
+                             processor=copy.deepcopy(lm.processor))
     e = settings.encoder
     offline = {}
     if e.type == "offline":
@@ -235,17 +256,21 @@ class InfMllmNode(Node):
         self._subs = []
         self._topics: dict = {}  # camera -> its topic, resolved in the node's namespace
         self._qos_events: dict = {c: 0 for c in s.camera_names}
-        self.create_service(Query, "~/query", self._counted(self._on_query),
+        self.create_service(Query, "~/query", self._counted(self._on_query), qos_profile=SERVICE_QOS,
                             callback_group=self._query_group)
-        self.create_service(Trigger, "~/reset", self._on_reset, callback_group=self._admin_group)
-        self.create_service(Trigger, "~/save", self._on_save, callback_group=self._admin_group)
-        self.create_service(Trigger, "~/load", self._on_load, callback_group=self._admin_group)
-        self.create_service(GetStats, "~/get_stats", self._on_get_stats,
+        self.create_service(Trigger, "~/reset", self._on_reset, qos_profile=SERVICE_QOS,
+                            callback_group=self._admin_group)
+        self.create_service(Trigger, "~/save", self._on_save, qos_profile=SERVICE_QOS,
+                            callback_group=self._admin_group)
+        self.create_service(Trigger, "~/load", self._on_load, qos_profile=SERVICE_QOS,
+                            callback_group=self._admin_group)
+        self.create_service(GetStats, "~/get_stats", self._on_get_stats, qos_profile=SERVICE_QOS,
                             callback_group=self._admin_group)
         self._ask_server = ActionServer(
             self, Ask, "~/ask", execute_callback=self._counted(self._execute_ask),
             goal_callback=self._on_ask_goal, cancel_callback=lambda _goal: CancelResponse.ACCEPT,
-            callback_group=self._query_group)
+            goal_service_qos_profile=SERVICE_QOS, result_service_qos_profile=SERVICE_QOS,
+            cancel_service_qos_profile=SERVICE_QOS, callback_group=self._query_group)
         self._diag_timer = None
         self._clock_watch = SimClockWatch(self)
         self._make_diag_timer(s.diagnostics_period_s)
@@ -290,8 +315,17 @@ class InfMllmNode(Node):
             "'reliable' only reliable publishers are received")
 
     def executor_threads(self) -> int:
-        """Threads a MultiThreadedExecutor needs so waiting questions never starve the rest."""
-        return max(4, min(64, self.settings.query.queue_size + 5))
+        """Threads a MultiThreadedExecutor needs so waiting questions never starve the rest.
+
+        A ~/query or ~/ask callback holds its thread until the answer, a refusal or
+        ``query.timeout_s``; at most ``query.queue_size`` + 1 do so at once (the rest
+        are refused at once). ``query.queue_size`` can be raised live, so the pool is
+        sized for its upper bound; its threads start only when needed (a
+        ThreadPoolExecutor grows on demand), so the size costs nothing idle. Four
+        more keep images, timers, ~/get_stats, ~/reset and refusals moving.
+        """
+        most_waiting = int(STATIC_BY_NAME["query.queue_size"].hi)
+        return most_waiting + 1 + 4
 
     # -- parameters --------------------------------------------------------------
 
@@ -413,13 +447,19 @@ class InfMllmNode(Node):
             return None, reason
         n = int(max_new_tokens) or self.settings.query.max_new_tokens
         job = Job("query", question=question.strip(), camera=camera,
-                  max_new_tokens=min(n, self.max_answer_tokens))
+                  max_new_tokens=min(n, self.max_answer_tokens),
+                  timeout_s=self.settings.query.timeout_s)
         job.on_text = on_text
         reason = self.jobs.submit(job)
         return (None, reason) if reason else (job, None)
 
     def _fill_answer(self, resp, job: Job, t0: float):
+        """The response for ``job``: its answer, its error, or the timeout (with any partial answer)."""
         resp.latency_s = float(time.monotonic() - t0)
+        if not job.done:
+            job.cancel()  # the worker stops it between prefill pieces / tokens
+            resp.success, resp.message = False, job.timeout_reason()
+            return resp
         if job.error:
             resp.success, resp.message = False, job.error
             return resp
@@ -433,8 +473,12 @@ class InfMllmNode(Node):
         resp.success = not a.cancelled
         resp.message = ""
         if a.cancelled:
-            resp.message = ("stopped: the node is shutting down (partial answer)" if self._closed
-                            else "cancelled (partial answer)")
+            if self._closed:
+                resp.message = "stopped: the node is shutting down (partial answer)"
+            elif job.expired:
+                resp.message = job.timeout_reason() + " (partial answer)"
+            else:
+                resp.message = "cancelled (partial answer)"
         return resp
 
     def _counted(self, callback):
@@ -453,18 +497,16 @@ class InfMllmNode(Node):
             resp.success, resp.message = False, reason
             self.get_logger().info(f"query refused: {reason}")
             return resp
-        timeout = self.settings.query.timeout_s
-        if not self._wait_job(job, t0 + timeout):
+        # The worker finishes it, refuses it or stops it at its deadline (query.timeout_s).
+        if not self._wait_job(job, job.deadline) and self._closed:
             job.cancel()
-            if self._closed:
-                resp.success, resp.message = False, "the node is shutting down"
-                resp.latency_s = float(time.monotonic() - t0)
-                return resp
-            resp.success = False
-            resp.message = f"timed out after {timeout:g} s (query.timeout_s); the answer was cancelled"
+            resp.success, resp.message = False, "the node is shutting down"
             resp.latency_s = float(time.monotonic() - t0)
             return resp
-        return self._fill_answer(resp, job, t0)
+        resp = self._fill_answer(resp, job, t0)
+        if not resp.success:
+            self.get_logger().info(f"query not answered: {resp.message}")
+        return resp
 
     def _wait_job(self, job: Job, deadline: float, cancelled=None) -> bool:
         """Wait for ``job`` until ``deadline`` (monotonic) or ``cancelled()``; True when done.
@@ -512,17 +554,14 @@ class InfMllmNode(Node):
             result.success, result.message = False, reason
             self._finish_goal(goal_handle.abort)
             return result
-        deadline = t0 + self.settings.query.timeout_s
-        if not self._wait_job(job, deadline, lambda: goal_handle.is_cancel_requested):
+        if not self._wait_job(job, job.deadline, lambda: goal_handle.is_cancel_requested):
             job.cancel()
-            if not self._closed:
+            if not self._closed and goal_handle.is_cancel_requested:
                 job.wait(5.0)
-        if job.done:
-            self._fill_answer(result, job, t0)
-        elif self._closed:
-            result.success, result.message = False, "the node is shutting down"
+        if job.done or not self._closed:
+            self._fill_answer(result, job, t0)  # the answer, or the timeout with its reason
         else:
-            result.success, result.message = False, "timed out"
+            result.success, result.message = False, "the node is shutting down"
         if goal_handle.is_cancel_requested:
             result.success = False
             result.message = "cancelled (partial answer)"
@@ -749,6 +788,7 @@ class InfMllmNode(Node):
         if self._closed:
             return self.worker is None or not self.worker.alive
         self._closed = True
+        self._closed_at = time.monotonic()
         if self.worker is None:
             return True
         t = self.slots.totals()
@@ -771,7 +811,10 @@ class InfMllmNode(Node):
         then a moment more for the executor to send their replies (action results are sent
         by a task that runs after the callback)."""
         end = time.monotonic() + timeout
-        had_calls = self._calls.value > 0
+        # A callback that returned since the stop began (while the worker was joined) has its
+        # reply still to send, as much as one that is still running.
+        had_calls = (self._calls.value > 0
+                     or self._calls.last_exit >= getattr(self, "_closed_at", float("inf")))
         while self._calls.value > 0 and time.monotonic() < end:
             time.sleep(0.02)
         if had_calls:
@@ -791,6 +834,7 @@ class _Counter:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.value = 0
+        self.last_exit = float("-inf")  # monotonic time the last callback returned
 
     def __enter__(self):
         with self._lock:
@@ -800,6 +844,7 @@ class _Counter:
     def __exit__(self, *exc) -> None:
         with self._lock:
             self.value -= 1
+            self.last_exit = time.monotonic()
 
 
 def _kv(**values) -> list:

@@ -17,6 +17,7 @@ from nodekit import (  # noqa: E402
     Harness,
     clip_frames,
     compressed_msg,
+    harness_factory,
     image_msg,
     shared_clip,
     wait_for,
@@ -40,17 +41,8 @@ def frames():
 
 @pytest.fixture
 def harness(ros_context, smollm2):
-    made = []
-
-    def make(**params):
-        params.setdefault("diagnostics.period_s", 0.5)
-        h = Harness(ros_context, smollm2, params=params)
-        made.append(h)
-        return h
-
-    yield make
-    for h in made:
-        h.close()
+    with harness_factory(ros_context, smollm2, **{"diagnostics.period_s": 0.5}) as make:
+        yield make
 
 
 def feed(h, topic, frames, start=0, period=0.0, compressed=False, frame_id="cam_optical",
