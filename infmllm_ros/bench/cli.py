@@ -7,6 +7,7 @@
     infmllm-bench memory --video video/vtest.avi --minutes 60 --policy infmllm --policy full
     infmllm-bench gpu    # the prepared GPU run (see benchmarks/gpu.sh)
     infmllm-bench node --rate 1 --rate 5 --duration 180   # the node over DDS vs the engine alone
+    infmllm-bench quant  --budget 1024 --tokens 2048   # int8 weights: ppl cost next to speed
 
 Defaults come from ``config/bench.yaml`` (``--config`` for another file);
 ``--quick`` switches to tiny sizes. With ``--json`` each policy's result is one
@@ -30,6 +31,7 @@ DESCRIPTIONS = {
     "memory": "peak memory and per-frame latency over a long simulated video (1 frame/s)",
     "gpu": "the prepared GPU run: ppl, speed, memory at larger scale, plus random-weight VLMs",
     "node": "the real node over DDS beside the engine alone: answer latency, tokens/s, frames/s",
+    "quant": "int8 weights vs float32 on the same stream: perplexity next to prefill/decode speed",
 }
 
 

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Optional
 
 REPO = Path(__file__).resolve().parents[2]
 
-COMMANDS = ("ppl", "recall", "speed", "memory", "gpu", "node")
+COMMANDS = ("ppl", "recall", "speed", "memory", "gpu", "node", "quant")
 
 
 @dataclass
@@ -35,6 +35,8 @@ class BenchConfig:
     dtype: str = "float32"
     attn: str = "sdpa"
     threads: int = 0  # torch threads; 0 = torch's default
+    quantize: str = "none"  # none | int8 (Linear weights in int8; engine.models.quantize_model)
+    compile: str = "auto"  # decode steps compiled with static shapes: auto (CUDA only) | on | off
     # cache
     policies: list = field(default_factory=lambda: ["full", "window", "streamingllm", "h2o", "infmllm"])
     budgets: list = field(default_factory=lambda: [1024])
@@ -62,6 +64,7 @@ class BenchConfig:
     scenarios: list = field(default_factory=lambda: ["single", "multi"])
     distractors: str = "unplanted"  # multi: unplanted (words never in the stream) or planted (the other facts' words)
     # speed
+    reference: bool = True  # speed: plain transformers (DynamicCache) in the same rounds, as the yardstick
     repeats: int = 3
     decode_tokens: int = 32
     query_tokens: int = 16
@@ -98,6 +101,13 @@ class BenchConfig:
             raise ValueError(f"unknown benchmark {self.command!r}; choose one of {COMMANDS}")
         from infmllm_ros.engine import POLICIES
 
+        from infmllm_ros.engine.decode import COMPILE_CHOICES
+        from infmllm_ros.engine.models import QUANTIZE_CHOICES
+
+        if self.quantize not in QUANTIZE_CHOICES:
+            raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {self.quantize!r}")
+        if self.compile not in COMPILE_CHOICES:
+            raise ValueError(f"compile must be one of {COMPILE_CHOICES}, got {self.compile!r}")
         for name in self.policies:
             base = name[: -len("-grow")] if name.endswith("-grow") else name
             if base not in POLICIES:
@@ -230,11 +240,12 @@ def get_model(cfg: BenchConfig, lm=None):
     """The loaded model: ``lm`` if given (tests share one load), else loaded once per process."""
     if lm is not None:
         return lm
-    key = (cfg.model, cfg.device, cfg.dtype, cfg.attn)
+    key = (cfg.model, cfg.device, cfg.dtype, cfg.attn, cfg.quantize)
     if key not in _MODELS:
         from infmllm_ros.engine import load_model
 
-        _MODELS[key] = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, attn_implementation=cfg.attn)
+        _MODELS[key] = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, attn_implementation=cfg.attn,
+                                  quantize=cfg.quantize)
     return _MODELS[key]
 
 
@@ -258,10 +269,12 @@ class Variant:
     def stream_config(self, cfg: BenchConfig, chunk: Optional[int] = None):
         from infmllm_ros.engine import StreamConfig
 
+        # `full` is the reference: no token budget (it would cap it), only the model's context.
         return StreamConfig(
-            policy=self.policy, budget_tokens=self.budget, max_chunk_tokens=chunk or cfg.chunk, sinks=cfg.sinks,
+            policy=self.policy, budget_tokens=0 if self.policy == "full" else self.budget,
+            max_chunk_tokens=chunk or cfg.chunk, sinks=cfg.sinks,
             recent=cfg.recent, retrieval_window=cfg.retrieval_window, bias=self.bias,
-            h2o_recent_ratio=cfg.h2o_recent_ratio, rerotate=self.rerotate,
+            h2o_recent_ratio=cfg.h2o_recent_ratio, rerotate=self.rerotate, compile=cfg.compile,
         ).validate()
 
 
@@ -301,23 +314,10 @@ def append_in_chunks(stream, ids, chunk: int, bar=None) -> None:
 
 
 def greedy_decode(stream, logits, steps: int) -> list[int]:
-    """``steps`` greedy tokens from next-token ``logits``, each appended as an answer token with the
-    cache in decoding mode (as ``Stream.ask`` decodes, without its chat framing)."""
-    import torch
-
-    from infmllm_ros.engine import Chunk
-
-    generated = []
-    stream.cache.decoding = True
-    try:
-        for _ in range(steps):
-            token = int(logits.argmax())
-            generated.append(token)
-            logits = stream.append_chunk(Chunk(input_ids=torch.tensor([[token]]), kind="answer"),
-                                         return_logits=True).logits[-1]
-    finally:
-        stream.cache.decoding = False
-    return generated
+    """``steps`` greedy tokens from next-token ``logits``, each appended to the stream with the cache in
+    decoding mode: ``Stream.ask``'s own loop (``Stream.generate``), without its chat framing, its
+    repetition penalty or its stop at an end token."""
+    return stream.generate(logits, steps, repetition_penalty=1.0, stop_at_eos=False).tokens
 
 
 def record(cfg: BenchConfig, lm, variant: Variant, **figures) -> dict:
@@ -325,7 +325,8 @@ def record(cfg: BenchConfig, lm, variant: Variant, **figures) -> dict:
     return {
         "bench": cfg.command, "policy": variant.label, "base_policy": variant.policy, "budget": variant.budget,
         "bias": variant.bias, "rerotate": variant.rerotate, "chunk": cfg.chunk, "model": lm.name,
-        "device": str(lm.device), "dtype": dtype_name(lm),
+        "device": str(lm.device), "dtype": dtype_name(lm), "quantize": getattr(lm, "quantize", "none"),
+        "compile": cfg.compile,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(),
         "quick": cfg.quick, **figures,
     }

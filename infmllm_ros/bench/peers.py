@@ -202,9 +202,11 @@ def gguf_of(lm) -> Path:
 
 
 def make_references(cfg, lm, budget: int) -> list:
-    """The references ``cfg.peer`` asks for: llama.cpp and plain transformers (none without a peer)."""
+    """The references to time beside the policies: plain transformers (``cfg.reference``, on by
+    default: the yardstick every policy's ``vs_transformers`` is read against), and with
+    ``cfg.peer`` llama.cpp too."""
     if not cfg.peer:
-        return []
+        return [TransformersReference(lm)] if getattr(cfg, "reference", False) else []
     if cfg.peer not in PEERS:
         raise ValueError(f"unknown peer {cfg.peer!r}; choose one of {PEERS}")
     import torch

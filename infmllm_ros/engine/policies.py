@@ -13,10 +13,27 @@ over the whole stream, H2O's heavy-hitter statistic).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import ClassVar, Optional
+from dataclasses import dataclass, field, fields
+from typing import ClassVar, Optional, Union
 
 import torch
+
+
+@dataclass(frozen=True)
+class TokenBuffer:
+    """A per-token buffer a policy asks the cache to keep beside the keys and values.
+
+    The cache allocates it once per layer as ``[batch, kv_heads, capacity,
+    *trailing]``, fills a new token's entry with ``fill`` (or with the value
+    the stream gives for the step), and gathers and compacts it together with
+    the keys at every eviction, so a policy never touches the cache's
+    mechanics. ``score`` reads (and may update in place) the held rows as
+    ``view.buffers[name]``.
+    """
+
+    dtype: torch.dtype
+    trailing: tuple[int, ...] = ()
+    fill: Union[int, float] = 0
 
 
 @dataclass
@@ -32,6 +49,8 @@ class ScoreView:
     budget: int
     window_attention: Optional[torch.Tensor] = None
     accumulated_attention: Optional[torch.Tensor] = None
+    #: the policy's own per-token buffers (``Policy.token_buffers``), held rows only (views: writable)
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -46,6 +65,8 @@ class Policy:
     evicts: ClassVar[bool] = True
     #: the settings a user may tune for this policy (``make_policy`` passes only these)
     knobs: ClassVar[tuple[str, ...]] = ()
+    #: per-token buffers the cache keeps for this policy (name -> spec), beside ``seen`` and ``positions``
+    token_buffers: ClassVar[dict[str, TokenBuffer]] = {}
 
     sinks: int = 0
     recent: int = 0
@@ -57,6 +78,15 @@ class Policy:
             value = getattr(self, f.name)
             if isinstance(value, int) and not isinstance(value, bool) and value < 0:
                 raise ValueError(f"{type(self).__name__}.{f.name} must be >= 0, got {value}")
+
+    @property
+    def quiet_while_decoding(self) -> bool:
+        """No statistics and no eviction in a decode step while the cache has room (Inf-MLLM, full).
+
+        Such steps need no attention hook, so the stream can run them as one
+        compiled, static-shape graph.
+        """
+        return (not self.evicts or not self.evicts_every_step) and self.needs != "accumulated"
 
     def check_budget(self, budget: int, max_chunk: int) -> None:
         """Raise if ``budget`` cannot hold what this policy always keeps."""
@@ -132,6 +162,7 @@ class H2O(Policy):
 
     name: ClassVar[str] = "h2o"
     needs: ClassVar[str] = "accumulated"
+    token_buffers: ClassVar[dict[str, TokenBuffer]] = {"accumulated": TokenBuffer(torch.float32)}
     knobs: ClassVar[tuple[str, ...]] = ("recent_ratio", "per_head")
     recent_ratio: float = 0.5
     per_head: bool = True

@@ -96,7 +96,7 @@ def load_for_settings(settings: NodeSettings):
 
     m = settings.model
     return load_model(m.name, gguf_file=m.gguf_file or None, device=m.device, dtype=m.dtype,
-                      trust_remote_code=m.trust_remote_code)
+                      trust_remote_code=m.trust_remote_code, quantize=m.quantize)
 
 
 def check_before_load(settings: NodeSettings, *, model: bool = True) -> None:
@@ -218,13 +218,19 @@ class InfMllmNode(Node):
         describer = getattr(self.encoder, "describer", None)
         detector = f" ({describer.detector.description})" if describer is not None else ""
         log.info(
-            f"model '{self.lm.name}' ({self.lm.kind}) on {self.lm.device}, {self.lm.dtype} ({how}); "
+            f"model '{self.lm.name}' ({self.lm.kind}) on {self.lm.device}, {self.lm.dtype}"
+            f"{', int8 weights' if self.lm.quantize == 'int8' else ''} ({how}); "
             f"encoder {s.encoder.type}{detector}; cache policy {s.cache.policy}, budget "
-            f"{self.stream.budget} tokens" + (f" / {s.cache.budget_bytes} bytes"
-                                               if s.cache.budget_bytes else ""))
+            f"{self.stream.budget} tokens, at most {self.stream.capacity or 'unbounded'} held"
+            + (f" / {s.cache.budget_bytes} bytes" if s.cache.budget_bytes else ""))
+        compiled_s = self.stream.warmup()
+        log.info(f"decode step: compiled in {compiled_s:.1f} s (model.compile {s.model.compile})"
+                 if compiled_s is not None else
+                 f"decode step: eager (model.compile {s.model.compile} on {self.lm.device.type}"
+                 + (f"; compiling failed: {self.stream.compile_error})" if self.stream.compile_error
+                    else ")"))
 
-        end = self.lm.tokenizer(self.stream.format.assistant_to_user, add_special_tokens=False)
-        self.max_answer_tokens = max(1, s.cache.max_chunk_tokens - len(end["input_ids"]))
+        self.max_answer_tokens = max(1, self.stream.max_answer_tokens)
 
         self.slots = FrameSlots(s.camera_names, on_put=self._wake_worker)
         self.jobs = JobQueue(s.query.queue_size, s.query.busy_policy, on_submit=self._wake_worker)
@@ -403,7 +409,7 @@ class InfMllmNode(Node):
         m.cache_tokens = int(st.tokens_held)
         m.cache_bytes = int(st.bytes_held)
         m.policy = st.policy
-        m.cache_budget_tokens = int(st.budget_tokens)
+        m.cache_budget_tokens = int(st.capacity_tokens)
         self._safe_publish(self.scene_pub, m)
         self.get_logger().info(f"scene ({m.header.stamp.sec}.{m.header.stamp.nanosec:09d}): {m.text}")
 
@@ -418,7 +424,8 @@ class InfMllmNode(Node):
 
     # -- questions ---------------------------------------------------------------
 
-    def check_question(self, question: str, camera: str) -> Optional[str]:
+    def check_question(self, question: str, camera: str,
+                       max_new_tokens: int = 0) -> Optional[str]:
         """Why a question is refused before it reaches the model, or None."""
         q = self.settings.query
         if not question or not question.strip():
@@ -428,11 +435,14 @@ class InfMllmNode(Node):
                     f"{q.max_question_chars} (query.max_question_chars)")
         if camera and camera not in self.settings.camera_names:
             return f"unknown camera '{camera}': known cameras are {self.settings.camera_names}"
-        return None
+        # In tokens: a question that would push the frames out of the cache is refused here,
+        # before it waits in the queue.
+        n = int(max_new_tokens) or q.max_new_tokens
+        return self.stream.check_question(question, min(n, self.max_answer_tokens))
 
     def _submit_question(self, question: str, camera: str, max_new_tokens: int,
                          on_text=None) -> Tuple[Optional[Job], Optional[str]]:
-        reason = self.check_question(question, camera)
+        reason = self.check_question(question, camera, max_new_tokens)
         if reason:
             return None, reason
         n = int(max_new_tokens) or self.settings.query.max_new_tokens
@@ -517,7 +527,7 @@ class InfMllmNode(Node):
         return True
 
     def _on_ask_goal(self, goal) -> GoalResponse:
-        reason = self.check_question(goal.question, goal.camera)
+        reason = self.check_question(goal.question, goal.camera, goal.max_new_tokens)
         if reason:
             self.get_logger().info(f"ask goal rejected: {reason}")
             return GoalResponse.REJECT
@@ -664,17 +674,8 @@ class InfMllmNode(Node):
             self.get_logger().error(f"memory: could not save to {self.state.path}: {exc}")
 
     def cache_budget_bytes(self) -> int:
-        """Bytes the cache may hold at its budget (0: unbounded)."""
-        c = self.settings.cache
-        if c.budget_bytes:
-            return int(c.budget_bytes)
-        if not c.budget_tokens:
-            return 0
-        cfg = self.lm.text_config
-        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        per_token = 2 * cfg.num_hidden_layers * heads * head_dim * self.lm.dtype.itemsize
-        return int(per_token * c.budget_tokens)
+        """Bytes the cache may ever hold, room for a chunk and an answer included (0: unbounded)."""
+        return int(self.worker.stats.budget_bytes)
 
     def _on_get_stats(self, req, resp: GetStats.Response) -> GetStats.Response:
         st = self.worker.stats
@@ -683,7 +684,9 @@ class InfMllmNode(Node):
         resp.message = "" if self.worker.alive else f"worker stopped: {self.worker.error or 'shutdown'}"
         resp.policy = st.policy
         resp.cache_tokens = int(st.tokens_held)
-        resp.cache_budget_tokens = int(st.budget_tokens)
+        # The ceiling the cache honours at every moment (budget + room for a chunk and an
+        # answer), so cache_tokens never shows above it.
+        resp.cache_budget_tokens = int(st.capacity_tokens)
         resp.cache_bytes = int(st.bytes_held)
         resp.cache_budget_bytes = self.cache_budget_bytes()
         resp.tokens_seen = int(st.tokens_seen)
@@ -758,7 +761,8 @@ class InfMllmNode(Node):
             s.level, s.message = DiagnosticStatus.OK, f"{st.tokens_held} tokens held"
         s.values = _kv(model=self.lm.name, device=str(self.lm.device), dtype=str(self.lm.dtype),
                        policy=st.policy, cache_tokens=st.tokens_held,
-                       cache_budget_tokens=st.budget_tokens, cache_bytes=st.bytes_held,
+                       cache_budget_tokens=st.capacity_tokens, cache_bytes=st.bytes_held,
+                       cache_bytes_reserved=st.bytes_reserved,
                        cache_budget_bytes=self.cache_budget_bytes(), tokens_seen=st.tokens_seen,
                        tokens_evicted=st.evictions, frames_in_stream=st.frames_seen,
                        queries_answered=lat.count, queries_refused=self.jobs.refused,

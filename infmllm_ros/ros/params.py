@@ -54,6 +54,8 @@ ENCODER_TYPES = ("offline", "vlm")
 TRANSPORTS = ("raw", "compressed")
 BUSY_POLICIES = ("queue", "reject")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+COMPILE_MODES = ("auto", "on", "off")
+QUANTIZE_METHODS = ("none", "int8")
 CAMERA_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 RELIABILITIES = ("best_effort", "reliable")
 CAMERA_KEYS = ("topic", "transport", "frame_id", "reliability")
@@ -117,6 +119,15 @@ STATIC_SPECS: Tuple[ParamSpec, ...] = (
     _s("model.num_threads", 0, "CPU threads torch uses in this process (torch.set_num_threads). "
        "0: torch's default (one per core). On cores shared with other busy processes, 1 can be "
        "several times faster.", read_only=True, lo=0, hi=1024),
+    _s("model.compile", "auto", "Run each decode step as one compiled, static-shape graph "
+       "(torch.compile; CUDA graphs on a GPU): auto (on for CUDA; off for CPU, where it measured "
+       "no faster), on, off. The compile time is logged at start-up and kept on disk "
+       "($TORCHINDUCTOR_CACHE_DIR, default ~/.cache/infmllm_ros/torchinductor) for the next start.",
+       read_only=True, choices=COMPILE_MODES),
+    _s("model.quantize", "none", "Store the Linear weights in int8: 'int8' (CPU: PyTorch dynamic "
+       "quantisation, needs model.dtype float32 or auto; CUDA: needs torchao) reads about 4x fewer "
+       "weight bytes per decoded token, at a small perplexity cost (docs/benchmarks.md); 'none'.",
+       read_only=True, choices=QUANTIZE_METHODS),
     _s("encoder.type", "offline", "How a frame becomes tokens: 'offline' (object detector + tracker "
        "-> one line of text -> the language model) or 'vlm' (the model's own vision tower).",
        read_only=True, choices=ENCODER_TYPES),
@@ -150,10 +161,14 @@ STATIC_SPECS: Tuple[ParamSpec, ...] = (
        "1 frame/s. 0: plain ByteTrack IoU.", read_only=True, lo=0.0, hi=5.0),
     _s("cache.policy", "infmllm", "KV-cache eviction policy.", read_only=True,
        choices=POLICY_NAMES),
-    _s("cache.budget_tokens", 1024, "Most tokens the KV cache keeps per layer. 0: no token cap "
-       "(only with a byte budget or policy 'full').", read_only=True, lo=0, hi=1 << 20),
-    _s("cache.budget_bytes", 0, "Most bytes the KV cache keeps over all layers. 0: no byte cap.",
-       read_only=True, lo=0, hi=1 << 40),
+    _s("cache.budget_tokens", 1024, "Tokens the KV cache keeps per layer after each eviction; "
+       "its buffers, allocated once, add room for a chunk (max_chunk_tokens) and, for infmllm, an "
+       "answer (GetStats' cache_budget_tokens is that ceiling). Policy 'full': the most it holds "
+       "(it refuses to grow past it, or past the model's context). 0: no token cap (only with a "
+       "byte budget or policy 'full').", read_only=True, lo=0, hi=1 << 20),
+    _s("cache.budget_bytes", 0, "Most bytes of keys and values over all layers, room for a chunk "
+       "and an answer included: the cache never takes more (it keeps what the bytes hold minus "
+       "that room). 0: no byte cap.", read_only=True, lo=0, hi=1 << 40),
     _s("cache.max_chunk_tokens", 256, "Longest piece appended in one forward pass; longer chunks "
        "are split.", read_only=True, lo=1, hi=65536),
     _s("cache.sinks", 4, "Attention-sink tokens at the start of the stream that are never evicted.",
@@ -261,6 +276,8 @@ class ModelSettings:
     dtype: str = "auto"
     trust_remote_code: bool = False
     num_threads: int = 0
+    compile: str = "auto"
+    quantize: str = "none"
 
 
 @dataclass
@@ -437,7 +454,7 @@ class NodeSettings:
         """The engine's ``StreamConfig`` for the cache settings."""
         from infmllm_ros.engine import StreamConfig
 
-        return StreamConfig.from_dict(self.cache.as_dict())
+        return StreamConfig.from_dict({**self.cache.as_dict(), "compile": self.model.compile})
 
 
 def check_settings(s: NodeSettings) -> Optional[str]:
@@ -473,6 +490,9 @@ def check_settings(s: NodeSettings) -> Optional[str]:
                 f"diagnostics.stale_periods ({s.diagnostics_stale_periods:g})")
     if not s.model.name.strip():
         return "model.name is empty"
+    if s.model.quantize == "int8" and s.model.dtype not in ("auto", "float32") and s.model.device == "cpu":
+        return (f"model.quantize int8 on the CPU needs model.dtype float32 (or auto), got "
+                f"{s.model.dtype!r}")
     if s.encoder.type == "offline":
         reason = _detector_reason(s.encoder.detector)
         if reason:

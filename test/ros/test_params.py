@@ -28,7 +28,7 @@ STREAM_YAML = REPO / "config" / "stream.yaml"
 
 EXPECTED = {
     "model.preset", "model.name", "model.gguf_file", "model.device", "model.dtype",
-    "model.trust_remote_code", "encoder.type", "encoder.image_size", "encoder.max_pixels",
+    "model.trust_remote_code", "model.compile", "model.quantize", "encoder.type", "encoder.image_size", "encoder.max_pixels",
     "encoder.min_pixels", "encoder.detector.model", "encoder.detector.config", "encoder.detector.names",
     "encoder.detector.input_size", "encoder.detector.score_threshold", "encoder.detector.nms_threshold",
     "encoder.tracker.lost_s", "encoder.tracker.match_buffer", "cache.policy", "cache.budget_tokens", "cache.budget_bytes",
@@ -74,6 +74,13 @@ def test_every_parameter_named_once_with_a_description():
     assert names[0] == "model.preset"  # the preset supplies the others' defaults
     for spec in P.describe_parameters(["front"]):
         assert spec.description.strip(), spec.name
+
+
+def test_compile_and_quantize_are_checked_before_the_model_loads(ros_context):
+    reason = refusal(ros_context, model__quantize="int8", model__dtype="bfloat16", model__device="cpu")
+    assert "model.quantize int8" in reason and "float32" in reason
+    assert "model.compile must be one of" in refusal(ros_context, model__compile="sometimes")
+    assert "model.quantize must be one of" in refusal(ros_context, model__quantize="int4")
 
 
 def test_what_cannot_change_live_is_read_only():
