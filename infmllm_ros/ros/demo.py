@@ -177,7 +177,8 @@ def main(argv: Optional[list] = None) -> int:
             if clip_start[0] is not None:
                 rel = f" (clip +{m.header.stamp.sec + m.header.stamp.nanosec * 1e-9 - clip_start[0]:.0f} s)"
             print(f"\n[scene {_stamp_str(m.header.stamp)}{rel}, frame {m.header.frame_id}] {m.text}\n"
-                  f"        cache {m.cache_tokens}/{m.cache_budget_tokens} tokens "
+                  f"        cache {m.cache_tokens} tokens (budget {m.cache_budget_tokens}, "
+                  f"capacity {m.cache_capacity_tokens}) "
                   f"({m.cache_bytes / 2**20:.1f} MiB), {m.frames_encoded} frames encoded, "
                   f"memory spans {_stamp_str(m.oldest_frame_stamp)} .. "
                   f"{_stamp_str(m.newest_frame_stamp)}", flush=True)
@@ -234,10 +235,12 @@ def main(argv: Optional[list] = None) -> int:
         while not fut.done():
             time.sleep(0.05)
         s = fut.result()
-        print(f"[stats] policy {s.policy}: cache {s.cache_tokens}/{s.cache_budget_tokens} tokens, "
+        print(f"[stats] policy {s.policy}: cache {s.cache_tokens} tokens (budget "
+              f"{s.cache_budget_tokens}, capacity {s.cache_capacity_tokens}), "
               f"{s.cache_bytes / 2**20:.1f}/{s.cache_budget_bytes / 2**20:.1f} MiB; "
               f"{s.tokens_seen} tokens seen, {s.tokens_evicted} evicted; frames received "
-              f"{s.frames_received}, encoded {s.frames_encoded}, dropped {s.frames_dropped}",
+              f"{s.frames_received}, encoded {s.frames_encoded}, dropped {s.frames_dropped}, "
+              f"bad {s.frames_bad}, on their way {s.frames_pending}",
               flush=True)
     except ParameterError as exc:
         print(f"[demo] cannot start the node: {exc}", file=sys.stderr)

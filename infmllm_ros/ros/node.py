@@ -409,7 +409,8 @@ class InfMllmNode(Node):
         m.cache_tokens = int(st.tokens_held)
         m.cache_bytes = int(st.bytes_held)
         m.policy = st.policy
-        m.cache_budget_tokens = int(st.capacity_tokens)
+        m.cache_budget_tokens = int(st.budget_tokens)
+        m.cache_capacity_tokens = int(st.capacity_tokens)
         self._safe_publish(self.scene_pub, m)
         self.get_logger().info(f"scene ({m.header.stamp.sec}.{m.header.stamp.nanosec:09d}): {m.text}")
 
@@ -684,9 +685,8 @@ class InfMllmNode(Node):
         resp.message = "" if self.worker.alive else f"worker stopped: {self.worker.error or 'shutdown'}"
         resp.policy = st.policy
         resp.cache_tokens = int(st.tokens_held)
-        # The ceiling the cache honours at every moment (budget + room for a chunk and an
-        # answer), so cache_tokens never shows above it.
-        resp.cache_budget_tokens = int(st.capacity_tokens)
+        resp.cache_budget_tokens = int(st.budget_tokens)
+        resp.cache_capacity_tokens = int(st.capacity_tokens)
         resp.cache_bytes = int(st.bytes_held)
         resp.cache_budget_bytes = self.cache_budget_bytes()
         resp.tokens_seen = int(st.tokens_seen)
@@ -761,7 +761,8 @@ class InfMllmNode(Node):
             s.level, s.message = DiagnosticStatus.OK, f"{st.tokens_held} tokens held"
         s.values = _kv(model=self.lm.name, device=str(self.lm.device), dtype=str(self.lm.dtype),
                        policy=st.policy, cache_tokens=st.tokens_held,
-                       cache_budget_tokens=st.capacity_tokens, cache_bytes=st.bytes_held,
+                       cache_budget_tokens=st.budget_tokens,
+                       cache_capacity_tokens=st.capacity_tokens, cache_bytes=st.bytes_held,
                        cache_bytes_reserved=st.bytes_reserved,
                        cache_budget_bytes=self.cache_budget_bytes(), tokens_seen=st.tokens_seen,
                        tokens_evicted=st.evictions, frames_in_stream=st.frames_seen,

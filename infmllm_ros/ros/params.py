@@ -163,7 +163,7 @@ STATIC_SPECS: Tuple[ParamSpec, ...] = (
        choices=POLICY_NAMES),
     _s("cache.budget_tokens", 1024, "Tokens the KV cache keeps per layer after each eviction; "
        "its buffers, allocated once, add room for a chunk (max_chunk_tokens) and, for infmllm, an "
-       "answer (GetStats' cache_budget_tokens is that ceiling). Policy 'full': the most it holds "
+       "answer (GetStats' cache_capacity_tokens is that ceiling). Policy 'full': the most it holds "
        "(it refuses to grow past it, or past the model's context). 0: no token cap (only with a "
        "byte budget or policy 'full').", read_only=True, lo=0, hi=1 << 20),
     _s("cache.budget_bytes", 0, "Most bytes of keys and values over all layers, room for a chunk "

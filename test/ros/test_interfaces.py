@@ -117,6 +117,7 @@ def test_interfaces_have_the_documented_fields():
         "cache_bytes": "uint64",
         "policy": "string",
         "cache_budget_tokens": "uint32",
+        "cache_capacity_tokens": "uint32",
     }.items() <= scene.items()
     assert Query.Request.get_fields_and_field_types() == {
         "question": "string",
@@ -130,8 +131,8 @@ def test_interfaces_have_the_documented_fields():
     stats = GetStats.Response.get_fields_and_field_types()
     for name in ("tokens_seen", "tokens_evicted", "cache_bytes", "cache_budget_bytes"):
         assert stats[name] == "uint64", name
-    for name in ("cache_tokens", "cache_budget_tokens", "frames_received", "frames_encoded",
-                 "frames_dropped", "next_position"):
+    for name in ("cache_tokens", "cache_budget_tokens", "cache_capacity_tokens", "frames_received",
+                 "frames_encoded", "frames_dropped", "frames_bad", "frames_pending", "next_position"):
         assert stats[name] == "uint32", name
     assert Ask.Feedback.get_fields_and_field_types()["partial_text"] == "string"
 

@@ -121,8 +121,9 @@ def test_replayed_bag_gives_scenes_and_answers_with_its_stamps(harness, clip_bag
         assert (o.sec, o.nanosec) in bag and (o.sec, o.nanosec) <= (st.sec, st.nanosec)
         assert scene.camera == "front" and scene.text
         # the ceiling: budget 1024 + room for a chunk (256) and an answer (256)
-        assert scene.policy == "infmllm" and scene.cache_budget_tokens == h.node.stream.capacity == 1536
-        assert 0 < scene.cache_tokens <= scene.cache_budget_tokens and scene.cache_bytes > 0
+        assert scene.policy == "infmllm" and scene.cache_budget_tokens == 1024
+        assert scene.cache_capacity_tokens == h.node.stream.capacity == 1536
+        assert 0 < scene.cache_tokens <= scene.cache_capacity_tokens and scene.cache_bytes > 0
         assert scene.frames_encoded >= 1
 
     r = h.ask("How many people were visible recently, and where?", max_new_tokens=16)
@@ -140,7 +141,7 @@ def test_replayed_bag_gives_scenes_and_answers_with_its_stamps(harness, clip_bag
     assert s.frames_received == s.frames_encoded + s.frames_dropped + s.frames_bad \
         + s.frames_pending
     assert s.frames_bad == 0 and s.frames_pending <= 2 + h.node.worker.max_ready
-    assert 0 < s.cache_tokens <= s.cache_budget_tokens == 1536
+    assert s.cache_budget_tokens == 1024 and 0 < s.cache_tokens <= s.cache_capacity_tokens == 1536
     assert s.cache_budget_bytes >= s.cache_bytes > 0
     assert s.tokens_seen >= s.cache_tokens and s.next_position >= s.cache_tokens
     assert (s.newest_frame_stamp.sec, s.newest_frame_stamp.nanosec) in bag
