@@ -103,6 +103,14 @@ class OfflineTextEncoder:
                                                                   tracker=tracker or TrackerConfig()))
         return cls(lm.tokenizer, **options)
 
+    def reset(self, camera: Optional[str] = None) -> None:
+        """Forget what the describer tracks (one camera's, or all): after a memory reset, a
+        line that said "person 3 stayed 40 s" would point at frames no longer in memory."""
+        self.describer.reset(camera)
+        if camera is None or (self.last_observation is not None
+                              and self.last_observation.camera == camera):
+            self.last_observation = None
+
     def text_for(self, frame_rgb: np.ndarray, camera: str, stamp: float) -> str:
         """The text one frame becomes (described and templated, newline-terminated)."""
         obs = self.describer.describe(frame_rgb, camera, stamp)

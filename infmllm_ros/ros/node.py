@@ -235,7 +235,8 @@ class InfMllmNode(Node):
         self.slots = FrameSlots(s.camera_names, on_put=self._wake_worker)
         self.jobs = JobQueue(s.query.queue_size, s.query.busy_policy, on_submit=self._wake_worker)
         self.worker = StreamWorker(self.stream, self.slots, self.jobs, self._make_chunk, s,
-                                   on_scene=self._publish_scene, logger=log)
+                                   on_scene=self._publish_scene, logger=log,
+                                   on_reset=getattr(self.encoder, "reset", None))
         self.worker.max_answer_tokens = self.max_answer_tokens
         self.state = self._load_state_file(s)
         self.worker.state = self.state

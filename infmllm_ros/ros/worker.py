@@ -74,13 +74,15 @@ class StreamWorker:
 
     def __init__(self, stream, slots: FrameSlots, jobs: JobQueue,
                  make_chunk: Callable[[str, Any], Tuple[Any, FrameRef]], settings,
-                 on_scene: Optional[Callable[[AnswerResult], None]] = None, logger=None):
+                 on_scene: Optional[Callable[[AnswerResult], None]] = None, logger=None,
+                 on_reset: Optional[Callable[[], None]] = None):
         self.stream = stream
         self.slots = slots
         self.jobs = jobs
         self.make_chunk = make_chunk
         self.settings = settings
         self.on_scene = on_scene
+        self.on_reset = on_reset  # a reset job calls it (e.g. the encoder forgets its tracks)
         self.log = logger or log
         self.book = StampBook()
         self.latency = LatencyStats()
@@ -314,6 +316,8 @@ class StreamWorker:
                     self._epoch += 1
                     self._ready.clear()
                 self.stream.reset()
+                if self.on_reset is not None:
+                    self.on_reset()
                 self.book.clear()
                 self.slots.reset_counts()
                 self._frames_since_scene = 0

@@ -307,8 +307,12 @@ def test_reset_forgets_the_stream(harness, frames):
     wait_for(fed(h, 3), 120, "frames encoded")
     before = h.stats()
     assert before.cache_tokens > 0
+    tracker = h.node.encoder.describer.tracker
+    assert tracker.active("front") > 0  # the clip's pedestrians are being tracked
     r = h.call(Trigger, "reset", timeout=60)
     assert r.success and "cache cleared" in r.message
+    # the tracks go with the memory: no line after the reset refers to a track from before it
+    assert tracker.active("front") == 0 and h.node.encoder.last_observation is None
     after = h.stats()
     assert (after.cache_tokens, after.frames_encoded, after.tokens_seen) == (0, 0, 0)
     assert after.newest_frame_stamp.sec == 0
@@ -316,6 +320,9 @@ def test_reset_forgets_the_stream(harness, frames):
     assert not r.success and "no camera frames" in r.message
     feed(h, "/t/cam", frames[3:4], start=3)
     wait_for(fed(h, 1), 60, "a frame encoded after the reset")
+    obs = h.node.encoder.last_observation
+    assert obs.events and {e.kind for e in obs.events} == {"appeared"}, obs.text
+    assert min(e.track_id for e in obs.events) == 1
     r = h.ask("What happened?", max_new_tokens=8)
     assert r.success and r.oldest_frame_stamp.sec == T0 + 3  # nothing from before the reset
 
