@@ -99,27 +99,30 @@ def test_rerotated_keys_equal_rope_applied_at_the_new_positions(smollm2, emma_id
 
 
 @pytest.mark.slow
-def test_a_stream_3x_longer_than_the_context_keeps_a_stable_perplexity(smollm2, emma_ids):
+def test_a_stream_longer_than_the_context_keeps_a_stable_perplexity(smollm2, emma_ids):
+    # Past the model's 8192-token context, on contiguous positions. The 3x-context and
+    # 32K-token runs, StreamingLLM beside us, are `infmllm-bench ppl` (docs/benchmarks.md
+    # section 1): at 50K tokens this test took 3 min on a quiet CI machine and 15 on a busy one.
     context = int(smollm2.text_config.max_position_embeddings)
-    tokens = 3 * context + 256
+    segment = 1024
+    tokens = context + 2 * segment
     assert emma_ids.shape[1] >= tokens
-    segment = 2048
-    for policy in ("infmllm", "streamingllm"):
-        stream = _raw_stream(smollm2, policy=policy, budget_tokens=256, max_chunk_tokens=128, recent=64)
-        per_segment = []
-        try:
-            for start in range(0, tokens - segment + 1, segment):
-                nll, count = _nll(stream, emma_ids[:, start : start + segment], 128)
-                per_segment.append(math.exp(nll / count))
-        finally:
-            stream.close()
-        assert all(math.isfinite(p) for p in per_segment), (policy, per_segment)
-        assert stream.cache.next_position <= 256 + 128  # far below the 8192-token context
-        # Stable: the last third of the stream is no worse than 1.5x the first third.
-        third = len(per_segment) // 3
-        first, last = sum(per_segment[:third]) / third, sum(per_segment[-third:]) / third
-        assert last < 1.5 * first, (policy, per_segment)
-        assert max(per_segment) < 200, (policy, per_segment)
+    stream = _raw_stream(smollm2, policy="infmllm", budget_tokens=256, max_chunk_tokens=128, recent=64)
+    per_segment = []
+    try:
+        for start in range(0, tokens - segment + 1, segment):
+            nll, count = _nll(stream, emma_ids[:, start : start + segment], 128)
+            per_segment.append(math.exp(nll / count))
+        assert stream.cache.next_position <= 256 + 128  # far below the context
+        assert stream.stats().tokens_seen >= tokens > context
+    finally:
+        stream.close()
+    assert all(math.isfinite(p) for p in per_segment), per_segment
+    # Stable: the last third of the stream is no worse than 1.5x the first third.
+    third = len(per_segment) // 3
+    first, last = sum(per_segment[:third]) / third, sum(per_segment[-third:]) / third
+    assert last < 1.5 * first, per_segment
+    assert max(per_segment) < 200, per_segment
 
 
 def test_frames_stamps_and_stats(smollm2):
