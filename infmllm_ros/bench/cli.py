@@ -4,6 +4,7 @@
     infmllm-bench recall --budget 512 --bias 0 --bias 1 --json
     infmllm-bench speed  --budget 1024 --json
     infmllm-bench memory --video video/vtest.avi --minutes 60 --policy infmllm --policy full
+    infmllm-bench sceneqa --minutes 10 --questions 300 --budget 512 --budget 1024 --json --plot
     infmllm-bench gpu    # the prepared GPU run (see benchmarks/gpu.sh)
 
 Defaults come from ``config/bench.yaml`` (``--config`` for another file);
@@ -26,6 +27,7 @@ DESCRIPTIONS = {
     "recall": "long-term recall: planted facts, candidate ranking + free-form answers, bias sweep",
     "speed": "chunked prefill / decode tokens/s and seconds per query, policies interleaved",
     "memory": "peak memory and per-frame latency over a long simulated video (1 frame/s)",
+    "sceneqa": "scene-memory QA: questions about real frame lines at lags from seconds to the whole stream",
     "gpu": "the prepared GPU run: ppl, speed, memory at larger scale, plus random-weight VLMs",
 }
 
@@ -55,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="recall: tokens between the single fact and its question; repeatable")
         p.add_argument("--rounds", type=int, help="recall: rounds of the multi-round scenario")
         p.add_argument("--repeats", type=int, help="speed: interleaved repetitions")
-        p.add_argument("--minutes", type=float, help="memory: minutes of simulated video")
+        p.add_argument("--minutes", type=float, help="memory, sceneqa: minutes of simulated video")
+        p.add_argument("--questions", type=int, help="sceneqa: questions per policy and budget")
         p.add_argument("--time-limit", dest="time_limit_s", type=float,
                        help="memory: seconds per variant before it stops early (0: none)")
         p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",

@@ -71,7 +71,8 @@ class CappedLayer(DynamicLayer):
     Besides ``keys``/``values`` (``[batch, kv_heads, tokens, head_dim]``) it
     keeps, per stored token and KV head, ``seen`` (stream index) and
     ``positions`` (the RoPE position the key is rotated at; ``[..., 3]`` for
-    multimodal RoPE), plus ``accumulated`` attention for H2O.
+    multimodal RoPE), plus ``accumulated``: H2O's accumulated attention, or
+    the value a policy that ``carries`` hands from one eviction to the next.
     """
 
     def __init__(self, owner: "CappedCache"):
@@ -101,7 +102,7 @@ class CappedLayer(DynamicLayer):
         self.positions = torch.cat(
             [self.positions, positions.view(1, 1, new, -1).expand(batch, heads, new, positions.shape[-1])], dim=-2
         )
-        if self.owner.policy.needs == "accumulated":
+        if self.owner.keeps_memory:
             self.accumulated = torch.cat(
                 [self.accumulated, torch.zeros(batch, heads, new, dtype=torch.float32, device=key_states.device)],
                 dim=-1,
@@ -142,7 +143,10 @@ class CappedLayer(DynamicLayer):
             # cache may grow by at most one chunk.
             return 0
 
-        view = ScoreView(seen=self.seen, new_tokens=new, budget=owner.budget, accumulated_attention=self.accumulated)
+        view = ScoreView(seen=self.seen, new_tokens=new, budget=owner.budget, accumulated_attention=self.accumulated,
+                         carried=self.accumulated if policy.carries else None)
+        if policy.uses_groups:
+            view.group = owner.group_of(self.seen)
         if policy.needs == "window":
             rows = min(new, getattr(policy, "retrieval_window", new))
             sums = self._column_sums(query[:, :, new - rows :], scaling, None, kv_groups, rows=rows)
@@ -150,6 +154,8 @@ class CappedLayer(DynamicLayer):
             visible = (stored - torch.arange(stored, device=sums.device)).clamp(max=rows)
             view.window_attention = sums / (visible * kv_groups)
         scores = policy.score(view).to(torch.float32)
+        if policy.carries:
+            self.accumulated = policy.carry(view).to(torch.float32)
         if not policy.per_head:
             scores = scores.mean(dim=1, keepdim=True)
         keep = self._select(scores, new)
@@ -184,7 +190,7 @@ class CappedLayer(DynamicLayer):
         self.values = self.values.gather(2, keep.unsqueeze(-1).expand(-1, -1, -1, self.values.shape[-1]))
         self.seen = self.seen.gather(2, keep)
         self.positions = self.positions.gather(2, keep.unsqueeze(-1).expand(-1, -1, -1, self.positions.shape[-1]))
-        if self.owner.policy.needs == "accumulated":
+        if self.owner.keeps_memory:
             self.accumulated = self.accumulated.gather(2, keep)
 
     # -- contiguous positions ---------------------------------------------------------------------------------
@@ -255,6 +261,11 @@ class CappedCache(Cache):
         self.next_position = 0
         self.tokens_seen = 0
         self.evictions = 0
+        self.keeps_memory = policy.needs == "accumulated" or policy.carries
+        # stream index where each chunk starts (an answer's tokens join their question's chunk), for
+        # policies that score whole chunks; pruned to the chunks still held
+        self.group_starts: list[int] = []
+        self._starts: Optional[torch.Tensor] = None
         self._pending: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         super().__init__(layers=[CappedLayer(self) for _ in range(num_layers)])
 
@@ -264,6 +275,8 @@ class CappedCache(Cache):
         new = positions.shape[0]
         seen = torch.arange(self.tokens_seen, self.tokens_seen + new, device=positions.device)
         self._pending = (seen, positions.to(torch.int32))
+        if self.policy.uses_groups and not self.decoding:
+            self.group_starts.append(self.tokens_seen)
 
     def abort_step(self) -> None:
         """Forget the step begun by :meth:`begin_step` (its forward failed); counters stay as they were."""
@@ -298,6 +311,20 @@ class CappedCache(Cache):
         else:
             self.next_position = int(torch.stack([e.to(torch.long) for e in extents]).amax().item())
 
+    def group_of(self, seen: torch.Tensor) -> torch.Tensor:
+        """The chunk of each stream index in ``seen`` (any shape), as a number equal for tokens of one chunk."""
+        if len(self.group_starts) > 2 * self.budget + 64:
+            # Forget chunks no layer holds a token of (ids only need to tell chunks apart).
+            held = torch.unique(torch.cat([layer.seen.reshape(-1).cpu() for layer in self.layers
+                                           if layer.is_initialized]))
+            starts = torch.tensor(self.group_starts)
+            used = torch.unique(torch.searchsorted(starts, held, right=True) - 1)
+            self.group_starts = starts[used].tolist() + ([] if used[-1] == len(starts) - 1 else [self.group_starts[-1]])
+            self._starts = None
+        if self._starts is None or self._starts.numel() != len(self.group_starts):
+            self._starts = torch.tensor(self.group_starts, device=seen.device)
+        return torch.searchsorted(self._starts.to(seen.device), seen, right=True) - 1
+
     def record_evictions(self, count: int) -> None:
         self.evictions += count
 
@@ -313,5 +340,6 @@ class CappedCache(Cache):
         for layer in self.layers:
             layer.reset()
         self.next_position = self.tokens_seen = self.evictions = 0
+        self.group_starts, self._starts = [], None
         self.decoding = False
         self._pending = None

@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 from typing import ClassVar, Optional
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -32,6 +33,12 @@ class ScoreView:
     budget: int
     window_attention: Optional[torch.Tensor] = None
     accumulated_attention: Optional[torch.Tensor] = None
+    #: the chunk each token arrived in (0, 1, ...; an answer's tokens belong to their question), for
+    #: policies with ``uses_groups``
+    group: Optional[torch.Tensor] = None
+    #: what the policy carried over from its last eviction (0 for tokens that arrived since), for
+    #: policies with ``carries``
+    carried: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -78,6 +85,20 @@ class Policy:
     def recent_tokens(self, budget: int) -> int:
         """How many of the newest tokens are always kept."""
         return self.recent
+
+    @property
+    def uses_groups(self) -> bool:
+        """True if ``score`` reads ``ScoreView.group``."""
+        return False
+
+    @property
+    def carries(self) -> bool:
+        """True if the policy carries a per-token value between evictions (``carry``, ``ScoreView.carried``)."""
+        return False
+
+    def carry(self, view: ScoreView) -> torch.Tensor:  # pragma: no cover - only for policies that carry
+        """The per-token value to hand to the next eviction as ``view.carried``."""
+        raise NotImplementedError
 
     def score(self, view: ScoreView) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -158,24 +179,37 @@ class InfMLLM(Policy):
     ``sinks`` initial tokens and ``recent`` older tokens are always kept; the
     rest of the budget goes to the best-scoring old tokens.
 
-    ``bias`` is the attention bias: scores are first normalised so that the
-    average candidate scores 1, then each token loses ``bias * age / budget``,
-    where ``age`` counts stream tokens since it arrived. With ``bias = 0`` the
-    rule is pure attention; larger values make the cache follow newer content
-    over many rounds of conversation. (This additive, budget-scaled form is our
-    reading of the paper's bias; its strength is a knob to tune per budget.)
+    Refinements, each off by default and measured in docs/benchmarks.md:
+
+    * ``pool``: a token's score is the mean over the ``pool`` neighbouring
+      keys around it (odd; the paper's local sum of attention, as SnapKV's
+      pooling), so that a whole fact survives rather than scattered tokens.
+    * ``decay``: scores carry over between chunks, ``s = a + decay * s_prev``,
+      so that a saddle several chunks attended to is not dropped the moment
+      one chunk looks elsewhere.
+    * ``granularity = "chunk"``: every token scores its chunk's mean (a
+      frame's line, a question with its answer), so observations are kept or
+      dropped whole.
+    * ``bias``: scores are normalised so that the average candidate scores 1,
+      then each token loses ``bias * age / budget`` (``age`` in stream tokens
+      since it arrived): the cache follows newer content. (This additive,
+      budget-scaled form is our reading of the paper's bias.)
     """
 
     name: ClassVar[str] = "infmllm"
     needs: ClassVar[str] = "window"
     evicts_every_step: ClassVar[bool] = False
-    knobs: ClassVar[tuple[str, ...]] = ("sinks", "recent", "retrieval_window", "bias", "per_head")
+    knobs: ClassVar[tuple[str, ...]] = ("sinks", "recent", "retrieval_window", "bias", "per_head", "pool", "decay",
+                                        "granularity")
     sinks: int = 4
     recent: int = 64
     retrieval_window: int = 64
     bias: float = 0.0
     per_head: bool = True
     keep_new_chunk: bool = True
+    pool: int = 1
+    decay: float = 0.0
+    granularity: str = "token"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -183,15 +217,46 @@ class InfMLLM(Policy):
             raise ValueError("InfMLLM.retrieval_window must be >= 1")
         if not self.bias >= 0.0:
             raise ValueError(f"InfMLLM.bias must be >= 0, got {self.bias}")
+        if self.pool < 1 or self.pool % 2 == 0:
+            raise ValueError(f"InfMLLM.pool must be an odd number >= 1, got {self.pool}")
+        if not 0.0 <= self.decay < 1.0:
+            raise ValueError(f"InfMLLM.decay must be in [0, 1), got {self.decay}")
+        if self.granularity not in ("token", "chunk"):
+            raise ValueError(f"InfMLLM.granularity must be 'token' or 'chunk', got {self.granularity!r}")
+
+    @property
+    def uses_groups(self) -> bool:
+        return self.granularity == "chunk"
+
+    @property
+    def carries(self) -> bool:
+        return self.decay > 0.0
+
+    def carry(self, view: ScoreView) -> torch.Tensor:
+        scores = view.window_attention
+        if self.pool > 1:
+            scores = F.avg_pool1d(scores, self.pool, stride=1, padding=self.pool // 2, count_include_pad=False)
+        return scores + self.decay * view.carried if self.carries else scores
 
     def score(self, view: ScoreView) -> torch.Tensor:
-        scores = view.window_attention
+        scores = self.carry(view)
+        if self.granularity == "chunk":
+            scores = group_mean(scores, view.group)
         if self.bias == 0.0:
             return scores
         mean = scores.mean(dim=-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
         newest = view.seen.amax(dim=-1, keepdim=True)
         age = (newest - view.seen).to(scores.dtype)
         return scores / mean - self.bias * age / float(view.budget)
+
+
+def group_mean(values: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Each token's value replaced by the mean over the tokens of its group; shapes ``[batch, heads, tokens]``."""
+    ids = group - group.amin(dim=-1, keepdim=True)
+    size = int(ids.max().item()) + 1
+    sums = values.new_zeros(*values.shape[:-1], size).scatter_add_(-1, ids, values)
+    counts = values.new_zeros(*values.shape[:-1], size).scatter_add_(-1, ids, torch.ones_like(values))
+    return (sums / counts.clamp_min(1.0)).gather(-1, ids)
 
 
 #: name -> policy class; the node parameter, the bench CLI and the tests all use it.

@@ -11,6 +11,7 @@ Not thread-safe: one thread (the node's worker) owns a stream.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import time
@@ -47,6 +48,9 @@ class StreamConfig:
     retrieval_window: int = 64
     bias: float = 0.0
     per_head: bool = True
+    pool: int = 1  # infmllm: odd window of neighbouring keys a score is averaged over (1: off)
+    decay: float = 0.0  # infmllm: share of a token's score carried to the next eviction (0: off)
+    granularity: str = "token"  # infmllm: "chunk" keeps or drops a chunk (a frame's line) whole
     h2o_recent_ratio: float = 0.5
     rerotate: bool = True
     repetition_penalty: float = 1.1
@@ -64,6 +68,12 @@ class StreamConfig:
             raise ValueError(f"retrieval_window must be >= 1, got {self.retrieval_window}")
         if not (self.bias >= 0 and math.isfinite(self.bias)):
             raise ValueError(f"bias must be a finite number >= 0, got {self.bias}")
+        if not (isinstance(self.pool, int) and self.pool >= 1 and self.pool % 2 == 1):
+            raise ValueError(f"pool must be an odd integer >= 1, got {self.pool!r}")
+        if not 0 <= self.decay < 1:
+            raise ValueError(f"decay must be in [0, 1), got {self.decay}")
+        if self.granularity not in ("token", "chunk"):
+            raise ValueError(f"granularity must be 'token' or 'chunk', got {self.granularity!r}")
         if not 0 <= self.h2o_recent_ratio < 1:
             raise ValueError(f"h2o_recent_ratio must be in [0, 1), got {self.h2o_recent_ratio}")
         if not self.repetition_penalty >= 1.0:
@@ -158,6 +168,9 @@ class Stream:
             retrieval_window=config.retrieval_window,
             bias=config.bias,
             per_head=config.per_head,
+            pool=config.pool,
+            decay=config.decay,
+            granularity=config.granularity,
             recent_ratio=config.h2o_recent_ratio,
         )
 
@@ -220,8 +233,19 @@ class Stream:
         camera: str = "",
         should_stop: Optional[Callable[[], bool]] = None,
         on_text: Optional[Callable[[str], None]] = None,
+        answer_prefix: str = "",
+        return_first_logits: bool = False,
     ) -> Answer:
-        """Ask a question about what the stream holds; the question and answer stay in the stream."""
+        """Ask a question about what the stream holds; the question and answer stay in the stream.
+
+        ``answer_prefix`` opens the assistant's answer with fixed text (a
+        "prefilled" response, e.g. ``"22:15:03 hall:"``) that the model then
+        continues; it is part of the answer in the stream but not of
+        ``Answer.text``. With ``return_first_logits`` the answer carries the
+        next-token logits right after the prompt (and prefix), ``[vocab]``
+        float32: what a benchmark ranks candidate answers by, without another
+        forward pass.
+        """
         if not isinstance(question, str) or not question.strip():
             raise ValueError("empty question")
         max_answer = self.config.max_chunk_tokens - len(self._encode(self.format.assistant_to_user))
@@ -231,7 +255,7 @@ class Stream:
         self._ensure_user_turn()
         oldest, newest = self._held_frame_stamps()
         about = f" (about camera {camera})" if camera else ""
-        prompt = self._encode(f"Question{about}: {question.strip()}{self.format.user_to_assistant}")
+        prompt = self._encode(f"Question{about}: {question.strip()}{self.format.user_to_assistant}{answer_prefix}")
         try:
             result = self._append(Chunk(input_ids=prompt, kind="question", camera=camera, text=question),
                                   return_logits=True, should_stop=should_stop)
@@ -243,6 +267,7 @@ class Stream:
                           latency_s=time.perf_counter() - started, oldest_stamp=oldest, newest_stamp=newest,
                           cancelled=True)
         logits = result.logits[-1]
+        first_logits = logits.clone() if return_first_logits else None
         generated: list[int] = []
         text, cancelled = "", False
         self.cache.decoding = True
@@ -272,6 +297,7 @@ class Stream:
             oldest_stamp=oldest,
             newest_stamp=newest,
             cancelled=cancelled,
+            first_logits=first_logits,
         )
 
     def stats(self) -> StreamStats:
@@ -291,6 +317,25 @@ class Stream:
             newest_stamp=newest,
             cameras=dict(self.cameras),
         )
+
+    def snapshot(self) -> dict:
+        """A copy of the stream's state (cache and history), for :meth:`restore`.
+
+        For probing what the stream holds without changing it: snapshot, ask,
+        restore. Costs one copy of the cache (``stats().bytes_held``).
+        """
+        return copy.deepcopy({"cache": self.cache, "state": {k: getattr(self, k) for k in self._STATE}})
+
+    def restore(self, snapshot: dict) -> None:
+        """Go back to a state taken by :meth:`snapshot` of this stream; the snapshot is used up (its
+        tensors become the stream's), so take a new one to restore again."""
+        if type(snapshot.get("cache")) is not type(self.cache) or snapshot["cache"].budget != self.cache.budget:
+            raise ValueError("not a snapshot of this stream")
+        self.cache = snapshot["cache"]
+        for key, value in snapshot["state"].items():
+            setattr(self, key, value)
+
+    _STATE = ("_records", "_next_prune", "frames_seen", "chunks_seen", "cameras", "_started", "_in_user_turn")
 
     def reset(self) -> None:
         """Forget everything; the next append starts a fresh conversation."""
@@ -319,7 +364,7 @@ class Stream:
             "config": asdict(self.config),
             "layers": layers,
             "cache": {"next_position": self.cache.next_position, "tokens_seen": self.cache.tokens_seen,
-                      "evictions": self.cache.evictions},
+                      "evictions": self.cache.evictions, "group_starts": list(self.cache.group_starts)},
             "records": [asdict(r) for r in self._records],
             "frames_seen": self.frames_seen,
             "chunks_seen": self.chunks_seen,

@@ -11,8 +11,9 @@ from infmllm_ros.engine.rope import RopeSpec
 DIM = 8
 
 
-def _cache(policy, budget, max_chunk=4):
-    rope = RopeSpec(inv_freq=torch.ones(DIM // 2), components=1)
+def _cache(policy, budget, max_chunk=4, rotate=True):
+    """``rotate=False``: a RoPE of frequency 0, so re-rotation leaves keys as built (tests of scores over steps)."""
+    rope = RopeSpec(inv_freq=torch.ones(DIM // 2) if rotate else torch.zeros(DIM // 2), components=1)
     return CappedCache(1, policy, budget, max_chunk, rope)
 
 
@@ -159,3 +160,71 @@ def test_an_aborted_step_leaves_the_cache_as_it_was():
         cache.pending(3, torch.device("cpu"))
     _append(cache, _background(3), _background(1))  # and the next step works
     assert cache.tokens_seen == before[0] + 3 and _kept(cache)[-3:] == [6, 7, 8]
+
+
+def _unit(i):
+    v = torch.zeros(DIM)
+    v[i] = 1.0
+    return v
+
+
+def _keys(n, spikes):
+    keys = _background(n)
+    for index, key in spikes.items():
+        keys[0, index] = key
+    return keys
+
+
+def test_infmllm_pooling_keeps_a_fact_with_its_neighbours():
+    u = _unit(0)
+    old = _keys(10, {2: 4.0 * u, 5: 8.0 * u})  # a weaker saddle at 2, a strong one at 5
+
+    def kept(pool):
+        cache = _cache(InfMLLM(sinks=1, recent=2, retrieval_window=2, per_head=False, pool=pool), 8, 2)
+        _append(cache, old, torch.zeros(1, 10, DIM), decoding=True)
+        _append(cache, _background(2), u.expand(1, 2, DIM).clone())
+        return _kept(cache)
+
+    assert {2, 5} <= set(kept(1))  # token by token: both saddles, scattered
+    assert kept(3) == [0, 4, 5, 6, 8, 9, 10, 11]  # pooled: the strong saddle and its neighbours together
+
+
+def test_infmllm_decay_carries_a_saddle_over_a_chunk_that_looks_elsewhere():
+    u, w = _unit(0), _unit(1)
+
+    def kept(decay):
+        cache = _cache(InfMLLM(sinks=1, recent=0, retrieval_window=2, per_head=False, decay=decay), 4, 2, False)
+        _append(cache, _background(2), _background(2))
+        _append(cache, _keys(2, {0: 8.0 * u}), _background(2))  # token 2: a fact
+        _append(cache, _keys(2, {0: 1.0 * w}), u.expand(1, 2, DIM).clone())  # a chunk attends to the fact
+        first = _kept(cache)
+        _append(cache, _background(2), w.expand(1, 2, DIM).clone())  # the next one mildly to token 4
+        return first, _kept(cache)
+
+    assert kept(0.0) == ([0, 2, 4, 5], [0, 4, 6, 7])  # without memory the fact goes at once
+    assert kept(0.5) == ([0, 2, 4, 5], [0, 2, 6, 7])  # carried over, it outweighs a mild new score
+
+
+def test_infmllm_chunk_granularity_keeps_or_drops_a_chunk_whole():
+    u = _unit(0)
+
+    def kept(granularity):
+        cache = _cache(InfMLLM(sinks=1, recent=0, retrieval_window=3, per_head=False, granularity=granularity), 7,
+                       3, False)
+        _append(cache, _background(1), _background(1))
+        _append(cache, _keys(3, {1: 8.0 * u}), _background(3))  # chunk 1-3: one strong token
+        _append(cache, _keys(3, {0: 3.0 * u, 2: 3.0 * u}), _background(3))  # chunk 4-6: two mild ones
+        _append(cache, _background(3), u.expand(1, 3, DIM).clone())
+        return _kept(cache)
+
+    assert kept("token") == [0, 2, 4, 6, 7, 8, 9]
+    assert kept("chunk") == [0, 1, 2, 3, 7, 8, 9]
+
+
+def test_infmllm_refinements_refuse_bad_values():
+    with pytest.raises(ValueError, match="odd"):
+        InfMLLM(pool=4)
+    with pytest.raises(ValueError, match="decay"):
+        InfMLLM(decay=1.0)
+    with pytest.raises(ValueError, match="granularity"):
+        InfMLLM(granularity="line")
