@@ -115,7 +115,7 @@ class BenchConfig:
                 raise ValueError(f"policy {name!r}: unknown stream settings {unknown}")
             if base not in POLICIES:
                 raise ValueError(f"unknown policy {name!r}; choose from {sorted(POLICIES)} (add -grow for rerotate=False)")
-        for name in ("chunk", "tokens", "segment", "trials", "candidates", "repeats"):
+        for name in ("chunk", "tokens", "segment", "trials", "candidates", "repeats", "free_form_tokens"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if any(int(d) < 1 for d in self.distances) or any(int(g) < 1 for g in self.lags):
@@ -434,9 +434,10 @@ def append_in_chunks(stream, ids, chunk: int, bar=None) -> None:
             bar.update(piece.shape[1])
 
 
-def greedy_decode(stream, logits, steps: int) -> list[int]:
+def greedy_decode(stream, logits, steps: int, append_last: bool = True) -> list[int]:
     """``steps`` greedy tokens from next-token ``logits``, each appended as an answer token with the
-    cache in decoding mode (as ``Stream.ask`` decodes, without its chat framing)."""
+    cache in decoding mode (as ``Stream.ask`` decodes, without its chat framing). ``append_last=False``
+    leaves the last one for the caller to append (with what follows it, in one forward pass)."""
     import torch
 
     from infmllm_ros.engine import Chunk
@@ -444,11 +445,12 @@ def greedy_decode(stream, logits, steps: int) -> list[int]:
     generated = []
     stream.cache.decoding = True
     try:
-        for _ in range(steps):
+        for step in range(steps):
             token = int(logits.argmax())
             generated.append(token)
-            logits = stream.append_chunk(Chunk(input_ids=torch.tensor([[token]]), kind="answer"),
-                                         return_logits=True).logits[-1]
+            if step + 1 < steps or append_last:
+                logits = stream.append_chunk(Chunk(input_ids=torch.tensor([[token]]), kind="answer"),
+                                             return_logits=True).logits[-1]
     finally:
         stream.cache.decoding = False
     return generated

@@ -97,9 +97,10 @@ class _Asker:
         ids = self.encode(question)
         logits = self.stream.append_chunk(Chunk(input_ids=ids, kind="question"), return_logits=True).logits[-1]
         rank = candidate_rank(logits, right, candidates)
-        generated = greedy_decode(self.stream, logits, self.free_tokens)
+        generated = greedy_decode(self.stream, logits, self.free_tokens, append_last=False)
         text = self.lm.tokenizer.decode(generated, skip_special_tokens=True).lower()
-        self.feed(self.encode("\n"))
+        # The last answer token goes in with the line break that closes the answer: one forward pass less.
+        self.feed(torch.cat([torch.tensor([generated[-1:]]), self.encode("\n")], dim=1))
         return rank == 1, right in text.split() or f" {right}" in f" {text}", rank
 
 
