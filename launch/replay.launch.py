@@ -1,32 +1,20 @@
-"""Replay a bag into the `infmllm` node: stream.launch.py with use_replay:=true.
+"""Replay a bag into the `infmllm` node, starting once the node is ready.
 
     ros2 launch infmllm_ros replay.launch.py bag:=/data/vtest_bag rate:=1.0
+    ros2 launch infmllm_ros replay.launch.py bag:=/data/vtest_bag exit_after_replay:=true
+    ros2 launch infmllm_ros replay.launch.py bag:=/data/vtest_bag namespace:=robot1 use_sim_time:=true
 
-Make a bag from a video with `infmllm-video2bag VIDEO OUT_BAG`. Every argument
-of stream.launch.py (params_file, model_preset, camera_topic(s), namespace ...)
-is passed through.
+Make a bag from a video with `infmllm-video2bag VIDEO OUT_BAG`. The node's
+arguments are those of stream.launch.py (params_file, model_preset,
+camera_topic(s), namespace, node_name, log_level, use_sim_time); the replay
+publishes the bag's topics in the namespace (or onto camera_topic when the bag
+has one image topic) and waits for the node's subscription before its first
+message. exit_after_replay:=true ends the launch when a non-looping replay is
+done. Built in infmllm_ros/ros/launching.py, shared with stream.launch.py.
 """
 
-from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, IncludeLaunchDescription
-from launch.launch_description_sources import PythonLaunchDescriptionSource
-from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
-from launch_ros.substitutions import FindPackageShare
+from infmllm_ros.ros.launching import launch_description
 
 
-def generate_launch_description() -> LaunchDescription:
-    stream = PathJoinSubstitution([FindPackageShare("infmllm_ros"), "launch", "stream.launch.py"])
-    return LaunchDescription([
-        DeclareLaunchArgument("bag", description="ROS 2 bag (folder) to replay into the node"),
-        DeclareLaunchArgument("rate", default_value="1.0", description="Replay speed factor"),
-        DeclareLaunchArgument("loop", default_value="false", description="Replay in a loop"),
-        IncludeLaunchDescription(
-            PythonLaunchDescriptionSource(stream),
-            launch_arguments={
-                "use_replay": "true",
-                "bag": LaunchConfiguration("bag"),
-                "rate": LaunchConfiguration("rate"),
-                "loop": LaunchConfiguration("loop"),
-            }.items(),
-        ),
-    ])
+def generate_launch_description():
+    return launch_description(replay=True)

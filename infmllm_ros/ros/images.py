@@ -18,13 +18,17 @@ importable it is used only for encodings this module does not know.
 Raw encodings: rgb8, bgr8, rgba8, bgra8, mono8, mono16, 8UC1, 8UC3 (BGR, as
 OpenCV writes it), 8UC4 (BGRA), 16UC1, rgb16, bgr16, rgba16, bgra16, 32FC1,
 bayer_{rggb,bggr,gbrg,grbg}{8,16}, yuv422/uyvy, yuv422_yuy2/yuyv, nv12, nv21.
-Compressed: whatever OpenCV decodes (jpeg, png, ...), including
-``compressedDepth`` PNGs.
+Compressed: whatever OpenCV decodes (jpeg, png, tiff ...), with the channel
+order the ``format`` string gives (image_transport's compressed plugin rules),
+and compressed_depth_image_transport's ``compressedDepth`` png and rvl.
 """
 
 from __future__ import annotations
 
 import math
+import re
+import struct
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 import cv2
@@ -38,6 +42,9 @@ __all__ = [
     "image_msg_to_rgb",
     "image_to_rgb",
     "compressed_to_rgb",
+    "CompressedFormat",
+    "parse_compressed_format",
+    "decode_rvl",
     "is_compressed",
     "rgb_to_image_msg",
     "rgb_to_compressed_msg",
@@ -185,7 +192,14 @@ def image_to_rgb(msg: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS, uint16_mode:
 
 
 def compressed_to_rgb(msg: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS, uint16_mode: str = "range") -> np.ndarray:
-    """sensor_msgs/CompressedImage -> RGB ``uint8``; see :func:`image_msg_to_rgb`."""
+    """sensor_msgs/CompressedImage -> RGB ``uint8``; see :func:`image_msg_to_rgb`.
+
+    ``format`` is read as image_transport's plugins write it (see
+    :func:`parse_compressed_format`): ``"<encoding>; <codec> compressed <layout>"``
+    (compressed_image_transport), ``"<encoding>; compressedDepth <png|rvl>"``
+    (compressed_depth_image_transport) or a bare codec name (``jpeg``, ``png``),
+    which means OpenCV's own channel order (BGR).
+    """
     try:
         fmt = str(msg.format)
         data = msg.data
@@ -194,11 +208,80 @@ def compressed_to_rgb(msg: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS, uint16_
     buffer = _as_bytes_array(data)
     if buffer.size == 0:
         raise ImageConversionError(f"empty compressed image (format {fmt!r})")
-    if "compresseddepth" in fmt.lower():
-        # compressed_depth_image_transport puts a small config header before the PNG.
-        start = bytes(buffer[:64]).find(b"\x89PNG")
-        if start > 0:
-            buffer = buffer[start:]
+    spec = parse_compressed_format(fmt)
+    if spec.depth:
+        return _compressed_depth_to_rgb(spec, buffer, max_pixels, uint16_mode)
+    decoded = _imdecode(buffer, fmt, max_pixels)
+    return _finish(_decoded_to_rgb(spec, decoded), max_pixels, uint16_mode)
+
+
+@dataclass(frozen=True)
+class CompressedFormat:
+    """What a ``CompressedImage.format`` string says about its bytes.
+
+    Attributes:
+        encoding: the raw image's encoding before compression (the part before
+            ``;``); empty for a bare codec name.
+        codec: ``jpeg``, ``png``, ``tiff``, ``rvl`` ... (lower case).
+        bgr: colour channels are in OpenCV's BGR order (``compressed bgr8``,
+            ``compressed bgr16`` or a bare codec name); otherwise a colour
+            encoding's bytes are RGB, as compressed_image_transport's
+            subscriber assumes.
+        depth: compressed_depth_image_transport's format (12-byte header + PNG/RVL).
+    """
+
+    encoding: str
+    codec: str
+    bgr: bool
+    depth: bool = False
+
+
+#: Encodings sensor_msgs::image_encodings::isColor() calls colour: only these
+#: get a channel-order decision; any other encoding's bytes are its own layout.
+_COLOUR_ENCODINGS = frozenset(f"{order}{bits}" for order in ("rgb", "bgr", "rgba", "bgra")
+                              for bits in (8, 16))
+
+
+def parse_compressed_format(fmt: str) -> CompressedFormat:
+    """Parse ``CompressedImage.format`` by image_transport's compressed plugins' rules.
+
+    Format strings the plugins write (image_transport_plugins, ROS 1 and 2):
+
+    * ``"<enc>; jpeg compressed bgr8"``, ``"<enc>; png compressed bgr8|bgr16"``:
+      a colour image converted to BGR before compression;
+    * ``"mono8; jpeg compressed mono8"``, ``"mono16; png compressed "``: grey,
+      nothing after ``compressed`` for an image passed through as is;
+    * ``"32FC1; tiff compressed "``;
+    * ``"<enc>; compressedDepth png|rvl"`` (or ``"<enc>; compressedDepth"``: png);
+    * a bare ``"jpeg"`` / ``"png"`` (older publishers, ``rosbag`` tools): OpenCV's BGR.
+
+    Following compressed_image_transport's subscriber, a colour encoding's
+    bytes are BGR only when the part after ``;`` contains ``compressed bgr``
+    (or the format is bare); otherwise they are RGB (so
+    ``"rgb8; jpeg compressed rgb8"`` keeps its order).
+
+    Raises:
+        ImageConversionError: a compressedDepth codec other than png or rvl.
+    """
+    text = fmt.strip()
+    if ";" not in text:
+        words = text.lower().split()
+        if words and words[0] == "compresseddepth":  # very old depth publishers: png
+            return CompressedFormat("", words[1] if len(words) > 1 else "png", False, True)
+        return CompressedFormat("", words[0] if words else "", True)
+    encoding, rest = (part.strip() for part in text.split(";", 1))
+    words = rest.split()
+    if words and words[0].lower() == "compresseddepth":
+        codec = words[1].lower() if len(words) > 1 else "png"
+        if codec not in ("png", "rvl"):
+            raise ImageConversionError(
+                f"unsupported compressedDepth codec {codec!r} in format {fmt!r}: png and rvl are supported")
+        return CompressedFormat(encoding, codec, False, True)
+    codec = words[0].lower() if words else ""
+    return CompressedFormat(encoding, codec, "compressed bgr" in rest.lower())
+
+
+def _imdecode(buffer: np.ndarray, fmt: str, max_pixels: int) -> np.ndarray:
     try:
         decoded = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
     except cv2.error as err:
@@ -211,9 +294,145 @@ def compressed_to_rgb(msg: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS, uint16_
         raise ImageConversionError(
             f"image of {decoded.shape[1]}x{decoded.shape[0]} exceeds the limit of {max_pixels / 1e6:.1f} MP"
         )
-    # imdecode returns OpenCV's channel order (BGR / BGRA), whatever the format
-    # string says the source order was.
-    return _finish(decoded, max_pixels, uint16_mode, bgr=decoded.ndim == 3)
+    return decoded
+
+
+def _decoded_to_rgb(spec: CompressedFormat, decoded: np.ndarray) -> np.ndarray:
+    """imdecode's array (exactly the array the publisher encoded) -> RGB / grey for _finish."""
+    channels = 1 if decoded.ndim == 2 else decoded.shape[2]
+    bits = "16" if decoded.dtype == np.uint16 else "8"
+    if spec.encoding in _COLOUR_ENCODINGS or not spec.encoding:
+        if channels == 1:
+            layout = "mono" + bits
+        else:
+            layout = ("bgr" if spec.bgr else "rgb") + ("a" if channels == 4 else "") + bits
+    else:
+        # Not a colour encoding: the publisher passed the image through unchanged
+        # (mono, bayer, 8UC3 ...), except that jpeg holds 8 bits of a 16-bit one.
+        layout = re.sub(r"(8|16)$", bits, spec.encoding)
+    entry = RAW_ENCODINGS.get(layout)
+    if entry is not None and entry[0] == decoded.dtype and entry[1] == channels:
+        try:
+            return entry[2](np.ascontiguousarray(decoded if channels > 1 else decoded.reshape(decoded.shape[:2])))
+        except cv2.error as err:
+            raise ImageConversionError(f"OpenCV could not convert {layout} {decoded.shape}: {err}") from None
+    if decoded.dtype == np.float32 and channels == 1:  # e.g. "32FC1; tiff compressed "
+        return _depth_float(decoded.reshape(decoded.shape[:2]))
+    if channels == 3:  # an encoding we do not know: OpenCV's order
+        return cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
+    if channels == 4:
+        return cv2.cvtColor(decoded, cv2.COLOR_BGRA2RGB)
+    return decoded
+
+
+# compressed_depth_image_transport's ConfigHeader (compression_common.h): the
+# compressionFormat enum (int, INV_DEPTH = 0) and float depthParam[2] (the
+# quantisation parameters a, b), in the publisher's byte order (little endian
+# on every platform ROS 2 ships for).
+_DEPTH_HEADER = struct.Struct("<iff")
+_INV_DEPTH = 0
+
+
+def _compressed_depth_to_rgb(spec: CompressedFormat, buffer: np.ndarray, max_pixels: int,
+                             uint16_mode: str) -> np.ndarray:
+    """compressed_depth_image_transport -> RGB, as the raw depth image of the same depth would give.
+
+    Layout: a 12-byte header (format enum, a, b), then a 16-bit PNG or an RVL
+    stream (``uint32 cols, uint32 rows``, then RVL words). For 32-bit depth the
+    16-bit values ``q`` are quantised inverse depth: ``depth = a / (q - b)``,
+    ``q = 0`` means no return (NaN). 16-bit depth (16UC1 / mono16, millimetres)
+    is stored as is.
+    """
+    encoding = spec.encoding or "32FC1"  # headerless format strings came from 32FC1 publishers
+    if encoding not in ("32FC1", "16UC1", "mono16"):
+        raise ImageConversionError(
+            f"unsupported compressedDepth image encoding {encoding!r}: 32FC1, 16UC1 and mono16 are supported")
+    header = _DEPTH_HEADER.size
+    if buffer.size <= header:
+        raise ImageConversionError(
+            f"compressedDepth image of {buffer.size} bytes is shorter than its {header}-byte header")
+    kind, a, b = _DEPTH_HEADER.unpack(bytes(buffer[:header]))
+    body = buffer[header:]
+    if spec.codec == "rvl":
+        q = decode_rvl(body, max_pixels=max_pixels)
+    else:
+        if bytes(body[:8]) != b"\x89PNG\r\n\x1a\n":
+            raise ImageConversionError(
+                f"corrupt compressedDepth png: no PNG after the {header}-byte header ({buffer.size} bytes)")
+        q = _imdecode(body, f"{encoding}; compressedDepth png", max_pixels)
+    if q.ndim != 2 or q.dtype != np.uint16:
+        raise ImageConversionError(f"compressedDepth holds {q.dtype} {q.shape}, not a 16-bit single-channel image")
+    if encoding != "32FC1":
+        return _finish(q, max_pixels, uint16_mode)
+    if kind != _INV_DEPTH or not (math.isfinite(a) and math.isfinite(b)) or a == 0:
+        raise ImageConversionError(
+            f"corrupt compressedDepth header: format {kind}, quantisation a={a!r}, b={b!r}")
+    qf = q.astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        depth = np.where(q > 0, np.float32(a) / (qf - np.float32(b)), np.float32("nan")).astype(np.float32)
+    return _finish(RAW_ENCODINGS["32FC1"][2](depth), max_pixels, uint16_mode)
+
+
+def decode_rvl(data: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode compressed_depth_image_transport's RVL payload -> ``uint16`` ``(rows, cols)``.
+
+    RVL (A. D. Wilson, "Fast Lossless Depth Image Compression", ISS 2017):
+    little-endian ``uint32 cols, uint32 rows``, then 32-bit words read from
+    their most significant nibble down. Each value is a variable-length code of
+    3-bit groups (low first; a set fourth bit means more follow). Values come
+    as: a run of zeros, a run of non-zeros, then one zigzag-coded delta per
+    non-zero pixel, each delta from the previous non-zero pixel (starting at 0).
+
+    Raises:
+        ImageConversionError: a zero or too large size, or a stream that ends
+            early or describes more pixels than the image has.
+    """
+    buf = _as_bytes_array(data)
+    if buf.size < 8:
+        raise ImageConversionError(f"RVL data of {buf.size} bytes is shorter than its 8-byte size header")
+    cols, rows = struct.unpack("<II", bytes(buf[:8]))
+    n = cols * rows
+    if n == 0:
+        raise ImageConversionError(f"RVL image of {cols}x{rows} has no pixel")
+    if n > max_pixels:
+        raise ImageConversionError(f"RVL image of {cols}x{rows} exceeds the limit of {max_pixels / 1e6:.1f} MP")
+    words_bytes = buf[8:]
+    words_bytes = words_bytes[: words_bytes.size - words_bytes.size % 4]
+    words = np.frombuffer(words_bytes.tobytes(), dtype="<u4").astype(np.uint32)
+    nibbles = ((words[:, None] >> np.arange(28, -1, -4, dtype=np.uint32)) & 0xF).reshape(-1)
+    ends = (nibbles & 0x8) == 0
+    if not ends.any():
+        raise ImageConversionError("truncated RVL data: no complete value")
+    last = int(np.flatnonzero(ends)[-1]) + 1
+    nibbles, ends = nibbles[:last], ends[:last]
+    starts = np.concatenate(([0], np.flatnonzero(ends)[:-1] + 1))
+    group = np.repeat(np.arange(starts.size), np.diff(np.concatenate((starts, [last]))))
+    shift = 3 * (np.arange(last) - starts[group])
+    if shift.max(initial=0) > 60:
+        raise ImageConversionError("corrupt RVL data: a value longer than 64 bits")
+    values = np.add.reduceat((nibbles & 0x7).astype(np.int64) << shift.astype(np.int64), starts)
+
+    # Walk the runs (one Python step per run, not per pixel).
+    mask_runs, delta_slices = [], []
+    i, done, count = 0, 0, values.size
+    while done < n:
+        if i + 2 > count:
+            raise ImageConversionError(f"truncated RVL data: {done} of {n} pixels decoded")
+        zeros, nonzeros = int(values[i]), int(values[i + 1])
+        done += zeros + nonzeros
+        if done > n:
+            raise ImageConversionError(f"corrupt RVL data: runs describe more than the {n} pixels of {cols}x{rows}")
+        if i + 2 + nonzeros > count:
+            raise ImageConversionError(f"truncated RVL data: {done - nonzeros} of {n} pixels decoded")
+        mask_runs.extend((zeros, nonzeros))
+        delta_slices.append((i + 2, i + 2 + nonzeros))
+        i += 2 + nonzeros
+    positive = np.concatenate([values[a:b] for a, b in delta_slices]) if delta_slices else np.zeros(0, np.int64)
+    deltas = (positive >> 1) ^ -(positive & 1)  # zigzag
+    out = np.zeros(n, np.uint16)
+    nonzero = np.repeat(np.tile([False, True], len(mask_runs) // 2), mask_runs)
+    out[nonzero] = (np.cumsum(deltas) & 0xFFFF).astype(np.uint16)
+    return out.reshape(rows, cols)
 
 
 def _finish(img: np.ndarray, max_pixels: int, uint16_mode: str, bgr: bool = False) -> np.ndarray:

@@ -13,7 +13,10 @@ A thin node around the engine's :class:`~infmllm_ros.engine.Stream`:
   partial answers, cancel) in their own reentrant callback group, handing jobs
   to the worker through a bounded :class:`~.core.JobQueue`;
 * ``~/reset`` (std_srvs/Trigger), ``~/get_stats`` (infmllm_ros/srv/GetStats),
-  ``~/scene`` (infmllm_ros/msg/SceneDescription) and ``/diagnostics``.
+  ``~/scene`` (infmllm_ros/msg/SceneDescription) and ``/diagnostics``;
+* ``memory.state_file`` (:mod:`.state`): the memory loaded at start-up, saved
+  atomically every ``memory.save_period_s``, at a clean shutdown and on
+  ``~/save``; ``~/load`` restores it on demand (std_srvs/Trigger both).
 
 Parameters are all in :mod:`infmllm_ros.ros.params`. Shutdown order: stop the
 worker (the running answer stops between tokens), shut the executor down,
@@ -22,18 +25,27 @@ destroy the node, ``rclpy.try_shutdown()``.
 
 from __future__ import annotations
 
+import os
+
+# No progress bars in the node process: under launch they come out as empty lines. Set
+# before transformers imports tqdm, which reads TQDM_* once (its GGUF loader calls tqdm
+# directly, past transformers' own disable_progress_bar()).
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
 import sys
+import threading
 import time
 from typing import Any, Optional, Tuple
 
-import rclpy
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.clock import Clock, ClockType
+from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.node import Node
-from rclpy.qos import QoSProfile, qos_profile_sensor_data
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import Trigger
 
@@ -42,7 +54,16 @@ from infmllm_ros.msg import SceneDescription
 from infmllm_ros.srv import GetStats, Query
 
 from .core import FrameRef, Job, JobQueue, FrameSlots, sec_to_stamp
-from .params import DEFAULT_NODE_NAME, NodeSettings, ParameterError, declare_node_parameters
+from .health import SimClockWatch
+from .params import (
+    DEFAULT_NODE_NAME,
+    NodeSettings,
+    ParameterError,
+    declare_node_parameters,
+    params_file_problem,
+    unmatched_params_files,
+)
+from .state import StateFile
 from .worker import AnswerResult, StreamWorker
 
 def to_time(ref: Optional[FrameRef]) -> Time:
@@ -62,6 +83,26 @@ def load_for_settings(settings: NodeSettings):
     m = settings.model
     return load_model(m.name, gguf_file=m.gguf_file or None, device=m.device, dtype=m.dtype,
                       trust_remote_code=m.trust_remote_code)
+
+
+def check_before_load(settings: NodeSettings, *, model: bool = True) -> None:
+    """Checks that need no weights: ``memory.state_file``'s folder and (``model``) the
+    ``model.*`` folder, GGUF file and device; ParameterError."""
+    from infmllm_ros.engine.models import check_model_source, resolve_device
+
+    if settings.memory.state_file:
+        problem = StateFile(settings.memory.state_file).problem()
+        if problem:
+            raise ParameterError(f"memory.state_file: {problem}")
+    if not model:
+        return
+    m = settings.model
+    for name, check in (("model.name", lambda: check_model_source(m.name, m.gguf_file or None)),
+                        ("model.device", lambda: resolve_device(m.device))):
+        try:
+            check()
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ParameterError(f"{name}: {exc}") from None
 
 
 def build_encoder(lm, settings: NodeSettings):
@@ -90,9 +131,16 @@ class InfMllmNode(Node):
     def __init__(self, node_name: str = DEFAULT_NODE_NAME, *, loaded_model=None, **kwargs: Any):
         super().__init__(node_name, **kwargs)
         self._closed = False
+        self._calls = _Counter()  # ~/query and ~/ask callbacks in progress (see drain)
+        #: At shutdown, how long a running answer may take to stop before its caller is told.
+        self.stop_grace_s = 1.0
+        self._started_at = time.monotonic()
         self.worker: Optional[StreamWorker] = None
+        self.state: Optional[StateFile] = None
+        self._save_timer = None
         try:
             self.settings, self._params = declare_node_parameters(self, self._on_settings)
+            self._warn_unmatched_params_files(list(kwargs.get("cli_args") or []) + sys.argv)
             self._start(loaded_model)
         except BaseException:
             self.shutdown()
@@ -100,6 +148,13 @@ class InfMllmNode(Node):
             raise
 
     # -- start-up -------------------------------------------------------------------
+
+    def _warn_unmatched_params_files(self, args) -> None:
+        for path, keys in unmatched_params_files(args, self.get_fully_qualified_name()):
+            self.get_logger().warning(
+                f"params file {path} has no section for this node "
+                f"({self.get_fully_qualified_name()}; its sections: {keys}), so none of its "
+                "values apply: key it '/**:' or by this node's name")
 
     def _start(self, loaded_model) -> None:
         from infmllm_ros.engine import Stream
@@ -111,10 +166,15 @@ class InfMllmNode(Node):
             import torch
 
             torch.set_num_threads(s.model.num_threads)
+        check_before_load(s, model=loaded_model is None)  # fails now, not after a 30-50 s load
         if loaded_model is None:
             log.info(f"loading model '{s.model.name}' (device {s.model.device}, dtype "
                      f"{s.model.dtype}) ...")
-            loaded_model = load_for_settings(s)
+            try:
+                loaded_model = load_for_settings(s)
+            except (OSError, ValueError, ImportError) as exc:  # not found, no hub, bad weights
+                raise ParameterError(f"model.name '{s.model.name}' could not be loaded: "
+                                     + " ".join(str(exc).split())) from None
             how = f"loaded in {time.monotonic() - t0:.1f} s"
         else:
             how = "already loaded"
@@ -138,36 +198,74 @@ class InfMllmNode(Node):
         self.worker = StreamWorker(self.stream, self.slots, self.jobs, self._make_chunk, s,
                                    on_scene=self._publish_scene, logger=log)
         self.worker.max_answer_tokens = self.max_answer_tokens
+        self.state = self._load_state_file(s)
+        self.worker.state = self.state
 
         self._sensor_group = MutuallyExclusiveCallbackGroup()
         self._query_group = ReentrantCallbackGroup()
         self._admin_group = MutuallyExclusiveCallbackGroup()
         self._timer_group = MutuallyExclusiveCallbackGroup()
 
-        self.scene_pub = self.create_publisher(SceneDescription, "~/scene", QoSProfile(depth=10))
+        # Transient local, depth 1: a late subscriber gets the last description at once.
+        self.scene_pub = self.create_publisher(SceneDescription, "~/scene", QoSProfile(
+            depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", QoSProfile(depth=10))
         self._subs = []
-        for cam in s.cameras:
-            msg_type = CompressedImage if cam.transport == "compressed" else Image
-            self._subs.append(self.create_subscription(
-                msg_type, cam.topic, lambda msg, name=cam.name: self.slots.put(name, msg),
-                qos_profile_sensor_data, callback_group=self._sensor_group))
-            log.info(f"camera '{cam.name}': {cam.topic} ({msg_type.__name__})")
-
-        self.create_service(Query, "~/query", self._on_query, callback_group=self._query_group)
+        self._topics: dict = {}  # camera -> its topic, resolved in the node's namespace
+        self._qos_events: dict = {c: 0 for c in s.camera_names}
+        self.create_service(Query, "~/query", self._counted(self._on_query),
+                            callback_group=self._query_group)
         self.create_service(Trigger, "~/reset", self._on_reset, callback_group=self._admin_group)
+        self.create_service(Trigger, "~/save", self._on_save, callback_group=self._admin_group)
+        self.create_service(Trigger, "~/load", self._on_load, callback_group=self._admin_group)
         self.create_service(GetStats, "~/get_stats", self._on_get_stats,
                             callback_group=self._admin_group)
         self._ask_server = ActionServer(
-            self, Ask, "~/ask", execute_callback=self._execute_ask,
+            self, Ask, "~/ask", execute_callback=self._counted(self._execute_ask),
             goal_callback=self._on_ask_goal, cancel_callback=lambda _goal: CancelResponse.ACCEPT,
             callback_group=self._query_group)
         self._diag_timer = None
+        self._clock_watch = SimClockWatch(self)
         self._make_diag_timer(s.diagnostics_period_s)
+        self._save_timer = None
+        self._save_job: Optional[Job] = None
+        self._make_save_timer(s.memory.save_period_s)
+        self._started_at = time.monotonic()  # cameras are silent "since start-up" from here
         self.worker.start()
+        # Subscribed last: a publisher that waits for this subscription (infmllm-replay,
+        # launch) starts once the model is loaded and the worker runs.
+        for cam in s.cameras:
+            self._subscribe(cam)
         log.info(f"ready: {len(s.cameras)} camera(s) at {s.sample_rate_hz:g} Hz; scene every "
                  + (f"{s.scene.period_s:g} s" if s.scene.period_s > 0 else "(off)")
                  + f"; queries {s.query.busy_policy} (queue {s.query.queue_size})")
+
+    def _subscribe(self, cam) -> None:
+        """The subscription of one camera, with its transport and QoS reliability."""
+        msg_type = CompressedImage if cam.transport == "compressed" else Image
+        qos = qos_profile_sensor_data
+        if cam.reliability == "reliable":
+            qos = QoSProfile(depth=qos_profile_sensor_data.depth,
+                             reliability=ReliabilityPolicy.RELIABLE)
+        self._subs.append(self.create_subscription(
+            msg_type, cam.topic, lambda msg, name=cam.name: self._on_image(name, msg), qos,
+            callback_group=self._sensor_group,
+            event_callbacks=SubscriptionEventCallbacks(
+                incompatible_qos=lambda info, cam=cam: self._on_incompatible_qos(cam, info))))
+        self._topics[cam.name] = self._subs[-1].topic_name
+        self.get_logger().info(f"camera '{cam.name}': {self._topics[cam.name]} "
+                               f"({msg_type.__name__}, {cam.reliability})")
+
+    def _on_image(self, camera: str, msg) -> None:
+        st = msg.header.stamp
+        self.slots.put(camera, msg, st.sec + st.nanosec * 1e-9)
+
+    def _on_incompatible_qos(self, cam, info) -> None:
+        self._qos_events[cam.name] = self._qos_events.get(cam.name, 0) + 1
+        self.get_logger().warning(
+            f"camera '{cam.name}': a publisher on {cam.topic} offers a QoS this subscription "
+            f"cannot match ({info.last_policy_kind.name}); with cameras.{cam.name}.reliability "
+            "'reliable' only reliable publishers are received")
 
     def executor_threads(self) -> int:
         """Threads a MultiThreadedExecutor needs so waiting questions never starve the rest."""
@@ -183,6 +281,8 @@ class InfMllmNode(Node):
             self.jobs.configure(s.query.queue_size, s.query.busy_policy)
             if s.diagnostics_period_s != old.diagnostics_period_s:
                 self._make_diag_timer(s.diagnostics_period_s)
+            if s.memory.save_period_s != old.memory.save_period_s:
+                self._make_save_timer(s.memory.save_period_s)
             self._wake_worker()
 
     def _make_diag_timer(self, period: float) -> None:
@@ -190,8 +290,10 @@ class InfMllmNode(Node):
             self.destroy_timer(self._diag_timer)
             self._diag_timer = None
         if period > 0:
+            # On the steady clock: with use_sim_time and no /clock, a ROS-time timer never fires.
             self._diag_timer = self.create_timer(period, self._publish_diagnostics,
-                                                 callback_group=self._timer_group)
+                                                 callback_group=self._timer_group,
+                                                 clock=Clock(clock_type=ClockType.STEADY_TIME))
 
     # -- frames ------------------------------------------------------------------
 
@@ -280,8 +382,20 @@ class InfMllmNode(Node):
         resp.prompt_tokens = int(a.prompt_tokens)
         resp.generated_tokens = int(a.generated_tokens)
         resp.success = not a.cancelled
-        resp.message = "cancelled (partial answer)" if a.cancelled else ""
+        resp.message = ""
+        if a.cancelled:
+            resp.message = ("stopped: the node is shutting down (partial answer)" if self._closed
+                            else "cancelled (partial answer)")
         return resp
+
+    def _counted(self, callback):
+        """``callback`` counted in :attr:`_calls` while it runs (see :meth:`drain`)."""
+
+        def counted(*args):
+            with self._calls:
+                return callback(*args)
+
+        return counted
 
     def _on_query(self, req: Query.Request, resp: Query.Response) -> Query.Response:
         t0 = time.monotonic()
@@ -291,13 +405,35 @@ class InfMllmNode(Node):
             self.get_logger().info(f"query refused: {reason}")
             return resp
         timeout = self.settings.query.timeout_s
-        if not job.wait(timeout):
+        if not self._wait_job(job, t0 + timeout):
             job.cancel()
+            if self._closed:
+                resp.success, resp.message = False, "the node is shutting down"
+                resp.latency_s = float(time.monotonic() - t0)
+                return resp
             resp.success = False
             resp.message = f"timed out after {timeout:g} s (query.timeout_s); the answer was cancelled"
             resp.latency_s = float(time.monotonic() - t0)
             return resp
         return self._fill_answer(resp, job, t0)
+
+    def _wait_job(self, job: Job, deadline: float, cancelled=None) -> bool:
+        """Wait for ``job`` until ``deadline`` (monotonic) or ``cancelled()``; True when done.
+
+        Once the node is shutting down the worker has ``stop_grace_s`` to finish it (an
+        answer stops at its next token), so every caller gets its reply before the executor
+        stops, even when the worker is stuck in a long step.
+        """
+        closed_at = None
+        while not job.wait(0.05):
+            now = time.monotonic()
+            if now > deadline or (cancelled is not None and cancelled()):
+                return False
+            if self._closed:
+                closed_at = closed_at or now
+                if now - closed_at > self.stop_grace_s:
+                    return False
+        return True
 
     def _on_ask_goal(self, goal) -> GoalResponse:
         reason = self.check_question(goal.question, goal.camera)
@@ -328,13 +464,14 @@ class InfMllmNode(Node):
             self._finish_goal(goal_handle.abort)
             return result
         deadline = t0 + self.settings.query.timeout_s
-        while not job.wait(0.05):
-            if goal_handle.is_cancel_requested or time.monotonic() > deadline:
-                job.cancel()
+        if not self._wait_job(job, deadline, lambda: goal_handle.is_cancel_requested):
+            job.cancel()
+            if not self._closed:
                 job.wait(5.0)
-                break
         if job.done:
             self._fill_answer(result, job, t0)
+        elif self._closed:
+            result.success, result.message = False, "the node is shutting down"
         else:
             result.success, result.message = False, "timed out"
         if goal_handle.is_cancel_requested:
@@ -360,19 +497,93 @@ class InfMllmNode(Node):
 
     # -- admin -------------------------------------------------------------------
 
-    def _on_reset(self, req: Trigger.Request, resp: Trigger.Response) -> Trigger.Response:
-        before = self.worker.stats.tokens_held
-        job = Job("reset", control=True)
+    def _control(self, kind: str, **args) -> Tuple[Optional[Job], Optional[str]]:
+        """Run a control job (reset, save, load) on the worker; the job and why it failed."""
+        job = Job(kind, control=True, **args)
         reason = self.jobs.submit(job)
         if reason is None and not job.wait(self.settings.query.timeout_s):
             job.cancel()
             reason = "timed out waiting for the worker"
         if reason is None and job.error:
             reason = job.error
+        return job, reason
+
+    def _on_reset(self, req: Trigger.Request, resp: Trigger.Response) -> Trigger.Response:
+        before = self.worker.stats.tokens_held
+        _, reason = self._control("reset")
         resp.success = reason is None
         resp.message = reason or f"cache cleared ({before} tokens dropped)"
         self.get_logger().info(f"reset: {resp.message}")
         return resp
+
+    # -- memory across restarts ------------------------------------------------------
+
+    def _load_state_file(self, s: NodeSettings) -> Optional[StateFile]:
+        """Start-up: restore the memory from ``memory.state_file`` if it is there and matches."""
+        if not s.memory.state_file:
+            return None
+        log = self.get_logger()
+        state = StateFile(s.memory.state_file)
+        for name in state.remove_leftovers():
+            log.warning(f"removed {name}, left by a save that was interrupted")
+        res = state.load(self.stream, set_aside=True)
+        if res.loaded:
+            self.worker.book.restore(list(res.refs))
+            self.worker.stats = self.stream.stats()
+            log.info(f"memory: {res.reason}")
+        elif res.set_aside:
+            log.warning(f"memory: {res.reason}; starting with an empty memory")
+        else:
+            log.info(f"memory: {res.reason}; starting with an empty memory")
+        return state
+
+    def _make_save_timer(self, period: float) -> None:
+        if self._save_timer is not None:
+            self.destroy_timer(self._save_timer)
+            self._save_timer = None
+        if period > 0 and self.state is not None:
+            self._save_timer = self.create_timer(period, self._periodic_save,
+                                                 callback_group=self._timer_group)
+
+    def _periodic_save(self) -> None:
+        if self._save_job is None or self._save_job.done:  # never pile saves up behind a slow disk
+            self._save_job = Job("save", control=True, force=False)
+            if self.jobs.submit(self._save_job) is not None:
+                self._save_job = None
+
+    def _on_save(self, req: Trigger.Request, resp: Trigger.Response) -> Trigger.Response:
+        if self.state is None:
+            resp.success, resp.message = False, "memory.state_file is not set: nowhere to save"
+            return resp
+        job, reason = self._control("save", force=True)
+        resp.success = reason is None
+        if reason is None:
+            r = job.result
+            resp.message = f"saved {r.bytes} bytes to {r.path} in {r.seconds:.2f} s"
+        else:
+            resp.message = f"not saved: {reason}"
+        self.get_logger().info(f"save: {resp.message}")
+        return resp
+
+    def _on_load(self, req: Trigger.Request, resp: Trigger.Response) -> Trigger.Response:
+        if self.state is None:
+            resp.success, resp.message = False, "memory.state_file is not set: nothing to load"
+            return resp
+        job, reason = self._control("load")
+        resp.success = reason is None
+        resp.message = reason or job.result.reason
+        self.get_logger().info(f"load: {resp.message}")
+        return resp
+
+    def _save_on_shutdown(self) -> None:
+        """A clean shutdown keeps the memory (the worker has stopped: the stream is free)."""
+        if getattr(self, "state", None) is None:
+            return
+        try:
+            r = self.state.save(self.stream, self.worker.book.refs(), force=False)
+            self.get_logger().info(f"memory: {'unchanged in' if r.skipped else 'saved to'} {r.path}")
+        except Exception as exc:  # noqa: BLE001 - the previous file is intact; say why
+            self.get_logger().error(f"memory: could not save to {self.state.path}: {exc}")
 
     def cache_budget_bytes(self) -> int:
         """Bytes the cache may hold at its budget (0: unbounded)."""
@@ -413,25 +624,51 @@ class InfMllmNode(Node):
         """The node's DiagnosticArray: one status per camera and one for the stream."""
         arr = DiagnosticArray()
         arr.header.stamp = self.get_clock().now().to_msg()
-        hw = self.get_fully_qualified_name()
+        hw = self.get_fully_qualified_name()  # unique per node, also across namespaces
         period = 1.0 / self.settings.sample_rate_hz
+        stale_s = self.settings.diagnostics_stale_periods * period
+        dead_s = self.settings.diagnostics_dead_periods * period
+        up_s = time.monotonic() - self._started_at
         for name, c in self.slots.counts().items():
             cam = self.settings.camera(name)
-            s = DiagnosticStatus(name=f"{self.get_name()}: camera {name}", hardware_id=hw)
-            if c.received == 0:
-                s.level, s.message = DiagnosticStatus.WARN, "no images received yet"
+            s = DiagnosticStatus(name=f"{hw}: camera {name}", hardware_id=hw)
+            if c.silent_s is None:
+                s.level = DiagnosticStatus.ERROR if up_s > dead_s else DiagnosticStatus.WARN
+                s.message = f"no images received in {up_s:.1f} s since start-up"
+            elif c.silent_s > dead_s:
+                s.level, s.message = DiagnosticStatus.ERROR, f"dead: no image for {c.silent_s:.1f} s"
+            elif c.silent_s > stale_s:
+                s.level, s.message = DiagnosticStatus.WARN, f"stale: no image for {c.silent_s:.1f} s"
             elif c.bad and c.bad >= c.encoded:
                 s.level, s.message = DiagnosticStatus.WARN, f"unusable images: {c.last_error}"
+            elif c.lost_fraction > 0.5:
+                s.level = DiagnosticStatus.WARN
+                s.message = (f"receiving, but about {100 * c.lost_fraction:.0f}% of the camera's "
+                             "frames are lost before they reach the node (large frames over "
+                             "best-effort QoS: see README, 'Large frames')")
             else:
                 s.level, s.message = DiagnosticStatus.OK, "receiving"
-            s.values = _kv(topic=cam.topic if cam else "", received=c.received,
-                           dropped=c.dropped, encoded=c.encoded, bad=c.bad,
+            s.values = _kv(topic=self._topics.get(name, cam.topic if cam else ""),
+                           received=c.received, dropped=c.dropped, encoded=c.encoded, bad=c.bad,
+                           frames_lost_estimate=c.lost_estimate,
+                           lost_fraction_recent=f"{c.lost_fraction:.2f}",
+                           camera_hz_estimate=f"{c.camera_hz:.2f}",
                            received_hz=f"{c.received_hz:.2f}", encoded_hz=f"{c.encoded_hz:.2f}",
-                           target_hz=f"{1.0 / period:.2f}", last_error=c.last_error)
+                           target_hz=f"{1.0 / period:.2f}",
+                           reliability=cam.reliability if cam else "",
+                           incompatible_qos_events=self._qos_events.get(name, 0),
+                           last_error=c.last_error,
+                           seconds_since_last_image=("" if c.silent_s is None
+                                                     else f"{c.silent_s:.2f}"))
             arr.status.append(s)
+        clock_problem = self._clock_watch.problem()
+        if clock_problem:
+            arr.status.append(DiagnosticStatus(name=f"{hw}: clock", hardware_id=hw,
+                                               level=DiagnosticStatus.WARN,
+                                               message=clock_problem))
         st = self.worker.stats
         lat = self.worker.latency
-        s = DiagnosticStatus(name=f"{self.get_name()}: stream", hardware_id=hw)
+        s = DiagnosticStatus(name=f"{hw}: stream", hardware_id=hw)
         if not self.worker.alive and not self._closed:
             s.level, s.message = DiagnosticStatus.ERROR, f"worker stopped: {self.worker.error}"
         elif self.worker.error:
@@ -448,6 +685,7 @@ class InfMllmNode(Node):
                        query_latency_last_s=f"{lat.last_s:.3f}",
                        query_latency_mean_s=f"{lat.mean_recent_s:.3f}",
                        scenes_published=self.worker.scenes_published,
+                       worker_activity=self.worker.activity,
                        **{k: f"{v:.3f}" for k, v in self.worker.timing.items()})
         arr.status.append(s)
         return arr
@@ -457,18 +695,44 @@ class InfMllmNode(Node):
 
     # -- shutdown ----------------------------------------------------------------
 
-    def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop the worker (answers stop between tokens) and join it; idempotent."""
+    def shutdown(self, timeout: float = 20.0) -> bool:
+        """Stop the worker and join it; idempotent. True when it has stopped.
+
+        The answer or prefill in progress stops at its next token or piece,
+        waiting questions are refused ("the node is shutting down") and their
+        callers, ``~/ask`` goals included, get that reply while the executor
+        still spins (see :meth:`drain`).
+        """
         if self._closed:
-            return
+            return self.worker is None or not self.worker.alive
         self._closed = True
-        if self.worker is not None:
-            if self.jobs.busy:
-                self.get_logger().info("stopping: cancelling the answer in progress")
-            if self.worker.stop(timeout):
-                self.stream.close()  # give the (maybe shared) model its own attention back
-            else:
-                self.get_logger().warning("worker did not stop in time")
+        if self.worker is None:
+            return True
+        t = self.slots.totals()
+        self.get_logger().info(
+            f"stopping after {t.received} frames received, {t.encoded} encoded, "
+            f"{self.worker.latency.count} questions answered")
+        if self.jobs.busy:
+            self.get_logger().info("stopping: cancelling the answer in progress")
+        if self.worker.stop(timeout):
+            self._save_on_shutdown()
+            self.stream.close()  # give the (maybe shared) model its own attention back
+            return True
+        self.get_logger().warning(
+            f"the worker is still inside one step after {timeout:g} s (a frame's encoding or a "
+            "prefill piece on a busy machine); not waiting for it")
+        return False
+
+    def drain(self, timeout: float = 1.0) -> None:
+        """After :meth:`shutdown`: wait until every ~/query and ~/ask callback has returned,
+        then a moment more for the executor to send their replies (action results are sent
+        by a task that runs after the callback)."""
+        end = time.monotonic() + timeout
+        had_calls = self._calls.value > 0
+        while self._calls.value > 0 and time.monotonic() < end:
+            time.sleep(0.02)
+        if had_calls:
+            time.sleep(min(0.5, max(0.0, end - time.monotonic())))
 
     def destroy_node(self) -> None:
         self.shutdown()
@@ -478,34 +742,40 @@ class InfMllmNode(Node):
         super().destroy_node()
 
 
+class _Counter:
+    """A thread-safe count of callbacks in progress (``with counter: ...``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.value = 0
+
+    def __enter__(self):
+        with self._lock:
+            self.value += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            self.value -= 1
+
+
 def _kv(**values) -> list:
     return [KeyValue(key=k, value=str(v)) for k, v in values.items()]
 
 
 def main(args=None) -> int:
-    """``infmllm_node``: run the node on a MultiThreadedExecutor until Ctrl-C."""
-    rclpy.init(args=args)
-    node: Optional[InfMllmNode] = None
-    executor: Optional[MultiThreadedExecutor] = None
-    code = 0
-    try:
-        node = InfMllmNode()
-        executor = MultiThreadedExecutor(num_threads=node.executor_threads())
-        executor.add_node(node)
-        executor.spin()
-    except ParameterError as exc:
-        print(f"[{DEFAULT_NODE_NAME}] cannot start: {exc}", file=sys.stderr)
+    """``infmllm-node``: run the node until SIGINT/SIGTERM (see :mod:`.run` for the stop order)."""
+    from .run import exit_now, run_node
+
+    # Params files are read before rclpy.init, which would only say "failed to parse".
+    problem = params_file_problem(sys.argv if args is None else args)
+    if problem:
+        print(f"[{DEFAULT_NODE_NAME}] cannot start: {problem}", file=sys.stderr)
         code = 2
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        if node is not None:
-            node.shutdown()
-        if executor is not None:
-            executor.shutdown(timeout_sec=10.0)
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
+    else:
+        code = run_node(InfMllmNode, args, name=DEFAULT_NODE_NAME, startup_errors=(ParameterError,))
+    if args is None:  # the executable (not a caller in this process): skip the slow teardown
+        exit_now(code)
     return code
 
 

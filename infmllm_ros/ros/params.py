@@ -13,8 +13,10 @@ Nested names, in the llama_ros manner::
     model.*        which model to load (read-only: loaded once at start-up)
     encoder.*      how a camera frame becomes tokens (read-only)
     cache.*        the capped KV cache (read-only: the stream is built once)
-    cameras.*      ``cameras.names`` first, then ``cameras.<name>.{topic,transport,frame_id}``
-    sample_rate_hz, scene.*, query.*, diagnostics.*   may change while running
+    cameras.*      ``cameras.names`` first, then
+                   ``cameras.<name>.{topic,transport,frame_id,reliability}``
+    memory.*       the state file that keeps the memory across restarts
+    sample_rate_hz, scene.*, query.*, diagnostics.*, memory.save_period_s   may change while running
 
 ``model.preset`` names a params file under ``config/models/`` (``smollm2-offline``
 -> ``smollm2_offline.yaml``) or a path to one; its values become the defaults
@@ -51,7 +53,8 @@ TRANSPORTS = ("raw", "compressed")
 BUSY_POLICIES = ("queue", "reject")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 CAMERA_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
-CAMERA_KEYS = ("topic", "transport", "frame_id")
+RELIABILITIES = ("best_effort", "reliable")
+CAMERA_KEYS = ("topic", "transport", "frame_id", "reliability")
 
 
 class ParameterError(ValueError):
@@ -154,8 +157,8 @@ STATIC_SPECS: Tuple[ParamSpec, ...] = (
        "generated in this answer by this (1: off).", read_only=True, lo=1.0, hi=10.0),
     _s("cache.system_prompt", "", "System prompt that opens the stream. Empty: the engine's "
        "default (the visual memory of a robot).", read_only=True),
-    _s("cameras.names", ["front"], "Cameras to watch; each one's topic, transport and frame_id are "
-       "cameras.<name>.*. Names: letters, digits and '_', starting with a letter.",
+    _s("cameras.names", ["front"], "Cameras to watch; each one's topic, transport, frame_id and "
+       "reliability are cameras.<name>.*. Names: letters, digits and '_', starting with a letter.",
        read_only=True),
     _s("sample_rate_hz", 1.0, "Frames per second taken from each camera into the stream; between "
        "samples only the latest frame is kept (the rest are counted as dropped).", lo=0.001,
@@ -176,6 +179,18 @@ STATIC_SPECS: Tuple[ParamSpec, ...] = (
        "included) is cancelled and refused.", lo=0.1, hi=86400.0),
     _s("diagnostics.period_s", 2.0, "Publish diagnostic_msgs/DiagnosticArray on /diagnostics "
        "every this many seconds. 0: off.", lo=0.0, hi=3600.0),
+    _s("memory.state_file", "", "File that keeps the stream's memory (KV cache and records) "
+       "across restarts: loaded at start-up when it matches the model and cache settings (else "
+       "moved aside as <file>.rejected-<time>), saved atomically every memory.save_period_s, at "
+       "a clean shutdown and on ~/save. Empty: off.", read_only=True),
+    _s("memory.save_period_s", 300.0, "Save the memory to memory.state_file every this many "
+       "seconds (only when something new came in). 0: only at shutdown and on ~/save.",
+       lo=0.0, hi=86400.0),
+    _s("diagnostics.stale_periods", 5.0, "A camera with no image for this many sample periods "
+       "(1 / sample_rate_hz) is reported WARN (stale) on /diagnostics.", lo=1.0, hi=1e6),
+    _s("diagnostics.dead_periods", 30.0, "A camera with no image for this many sample periods "
+       "(or none since start-up for that long) is reported ERROR; must exceed "
+       "diagnostics.stale_periods.", lo=1.0, hi=1e6),
 )
 
 STATIC_BY_NAME: Dict[str, ParamSpec] = {s.name: s for s in STATIC_SPECS}
@@ -185,13 +200,18 @@ def camera_specs(camera: str) -> Tuple[ParamSpec, ...]:
     """The per-camera parameters of ``camera``."""
     p = f"cameras.{camera}."
     return (
-        _s(p + "topic", f"/{camera}/image_raw", f"Image topic of camera '{camera}' "
-           "(sensor_msgs/Image, or CompressedImage with transport 'compressed').", read_only=True),
+        _s(p + "topic", f"{camera}/image_raw", f"Image topic of camera '{camera}' "
+           "(sensor_msgs/Image, or CompressedImage with transport 'compressed'). A relative name "
+           "resolves in the node's namespace.", read_only=True),
         _s(p + "transport", "raw", f"Message type on camera '{camera}''s topic: 'raw' "
            "(sensor_msgs/Image) or 'compressed' (sensor_msgs/CompressedImage).", read_only=True,
            choices=TRANSPORTS),
         _s(p + "frame_id", "", f"frame_id reported for camera '{camera}'; empty: the images' "
            "header.frame_id.", read_only=True),
+        _s(p + "reliability", "best_effort", f"QoS reliability of camera '{camera}''s "
+           "subscription: 'best_effort' (sensor data QoS, matches every publisher; large frames "
+           "can be lost on the way) or 'reliable' (nothing lost in transport; matches only "
+           "reliable publishers).", read_only=True, choices=RELIABILITIES),
     )
 
 
@@ -214,6 +234,7 @@ class CameraSettings:
     topic: str
     transport: str = "raw"
     frame_id: str = ""  # empty: use the images' header.frame_id
+    reliability: str = "best_effort"
 
 
 @dataclass
@@ -277,6 +298,12 @@ class QuerySettings:
 
 
 @dataclass
+class MemorySettings:
+    state_file: str = ""
+    save_period_s: float = 300.0
+
+
+@dataclass
 class NodeSettings:
     """All parameter values of the node, read into plain Python."""
 
@@ -287,7 +314,10 @@ class NodeSettings:
     sample_rate_hz: float = 1.0
     scene: SceneSettings = field(default_factory=SceneSettings)
     query: QuerySettings = field(default_factory=QuerySettings)
+    memory: MemorySettings = field(default_factory=MemorySettings)
     diagnostics_period_s: float = 2.0
+    diagnostics_stale_periods: float = 5.0
+    diagnostics_dead_periods: float = 30.0
 
     @property
     def camera_names(self) -> List[str]:
@@ -325,13 +355,16 @@ class NodeSettings:
             sample_rate_hz=float(get("sample_rate_hz")),
             scene=group("scene", SceneSettings),
             query=group("query", QuerySettings),
+            memory=group("memory", MemorySettings),
             diagnostics_period_s=float(get("diagnostics.period_s")),
+            diagnostics_stale_periods=float(get("diagnostics.stale_periods")),
+            diagnostics_dead_periods=float(get("diagnostics.dead_periods")),
         )
 
     def to_values(self) -> Dict[str, Any]:
         """The inverse of :meth:`from_values`."""
         out: Dict[str, Any] = {}
-        for prefix in ("model", "encoder", "cache", "scene", "query"):
+        for prefix in ("model", "encoder", "cache", "scene", "query", "memory"):
             for k, v in getattr(self, prefix).__dict__.items():
                 out[f"{prefix}.{k}"] = v
         out["cameras.names"] = self.camera_names
@@ -340,6 +373,8 @@ class NodeSettings:
                 out[f"cameras.{c.name}.{k}"] = getattr(c, k)
         out["sample_rate_hz"] = self.sample_rate_hz
         out["diagnostics.period_s"] = self.diagnostics_period_s
+        out["diagnostics.stale_periods"] = self.diagnostics_stale_periods
+        out["diagnostics.dead_periods"] = self.diagnostics_dead_periods
         return out
 
     def validate(self) -> "NodeSettings":
@@ -384,6 +419,9 @@ def check_settings(s: NodeSettings) -> Optional[str]:
         return f"two cameras subscribe to the same topic {sorted(dup)[0]!r}"
     if not s.scene.prompt.strip():
         return "scene.prompt is empty"
+    if s.diagnostics_dead_periods <= s.diagnostics_stale_periods:
+        return (f"diagnostics.dead_periods ({s.diagnostics_dead_periods:g}) must exceed "
+                f"diagnostics.stale_periods ({s.diagnostics_stale_periods:g})")
     if not s.model.name.strip():
         return "model.name is empty"
     c = s.cache
@@ -403,6 +441,26 @@ def check_settings(s: NodeSettings) -> Optional[str]:
         StreamConfig.from_dict(c.as_dict()).validate()
     except (ValueError, TypeError) as exc:
         return f"cache.*: {exc}"
+    return _budget_reason(c)
+
+
+def _budget_reason(c: CacheSettings) -> Optional[str]:
+    """Whether ``cache.budget_tokens`` holds what the policy always keeps (sinks, recent, a
+    chunk): known without the model, so it fails before the 30-50 s load. A byte budget
+    needs the model's layer sizes and is checked once the model is there."""
+    if not c.budget_tokens:
+        return None
+    try:
+        from infmllm_ros.engine.policies import make_policy
+    except Exception:  # noqa: BLE001 - engine missing
+        return None
+    try:
+        policy = make_policy(c.policy, sinks=c.sinks, recent=c.recent,
+                             retrieval_window=c.retrieval_window, bias=c.bias,
+                             recent_ratio=c.h2o_recent_ratio)
+        policy.check_budget(c.budget_tokens, c.max_chunk_tokens)
+    except (ValueError, TypeError) as exc:
+        return f"cache.budget_tokens: {exc}"
     return None
 
 
@@ -476,20 +534,64 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
+def section_applies(key: str, node: str) -> bool:
+    """Whether a params-file section ``key`` applies to ``node`` (its fully qualified name,
+    or a bare name for a node in the root namespace), by rcl's rules: ``/**`` matches
+    every node, ``*`` one name token, ``**`` any number of them, and a key without a
+    leading ``/`` is absolute."""
+    pattern = [t for t in str(key).strip().split("/") if t]
+    name = [t for t in node.split("/") if t]
+
+    def match(p: int, n: int) -> bool:
+        if p == len(pattern):
+            return n == len(name)
+        if pattern[p] == "**":
+            return any(match(p + 1, k) for k in range(n, len(name) + 1))
+        if n == len(name):
+            return False
+        return (pattern[p] == "*" or pattern[p] == name[n]) and match(p + 1, n + 1)
+
+    return match(0, 0)
+
+
 def read_params_file(path: Path, node_name: str = DEFAULT_NODE_NAME) -> Dict[str, Any]:
-    """Flat ``{name: value}`` of a ``ros__parameters`` file, for ``node_name`` or ``/**``."""
-    with open(path, "r", encoding="utf-8") as f:
-        doc = yaml.safe_load(f) or {}
-    if not isinstance(doc, Mapping):
-        raise ParameterError(f"{path}: not a ros__parameters file")
+    """Flat ``{name: value}`` of a ``ros__parameters`` file: the sections that apply to
+    ``node_name`` (a fully qualified or bare name; see :func:`section_applies`)."""
+    doc = _load_params_doc(path)
     out: Dict[str, Any] = {}
     for key, body in doc.items():
-        k = str(key).strip("/")
-        if k not in ("**", "*", node_name) and not k.endswith("/" + node_name):
+        if not section_applies(key, node_name):
             continue
         if not isinstance(body, Mapping) or "ros__parameters" not in body:
             raise ParameterError(f"{path}: section {key!r} has no ros__parameters")
         out.update(flatten(body["ros__parameters"] or {}))
+    return out
+
+
+def _load_params_doc(path: Path) -> Mapping:
+    with open(path, "r", encoding="utf-8") as f:
+        doc = yaml.safe_load(f) or {}
+    if not isinstance(doc, Mapping):
+        raise ParameterError(f"{path}: not a ros__parameters file")
+    return doc
+
+
+def params_files_in(args: Sequence[str]) -> List[str]:
+    """The ``--params-file`` paths among ROS command-line arguments."""
+    return [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--params-file"]
+
+
+def unmatched_params_files(args: Sequence[str], node_fqn: str) -> List[Tuple[str, List[str]]]:
+    """``(path, its section keys)`` of each ``--params-file`` in ``args`` that has no section
+    for ``node_fqn``: rcl applies none of its values to the node, silently."""
+    out = []
+    for path in params_files_in(args):
+        try:
+            keys = [str(k) for k in _load_params_doc(Path(path))]
+        except (OSError, yaml.YAMLError, ParameterError):
+            continue  # unreadable: rcl itself refuses it before the node exists
+        if not any(section_applies(k, node_fqn) for k in keys):
+            out.append((path, keys))
     return out
 
 
@@ -568,6 +670,8 @@ class ParameterGuard:
         self._on_change = on_change
         self._ready = False
         self.settings: Optional[NodeSettings] = None
+        #: ``(name, hint)`` of each override (params file, ``-p``, launch) this node does not know.
+        self.unknown: List[Tuple[str, str]] = []
         node.add_pre_set_parameters_callback(self._coerce)
         node.add_on_set_parameters_callback(self._validate)
         node.add_post_set_parameters_callback(self._applied)
@@ -588,6 +692,9 @@ class ParameterGuard:
                     "and '_', starting with a letter")
             for spec in camera_specs(cam):
                 self._declare_one(spec, defaults.get(spec.name))
+        self.unknown = unknown_overrides(self._node)
+        for name, hint in self.unknown:
+            self._node.get_logger().warning(f"ignoring unknown parameter '{name}': {hint}")
         settings = NodeSettings.from_values(self.values()).validate()
         self.settings = settings
         self._ready = True
@@ -610,7 +717,9 @@ class ParameterGuard:
                 f"parameter {spec.name} must be of type {type(spec.default).__name__} "
                 f"(e.g. {spec.default!r}): {exc}") from None
         except InvalidParameterValueException as exc:
-            raise ParameterError(f"parameter {spec.name}: {_reason_of(exc)}") from None
+            reason = _reason_of(exc, spec.name)
+            raise ParameterError(reason if spec.name in reason else f"{spec.name}: {reason}") \
+                from None
 
     def _coerce_override(self, spec: ParamSpec) -> None:
         """A params file's ``rate: 1`` for a double parameter means ``1.0``."""
@@ -673,11 +782,87 @@ class ParameterGuard:
             self._on_change(self.settings)
 
 
-def _reason_of(exc: Exception) -> str:
-    """The human part of rclpy's InvalidParameterValueException."""
+def unknown_overrides(node) -> List[Tuple[str, str]]:
+    """Overrides given to ``node`` (params files, ``-p``, launch) that name no parameter of it.
+
+    rclpy drops an override whose name is never declared, so a misspelt
+    ``cache.budjet_tokens`` would otherwise start silently with the default.
+    Returns ``(name, hint)`` pairs; the hint names the closest known parameter.
+    Call after every parameter is declared.
+    """
+    import difflib
+
+    overrides = getattr(node, "_parameter_overrides", None) or {}
+    cameras = [c for c in node.get_parameter("cameras.names").value] if node.has_parameter(
+        "cameras.names") else []
+    known = sorted(set(node._parameters))  # noqa: SLF001 - rclpy keeps no public dict
+    out: List[Tuple[str, str]] = []
+    for name in sorted(overrides):
+        if node.has_parameter(name) or name.startswith("qos_overrides."):
+            continue  # declared (ours or rclpy's own, e.g. use_sim_time), or rclpy's QoS overrides
+        parts = name.split(".")
+        if len(parts) == 3 and parts[0] == "cameras" and parts[2] in CAMERA_KEYS:
+            out.append((name, f"camera '{parts[1]}' is not in cameras.names {cameras}"))
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        out.append((name, f"did you mean '{close[0]}'?" if close else "no such parameter"))
+    return out
+
+
+def params_file_problem(argv: Sequence[str]) -> Optional[str]:
+    """Why a ``--params-file`` among ROS arguments is unusable, or None.
+
+    rcl reads these files inside ``rclpy.init`` and fails with a C-level message
+    and a traceback; this check names the file and the problem first (missing,
+    unreadable, malformed YAML with its line, not a ``ros__parameters`` file).
+    """
+    files, in_ros = [], False
+    args = list(argv)
+    for i, a in enumerate(args):
+        if a == "--ros-args":
+            in_ros = True
+        elif a == "--":
+            in_ros = False
+        elif in_ros and a == "--params-file":
+            if i + 1 >= len(args):
+                return "--params-file needs a file name"
+            files.append(args[i + 1])
+    for f in files:
+        path = Path(f)
+        if not path.exists():
+            return f"params file {f} does not exist"
+        if not path.is_file():
+            return f"params file {f} is not a file"
+        try:
+            with open(path, "r", encoding="utf-8") as fh:
+                doc = yaml.safe_load(fh)
+        except OSError as exc:
+            return f"params file {f} cannot be read: {exc.strerror or exc}"
+        except UnicodeDecodeError as exc:
+            return f"params file {f} is not UTF-8 text: {exc}"
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            return f"params file {f} is not valid YAML{where}: {problem}"
+        if doc is None:
+            continue  # an empty file sets nothing (rcl agrees)
+        if not isinstance(doc, Mapping):
+            return f"params file {f} is not a ros__parameters file (its top level is not a mapping)"
+        for key, body in doc.items():
+            if not isinstance(body, Mapping) or "ros__parameters" not in body:
+                return f"params file {f}: section {key!r} has no ros__parameters"
+    return None
+
+
+def _reason_of(exc: Exception, name: str = "") -> str:
+    """The human part of rclpy's InvalidParameterValueException (whose text ends in ': <name>')."""
     text = str(exc.args[0]) if getattr(exc, "args", None) else str(exc)
     m = re.search(r"Reason: (.*)$", text, re.S)
-    return m.group(1).strip() if m else text
+    reason = m.group(1).strip() if m else text.strip()
+    if name and reason.endswith(f": {name}"):
+        reason = reason[: -len(name) - 2].rstrip()
+    return reason
 
 
 def declare_node_parameters(node, on_change=None) -> Tuple[NodeSettings, ParameterGuard]:
@@ -706,13 +891,18 @@ __all__ = [
     "ParameterGuard",
     "POLICY_NAMES",
     "STATIC_SPECS",
+    "RELIABILITIES",
     "TRANSPORTS",
     "camera_specs",
     "check_settings",
     "declare_node_parameters",
+    "params_file_problem",
+    "unknown_overrides",
     "describe_parameters",
     "preset_defaults",
     "read_params_file",
+    "section_applies",
+    "unmatched_params_files",
     "resolve_preset",
     "spec_for",
 ]

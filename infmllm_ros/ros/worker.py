@@ -10,8 +10,9 @@
 3. **scenes**: every ``scene.period_s`` (when new frames arrived) ask
    ``scene.prompt`` and hand the result to ``on_scene``.
 
-Generation checks ``should_stop`` between tokens, so :meth:`StreamWorker.stop`
-(or a cancelled job) ends an answer within one decoding step.
+Prefill (frames, questions) checks ``should_stop`` between pieces of at most
+``cache.max_chunk_tokens`` and generation between tokens, so :meth:`StreamWorker.stop`
+(or a cancelled job) ends any work within one piece or one decoding step.
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from .core import FrameRef, FrameSlots, Job, JobQueue, LatencyStats, StampBook
+
+try:  # the engine's stop signal for prefill; a stand-in keeps this module importable without it
+    from infmllm_ros.engine.types import Cancelled
+except ImportError:  # pragma: no cover - engine (torch) missing
+    class Cancelled(RuntimeError):  # type: ignore[no-redef]
+        pass
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +80,10 @@ class StreamWorker:
         self.timing: Dict[str, float] = {}
         #: Longest answer the stream accepts (answers are appended as one chunk); None: no clamp.
         self.max_answer_tokens: Optional[int] = None
+        #: What the worker is doing now: "idle", "frame", "query", "reset" or "scene".
+        self.activity = "idle"
+        #: The stream's state file (``.state.StateFile``) for "save" / "load" jobs; None: off.
+        self.state = None
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._last_sample: Dict[str, float] = {c: 0.0 for c in slots.cameras}
@@ -115,9 +126,11 @@ class StreamWorker:
                 worked = self._sample_frames()
                 job = self.jobs.pop()
                 if job is not None:
+                    self.activity = job.kind
                     self._run_job(job)
                     worked = True
                 if self._scene_due():
+                    self.activity = "scene"
                     self._describe_scene()
                     worked = True
             except Exception as exc:  # noqa: BLE001 - keep serving; the reason is logged
@@ -125,6 +138,7 @@ class StreamWorker:
                 self.log.error(f"worker step failed: {self.error}")
                 worked = False
                 self._stop.wait(0.5)
+            self.activity = "idle"
             if not worked and not self._stop.is_set():
                 self._wake.wait(self._idle_timeout())
                 self._wake.clear()
@@ -160,6 +174,7 @@ class StreamWorker:
                 continue
             self._last_sample[cam] = now
             worked = True
+            self.activity = "frame"
             t0 = time.monotonic()
             try:
                 chunk, ref = self.make_chunk(cam, msg)
@@ -167,15 +182,25 @@ class StreamWorker:
                 self._bad_frame(cam, str(exc))
                 continue
             t1 = time.monotonic()
-            self.stream.append_chunk(chunk)
+            try:
+                self.stream.append_chunk(chunk, should_stop=self._stop.is_set)
+            except Cancelled:  # stopping: the pieces already appended stay, the frame is not counted
+                break
             t2 = time.monotonic()
             self.timing["encode_s"] = _ewma(self.timing.get("encode_s"), t1 - t0)
             self.timing["append_s"] = _ewma(self.timing.get("append_s"), t2 - t1)
             self.timing["frame_tokens"] = _ewma(self.timing.get("frame_tokens"), float(len(chunk)))
+            back = self.book.jump_back(ref)
             self.book.add(ref)
+            if back is not None:
+                self.log.warning(
+                    f"camera '{cam}': image stamp jumped back {back:.3f} s (to {ref.sec}."
+                    f"{ref.nanosec:09d}): a bag replayed in a loop or a clock reset? Answers "
+                    "report frames by their order in the stream")
+            # Stats first: whoever sees the frame counted as encoded (GetStats) also sees it held.
+            self.stats = self.stream.stats()
             self.slots.mark_encoded(cam)
             self._frames_since_scene += 1
-            self.stats = self.stream.stats()
         return worked
 
     def _bad_frame(self, cam: str, reason: str) -> None:
@@ -196,6 +221,16 @@ class StreamWorker:
         try:
             if job.kind == "query":
                 self._query(job)
+            elif job.kind == "save":
+                job.finish(result=self.state.save(self.stream, self.book.refs(),
+                                                  force=job.args.get("force", True)))
+            elif job.kind == "load":
+                res = self.state.load(self.stream, set_aside=False)
+                if res.loaded:
+                    self.book.restore(list(res.refs))
+                    self._frames_since_scene = 0
+                    self.stats = self.stream.stats()
+                job.finish(result=res, error=None if res.loaded else res.reason)
             elif job.kind == "reset":
                 self.stream.reset()
                 self.book.clear()

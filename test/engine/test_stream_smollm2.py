@@ -149,6 +149,46 @@ def test_frames_stamps_and_stats(smollm2):
         stream.close()
 
 
+def test_reported_frames_follow_stream_order_when_stamps_jump_back(smollm2):
+    """A bag replayed in a loop and a second camera on another clock: the newest frame is the
+    one appended last, the oldest the first one still held, per camera when asked about one."""
+    stream = Stream(smollm2, StreamConfig(policy="infmllm", budget_tokens=1024, max_chunk_tokens=64))
+    try:
+        front = [100.0, 101.0, 102.0, 103.0, 104.0, 100.0, 101.0]  # looped after 104
+        rear = [5.0, 6.0, 7.0]  # a camera whose clock started at boot
+        order = [("front", t) for t in front[:4]] + [("rear", rear[0]), ("front", front[4]),
+                                                     ("rear", rear[1]), ("front", front[5]),
+                                                     ("front", front[6]), ("rear", rear[2])]
+        for camera, t in order:
+            stream.append_text(f"{camera}: 1 person, left\n", kind="frame", camera=camera, stamp=t)
+        stats = stream.stats()
+        assert stats.evictions == 0
+        assert (stats.oldest_stamp, stats.newest_stamp) == (100.0, 7.0)  # first and last appended
+        answer = stream.ask("What did the front camera see last?", camera="front", max_new_tokens=4)
+        assert (answer.oldest_stamp, answer.newest_stamp) == (100.0, 101.0)  # not max(front) = 104
+        answer = stream.ask("What did the rear camera see?", camera="rear", max_new_tokens=4)
+        assert (answer.oldest_stamp, answer.newest_stamp) == (5.0, 7.0)
+        stream.append_text("front: 2 people, right\n", kind="frame", camera="front", stamp=50.0)
+        assert stream.ask("And now?", max_new_tokens=4).newest_stamp == 50.0
+    finally:
+        stream.close()
+
+    # Once evictions start, the oldest is the first frame still held, in stream order: after a
+    # loop, a frame of the first pass (whole seconds) that survived, not the second pass's 200.5.
+    stream = Stream(smollm2, StreamConfig(policy="streamingllm", budget_tokens=96, max_chunk_tokens=32,
+                                          sinks=4, recent=16))
+    try:
+        stamps = [200.0 + i for i in range(10)] + [200.5 + i for i in range(4)]
+        for t in stamps:
+            stream.append_text(f"front: {int(t) % 4} people, motion left\n", kind="frame", camera="front",
+                               stamp=t)
+        stats = stream.stats()
+        assert stats.evictions > 0 and stats.newest_stamp == 203.5
+        assert stats.oldest_stamp.is_integer() and 200.0 < stats.oldest_stamp <= 209.0, stats.oldest_stamp
+    finally:
+        stream.close()
+
+
 def test_ask_can_be_cancelled_and_streams_text(smollm2):
     stream = Stream(smollm2, StreamConfig(policy="infmllm", budget_tokens=256, max_chunk_tokens=64))
     pieces = []

@@ -15,10 +15,17 @@ _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:
     sys.path.append(_HERE)
 
-# Keep DDS on loopback and away from other runs on this machine. Set before
+# Keep DDS on loopback and away from other runs on this machine, as scripts/env.sh
+# does (the shipped Fast DDS profile, config/dds/fastdds_localhost.xml). Set before
 # anything creates a context, and inherited by subprocesses the tests start.
-os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
+DDS_PROFILE = Path(__file__).resolve().parents[2] / "config" / "dds" / "fastdds_localhost.xml"
+if (os.environ.get("INFMLLM_DDS_LOCALHOST_ONLY", "1") == "1"
+        and os.environ["RMW_IMPLEMENTATION"] == "rmw_fastrtps_cpp"):
+    os.environ.setdefault("FASTDDS_DEFAULT_PROFILES_FILE", str(DDS_PROFILE))
+    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "SYSTEM_DEFAULT"
+else:
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 # scripts/env.sh gives each shell its own ROS_DOMAIN_ID (1..100, clear of the
 # ephemeral ports); without it, pick one from this process id in the same range.
 os.environ.setdefault("ROS_DOMAIN_ID", str(os.getpid() % 100 + 1))

@@ -197,3 +197,83 @@ class Harness:
         self.node.destroy_node()
         self.probe.destroy_node()
         self._thread.join(10.0)
+
+
+class NodeProcess:
+    """A real ``infmllm-node`` process (``python -m infmllm_ros.ros.node``, the executable's
+    entry point), its output collected line by line in a thread."""
+
+    def __init__(self, *ros_args: str, cwd: Optional[Path] = None, env: Optional[dict] = None):
+        import subprocess
+        import sys
+
+        # Not from the repository root: `-m` would put the source tree (without the
+        # generated interfaces) ahead of the installed package.
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "infmllm_ros.ros.node", "--ros-args", *ros_args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=str(cwd or Path("/")), env=dict(env or os.environ))
+        self.lines: List[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_line(self, text: str, timeout: float) -> None:
+        wait_for(lambda: any(text in ln for ln in self.lines) or self.proc.poll() is not None,
+                 timeout, f"'{text}' from the node")
+        assert any(text in ln for ln in self.lines), (
+            f"node exited ({self.proc.returncode}) before '{text}':\n{self.output[-3000:]}")
+
+    def signal(self, sig) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        code = self.proc.wait(timeout)
+        self._reader.join(10)
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+    def inet_sockets(self):
+        """(ip, port, type) of every IPv4/IPv6 socket the process holds (psutil)."""
+        import psutil
+
+        return [(c.laddr.ip, c.laddr.port, c.type.name)
+                for c in psutil.Process(self.proc.pid).net_connections(kind="inet")]
+
+
+class Probe:
+    """A probe node in its own context spun in a thread (for talking to node processes)."""
+
+    def __init__(self, context, name: str = "probe"):
+        from rclpy.executors import SingleThreadedExecutor
+        from rclpy.node import Node
+
+        self.node = Node(name, context=context)
+        self.executor = SingleThreadedExecutor(context=context)
+        self.executor.add_node(self.node)
+        self._thread = threading.Thread(target=self._spin, daemon=True)
+        self._thread.start()
+
+    def _spin(self):
+        from rclpy.executors import ExternalShutdownException
+
+        try:
+            self.executor.spin()
+        except (ExternalShutdownException, KeyboardInterrupt):
+            pass
+
+    def close(self):
+        self.executor.shutdown(timeout_sec=5)
+        self.node.destroy_node()
+        self._thread.join(5)

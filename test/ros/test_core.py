@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from infmllm_ros.ros.core import (
     FrameRef,
     FrameSlots,
@@ -141,3 +143,60 @@ def test_stamps_round_trip_exactly_through_the_book():
     assert book.lookup(None) is None
     book.clear()
     assert book.newest is None
+
+
+def test_stamp_gaps_estimate_frames_lost_before_the_callback():
+    """A 10 Hz camera: holes in its stamp sequence are lost frames, whatever the order in
+    which short and long intervals come; repeats, jumps back and pauses are not loss."""
+    from infmllm_ros.ros.core import StampGaps
+
+    g = StampGaps()
+    assert g.period is None and g.lost == 0 and g.recent_lost_fraction() == 0.0
+    t0 = 1000.0
+    received = [0, 3, 4, 9, 10, 11, 20]  # frames 1-2, 5-8 and 12-19 lost: 2 + 4 + 8 = 14
+    for i in received:
+        g.add(t0 + 0.1 * i)
+    assert g.period == pytest.approx(0.1)
+    assert g.lost == 14
+    assert g.recent_lost_fraction() == pytest.approx(14 / (14 + 6))
+    g.add(t0)  # a looping bag starts over: a new sequence, no loss counted
+    g.add(t0 + 0.1)
+    g.add(t0 + 0.1)  # a repeated stamp
+    g.add(t0 + 0.1 + 60.0)  # the source paused for a minute: not 600 lost frames
+    g.add(0.0)  # unstamped: ignored
+    assert g.lost == 14 and g.received == 11
+    # the period is the shortest interval even when it shows up late
+    late = StampGaps()
+    for i in (0, 4, 8, 9):
+        late.add(t0 + 0.1 * i)
+    assert late.lost == 6
+
+
+def test_slots_report_the_lost_estimate_per_camera_and_reset_it():
+    from infmllm_ros.ros.core import FrameSlots
+
+    slots = FrameSlots(["a", "b"])
+    for i in (0, 1, 2, 5):
+        slots.put("a", object(), stamp=50.0 + 0.2 * i)
+    slots.put("b", object(), stamp=50.0)
+    c = slots.counts()
+    assert (c["a"].lost_estimate, c["b"].lost_estimate, slots.totals().lost_estimate) == (2, 0, 2)
+    assert c["a"].camera_hz == pytest.approx(5.0)
+    slots.reset_counts()
+    assert slots.counts()["a"].lost_estimate == 0
+def test_the_book_tells_a_jump_back_per_camera_and_restores_refs():
+    book = StampBook()
+    front = [FrameRef("front", 100 + i, 5, "f") for i in range(3)]
+    for r in front:
+        assert book.jump_back(r) is None
+        book.add(r)
+    rear = FrameRef("rear", 7, 0, "r")  # another clock: not a jump of front's
+    assert book.jump_back(rear) is None
+    book.add(rear)
+    looped = FrameRef("front", 100, 5, "f")
+    assert book.jump_back(looped) == pytest.approx(2.0)
+    assert book.jump_back(FrameRef("front", 102, 5, "f")) is None  # the same stamp again is no jump
+    again = StampBook()
+    again.restore(book.refs())
+    assert again.newest == rear and again.lookup(front[1].seconds) == front[1]
+    assert again.jump_back(looped) == pytest.approx(2.0)

@@ -187,6 +187,231 @@ def test_sixteen_bit_png_depth_and_compressed_depth_header():
     assert np.array_equal(image_msg_to_rgb(_compressed(with_header, "16UC1; compressedDepth png")), out)
 
 
+# -- compressed_image_transport's format strings ------------------------------------------
+#
+# imdecode hands back exactly the array the publisher gave imencode, so a test
+# encodes the array the plugin would have encoded for that format string.
+
+
+def _encoded(ext: str, array: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(ext, array)
+    assert ok
+    return buf.tobytes()
+
+
+def _tile(rgb: np.ndarray, k: int = 8) -> np.ndarray:
+    return np.ascontiguousarray(np.repeat(np.repeat(rgb, k, axis=0), k, axis=1))
+
+
+RED = np.zeros((16, 16, 3), np.uint8)
+RED[:, :, 0] = 220
+
+
+@pytest.mark.parametrize("codec", [".jpg", ".png"])
+@pytest.mark.parametrize(
+    "fmt, stored",
+    [
+        ("rgb8; {c} compressed rgb8", lambda rgb: rgb),  # RGB bytes compressed as they are
+        ("rgb8; {c} compressed bgr8", lambda rgb: rgb[:, :, ::-1]),  # what the plugin writes
+        ("bgr8; {c} compressed bgr8", lambda rgb: rgb[:, :, ::-1]),
+        ("rgba8; {c} compressed bgr8", lambda rgb: rgb[:, :, ::-1]),
+        ("{c}", lambda rgb: rgb[:, :, ::-1]),  # bare codec name: OpenCV's BGR
+    ],
+)
+def test_compressed_colour_order_follows_the_format_string(codec, fmt, stored):
+    name = "jpeg" if codec == ".jpg" else "png"
+    out = image_msg_to_rgb(_compressed(_encoded(codec, np.ascontiguousarray(stored(RED))),
+                                       fmt.format(c=name)))
+    assert out[8, 8, 0] > 200 and out[8, 8, 1] < 30 and out[8, 8, 2] < 30, out[8, 8]
+
+
+@pytest.mark.parametrize(
+    "fmt, stored",
+    [
+        ("rgb8; png compressed rgb8", lambda rgb: rgb),
+        ("bgr8; png compressed bgr8", lambda rgb: rgb[:, :, ::-1]),
+        ("rgba8; png compressed rgba8", lambda rgb: np.dstack([rgb, np.full(rgb.shape[:2], 7, np.uint8)])),
+        ("bgra8; png compressed bgra8",
+         lambda rgb: np.dstack([rgb[:, :, ::-1], np.full(rgb.shape[:2], 7, np.uint8)])),
+        ("rgb16; png compressed bgr16", lambda rgb: rgb[:, :, ::-1].astype(np.uint16) * 257),
+        ("rgb16; png compressed rgb16", lambda rgb: rgb.astype(np.uint16) * 257),
+        ("bayer_rggb8; png compressed ", None),  # not a colour encoding: stored as is
+    ],
+)
+def test_every_png_layout_decodes_exactly(fmt, stored):
+    rgb = _tile(_rgb())
+    if stored is None:  # an RGGB mosaic of rgb
+        mosaic = np.zeros(rgb.shape[:2], np.uint8)
+        mosaic[0::2, 0::2] = rgb[0::2, 0::2, 0]
+        mosaic[0::2, 1::2] = rgb[0::2, 1::2, 1]
+        mosaic[1::2, 0::2] = rgb[1::2, 0::2, 1]
+        mosaic[1::2, 1::2] = rgb[1::2, 1::2, 2]
+        expected = image_msg_to_rgb(_raw(mosaic[:, :, None], "bayer_rggb8"))
+        out = image_msg_to_rgb(_compressed(_encoded(".png", mosaic), fmt))
+        assert np.array_equal(out, expected)
+        return
+    out = image_msg_to_rgb(_compressed(_encoded(".png", np.ascontiguousarray(stored(rgb))), fmt))
+    assert np.array_equal(out, rgb)
+
+
+@pytest.mark.parametrize("fmt", ["mono8; jpeg compressed mono8", "mono8; jpeg compressed ",
+                                 "mono16; jpeg compressed mono8", "8UC1; png compressed ", "png"])
+def test_mono_formats_give_grey(fmt):
+    grey = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (32, 1))
+    ext = ".jpg" if "jpeg" in fmt else ".png"
+    out = image_msg_to_rgb(_compressed(_encoded(ext, grey), fmt))
+    assert out.shape == (32, 64, 3)
+    assert np.array_equal(out[:, :, 0], out[:, :, 1]) and np.array_equal(out[:, :, 1], out[:, :, 2])
+    assert np.abs(out[:, :, 0].astype(int) - grey).mean() < 3
+
+
+def test_mono16_png_keeps_sixteen_bits_like_the_raw_image():
+    depth = np.linspace(400, 4000, 64 * 48).reshape(48, 64).astype(np.uint16)
+    out = image_msg_to_rgb(_compressed(_encoded(".png", depth), "mono16; png compressed "))
+    assert np.array_equal(out, image_msg_to_rgb(_raw(depth[:, :, None], "mono16")))
+
+
+def test_float_tiff_reads_as_32fc1():
+    depth = np.linspace(0.5, 6.0, 48 * 64, dtype=np.float32).reshape(48, 64)
+    depth[0, :5] = np.nan
+    out = image_msg_to_rgb(_compressed(_encoded(".tiff", depth), "32FC1; tiff compressed "))
+    assert np.array_equal(out, image_msg_to_rgb(_raw(depth[:, :, None], "32FC1")))
+
+
+# -- compressed_depth_image_transport ---------------------------------------------------
+
+#: RVL of the 4x3 image below, written by compressed_depth_image_transport's own
+#: RvlCodec::CompressRVL (image_transport_plugins rolling, built from source):
+#: runs of zeros and non-zeros, rising and falling deltas and a wrap past 65535.
+RVL_PIXELS = [0, 0, 1000, 1001, 1003, 0, 0, 0, 65535, 7, 7, 300]
+RVL_WORDS = bytes.fromhex("24f38a23f38c8d340af3fffd00001099")
+
+
+def _rvl_payload(cols=4, rows=3, words=RVL_WORDS) -> bytes:
+    import struct
+
+    return struct.pack("<II", cols, rows) + words
+
+
+def _depth_msg(encoding: str, codec: str, body: bytes, a: float = 0.0, b: float = 0.0, kind: int = 0):
+    import struct
+
+    return _compressed(struct.pack("<iff", kind, a, b) + body, f"{encoding}; compressedDepth {codec}")
+
+
+def _quantise(depth: np.ndarray, depth_max: float = 10.0, z0: float = 100.0):
+    """compressed_depth_image_transport's inverse-depth quantisation (its default parameters)."""
+    a = np.float32(z0 * (z0 + 1.0))
+    b = np.float32(1.0 - a / np.float32(depth_max))
+    with np.errstate(divide="ignore"):
+        q = np.where(depth < depth_max, a / depth + b, 0)
+    return np.nan_to_num(q).astype(np.uint16), float(a), float(b)
+
+
+def test_rvl_decodes_what_the_reference_codec_wrote():
+    from infmllm_ros.ros.images import decode_rvl
+
+    assert decode_rvl(_rvl_payload()).ravel().tolist() == RVL_PIXELS
+    assert decode_rvl(_rvl_payload()).shape == (3, 4)
+
+
+@pytest.mark.parametrize(
+    "payload, words",
+    [
+        (_rvl_payload(words=RVL_WORDS[:8]), "truncated"),
+        (_rvl_payload(cols=3, rows=3), "more than"),
+        (_rvl_payload(cols=0), "no pixel"),
+        (b"\x01\x00", "shorter"),
+        (_rvl_payload(cols=100_000, rows=100_000), "exceeds"),
+    ],
+    ids=["truncated", "too-many-pixels", "zero-size", "no-header", "huge"],
+)
+def test_broken_rvl_raises_a_clear_error(payload, words):
+    from infmllm_ros.ros.images import decode_rvl
+
+    with pytest.raises(ImageConversionError, match=words):
+        decode_rvl(payload)
+
+
+def test_sixteen_bit_compressed_depth_rvl_is_decoded():
+    out = image_msg_to_rgb(_depth_msg("16UC1", "rvl", _rvl_payload()))
+    raw = np.array(RVL_PIXELS, np.uint16).reshape(3, 4)
+    assert np.array_equal(out, image_msg_to_rgb(_raw(raw[:, :, None], "16UC1")))
+
+
+@pytest.mark.parametrize("codec", ["png", "rvl"])
+def test_float_compressed_depth_is_the_raw_depth_not_its_inverse(codec):
+    """Near must stay near: the 32FC1 image decoded through the header's a, b looks
+    like the raw 32FC1 image of the same depth (NaN and beyond-range black)."""
+    y, x = np.mgrid[0:48, 0:64]
+    depth = (0.6 + 0.1 * x).astype(np.float32)  # 0.6 m at the left .. 6.9 m at the right
+    depth[:, 60:] = 12.0  # beyond depth_max: no return
+    depth[0, 0] = np.nan
+    q, a, b = _quantise(depth)
+    if codec == "png":
+        body = _encoded(".png", q)
+    else:
+        from infmllm_ros.ros.images import decode_rvl
+
+        body = _rvl_encode(q)
+        assert np.array_equal(decode_rvl(body), q)
+    out = image_msg_to_rgb(_depth_msg("32FC1", codec, body, a, b))
+    restored = np.where(q > 0, np.float32(a) / (q.astype(np.float32) - np.float32(b)), np.nan)
+    assert np.nanmax(np.abs(restored - depth)[:, :60]) < 0.25  # quantisation error at 6.9 m
+    assert np.array_equal(out, image_msg_to_rgb(_raw(restored.astype(np.float32)[:, :, None], "32FC1")))
+    assert out[10, 0, 0] < out[10, 30, 0] < out[10, 59, 0]  # near is dark, far is bright, like 32FC1
+    assert out[10, 62].tolist() == [0, 0, 0] and out[0, 0].tolist() == [0, 0, 0]
+
+
+def _rvl_encode(q: np.ndarray) -> bytes:
+    """RVL as Wilson (2017) describes it; checked against the reference bytes above."""
+    import struct
+
+    values, flat, prev, i = [], [int(v) for v in q.ravel()], 0, 0
+    while i < len(flat):
+        z = i
+        while i < len(flat) and flat[i] == 0:
+            i += 1
+        nz = i
+        while nz < len(flat) and flat[nz] != 0:
+            nz += 1
+        values += [i - z, nz - i]
+        for v in flat[i:nz]:
+            d = v - prev
+            values.append((d << 1) ^ (d >> 31))
+            prev = v
+        i = nz
+    nibbles = []
+    for v in values:
+        while True:
+            nib, v = v & 7, v >> 3
+            nibbles.append(nib | (8 if v else 0))
+            if not v:
+                break
+    nibbles += [0] * (-len(nibbles) % 8)
+    words = [int("".join(f"{n:x}" for n in nibbles[k:k + 8]), 16) for k in range(0, len(nibbles), 8)]
+    return struct.pack("<II", q.shape[1], q.shape[0]) + struct.pack(f"<{len(words)}I", *words)
+
+
+def test_test_rvl_encoder_matches_the_reference_bytes():
+    assert _rvl_encode(np.array(RVL_PIXELS, np.uint16).reshape(3, 4)) == _rvl_payload()
+
+
+@pytest.mark.parametrize(
+    "msg, words",
+    [
+        (_compressed(b"\x00" * 20, "16UC1; compressedDepth zstd"), "unsupported compressedDepth codec"),
+        (_compressed(b"\x00" * 20, "rgb8; compressedDepth png"), "unsupported compressedDepth image encoding"),
+        (_compressed(b"\x00" * 8, "32FC1; compressedDepth png"), "header"),
+        (_compressed(b"\x00" * 40, "32FC1; compressedDepth png"), "no PNG"),
+    ],
+    ids=["codec", "encoding", "short", "no-png"],
+)
+def test_unusable_compressed_depth_says_why(msg, words):
+    with pytest.raises(ImageConversionError, match=words):
+        image_msg_to_rgb(msg)
+
+
 @pytest.mark.parametrize(
     "data",
     [b"", b"definitely not an image", None],
@@ -228,6 +453,11 @@ def test_rclpy_messages_round_trip_with_stamp_and_frame_id():
     assert isinstance(comp, CompressedImage) and comp.format == "png"
     assert (comp.header.stamp.sec, comp.header.stamp.nanosec) == (5, 7)
     assert np.array_equal(image_msg_to_rgb(comp), rgb)
+
+    # image_transport's own format string for RGB bytes compressed as they are
+    as_is = CompressedImage(format="rgb8; png compressed rgb8")
+    as_is.data = encode_compressed(rgb[:, :, ::-1].copy(), "png")  # encode_compressed swaps to BGR: undo it
+    assert np.array_equal(image_msg_to_rgb(as_is), rgb)
 
     broken = CompressedImage(format="jpeg")
     broken.data = b"\xff\xd8\xff\xe0 not really a jpeg"

