@@ -321,3 +321,33 @@ def test_closing_one_stream_keeps_the_cap_of_another_on_the_same_model(smollm2, 
     assert getattr(attention, "_infmllm_users", 0) == users_before
     if users_before == 0:  # no other stream alive: the model is back on its own attention
         assert smollm2.model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("policy", ["infmllm", "h2o"])
+def test_a_probe_between_snapshot_and_restore_leaves_no_trace(smollm2, emma_ids, policy):
+    """What a benchmark's probe question relies on: after restore the stream predicts as if never asked."""
+    settings = dict(policy=policy, budget_tokens=96, max_chunk_tokens=32, recent=8, retrieval_window=8, decay=0.5)
+    probed, plain = Stream(smollm2, StreamConfig(**settings)), Stream(smollm2, StreamConfig(**settings))
+    try:
+        for stream in (probed, plain):
+            for k in range(4):
+                stream.append_text(f"12:00:0{k} front: {k + 1} people, left\n", kind="frame", camera="front",
+                                   stamp=float(k))
+        saved = probed.snapshot()
+        answer = probed.ask("How many people did camera front see at 12:00:02?", max_new_tokens=4,
+                            answer_prefix="12:00:02 front: ", return_first_logits=True)
+        assert answer.first_logits.shape == (smollm2.text_config.vocab_size,)
+        first = smollm2.tokenizer.decode([int(answer.first_logits.argmax())])
+        assert answer.text.startswith(first.strip())  # the answer continues the prefix from those logits
+        assert probed.stats().tokens_seen > plain.stats().tokens_seen
+        probed.restore(saved)
+        assert probed.stats() == plain.stats()
+        with pytest.raises(ValueError, match="snapshot of this stream"):
+            plain.restore({"cache": None, "state": {}})
+        tail = Chunk(input_ids=emma_ids[:, :40], kind="text")
+        a = probed.append_chunk(tail, return_logits=True).logits
+        b = plain.append_chunk(tail, return_logits=True).logits
+        torch.testing.assert_close(a, b)
+    finally:
+        probed.close()
+        plain.close()
