@@ -368,11 +368,10 @@ class Variant:
     def stream_config(self, cfg: BenchConfig, chunk: Optional[int] = None):
         from infmllm_ros.engine import StreamConfig
 
-        return StreamConfig(
-            policy=self.policy, budget_tokens=self.budget, max_chunk_tokens=chunk or cfg.chunk, sinks=cfg.sinks,
-            recent=cfg.recent, retrieval_window=cfg.retrieval_window, bias=self.bias,
-            h2o_recent_ratio=cfg.h2o_recent_ratio, rerotate=self.rerotate, **self.knobs,
-        ).validate()
+        values = dict(policy=self.policy, budget_tokens=self.budget, max_chunk_tokens=chunk or cfg.chunk,
+                      sinks=cfg.sinks, recent=cfg.recent, retrieval_window=cfg.retrieval_window, bias=self.bias,
+                      h2o_recent_ratio=cfg.h2o_recent_ratio, rerotate=self.rerotate)
+        return StreamConfig(**{**values, **self.knobs}).validate()  # a variant's own knobs win
 
 
 def parse_policy(name: str) -> tuple[str, bool, dict]:
