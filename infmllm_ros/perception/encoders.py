@@ -5,8 +5,8 @@ An encoder is anything with a ``name`` and ``encode(frame_rgb, camera, stamp)``
 :func:`make_encoder` can build it from the engine's loaded model by name; the
 names live in the :data:`ENCODERS` registry at the bottom of this file.
 
-This file holds the offline encoder (OpenCV detectors -> one line of text ->
-token ids). A VLM encoder (the model's processor and vision tower) sits beside
+This file holds the offline encoder (YOLOv3-tiny detections + ByteTrack tracks
+-> one line of text -> token ids). A VLM encoder (the model's processor and vision tower) sits beside
 it and registers itself in :data:`ENCODERS` the same way.
 """
 
@@ -19,7 +19,9 @@ import torch
 
 from infmllm_ros.engine.types import Chunk
 
-from .describer import FrameDescriber
+from .describer import DescriberConfig, FrameDescriber
+from .detector import DetectorConfig
+from .tracking import TrackerConfig
 
 __all__ = ["FrameEncoder", "OfflineTextEncoder", "ENCODERS", "make_encoder"]
 
@@ -43,8 +45,8 @@ class FrameEncoder(Protocol):
 class OfflineTextEncoder:
     """Describe the frame in one line of text and tokenize it for a text-only model.
 
-    The line comes from :class:`FrameDescriber` (people, faces, motion,
-    brightness, colour). ``template`` wraps it, with the fields ``{line}``,
+    The line comes from :class:`FrameDescriber` (objects of 80 classes with
+    where and in which colour, tracks and their events). ``template`` wraps it, with the fields ``{line}``,
     ``{camera}`` and ``{stamp}``; the result always ends with a newline, so
     consecutive observations stay separate lines in the stream and the model
     sees where one ends.
@@ -54,15 +56,15 @@ class OfflineTextEncoder:
             ``add_special_tokens=False``: a frame is the middle of a stream,
             not the start of a document).
         describer: the describer to use; a default :class:`FrameDescriber`
-            when omitted. Pass one to share its per-camera motion state or
-            to tune it.
+            (the bundled YOLOv3-tiny) when omitted. Pass one to share its
+            tracks or to tune it.
         template: format string for the text appended per frame.
 
     Example:
         >>> enc = OfflineTextEncoder(tokenizer)
         >>> chunk = enc.encode(frame_rgb, "front", 1700000000.0)
         >>> chunk.text
-        '22:13:20 front: 1 person (centre), no motion, normal light, mostly white\\n'
+        '22:13:20 front: 1 person in black (centre); person 1 appeared centre\\n'
     """
 
     name = "offline"
@@ -79,17 +81,26 @@ class OfflineTextEncoder:
         self.tokenizer = tokenizer
         self.describer = describer if describer is not None else FrameDescriber()
         self.template = template
-        self.last_observation = None  # the most recent Observation, for diagnostics
+        self.last_observation = None  # the most recent Observation (the debug image draws it)
 
     @classmethod
-    def from_model(cls, lm: Any, **options: Any) -> "OfflineTextEncoder":
+    def from_model(cls, lm: Any, detector: Optional[DetectorConfig] = None,
+                   tracker: Optional[TrackerConfig] = None, **options: Any) -> "OfflineTextEncoder":
         """Build from a loaded model (anything with ``.tokenizer``).
 
-        VLM-only options (``image_size``, ``max_pixels``, ``min_pixels``) are
-        accepted and ignored, so callers can pass one option set to any encoder.
+        ``detector`` and ``tracker`` configure the default describer (ignored
+        when ``describer`` is given). VLM-only options (``image_size``,
+        ``max_pixels``, ``min_pixels``) are accepted and ignored, so callers
+        can pass one option set to any encoder.
+
+        Raises:
+            DetectorLoadError: (a ``ValueError``) a detector file is missing or unusable.
         """
         for vlm_only in ("image_size", "max_pixels", "min_pixels"):
             options.pop(vlm_only, None)
+        if options.get("describer") is None and (detector is not None or tracker is not None):
+            options["describer"] = FrameDescriber(DescriberConfig(detector=detector or DetectorConfig(),
+                                                                  tracker=tracker or TrackerConfig()))
         return cls(lm.tokenizer, **options)
 
     def text_for(self, frame_rgb: np.ndarray, camera: str, stamp: float) -> str:

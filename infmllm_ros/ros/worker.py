@@ -1,27 +1,39 @@
-"""The one thread that owns the stream (no ROS imports).
+"""The threads that own the stream (no ROS imports).
 
-:class:`StreamWorker` loops over three duties and otherwise sleeps:
+:class:`StreamWorker` runs two threads, a pipeline of two stages:
 
-1. **frames**: for each camera whose sample period has passed and whose slot
-   holds an unprocessed image, take it, turn it into a chunk (``make_chunk``:
-   conversion + encoder) and append it to the stream;
-2. **jobs**: one question / reset at a time from the :class:`~.core.JobQueue`,
-   between frames, so a question waits at most one frame's append;
-3. **scenes**: every ``scene.period_s`` (when new frames arrived) ask
-   ``scene.prompt`` and hand the result to ``on_scene``.
+* the **encoder** thread samples each camera: when a camera's sample period has
+  passed and its slot holds an unprocessed image, it takes it and turns it into
+  a chunk (``make_chunk``: conversion + frame encoder, e.g. OpenCV detectors and
+  the tokenizer), then hands the chunk to the model thread. It never touches
+  the stream, so frames keep being encoded at ``sample_rate_hz`` while the
+  model answers a question (the conversion and OpenCV release the GIL, so on
+  two cores the stages run side by side). At most ``max_ready`` encoded frames
+  wait for the model; while that many wait it takes no new frame (the slot
+  keeps only the newest, counted as dropped), so a slow model never builds a
+  queue.
+* the **model** thread owns the stream and loops over three duties, otherwise
+  sleeping: (1) one question / reset from the :class:`~.core.JobQueue`;
+  (2) append the encoded frames, in order, at least one, then more until a
+  question is waiting; (3) every ``scene.period_s`` (when new frames arrived)
+  ask ``scene.prompt`` and hand the result to ``on_scene``.
 
+Questions and frames share the model thread by turns: a question waits for at
+most one frame's append, frames for at most one answer, and encoding (the
+costlier part of a frame with the offline encoder) overlaps the answers.
 Prefill (frames, questions) checks ``should_stop`` between pieces of at most
 ``cache.max_chunk_tokens`` and generation between tokens, so :meth:`StreamWorker.stop`
-(or a cancelled job) ends any work within one piece or one decoding step.
+(or a cancelled or timed-out job) ends any work within one piece or one decoding step.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Optional, Tuple
 
 from .core import FrameRef, FrameSlots, Job, JobQueue, LatencyStats, StampBook
 
@@ -90,25 +102,36 @@ class StreamWorker:
         self._last_scene = time.monotonic()
         self._frames_since_scene = 0
         self._bad_logged: Dict[str, float] = {}
+        #: Most encoded frames waiting for the model thread (see the module docstring).
+        self.max_ready = 4
+        self._ready: Deque[Tuple[str, Any, FrameRef, int]] = collections.deque()
+        self._ready_lock = threading.Lock()
+        self._epoch = 0  # bumped by reset: frames encoded before it are not appended after it
+        self._encoder_wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="infmllm-worker", daemon=True)
+        self._encoder = threading.Thread(target=self._encode_loop, name="infmllm-encoder", daemon=True)
 
     # -- lifecycle ----------------------------------------------------------------
 
     def start(self) -> None:
         self._last_scene = time.monotonic()
         self._thread.start()
+        self._encoder.start()
 
     def wake(self) -> None:
         self._wake.set()
+        self._encoder_wake.set()
 
     def stop(self, timeout: Optional[float] = 30.0) -> bool:
         """Stop between tokens / frames and join; True if the thread ended."""
         self._stop.set()
         self.jobs.close()
-        self._wake.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
-        return not self._thread.is_alive()
+        self.wake()
+        end = None if timeout is None else time.monotonic() + timeout
+        for thread in (self._thread, self._encoder):
+            if thread.is_alive() and thread is not threading.current_thread():
+                thread.join(None if end is None else max(0.0, end - time.monotonic()))
+        return not (self._thread.is_alive() or self._encoder.is_alive())
 
     @property
     def stopping(self) -> bool:
@@ -120,75 +143,130 @@ class StreamWorker:
 
     # -- the loop -----------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _serve(self, step: Callable[[], bool], wake: threading.Event,
+               idle_timeout: Callable[[], float], what: str) -> None:
+        """One thread's loop: ``step`` until stopped, sleeping on ``wake`` when it did nothing."""
         while not self._stop.is_set():
             try:
-                worked = self._sample_frames()
-                job = self.jobs.pop()
-                if job is not None:
-                    self.activity = job.kind
-                    self._run_job(job)
-                    worked = True
-                if self._scene_due():
-                    self.activity = "scene"
-                    self._describe_scene()
-                    worked = True
+                worked = step()
             except Exception as exc:  # noqa: BLE001 - keep serving; the reason is logged
                 self.error = f"{type(exc).__name__}: {exc}"
-                self.log.error(f"worker step failed: {self.error}")
+                self.log.error(f"{what} failed: {self.error}")
                 worked = False
                 self._stop.wait(0.5)
-            self.activity = "idle"
             if not worked and not self._stop.is_set():
-                self._wake.wait(self._idle_timeout())
-                self._wake.clear()
+                wake.wait(idle_timeout())
+                wake.clear()
+
+    def _run(self) -> None:
+        self._serve(self._model_step, self._wake, self._idle_timeout, "worker step")
+
+    def _model_step(self) -> bool:
+        worked = False
+        try:
+            job = self.jobs.pop()
+            if job is not None:
+                self.activity = job.kind
+                self._run_job(job)
+                worked = True
+            worked = self._append_frames() or worked
+            if self._scene_due():
+                self.activity = "scene"
+                self._describe_scene()
+                worked = True
+        finally:
+            self.activity = "idle"
+        return worked
 
     def _period(self) -> float:
         return 1.0 / float(self.settings.sample_rate_hz)
 
     def _idle_timeout(self) -> float:
-        now = time.monotonic()
+        """Model thread: how long to sleep when idle (it is woken by frames and jobs)."""
         waits = [0.5]
-        period = self._period()
-        for cam in self.slots.cameras:
-            if self.slots.has_fresh(cam):
-                waits.append(self._last_sample[cam] + period - now)
         sp = self.settings.scene.period_s
         if sp > 0 and self._frames_since_scene:
-            waits.append(self._last_scene + sp - now)
+            waits.append(self._last_scene + sp - time.monotonic())
         return max(0.001, min(waits))
 
-    # -- frames -------------------------------------------------------------------
+    # -- frames: the encoder thread -------------------------------------------------
 
-    def _sample_frames(self) -> bool:
+    def _encode_loop(self) -> None:
+        self._serve(self._encode_frames, self._encoder_wake, self._encode_timeout, "encoding a frame")
+
+    def _encode_timeout(self) -> float:
+        """Encoder thread: sleep until the next camera's sample is due (woken by new images)."""
+        now = time.monotonic()
+        waits = [0.5]
+        if self._ready_count() < self.max_ready:
+            period = self._period()
+            for cam in self.slots.cameras:
+                if self.slots.has_fresh(cam):
+                    waits.append(self._last_sample[cam] + period - now)
+        return max(0.001, min(waits))
+
+    def _ready_count(self) -> int:
+        with self._ready_lock:
+            return len(self._ready)
+
+    def _encode_frames(self) -> bool:
         worked = False
         period = self._period()
         for cam in self.slots.cameras:
-            if self._stop.is_set():
-                break
+            if self._stop.is_set() or self._ready_count() >= self.max_ready:
+                break  # the model thread is behind: the slot keeps only the newest frame
             now = time.monotonic()
             if now < self._last_sample[cam] + period or not self.slots.has_fresh(cam):
                 continue
-            msg = self.slots.take(cam)
-            if msg is None:
+            epoch = self._epoch
+            sample = self.slots.take_sample(cam)
+            if sample is None:
                 continue
+            msg, generation = sample
             self._last_sample[cam] = now
             worked = True
-            self.activity = "frame"
             t0 = time.monotonic()
             try:
                 chunk, ref = self.make_chunk(cam, msg)
             except ValueError as exc:
-                self._bad_frame(cam, str(exc))
+                self._bad_frame(cam, str(exc), generation)
                 continue
-            t1 = time.monotonic()
+            self.timing["encode_s"] = _ewma(self.timing.get("encode_s"), time.monotonic() - t0)
+            with self._ready_lock:
+                if epoch == self._epoch:
+                    self._ready.append((cam, chunk, ref, generation))
+            self._wake.set()
+        return worked
+
+    # -- frames: the model thread -----------------------------------------------------
+
+    def _append_frames(self) -> bool:
+        """Append the encoded frames waiting now (at most ``max_ready``), oldest first; True if
+        there was one. It yields to a question after the first append, so a question waits
+        for at most one frame's append, and frames for at most one answer."""
+        with self._ready_lock:
+            waiting = len(self._ready)
+        worked = False
+        for _ in range(waiting):
+            if self._stop.is_set() or (worked and self.jobs.pending()):
+                break
+            with self._ready_lock:
+                if not self._ready:  # cleared by a reset
+                    break
+                cam, chunk, ref, generation = self._ready.popleft()
+            self._encoder_wake.set()  # room for the next frame
+            worked = True
+            self.activity = "frame"
+            t0 = time.monotonic()
             try:
                 self.stream.append_chunk(chunk, should_stop=self._stop.is_set)
             except Cancelled:  # stopping: the pieces already appended stay, the frame is not counted
                 break
-            t2 = time.monotonic()
-            self.timing["encode_s"] = _ewma(self.timing.get("encode_s"), t1 - t0)
-            self.timing["append_s"] = _ewma(self.timing.get("append_s"), t2 - t1)
+            except Exception as exc:  # counted, then reported by the serving loop
+                self.slots.mark_bad(cam, f"the model could not append it: {type(exc).__name__}: "
+                                    f"{exc}", generation)
+                raise
+            self.timing["append_s"] = _ewma(self.timing.get("append_s"), time.monotonic() - t0)
             self.timing["frame_tokens"] = _ewma(self.timing.get("frame_tokens"), float(len(chunk)))
             back = self.book.jump_back(ref)
             self.book.add(ref)
@@ -199,12 +277,12 @@ class StreamWorker:
                     "report frames by their order in the stream")
             # Stats first: whoever sees the frame counted as encoded (GetStats) also sees it held.
             self.stats = self.stream.stats()
-            self.slots.mark_encoded(cam)
+            self.slots.mark_encoded(cam, generation)
             self._frames_since_scene += 1
         return worked
 
-    def _bad_frame(self, cam: str, reason: str) -> None:
-        self.slots.mark_bad(cam, reason)
+    def _bad_frame(self, cam: str, reason: str, generation: Optional[int] = None) -> None:
+        self.slots.mark_bad(cam, reason, generation)
         now = time.monotonic()
         if now - self._bad_logged.get(cam, -1e9) > 5.0:  # at most one warning per 5 s
             self._bad_logged[cam] = now
@@ -232,6 +310,9 @@ class StreamWorker:
                     self.stats = self.stream.stats()
                 job.finish(result=res, error=None if res.loaded else res.reason)
             elif job.kind == "reset":
+                with self._ready_lock:
+                    self._epoch += 1
+                    self._ready.clear()
                 self.stream.reset()
                 self.book.clear()
                 self.slots.reset_counts()

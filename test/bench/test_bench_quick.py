@@ -57,6 +57,8 @@ def test_quick_mode_gives_one_well_formed_line_per_policy(command, smollm2, shar
     lines, config = _run(command, tmp_path, capsys, smollm2)
     cfg = load_config(command, {}, quick=True)
     expected = [v.label for b in cfg.budgets for v in variants(cfg, b)]
+    if command == "speed":  # plain transformers ran beside them, as the yardstick
+        expected += ["transformers"]
     assert [x["policy"] for x in lines] == expected
     for line in lines:
         for key in COMMON + FIGURES[command]:
@@ -75,6 +77,7 @@ def test_quick_mode_gives_one_well_formed_line_per_policy(command, smollm2, shar
     if command == "speed":
         assert all(x["prefill_tok_s"] > 0 and x["decode_tok_s"] > 0 for x in lines)
         assert "vs_h2o" in next(x for x in lines if x["policy"] == "infmllm")
+        assert all(set(x["vs_transformers"]) == {"prefill", "decode"} for x in lines if x["policy"] != "transformers")
     if command == "sceneqa":
         for x in lines:
             assert 0 <= x["ci_low"] <= x["accuracy"] <= x["ci_high"] <= 1 and x["asked"] + x["not_held"] >= 6
@@ -86,6 +89,16 @@ def test_quick_mode_gives_one_well_formed_line_per_policy(command, smollm2, shar
         capped = next(x for x in lines if x["policy"] == "infmllm")
         assert max(capped["tokens_held"]) <= capped["budget"] + config["chunk"]
         assert len(capped["latency_ms"]) == capped["frames"] > 0
+
+
+def test_quant_gives_the_int8_perplexity_next_to_its_speed(smollm2, shared_data, tmp_path, capsys):
+    lines, _ = _run("quant", tmp_path, capsys, smollm2)
+    assert [x["precision"] for x in lines] == ["float32", "int8"]
+    assert [x["quantize"] for x in lines] == ["none", "int8"]
+    for line in lines:
+        assert line["ppl"] > 1 and line["prefill_tok_s"] > 0 and line["decode_tok_s"] > 0
+        assert all(math.isfinite(x) for x in _numbers(line))
+    assert set(lines[1]["vs_float32"]) == {"ppl", "prefill", "decode"}
 
 
 def test_gpu_script_runs_its_vlm_part_tiny_on_cpu(smollm2, shared_data, tmp_path, capsys):

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import pytest
 import torch
 
-from infmllm_ros.engine import H2O, POLICIES, CappedCache, Full, InfMLLM, StreamingLLM, Window, make_policy
+from infmllm_ros.engine import (H2O, POLICIES, CappedCache, Full, InfMLLM, Policy, StreamingLLM, TokenBuffer, Window,
+                                make_policy)
 from infmllm_ros.engine.rope import RopeSpec
 
 DIM = 8
@@ -26,10 +30,9 @@ def _append(cache, keys, query, decoding=False):
     cache.decoding = decoding
     layer = cache.layers[0]
     layer.update(keys.unsqueeze(0), keys.unsqueeze(0).clone())
-    evicted = layer.after_attention(query.unsqueeze(0), scaling=1.0, attn_weights=None)
-    cache.end_step(n)
+    layer.after_attention(query.unsqueeze(0), scaling=1.0, attn_weights=None)
     del start
-    return evicted
+    return cache.end_step(n)
 
 
 def _kept(cache, head=0):
@@ -54,13 +57,13 @@ def test_full_never_evicts():
 
 
 def test_window_keeps_the_newest_and_no_sinks():
-    cache = _cache(make_policy("window", sinks=4), budget=4)
+    cache = _cache(make_policy("window", sinks=4), budget=4, max_chunk=10)
     _append(cache, _background(10), torch.randn(1, 10, DIM))
     assert _kept(cache) == [6, 7, 8, 9]
 
 
 def test_streamingllm_keeps_sinks_and_recent():
-    cache = _cache(StreamingLLM(sinks=2), budget=6)
+    cache = _cache(StreamingLLM(sinks=2), budget=6, max_chunk=10)
     _append(cache, _background(10), torch.randn(1, 10, DIM))
     assert _kept(cache) == [0, 1, 6, 7, 8, 9]
     # and again once more tokens arrive: sinks survive every step
@@ -228,3 +231,37 @@ def test_infmllm_refinements_refuse_bad_values():
         InfMLLM(decay=1.0)
     with pytest.raises(ValueError, match="granularity"):
         InfMLLM(granularity="line")
+
+
+def test_a_policy_asks_for_its_own_per_token_buffer_and_the_cache_keeps_it_in_step():
+    @dataclass
+    class ByTag(Policy):
+        """Keeps the tokens with the highest tag (a per-token value the stream gives)."""
+
+        name: ClassVar[str] = "bytag"
+        token_buffers: ClassVar[dict] = {"tag": TokenBuffer(torch.float32, fill=-1.0)}
+
+        def score(self, view):
+            return view.buffers["tag"]
+
+    cache = _cache(ByTag(), budget=4, max_chunk=10)
+    layer = cache.layers[0]
+    keys = _background(10)
+    tags = torch.tensor([5.0, 1, 7, 2, 9, 3, 8, 0, 6, 4])
+    cache.begin_step(torch.arange(10).unsqueeze(-1), values={"tag": tags})
+    layer.update(keys.unsqueeze(0), keys.unsqueeze(0).clone())
+    layer.after_attention(torch.zeros(1, 1, 10, DIM), scaling=1.0, attn_weights=None)
+    assert cache.end_step(10) == 6
+    assert _kept(cache) == [2, 4, 6, 8]
+    # the buffer was gathered with the keys, row for row
+    assert layer.held("tag")[0, 0].tolist() == [7.0, 9.0, 8.0, 6.0]
+    torch.testing.assert_close(layer.held("keys")[0, 0], keys[0, [2, 4, 6, 8]])
+    # a new token without a value gets the buffer's fill
+    cache.begin_step(torch.tensor([[10]]))
+    layer.update(_background(1).unsqueeze(0), _background(1).unsqueeze(0))
+    layer.after_attention(torch.zeros(1, 1, 1, DIM), scaling=1.0, attn_weights=None)
+    cache.end_step(1)
+    assert 10 not in _kept(cache)  # fill -1 scores below every tag
+    with pytest.raises(ValueError, match="no per-token buffer named"):
+        cache.begin_step(torch.tensor([[11]]), values={"colour": torch.zeros(1)})
+

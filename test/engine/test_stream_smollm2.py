@@ -8,21 +8,15 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from infmllm_ros.bench.common import raw_stream
 from infmllm_ros.engine import POLICIES, Cancelled, Chunk, Stream, StreamConfig
 
 pytestmark = pytest.mark.model
 
 
-@pytest.fixture(scope="module")
-def emma_ids(smollm2, emma_text):
-    return smollm2.tokenizer(emma_text[:200_000], add_special_tokens=False, return_tensors="pt")["input_ids"]
-
-
 def _raw_stream(lm, **settings) -> Stream:
     """A stream that skips the chat framing, so token i of the text is stream token i."""
-    stream = Stream(lm, StreamConfig(**settings))
-    stream._started = stream._in_user_turn = True
-    return stream
+    return raw_stream(lm, StreamConfig(**settings))
 
 
 def _nll(stream, ids, chunk):
@@ -68,7 +62,9 @@ def test_a_small_budget_holds_over_a_stream_20x_longer(smollm2, emma_ids, policy
             assert result.tokens_held <= budget
             assert stream.cache.nbytes <= budget * bytes_per_token
             assert stream.cache.next_position <= budget + chunk
-            assert all(layer.keys.shape[-2] == result.tokens_held for layer in stream.cache.layers)
+            assert all(layer.held("keys").shape[-2] == result.tokens_held for layer in stream.cache.layers)
+            # the buffers were allocated once: budget + room, never regrown
+            assert stream.cache.reserved_bytes == stream.capacity * bytes_per_token
         answer = stream.ask("Who is the story about?", max_new_tokens=8)
         stats = stream.stats()
     finally:
@@ -99,7 +95,7 @@ def test_rerotated_keys_equal_rope_applied_at_the_new_positions(smollm2, emma_id
             _, expected = apply_rotary_pos_emb(k, k, cos, sin)
     finally:
         stream.close()
-    torch.testing.assert_close(layer.keys, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(layer.held("keys"), expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -216,7 +212,7 @@ def test_a_long_prefill_stops_between_pieces_and_the_stream_goes_on(smollm2, emm
         assert (stop.value.appended, stop.value.total) == (96, 200)
         assert stream.stats().tokens_seen == before + 96
 
-        long_question = "Was there " + "a person, " * 120 + "or not?"
+        long_question = "Was there " + "a person, " * 25 + "or not?"  # 3 pieces, within the question room
         checks = iter(range(1000))
         answer = stream.ask(long_question, max_new_tokens=8, should_stop=lambda: next(checks) >= 2)
         assert answer.cancelled and answer.generated_tokens == 0 and answer.text == ""
@@ -296,13 +292,14 @@ def test_byte_budget_is_converted_to_tokens(smollm2):
                                           max_chunk_tokens=32))
     try:
         assert stream.bytes_per_token == one_token
-        assert stream.budget == 100
+        # the byte budget holds 100 tokens: 32 of room for a chunk, 68 kept after each eviction
+        assert (stream.budget, stream.capacity) == (68, 100)
     finally:
         stream.close()
     per_layer = Stream(smollm2, StreamConfig(policy="streamingllm", budget_tokens=500,
                                              budget_bytes_per_layer=80 * one_token // 30, max_chunk_tokens=32))
     per_layer.close()
-    assert per_layer.budget == 80
+    assert (per_layer.budget, per_layer.capacity) == (48, 80)
 
 
 def test_closing_one_stream_keeps_the_cap_of_another_on_the_same_model(smollm2, emma_ids):
@@ -323,31 +320,54 @@ def test_closing_one_stream_keeps_the_cap_of_another_on_the_same_model(smollm2, 
         assert smollm2.model.config._attn_implementation == "sdpa"
 
 
-@pytest.mark.parametrize("policy", ["infmllm", "h2o"])
-def test_a_probe_between_snapshot_and_restore_leaves_no_trace(smollm2, emma_ids, policy):
-    """What a benchmark's probe question relies on: after restore the stream predicts as if never asked."""
-    settings = dict(policy=policy, budget_tokens=96, max_chunk_tokens=32, recent=8, retrieval_window=8, decay=0.5)
+def _held(stream):
+    """Copies of every layer's held rows (keys, values and every per-token buffer) and the cache's counters."""
+    cache = stream.cache
+    rows = [{name: layer.held(name).clone() for name in ("keys", "values", *layer.buffers)} for layer in cache.layers]
+    return rows, (cache.length, cache.next_position, cache.tokens_seen, cache.evictions, cache.chunks_begun)
+
+
+@pytest.mark.parametrize("extra", [dict(policy="infmllm", decay=0.5, granularity="chunk"), dict(policy="h2o")],
+                         ids=["infmllm-decay-chunk", "h2o"])
+def test_a_probe_between_snapshot_and_restore_leaves_no_trace(smollm2, emma_ids, extra):
+    """What a benchmark's probe question relies on: after restore the stream predicts as if never asked, and
+    its static cache holds exactly what it held (keys, per-token buffers, positions, counters)."""
+    settings = dict(budget_tokens=96, max_chunk_tokens=32, recent=8, retrieval_window=8, **extra)
     probed, plain = Stream(smollm2, StreamConfig(**settings)), Stream(smollm2, StreamConfig(**settings))
     try:
         for stream in (probed, plain):
-            for k in range(4):
+            for k in range(8):
                 stream.append_text(f"12:00:0{k} front: {k + 1} people, left\n", kind="frame", camera="front",
                                    stamp=float(k))
+        assert probed.stats().evictions > 0  # the cache is full: the probe below evicts and compacts
+        before, counters = _held(probed)
+        buffers = {"infmllm": {"carried", "chunk"}, "h2o": {"accumulated"}}[extra["policy"]]
+        assert buffers <= set(before[0])
         saved = probed.snapshot()
-        answer = probed.ask("How many people did camera front see at 12:00:02?", max_new_tokens=4,
-                            answer_prefix="12:00:02 front: ", return_first_logits=True)
-        assert answer.first_logits.shape == (smollm2.text_config.vocab_size,)
-        first = smollm2.tokenizer.decode([int(answer.first_logits.argmax())])
-        assert answer.text.startswith(first.strip())  # the answer continues the prefix from those logits
-        assert probed.stats().tokens_seen > plain.stats().tokens_seen
-        probed.restore(saved)
-        assert probed.stats() == plain.stats()
+        for attempt in range(2):  # a snapshot can be restored more than once
+            evictions = probed.stats().evictions
+            answer = probed.ask("How many people did camera front see at 12:00:02?", max_new_tokens=4,
+                                answer_prefix="12:00:02 front: ", return_first_logits=True)
+            assert answer.first_logits.shape == (smollm2.text_config.vocab_size,)
+            first = smollm2.tokenizer.decode([int(answer.first_logits.argmax())])
+            assert answer.text.startswith(first.strip())  # the answer continues the prefix from those logits
+            assert probed.stats().tokens_seen > plain.stats().tokens_seen
+            assert probed.stats().evictions > evictions
+            probed.restore(saved)
+            assert probed.stats() == plain.stats()
+            after, after_counters = _held(probed)
+            assert after_counters == counters
+            for layer_before, layer_after in zip(before, after):
+                assert set(layer_before) == set(layer_after)
+                for name in layer_before:
+                    assert torch.equal(layer_before[name], layer_after[name]), name
         with pytest.raises(ValueError, match="snapshot of this stream"):
-            plain.restore({"cache": None, "state": {}})
+            plain.restore(saved)
         tail = Chunk(input_ids=emma_ids[:, :40], kind="text")
         a = probed.append_chunk(tail, return_logits=True).logits
         b = plain.append_chunk(tail, return_logits=True).logits
         torch.testing.assert_close(a, b)
+        assert _held(probed)[1] == _held(plain)[1]
     finally:
         probed.close()
         plain.close()

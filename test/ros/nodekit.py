@@ -6,6 +6,7 @@ real engine; these only publish real images and call the real services.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -16,6 +17,18 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 STREAM_YAML = REPO / "config" / "stream.yaml"
+
+
+def node_test_marks() -> list:
+    """The marks of a test module that runs the node on the real model and the shared clip."""
+    import pytest
+
+    return [
+        pytest.mark.ros,
+        pytest.mark.model,
+        pytest.mark.usefixtures("interfaces"),
+        pytest.mark.skipif(shared_clip() is None, reason="shared/data/video/vtest.avi is missing"),
+    ]
 
 
 def shared_clip() -> Optional[Path]:
@@ -85,6 +98,23 @@ def wait_for(pred: Callable[[], bool], timeout: float, what: str, step: float = 
             return
         time.sleep(step)
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+@contextlib.contextmanager
+def harness_factory(context, lm, **defaults):
+    """Yields ``make(**params) -> Harness`` (``defaults`` under ``params``); closes them all after."""
+    made = []
+
+    def make(**params):
+        h = Harness(context, lm, params={**defaults, **params})
+        made.append(h)
+        return h
+
+    try:
+        yield make
+    finally:
+        for h in made:
+            h.close()
 
 
 class Harness:

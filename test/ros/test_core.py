@@ -42,6 +42,37 @@ def test_slot_keeps_only_the_latest_and_counts_the_overwritten():
     assert slots.totals().received == 0
 
 
+def test_every_frame_is_counted_once_while_it_is_on_its_way_and_across_a_reset():
+    slots = FrameSlots(["a"])
+
+    def balance():
+        t = slots.totals()
+        assert t.received == t.encoded + t.dropped + t.bad + t.pending
+        return t
+
+    slots.put("a", "f1")
+    assert balance().pending == 1  # waiting in the slot
+    f1, gen = slots.take_sample("a")
+    slots.put("a", "f2")
+    assert balance().pending == 2  # one being described, one waiting
+    slots.mark_encoded("a", gen)
+    f2, gen2 = slots.take_sample("a")
+    slots.mark_bad("a", "undecodable", gen2)
+    assert (balance().encoded, balance().bad, balance().pending) == (1, 1, 0)
+    slots.put("a", "f3")
+    _, old = slots.take_sample("a")  # in flight when the counts are reset
+    slots.put("a", "f4")  # waiting when the counts are reset: forgotten with them
+    slots.reset_counts()
+    assert slots.take("a") is None
+    slots.mark_encoded("a", old)  # settles nothing after the reset
+    t = balance()
+    assert (t.received, t.encoded, t.pending) == (0, 0, 0)
+    slots.put("a", "f5")
+    _, gen5 = slots.take_sample("a")
+    slots.mark_encoded("a", gen5)
+    assert (balance().received, balance().encoded, balance().pending) == (1, 1, 0)
+
+
 def test_slots_under_concurrent_puts_lose_no_count():
     slots = FrameSlots(["a"])
     taken = []

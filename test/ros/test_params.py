@@ -28,8 +28,10 @@ STREAM_YAML = REPO / "config" / "stream.yaml"
 
 EXPECTED = {
     "model.preset", "model.name", "model.gguf_file", "model.device", "model.dtype",
-    "model.trust_remote_code", "encoder.type", "encoder.image_size", "encoder.max_pixels",
-    "encoder.min_pixels", "cache.policy", "cache.budget_tokens", "cache.budget_bytes",
+    "model.trust_remote_code", "model.compile", "model.quantize", "encoder.type", "encoder.image_size", "encoder.max_pixels",
+    "encoder.min_pixels", "encoder.detector.model", "encoder.detector.config", "encoder.detector.names",
+    "encoder.detector.input_size", "encoder.detector.score_threshold", "encoder.detector.nms_threshold",
+    "encoder.tracker.lost_s", "encoder.tracker.match_buffer", "cache.policy", "cache.budget_tokens", "cache.budget_bytes",
     "cache.max_chunk_tokens", "cache.sinks", "cache.recent", "cache.bias", "cameras.names",
     "sample_rate_hz", "scene.period_s", "scene.prompt", "scene.max_new_tokens",
     "query.max_new_tokens", "query.max_question_chars", "query.busy_policy", "query.queue_size",
@@ -72,6 +74,13 @@ def test_every_parameter_named_once_with_a_description():
     assert names[0] == "model.preset"  # the preset supplies the others' defaults
     for spec in P.describe_parameters(["front"]):
         assert spec.description.strip(), spec.name
+
+
+def test_compile_and_quantize_are_checked_before_the_model_loads(ros_context):
+    reason = refusal(ros_context, model__quantize="int8", model__dtype="bfloat16", model__device="cpu")
+    assert "model.quantize int8" in reason and "float32" in reason
+    assert "model.compile must be one of" in refusal(ros_context, model__compile="sometimes")
+    assert "model.quantize must be one of" in refusal(ros_context, model__quantize="int4")
 
 
 def test_what_cannot_change_live_is_read_only():
@@ -118,11 +127,39 @@ def test_cache_settings_map_onto_the_engine_config():
     ({"cache.pool": 4}, "pool must be an odd integer"),
     ({"cache.granularity": "frame"}, "cache.granularity must be one of"),
     ({"cache.decay": 1.0}, "cache.decay must be <="),
+    ({"encoder.detector.model": "/no/such/model.onnx", "encoder.detector.names": "/no/such.names"},
+     "'/no/such/model.onnx' does not exist"),
+    ({"encoder.detector.model": "/no/such/model.onnx"}, "encoder.detector.names"),
+    ({"encoder.detector.input_size": 300}, "multiple of 32"),
+    ({"encoder.detector.score_threshold": 0.0}, "encoder.detector.score_threshold must be >="),
+    ({"encoder.tracker.lost_s": 0.0}, "encoder.tracker.lost_s must be >="),
 ])
 def test_bad_settings_have_a_reason(values, words):
     values = {"cameras.names": ["front"], **values}
     reason = check_settings(NodeSettings.from_values(values))
     assert reason and words in reason, reason
+
+
+def test_detector_files_are_checked_before_any_model_loads(tmp_path):
+    """A truncated weights file is refused by the settings check (no model, no OpenCV network)."""
+    detector = pytest.importorskip("infmllm_ros.perception.detector")
+    try:
+        cfg, weights, names = detector.bundled_yolov3_tiny()
+    except detector.DetectorLoadError as err:
+        pytest.skip(str(err))
+    cut = tmp_path / "cut.weights"
+    cut.write_bytes(weights.read_bytes()[:4096])
+    values = {"cameras.names": ["front"], "encoder.detector.model": str(cut),
+              "encoder.detector.config": str(cfg), "encoder.detector.names": str(names)}
+    reason = check_settings(NodeSettings.from_values(values))
+    assert reason.startswith("encoder.detector.*: ") and str(cut) in reason and "truncated" in reason
+    values["encoder.detector.model"] = str(weights)
+    s = NodeSettings.from_values(values)
+    assert check_settings(s) is None and s.encoder.detector.model == str(weights)
+    assert NodeSettings.from_values(s.to_values()) == s
+    values["encoder.type"] = "vlm"  # the detector is not used: not checked
+    values["encoder.detector.model"] = str(cut)
+    assert check_settings(NodeSettings.from_values(values)) is None
 
 
 # -- presets and params files ------------------------------------------------------
@@ -211,6 +248,8 @@ def test_per_camera_parameters_follow_cameras_names(ros_context):
     ({"sample_rate_hz": "fast"}, "must be of type float"),
     ({"cache__budget_tokens": 0}, "needs a budget"),
     ({"query__max_new_tokens": 300}, "must be below cache.max_chunk_tokens"),
+    ({"encoder__detector__model": "/missing.weights", "encoder__detector__config": "/missing.cfg",
+      "encoder__detector__names": "/missing.names"}, "'/missing.weights' does not exist"),
 ])
 def test_bad_values_stop_the_start_with_a_reason(ros_context, values, words):
     assert words in refusal(ros_context, **values)

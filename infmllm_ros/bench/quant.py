@@ -1,0 +1,87 @@
+"""Weight-only int8: what it costs in perplexity next to what it buys in speed, on the same stream.
+
+The model is loaded once in float32 and copied with its Linear layers in int8
+(:func:`~infmllm_ros.engine.models.quantize_model`). Both stream the same text
+through the same Inf-MLLM cache (policy, budget, chunk):
+
+1. perplexity over ``tokens`` tokens of the text (as ``infmllm-bench ppl``);
+2. speed: each filled to ``budget + chunk`` tokens, then ``repeats``
+   interleaved rounds of ``tokens`` chunked prefill and ``decode_tokens``
+   greedy decode steps (as ``infmllm-bench speed``).
+
+Reported per precision: ppl, prefill and decode tokens/s (medians); the int8
+line carries ``vs_float32``: the ppl ratio (>1 = worse) and the speed ratios
+(>1 = faster), each speed ratio the median of the within-round ratios.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+
+from .common import BenchConfig, emit, finite, get_model, progress, raw_stream, record, text_token_ids, variants
+from .ppl import stream_nll
+from .speed import _decode, _prefill
+
+
+def _int8_copy(lm):
+    from infmllm_ros.engine import LoadedModel
+    from infmllm_ros.engine.models import quantize_model
+
+    model = quantize_model(copy.deepcopy(lm.model), "int8")
+    return LoadedModel(model=model, tokenizer=lm.tokenizer, processor=lm.processor, name=lm.name, quantize="int8")
+
+
+def run(cfg: BenchConfig, lm=None) -> list[dict]:
+    lm = get_model(cfg, lm)
+    if getattr(lm, "quantize", "none") != "none":
+        raise ValueError("the quant benchmark quantizes a float32 model itself: run it with quantize none")
+    models = {"float32": lm, "int8": _int8_copy(lm)}
+    results = []
+    for budget in cfg.budgets:
+        variant = variants(cfg, int(budget), ["infmllm"])[0]
+        fill = int(budget) + cfg.chunk
+        ids = text_token_ids(lm, cfg.text, max(cfg.tokens, fill + cfg.repeats * cfg.tokens))
+        figures = {name: {"prefill": [], "decode": []} for name in models}
+        ppl = {}
+        for name, m in models.items():
+            stream = raw_stream(m, variant.stream_config(cfg))
+            bar = progress(cfg.tokens, f"quant ppl {name} b={budget}")
+            try:
+                nll = stream_nll(stream, ids[:, :cfg.tokens], cfg.chunk, bar)
+            finally:
+                bar.close()
+                stream.close()
+            ppl[name] = finite(math.exp(sum(nll) / len(nll)))
+        streams = {name: raw_stream(m, variant.stream_config(cfg)) for name, m in models.items()}
+        try:
+            for name, s in streams.items():
+                _prefill(s, ids[:, :fill], cfg.chunk, models[name])
+            names = list(models)
+            for rnd in range(cfg.repeats):
+                block = ids[:, fill + rnd * cfg.tokens: fill + (rnd + 1) * cfg.tokens]
+                for name in names[rnd % 2:] + names[:rnd % 2]:
+                    s, m = streams[name], models[name]
+                    figures[name]["prefill"].append(block.shape[1] / _prefill(s, block, cfg.chunk, m))
+                    figures[name]["decode"].append(cfg.decode_tokens / _decode(s, cfg.decode_tokens, m))
+        finally:
+            for s in streams.values():
+                s.close()
+        lines = []
+        for name, m in models.items():
+            f = figures[name]
+            lines.append(record(cfg, m, variant, tokens=cfg.tokens, ppl=ppl[name], precision=name,
+                                prefill_tok_s=statistics.median(f["prefill"]),
+                                decode_tok_s=statistics.median(f["decode"]), decode_tokens=cfg.decode_tokens,
+                                repeats=cfg.repeats, prefill_runs=f["prefill"], decode_runs=f["decode"]))
+        base, q = figures["float32"], figures["int8"]
+        lines[1]["vs_float32"] = {
+            "ppl": ppl["int8"] / ppl["float32"],
+            "prefill": statistics.median(a / b for a, b in zip(q["prefill"], base["prefill"])),
+            "decode": statistics.median(a / b for a, b in zip(q["decode"], base["decode"])),
+        }
+        for line in lines:
+            emit(cfg, line)
+        results.extend(lines)
+    return results
