@@ -265,3 +265,42 @@ def test_a_policy_asks_for_its_own_per_token_buffer_and_the_cache_keeps_it_in_st
     with pytest.raises(ValueError, match="no per-token buffer named"):
         cache.begin_step(torch.tensor([[11]]), values={"colour": torch.zeros(1)})
 
+
+def test_infmllm_carried_scores_and_chunk_numbers_stay_row_for_row_with_the_keys_through_compaction():
+    """decay and granularity "chunk" keep their per-token state in the cache's named buffers: every in-place
+    compaction must move a token's carried score and chunk number with its key, per head."""
+    policy = InfMLLM(sinks=1, recent=1, retrieval_window=3, per_head=True, decay=0.5, granularity="chunk")
+    cache = _cache(policy, budget=6, max_chunk=3, rotate=False)
+    layer = cache.layers[0]
+    assert set(cache.token_buffers) == {"seen", "positions", "carried", "chunk"}
+    torch.manual_seed(1)
+    chunk_of, sizes = {}, [1, 3, 2, 3, 3, 1, 3, 2, 3]
+    evicted = 0
+    for number, n in enumerate(sizes):
+        first = cache.tokens_seen
+        chunk_of.update({first + i: number for i in range(n)})
+        # Two heads that look at different keys, so they keep different rows (a gather, not a block copy).
+        keys, query = torch.randn(2, n, DIM), torch.randn(2, n, DIM) * 3.0
+        cache.make_room(n)
+        cache.begin_step(torch.arange(cache.next_position, cache.next_position + n).unsqueeze(-1))
+        layer.update(keys.unsqueeze(0), keys.unsqueeze(0).clone())
+        layer.after_attention(query.unsqueeze(0), scaling=1.0, attn_weights=None)
+        stored = cache.length + n
+        before_seen = layer.held("seen", stored)[0].clone()
+        expected = None
+        if "window" in layer._stats:  # this step evicts: carried = window attention + decay * carried so far
+            expected = layer._stats["window"][0] + 0.5 * layer.held("carried", stored)[0]
+        evicted += cache.end_step(n)
+        seen, carried = layer.held("seen")[0], layer.held("carried")[0]
+        chunk = layer.held("chunk")[0]
+        assert chunk.tolist() == [[chunk_of[int(s)] for s in head] for head in seen]
+        for head in range(2):
+            for row, s in enumerate(seen[head].tolist()):
+                old = before_seen[head].tolist().index(s)
+                want = 0.0 if expected is None and s >= first else None
+                if expected is not None:
+                    want = float(expected[head, old])
+                if want is not None:
+                    assert float(carried[head, row]) == pytest.approx(want, abs=1e-6)
+    assert evicted > 0 and cache.chunks_begun == len(sizes)
+    assert layer.held("seen")[0, 0].tolist() != layer.held("seen")[0, 1].tolist()  # the heads kept different rows
