@@ -5,6 +5,7 @@
     infmllm-bench speed  --budget 1024 --json
     infmllm-bench speed  --peer llama.cpp --threads 1   # + llama.cpp and plain transformers, interleaved
     infmllm-bench memory --video video/vtest.avi --minutes 60 --policy infmllm --policy full
+    infmllm-bench sceneqa --minutes 10 --questions 300 --budget 512 --budget 1024 --json --plot
     infmllm-bench gpu    # the prepared GPU run (see benchmarks/gpu.sh)
     infmllm-bench node --rate 1 --rate 5 --duration 180   # the node over DDS vs the engine alone
     infmllm-bench quant  --budget 1024 --tokens 2048   # int8 weights: ppl cost next to speed
@@ -29,6 +30,7 @@ DESCRIPTIONS = {
     "recall": "long-term recall: planted facts, candidate ranking + free-form answers, bias sweep",
     "speed": "chunked prefill / decode tokens/s and seconds per query, policies interleaved",
     "memory": "peak memory and per-frame latency over a long simulated video (1 frame/s)",
+    "sceneqa": "scene-memory QA: questions about real frame lines at lags from seconds to the whole stream",
     "gpu": "the prepared GPU run: ppl, speed, memory at larger scale, plus random-weight VLMs",
     "node": "the real node over DDS beside the engine alone: answer latency, tokens/s, frames/s",
     "quant": "int8 weights vs float32 on the same stream: perplexity next to prefill/decode speed",
@@ -65,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--duration", dest="duration_s", type=float, help="node: measured seconds per phase")
         p.add_argument("--peer", choices=["llama.cpp"],
                        help="speed: also time llama.cpp (own venv, built on first use) and plain transformers")
-        p.add_argument("--minutes", type=float, help="memory: minutes of simulated video")
+        p.add_argument("--minutes", type=float, help="memory, sceneqa: minutes of simulated video")
+        p.add_argument("--questions", type=int, help="sceneqa: questions per policy and budget")
         p.add_argument("--time-limit", dest="time_limit_s", type=float,
                        help="memory: seconds per variant before it stops early (0: none)")
         p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",

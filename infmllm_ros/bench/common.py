@@ -13,6 +13,7 @@ import math
 import os
 import platform
 import sys
+import time
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -21,7 +22,7 @@ from typing import Any, Iterable, Optional
 
 REPO = Path(__file__).resolve().parents[2]
 
-COMMANDS = ("ppl", "recall", "speed", "memory", "gpu", "node", "quant")
+COMMANDS = ("ppl", "recall", "speed", "memory", "sceneqa", "gpu", "node", "quant")
 
 
 @dataclass
@@ -82,6 +83,20 @@ class BenchConfig:
     clip_frames: int = 0  # describe only the first N sampled frames of the clip (0 = all)
     describe_live: bool = False  # True: run the describer on every frame instead of replaying its lines
     describe_frames: int = 40  # sampled frames timed for the describer comparison (YOLO vs HOG/Haar); 0 = skip
+    # sceneqa
+    cameras: list = field(default_factory=lambda: ["front=video/vtest.avi",
+                                                   "hall=video/one-by-one-person-detection.mp4"])
+    event_cameras: list = field(default_factory=list)  # name=video: frames only now and then
+    event_interval_s: list = field(default_factory=lambda: [5.0, 300.0])  # event cameras: seconds between frames
+    question_cameras: str = "event"  # event: ask about the event cameras' lines; all: about every camera's
+    questions: int = 300  # per policy variant and budget, spread evenly over the lag buckets
+    commit_questions: bool = False  # False: probe questions on a snapshot, so they never change the stream
+    scene_period_s: float = 20.0  # the node's SceneDescription (kept in the stream) every this many s; 0: none
+    scene_prompt: str = "In one sentence: how many people did the camera see most recently, and where?"
+    scene_tokens: int = 16  # longest scene description
+    lag_buckets: list = field(default_factory=lambda: [1, 10, 30, 60, 120, 300, 600])  # bucket edges, seconds
+    question_types: list = field(default_factory=lambda: ["people"])
+    answer_cue: str = "line"  # line: the answer opens with the asked line's "HH:MM:SS camera:"; none: no cue
     # gpu (VLM path)
     vlm_families: list = field(default_factory=lambda: ["qwen2_5_vl", "idefics3"])
     vlm_frames: int = 120
@@ -99,8 +114,7 @@ class BenchConfig:
     def validate(self) -> "BenchConfig":
         if self.command not in COMMANDS:
             raise ValueError(f"unknown benchmark {self.command!r}; choose one of {COMMANDS}")
-        from infmllm_ros.engine import POLICIES
-
+        from infmllm_ros.engine import POLICIES, StreamConfig
         from infmllm_ros.engine.decode import COMPILE_CHOICES
         from infmllm_ros.engine.models import QUANTIZE_CHOICES
 
@@ -109,10 +123,13 @@ class BenchConfig:
         if self.compile not in COMPILE_CHOICES:
             raise ValueError(f"compile must be one of {COMPILE_CHOICES}, got {self.compile!r}")
         for name in self.policies:
-            base = name[: -len("-grow")] if name.endswith("-grow") else name
+            base, _, knobs = parse_policy(name)
+            unknown = sorted(set(knobs) - {f.name for f in fields(StreamConfig)})
+            if unknown:
+                raise ValueError(f"policy {name!r}: unknown stream settings {unknown}")
             if base not in POLICIES:
                 raise ValueError(f"unknown policy {name!r}; choose from {sorted(POLICIES)} (add -grow for rerotate=False)")
-        for name in ("chunk", "tokens", "segment", "trials", "candidates", "repeats"):
+        for name in ("chunk", "tokens", "segment", "trials", "candidates", "repeats", "free_form_tokens"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if any(int(d) < 1 for d in self.distances) or any(int(g) < 1 for g in self.lags):
@@ -127,6 +144,21 @@ class BenchConfig:
             raise ValueError(f"budgets must be >= 1, got {self.budgets}")
         if any(not (float(b) >= 0 and math.isfinite(float(b))) for b in self.biases):
             raise ValueError(f"biases must be finite and >= 0, got {self.biases}")
+        edges = [float(e) for e in self.lag_buckets]
+        if len(edges) < 2 or edges[0] < 1 or any(b <= a for a, b in zip(edges, edges[1:])):
+            raise ValueError(f"lag_buckets must be >= 2 increasing edges from >= 1 s, got {self.lag_buckets}")
+        if self.question_cameras not in ("event", "all"):
+            raise ValueError(f"question_cameras must be 'event' or 'all', got {self.question_cameras!r}")
+        if len(self.event_interval_s) != 2 or not 0 < float(self.event_interval_s[0]) <= float(
+                self.event_interval_s[1]):
+            raise ValueError(f"event_interval_s must be [low, high] seconds with 0 < low <= high, "
+                             f"got {self.event_interval_s}")
+        if self.answer_cue not in ("line", "none"):
+            raise ValueError(f"answer_cue must be 'line' or 'none', got {self.answer_cue!r}")
+        if int(self.questions) < 1 or float(self.minutes) <= 0 or float(self.fps) <= 0:
+            raise ValueError("questions, minutes and fps must be > 0")
+        if not (self.cameras or self.event_cameras):
+            raise ValueError("sceneqa needs cameras or event_cameras")
         return self
 
 
@@ -184,6 +216,76 @@ def data_file(name: str) -> Path:
     if candidate.is_file():
         return candidate
     raise FileNotFoundError(f"{name} not found (nor under {shared_data_dir()}; set INFMLLM_SHARED_DATA)")
+
+
+def video_frames(path: Path, fps: float):
+    """RGB frames of a clip sampled at ``fps`` (clip time), with their clip time in seconds."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened():
+        raise FileNotFoundError(f"cannot open video {path}")
+    clip_fps = cap.get(cv2.CAP_PROP_FPS) or 10.0
+    step = max(1, round(clip_fps / fps))
+    index = 0
+    try:
+        while True:
+            ok, bgr = cap.read()
+            if not ok:
+                break
+            if index % step == 0:
+                yield index / clip_fps, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            index += 1
+    finally:
+        cap.release()
+
+
+def clip_observations(video: str, fps: float, camera: str, cache_dir: str | Path,
+                      clip_frames: int = 0) -> tuple[list, float]:
+    """The describer's :class:`Observation` for each sampled frame of a clip, and its seconds per frame.
+
+    Described once and cached as JSON under ``cache_dir``, keyed by the clip,
+    the rate and the describer's :meth:`~.FrameDescriber.fingerprint` (any
+    camera may replay a cached clip: its name is set on load); observations
+    are stamped ``1.7e9 + clip time`` and replayed by the benchmarks with
+    their own stamps.
+    """
+    from dataclasses import replace
+
+    from infmllm_ros.perception.describer import FrameDescriber, Observation
+
+    path = data_file(video)
+    describer = FrameDescriber()
+    fingerprint = describer.fingerprint()
+    cache = Path(cache_dir) / f"describe_{path.stem}_{fps:g}fps_{clip_frames or 'all'}_{fingerprint}.json"
+    if cache.is_file():
+        data = json.loads(cache.read_text())
+        return [replace(Observation.from_dict(o), camera=camera) for o in data["observations"]], data["describe_s"]
+    observations, spent = [], 0.0
+    for clip_t, frame in video_frames(path, fps):
+        if clip_frames and len(observations) >= clip_frames:
+            break
+        started = time.perf_counter()
+        observations.append(describer.describe(frame, camera, 1_700_000_000.0 + clip_t))
+        spent += time.perf_counter() - started
+    if not observations:
+        raise ValueError(f"no frames could be read from {path}")
+    per_frame = spent / len(observations)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"video": str(path), "fps": fps, "describe_s": per_frame,
+                                 "fingerprint": fingerprint,
+                                 "observations": [o.to_dict() for o in observations]}, default=list))
+    return observations, per_frame
+
+
+def wilson(correct: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (scipy's ``binomtest``); (0, 1) when ``n`` is 0."""
+    if n <= 0:
+        return 0.0, 1.0
+    from scipy.stats import binomtest
+
+    ci = binomtest(int(correct), int(n)).proportion_ci(confidence_level=level, method="wilson")
+    return float(ci.low), float(ci.high)
 
 
 def text_token_ids(lm, path: str, tokens: int, offset_chars: int = 0):
@@ -265,31 +367,55 @@ class Variant:
     budget: int
     bias: float = 0.0
     rerotate: bool = True
+    knobs: dict = field(default_factory=dict)  # other StreamConfig fields, e.g. {"pool": 5}
 
     def stream_config(self, cfg: BenchConfig, chunk: Optional[int] = None):
         from infmllm_ros.engine import StreamConfig
 
         # `full` is the reference: no token budget (it would cap it), only the model's context.
-        return StreamConfig(
-            policy=self.policy, budget_tokens=0 if self.policy == "full" else self.budget,
-            max_chunk_tokens=chunk or cfg.chunk, sinks=cfg.sinks,
-            recent=cfg.recent, retrieval_window=cfg.retrieval_window, bias=self.bias,
-            h2o_recent_ratio=cfg.h2o_recent_ratio, rerotate=self.rerotate, compile=cfg.compile,
-        ).validate()
+        values = dict(policy=self.policy, budget_tokens=0 if self.policy == "full" else self.budget,
+                      max_chunk_tokens=chunk or cfg.chunk, sinks=cfg.sinks, recent=cfg.recent,
+                      retrieval_window=cfg.retrieval_window, bias=self.bias, h2o_recent_ratio=cfg.h2o_recent_ratio,
+                      rerotate=self.rerotate, compile=cfg.compile)
+        return StreamConfig(**{**values, **self.knobs}).validate()  # a variant's own knobs win
+
+
+def parse_policy(name: str) -> tuple[str, bool, dict]:
+    """``"infmllm[pool=5,decay=0.5]-grow"`` -> ``("infmllm", True, {"pool": 5, "decay": 0.5})``.
+
+    The bracket sets any other ``StreamConfig`` field for this variant (YAML value syntax).
+    """
+    import yaml
+
+    grow = name.endswith("-grow")
+    base = name[: -len("-grow")] if grow else name
+    knobs = {}
+    if "[" in base:
+        base, _, inner = base.partition("[")
+        if not inner.endswith("]"):
+            raise ValueError(f"policy {name!r}: knobs go in one trailing [key=value,...]")
+        for item in filter(None, inner[:-1].split(",")):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"policy {name!r}: {item!r} is not key=value")
+            knobs[key.strip()] = yaml.safe_load(value)
+    return base, grow, knobs
 
 
 def variants(cfg: BenchConfig, budget: int, policies: Optional[Iterable[str]] = None) -> list[Variant]:
-    """``--policy`` names (``-grow`` = positions grow, no re-rotation) crossed with ``--bias`` for infmllm."""
+    """``--policy`` names (``-grow`` = positions grow, no re-rotation; ``[k=v,...]`` = other knobs) crossed
+    with ``--bias`` for infmllm."""
     out = []
     for name in policies or cfg.policies:
-        grow = name.endswith("-grow")
-        base = name[: -len("-grow")] if grow else name
-        if base == "infmllm":
+        base, grow, knobs = parse_policy(name)
+        if base == "infmllm" and "bias" not in knobs:
             for bias in cfg.biases:
-                label = base if float(bias) == 0 else f"{base}-b{float(bias):g}"
-                out.append(Variant(label + ("-grow" if grow else ""), base, budget, float(bias), not grow))
+                label = name if float(bias) == 0 else f"{name.removesuffix('-grow')}-b{float(bias):g}" + (
+                    "-grow" if grow else "")
+                out.append(Variant(label, base, budget, float(bias), not grow, knobs))
         else:
-            out.append(Variant(name, base, budget, 0.0, not grow))
+            bias = float(knobs.pop("bias", 0.0))
+            out.append(Variant(name, base, budget, bias, not grow, knobs))
     return out
 
 
@@ -313,20 +439,21 @@ def append_in_chunks(stream, ids, chunk: int, bar=None) -> None:
             bar.update(piece.shape[1])
 
 
-def greedy_decode(stream, logits, steps: int) -> list[int]:
+def greedy_decode(stream, logits, steps: int, append_last: bool = True) -> list[int]:
     """``steps`` greedy tokens from next-token ``logits``, each appended to the stream with the cache in
     decoding mode: ``Stream.ask``'s own loop (``Stream.generate``), without its chat framing, its
-    repetition penalty or its stop at an end token."""
-    return stream.generate(logits, steps, repetition_penalty=1.0, stop_at_eos=False).tokens
+    repetition penalty or its stop at an end token. ``append_last=False`` leaves the last one for the
+    caller to append (with what follows it, in one forward pass)."""
+    return stream.generate(logits, steps, repetition_penalty=1.0, stop_at_eos=False, append_last=append_last).tokens
 
 
 def record(cfg: BenchConfig, lm, variant: Variant, **figures) -> dict:
     """One result line: who/what/where, then the figures."""
     return {
         "bench": cfg.command, "policy": variant.label, "base_policy": variant.policy, "budget": variant.budget,
-        "bias": variant.bias, "rerotate": variant.rerotate, "chunk": cfg.chunk, "model": lm.name,
-        "device": str(lm.device), "dtype": dtype_name(lm), "quantize": getattr(lm, "quantize", "none"),
-        "compile": cfg.compile,
+        "bias": variant.bias, "rerotate": variant.rerotate, "knobs": dict(variant.knobs), "chunk": cfg.chunk,
+        "model": lm.name, "device": str(lm.device), "dtype": dtype_name(lm),
+        "quantize": getattr(lm, "quantize", "none"), "compile": cfg.compile,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(),
         "quick": cfg.quick, **figures,
     }

@@ -69,10 +69,11 @@ def vlm_part(cfg: BenchConfig, text_lm) -> list[dict]:
     from infmllm_ros.perception.random_vlm import build_random_vlm
     from infmllm_ros.perception.vlm import VlmEncoder
 
-    from .memory import _memory_mb, _video_frames
+    from .common import video_frames
+    from .memory import _memory_mb
 
     video = data_file(cfg.video)
-    frames = [f for _, f in _video_frames(video, 1.0)]
+    frames = [f for _, f in video_frames(video, 1.0)]
     out = []
     for family in cfg.vlm_families:
         started = time.perf_counter()

@@ -23,66 +23,15 @@ model's context (or ``time_limit_s``) and says where.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
-from .common import (BenchConfig, data_file, emit, get_model, progress, pyplot, record, run_label, save_figure,
-                     variants)
+from .common import (BenchConfig, clip_observations, data_file, emit, get_model, progress, pyplot, record, run_label,
+                     save_figure, variants, video_frames)
 
 QUESTION = "How many people were seen most recently, and where?"
-
-
-def _video_frames(path: Path, fps: float):
-    """RGB frames of the clip sampled at ``fps`` (clip time), with their clip time in seconds."""
-    import cv2
-
-    cap = cv2.VideoCapture(str(path))
-    if not cap.isOpened():
-        raise FileNotFoundError(f"cannot open video {path}")
-    clip_fps = cap.get(cv2.CAP_PROP_FPS) or 10.0
-    step = max(1, round(clip_fps / fps))
-    index = 0
-    try:
-        while True:
-            ok, bgr = cap.read()
-            if not ok:
-                break
-            if index % step == 0:
-                yield index / clip_fps, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-            index += 1
-    finally:
-        cap.release()
-
-
-def clip_observations(cfg: BenchConfig) -> tuple[list, float]:
-    """Describe the clip's sampled frames once (cached under ``--out``, keyed by the describer's
-    fingerprint); returns (observations, s per frame)."""
-    from infmllm_ros.perception.describer import FrameDescriber, Observation
-
-    video = data_file(cfg.video)
-    describer = FrameDescriber()
-    cache = Path(cfg.out) / (f"describe_{video.stem}_{cfg.fps:g}fps_{cfg.clip_frames or 'all'}_"
-                             f"{describer.fingerprint()}.json")
-    if cache.is_file():
-        data = json.loads(cache.read_text())
-        return [Observation.from_dict(o) for o in data["observations"]], data["describe_s"]
-    observations, spent = [], 0.0
-    for clip_t, frame in _video_frames(video, cfg.fps):
-        if cfg.clip_frames and len(observations) >= cfg.clip_frames:
-            break
-        started = time.perf_counter()
-        observations.append(describer.describe(frame, "front", 1_700_000_000.0 + clip_t))
-        spent += time.perf_counter() - started
-    per_frame = spent / max(1, len(observations))
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({"video": str(video), "fps": cfg.fps, "describe_s": per_frame,
-                                 "fingerprint": describer.fingerprint(),
-                                 "observations": [o.to_dict() for o in observations]}, default=list))
-    return observations, per_frame
 
 
 def describe_comparison(cfg: BenchConfig, lm) -> dict:
@@ -107,7 +56,7 @@ def describe_comparison(cfg: BenchConfig, lm) -> dict:
     times: dict[str, list[float]] = {"detector": [], "line": [], "hog": []}
     tokens: dict[str, list[int]] = {"line": [], "hog": []}
     frames = 0
-    for clip_t, frame in _video_frames(data_file(cfg.video), cfg.fps):
+    for clip_t, frame in video_frames(data_file(cfg.video), cfg.fps):
         if frames >= cfg.describe_frames:
             break
         stamp = 1_700_000_000.0 + clip_t
@@ -154,7 +103,8 @@ def run(cfg: BenchConfig, lm=None) -> list[dict]:
     context = int(getattr(lm.text_config, "max_position_embeddings", 0) or 0)
     frames_total = int(round(cfg.minutes * 60 * cfg.fps))
     comparison = describe_comparison(cfg, lm)
-    observations, describe_s = ([], 0.0) if cfg.describe_live else clip_observations(cfg)
+    observations, describe_s = ([], 0.0) if cfg.describe_live else clip_observations(
+        cfg.video, cfg.fps, "front", cfg.out, cfg.clip_frames)
     formatter = FrameDescriber()
     t0 = 1_700_000_000.0
     results = []
@@ -225,7 +175,7 @@ def run(cfg: BenchConfig, lm=None) -> list[dict]:
 def _loop_frames(cfg: BenchConfig):
     video = data_file(cfg.video)
     while True:
-        for _, frame in _video_frames(video, cfg.fps):
+        for _, frame in video_frames(video, cfg.fps):
             yield frame
 
 

@@ -54,9 +54,9 @@ def clip_frames(cfg: BenchConfig, count: int = 60, fps: float = 2.0) -> list:
     """The first ``count`` full-size RGB frames of the clip sampled at ``fps`` (the phases cycle them)."""
     import itertools
 
-    from .memory import _video_frames
+    from .common import video_frames
 
-    out = [frame for _, frame in itertools.islice(_video_frames(data_file(cfg.video), fps), count)]
+    out = [frame for _, frame in itertools.islice(video_frames(data_file(cfg.video), fps), count)]
     if not out:
         raise ValueError(f"no frames in {cfg.video}")
     return out

@@ -8,12 +8,14 @@ complete the answer):
   streams per distance, each with another word and another stretch of filler.
   Accuracy by distance.
 * **multi** (many rounds): every round brings ``round_tokens`` of filler and a
-  new fact (a name paired with a word); round ``r`` also asks about the fact
-  of round ``r - lag``, ``lag`` cycling through ``lags`` (so each distance is
-  asked about across the whole stream). Questions and answers stay in the
+  new fact (a name paired with a word); round ``r`` then asks about the fact
+  of round ``r - lag`` for every ``lag`` in ``lags`` (so each distance is
+  asked about across the whole stream, ``len(lags)`` questions a round: 100
+  rounds give about 300 questions). Questions and answers stay in the
   stream, so facts that were asked about (and attended to) stay "hot": stale
   saddles that can crowd out the newer facts, the case Inf-MLLM's bias is
-  for. Accuracy by lag (and its mean distance in tokens).
+  for. Accuracy by lag (and its mean distance in tokens) with Wilson 95%
+  intervals. ``full`` streams in episodes that fit the model's context.
 
 The facts are "Note: remember the pair <name> <word>." and the question ends
 "... the pair was <name>", so the word to recall directly follows the name
@@ -39,7 +41,7 @@ import time
 import torch
 
 from .common import (BenchConfig, append_in_chunks, data_file, emit, get_model, greedy_decode, progress, pyplot,
-                     raw_stream, record, run_label, save_figure, variants)
+                     raw_stream, record, run_label, save_figure, variants, wilson)
 
 #: candidate answers; only those that are one token (with a leading space) for the model's tokenizer are used
 WORDS = ("tiger horse apple lemon river castle pencil garden rabbit silver dragon candle mirror violin rocket "
@@ -95,9 +97,10 @@ class _Asker:
         ids = self.encode(question)
         logits = self.stream.append_chunk(Chunk(input_ids=ids, kind="question"), return_logits="last").logits[-1]
         rank = candidate_rank(logits, right, candidates)
-        generated = greedy_decode(self.stream, logits, self.free_tokens)
+        generated = greedy_decode(self.stream, logits, self.free_tokens, append_last=False)
         text = self.lm.tokenizer.decode(generated, skip_special_tokens=True).lower()
-        self.feed(self.encode("\n"))
+        # The last answer token goes in with the line break that closes the answer: one forward pass less.
+        self.feed(torch.cat([torch.tensor([generated[-1:]]), self.encode("\n")], dim=1))
         return rank == 1, right in text.split() or f" {right}" in f" {text}", rank
 
 
@@ -149,64 +152,95 @@ def single_fact(cfg: BenchConfig, lm, variant, text: str, pool: dict[str, int], 
             right_count += ok
             free_count += free
             ranks.append(rank)
+        low, high = wilson(right_count, cfg.trials)
         by_distance[str(distance)] = {"correct": right_count, "trials": cfg.trials,
-                                      "accuracy": right_count / cfg.trials,
+                                      "accuracy": right_count / cfg.trials, "ci_low": low, "ci_high": high,
                                       "free_form_rate": free_count / cfg.trials, "ranks": ranks}
     correct = sum(v["correct"] for v in by_distance.values())
     trials = sum(v["trials"] for v in by_distance.values())
     free = sum(v["free_form_rate"] * v["trials"] for v in by_distance.values())
+    low, high = wilson(correct, trials)
     return {"single_correct": correct, "single_trials": trials, "single_accuracy": correct / max(1, trials),
+            "single_ci_low": low, "single_ci_high": high,
             "single_free_form_rate": free / max(1, trials), "single_by_distance": by_distance}
 
 
 def multi_round(cfg: BenchConfig, lm, variant, text: str, pool: dict[str, int], bar) -> dict:
-    """Accuracy over a multi-round stream: a new fact every round, each round asks about an older one."""
-    if cfg.rounds > len(NAMES) or cfg.rounds > len(pool):
-        raise ValueError(f"at most {min(len(NAMES), len(pool))} rounds (one new name and word each), got {cfg.rounds}")
+    """Accuracy over a multi-round stream: a new fact every round, each round asks about one older fact per lag.
+
+    Names and words come back after ``len(NAMES)`` rounds (far more than the largest lag), so the asked
+    pair is always the newest with its name; distractors are words not planted in that many rounds.
+    ``full`` has no budget: it starts a fresh stream (an episode) when the model's context is nearly
+    full and counts questions about facts before its episode as ``not_held``.
+    """
+    window = len(NAMES)
+    lags = sorted({int(g) for g in cfg.lags})
+    if max(lags) >= window:
+        raise ValueError(f"lags must be below {window} rounds (names are reused after that), got {lags}")
+    if len(pool) < window + cfg.candidates:
+        raise ValueError(f"{len(pool)} single-token words cannot fill {window} rounds and {cfg.candidates} candidates")
     rng = random.Random(cfg.seed + 1)
     words = rng.sample(list(pool), len(pool))
     names = rng.sample(NAMES, len(NAMES))
+    context = int(getattr(lm.text_config, "max_position_embeddings", 0) or 0)
+    episodic = variant.policy == "full" and context > 0
+    per_round = cfg.round_tokens + 24 + len(lags) * (40 + cfg.free_form_tokens)
     stream = raw_stream(lm, variant.stream_config(cfg))
     asker = _Asker(stream, lm, cfg.chunk, cfg.free_form_tokens)
-    planted: list[tuple[str, str, int]] = []  # (name, word, stream token index of the fact)
-    by_lag: dict[str, dict] = {}
+    planted: list[tuple[str, str, int, int]] = []  # (name, word, stream token index of the fact, episode)
+    by_lag = {str(g): {"correct": 0, "asked": 0, "free": 0, "not_held": 0, "ranks": [], "distances": []}
+              for g in lags}
+    episode = 0
     try:
         for r in range(cfg.rounds):
+            if episodic and stream.cache.next_position + per_round > context:
+                stream.close()
+                stream = raw_stream(lm, variant.stream_config(cfg))
+                asker.stream = stream
+                episode += 1
             name, word = names[r % len(names)], words[r % len(words)]
             asker.feed(_filler(text, lm.tokenizer, cfg.round_tokens, rng), bar)
-            planted.append((name, word, stream.cache.tokens_seen))
+            planted.append((name, word, stream.cache.tokens_seen, episode))
             asker.feed(asker.encode(f"\n\nNote: remember the pair {name} {word}.\n\n"), bar)
-            lag = int(cfg.lags[r % len(cfg.lags)])
-            if r < lag:
-                continue
-            q_name, q_word, at = planted[r - lag]
-            others = [w for _, w, _ in planted if w != q_word]
-            if cfg.distractors == "planted":
-                cands = _candidates(q_word, pool, others, cfg.candidates, rng)
-            else:  # never planted: does the stream still hold the fact at all?
-                unplanted = {w: t for w, t in pool.items() if w not in others and w not in words[:cfg.rounds]}
-                cands = _candidates(q_word, {**unplanted, q_word: pool[q_word]}, [], cfg.candidates, rng)
-            distance = stream.cache.tokens_seen - at
-            ok, free, rank = asker.ask(f"\n\nQuestion: which word was paired with {q_name}?\n"
-                                       f"Answer: the pair was {q_name}", q_word, cands)
-            slot = by_lag.setdefault(str(lag), {"correct": 0, "asked": 0, "free": 0, "ranks": [], "distances": []})
-            slot["correct"] += ok
-            slot["asked"] += 1
-            slot["free"] += free
-            slot["ranks"].append(rank)
-            slot["distances"].append(distance)
+            recent = {w for _, w, _, _ in planted[-window:]}
+            for lag in lags:
+                if r < lag:
+                    continue
+                q_name, q_word, at, q_episode = planted[r - lag]
+                slot = by_lag[str(lag)]
+                if q_episode != episode:
+                    slot["not_held"] += 1
+                    continue
+                if cfg.distractors == "planted":
+                    others = [w for _, w, _, _ in planted[-window:] if w != q_word]
+                    cands = _candidates(q_word, pool, others, cfg.candidates, rng)
+                else:  # not planted lately: does the stream still hold the fact at all?
+                    unplanted = {w: t for w, t in pool.items() if w not in recent}
+                    cands = _candidates(q_word, {**unplanted, q_word: pool[q_word]}, [], cfg.candidates, rng)
+                distance = stream.cache.tokens_seen - at
+                ok, free, rank = asker.ask(f"\n\nQuestion: which word was paired with {q_name}?\n"
+                                           f"Answer: the pair was {q_name}", q_word, cands)
+                slot["correct"] += ok
+                slot["asked"] += 1
+                slot["free"] += free
+                slot["ranks"].append(rank)
+                slot["distances"].append(distance)
     finally:
         stream.close()
     for slot in by_lag.values():
-        slot["accuracy"] = slot["correct"] / slot["asked"]
-        slot["free_form_rate"] = slot.pop("free") / slot["asked"]
-        slot["mean_distance"] = round(sum(slot["distances"]) / len(slot["distances"]))
+        n = max(1, slot["asked"])
+        slot["accuracy"] = slot["correct"] / n
+        slot["ci_low"], slot["ci_high"] = wilson(slot["correct"], slot["asked"])
+        slot["free_form_rate"] = slot.pop("free") / n
+        slot["mean_distance"] = round(sum(slot["distances"]) / n)
     asked = sum(v["asked"] for v in by_lag.values())
     correct = sum(v["correct"] for v in by_lag.values())
     free = sum(v["free_form_rate"] * v["asked"] for v in by_lag.values())
+    low, high = wilson(correct, asked)
     return {"multi_correct": correct, "multi_questions": asked, "multi_accuracy": correct / max(1, asked),
-            "multi_free_form_rate": free / max(1, asked),
-            "multi_by_lag": dict(sorted(by_lag.items(), key=lambda kv: int(kv[0])))}
+            "multi_ci_low": low, "multi_ci_high": high, "multi_free_form_rate": free / max(1, asked),
+            "multi_not_held": sum(v["not_held"] for v in by_lag.values()), "multi_episodes": episode + 1,
+            "multi_by_lag": {g: v for g, v in by_lag.items() if v["asked"] or v["not_held"]}}
 
 
 def run(cfg: BenchConfig, lm=None) -> list[dict]:
@@ -216,11 +250,13 @@ def run(cfg: BenchConfig, lm=None) -> list[dict]:
         raise ValueError(f"only {len(pool)} single-token candidate words for this tokenizer")
     text = data_file(cfg.text).read_text(encoding="utf-8-sig").replace("\r\n", "\n")
     per_single = sum(cfg.trials * (48 + 20 + int(d) + 30) for d in cfg.distances)
-    per_multi = cfg.rounds * (cfg.round_tokens + 20 + cfg.free_form_tokens + 30)
-    empty_single = {"single_correct": 0, "single_trials": 0, "single_accuracy": 0.0,
+    per_multi = cfg.rounds * (cfg.round_tokens + 20 + len(cfg.lags) * (cfg.free_form_tokens + 30))
+    empty_single = {"single_correct": 0, "single_trials": 0, "single_accuracy": 0.0, "single_ci_low": 0.0,
+                    "single_ci_high": 1.0,
                     "single_free_form_rate": 0.0, "single_by_distance": {}}
-    empty_multi = {"multi_correct": 0, "multi_questions": 0, "multi_accuracy": 0.0,
-                   "multi_free_form_rate": 0.0, "multi_by_lag": {}}
+    empty_multi = {"multi_correct": 0, "multi_questions": 0, "multi_accuracy": 0.0, "multi_ci_low": 0.0,
+                   "multi_ci_high": 1.0, "multi_free_form_rate": 0.0, "multi_not_held": 0, "multi_episodes": 0,
+                   "multi_by_lag": {}}
     results = []
     for budget in cfg.budgets:
         lines = []
@@ -280,20 +316,21 @@ def plot(cfg: BenchConfig, results: list[dict], lm=None) -> list:
         r0 = rows[0]
         for r in rows:
             style = dict(marker="o", ms=4, label=r["policy"], ls="--" if r["base_policy"] == "full" else "-")
-            if "single" in axes:
-                single = r["single_by_distance"]
-                axes["single"].plot([int(d) for d in single], [v["accuracy"] for v in single.values()], **style)
-            if "multi" in axes:
-                multi = r["multi_by_lag"]
-                axes["multi"].plot([v["mean_distance"] for v in multi.values()],
-                                   [v["accuracy"] for v in multi.values()], **style)
+            for name, points, x in (("single", r["single_by_distance"], lambda d, v: int(d)),
+                                    ("multi", r["multi_by_lag"], lambda d, v: v["mean_distance"])):
+                points = {d: v for d, v in points.items() if v.get("trials", v.get("asked"))}
+                if name in axes and points:
+                    acc = [v["accuracy"] for v in points.values()]
+                    err = [[a - v.get("ci_low", a) for a, v in zip(acc, points.values())],
+                           [v.get("ci_high", a) - a for a, v in zip(acc, points.values())]]
+                    axes[name].errorbar([x(d, v) for d, v in points.items()], acc, yerr=err, capsize=3, **style)
         titles = {"single": f"single early fact ({r0['trials']} trials per distance)",
                   "multi": f"multi-round: a new fact every round, {r0['rounds']} rounds"}
         for name, ax in axes.items():
             ax.set_title(titles[name], fontsize=9)
             ax.set_xlabel("tokens between fact and question")
             ax.set_ylim(-0.05, 1.05)
-            ax.set_ylabel(f"ranked first of {r0['candidates']} candidates")
+            ax.set_ylabel(f"ranked first of {r0['candidates']} candidates (Wilson 95%)")
             ax.legend(fontsize=7)
         fig.suptitle(f"Recall, budget {budget}, chunk {r0['chunk']}; " + run_label(r0), fontsize=8)
         path = save_figure(fig, cfg, f"recall_b{budget}")

@@ -66,18 +66,40 @@ def markdown(merged) -> str:
                  for g in lags}
         head = (["policy", "budget", "bias"] + [f"single @{d}" for d in distances]
                 + [f"multi lag {g} (~{miles[g]} tok)" for g in lags]
-                + ["single", "multi", "free-form rate", "best bias"])
+                + ["single (95% CI)", "multi (95% CI)", "free-form rate", "best bias"])
 
         def cell(slot, n="trials"):
             return f"{slot['correct']}/{slot[n]}" if slot else ""
 
+        def overall(x, kind, n):
+            if not x[n]:
+                return "-"
+            low, high = x.get(f"{kind}_ci_low"), x.get(f"{kind}_ci_high")
+            return f(x[f"{kind}_accuracy"], 2) + (f" ({low:.2f}-{high:.2f})" if low is not None else "")
+
         rows = [[x["policy"], x["budget"] if x["base_policy"] != "full" else "-", f(x["bias"], 2)]
                 + [cell(x["single_by_distance"].get(str(d))) for d in distances]
                 + [cell(x["multi_by_lag"].get(str(g)), "asked") for g in lags]
-                + [f(x["single_accuracy"], 2) if x["single_trials"] else "-",
-                   f(x["multi_accuracy"], 2) if x["multi_questions"] else "-", f(x["free_form_rate"], 2),
+                + [overall(x, "single", "single_trials"), overall(x, "multi", "multi_questions"),
+                   f(x["free_form_rate"], 2),
                    x.get("best_bias", "")] for x in lines]
         parts.append("### recall\n\n" + table(rows, head))
+    if "sceneqa" in merged:
+        _, lines = merged["sceneqa"]
+        labels = list(dict.fromkeys(b for x in lines for b in x["by_bucket"]))
+        head = (["policy", "budget", "accuracy (95% CI)", "n"] + [f"lag {b}" for b in labels]
+                + ["free-form", "no memory", "not held"])
+
+        def ci(slot):
+            return f"{slot['accuracy']:.2f} ({slot['ci_low']:.2f}-{slot['ci_high']:.2f})"
+
+        rows = []
+        for x in lines:
+            buckets = [x["by_bucket"].get(b) for b in labels]
+            rows.append([x["policy"], x["budget"] if x["base_policy"] != "full" else "-", ci(x), x["asked"]]
+                        + [f"{b['correct']}/{b['asked']}" if b and b["asked"] else "-" for b in buckets]
+                        + [f(x["free_form_rate"], 2), f(x["prior_accuracy"], 2), x["not_held"]])
+        parts.append("### sceneqa\n\n" + table(rows, head))
     if "speed" in merged:
         _, lines = merged["speed"]
         head = ["policy", "budget", "prefill tok/s", "decode tok/s", "s/query", "tokens held at end",
@@ -107,7 +129,7 @@ def markdown(merged) -> str:
 
 
 def main(argv=None) -> int:
-    from . import memory, ppl, recall, speed
+    from . import memory, ppl, recall, sceneqa, speed
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="+")
@@ -115,7 +137,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     merged = load(args.files)
     print(markdown(merged))
-    modules = {"ppl": ppl, "recall": recall, "speed": speed, "memory": memory}
+    modules = {"ppl": ppl, "recall": recall, "speed": speed, "memory": memory, "sceneqa": sceneqa}
     for bench, (cfg, lines) in merged.items():
         if bench in modules:
             cfg.out, cfg.quick = args.out, False

@@ -34,8 +34,10 @@ entry per stored token and KV head, written, gathered and compacted together
 with the keys. The cache always keeps ``seen`` (stream index) and
 ``positions`` (RoPE position; 3 components for multimodal RoPE); a policy asks
 for more through :attr:`~.policies.Policy.token_buffers` (H2O's
-``accumulated`` attention) and reads them in ``score`` as
-``view.buffers[name]``.
+``accumulated`` attention, Inf-MLLM's ``carried`` scores and ``chunk``
+numbers) and reads them in ``score`` as ``view.buffers[name]``. New values a
+policy sets in ``view.updates`` are written at the commit, before the
+compaction, so they stay row for row with the keys too.
 """
 
 from __future__ import annotations
@@ -92,9 +94,11 @@ def column_attention(
 
 @dataclass
 class _Selection:
-    """What one layer keeps at the end of a step: sorted row indices ``[batch, heads, kept]``."""
+    """What one layer keeps at the end of a step: sorted row indices ``[batch, heads, kept]``, and new
+    values ``[batch, heads, stored]`` for the policy's per-token buffers (``ScoreView.updates``)."""
 
     keep: torch.Tensor
+    updates: dict[str, torch.Tensor]
 
 
 class CappedLayer(CacheLayerMixin):
@@ -309,7 +313,7 @@ class CappedLayer(CacheLayerMixin):
         scores = policy.score(view).to(torch.float32)
         if not policy.per_head:
             scores = scores.mean(dim=1, keepdim=True)
-        return _Selection(self._top(scores, new, view.seen))
+        return _Selection(self._top(scores, new, view.seen), view.updates)
 
     def _top(self, scores: torch.Tensor, new: int, seen: torch.Tensor) -> torch.Tensor:
         owner, policy = self.owner, self.owner.policy
@@ -326,6 +330,8 @@ class CappedLayer(CacheLayerMixin):
 
     def apply(self, selection: _Selection, stored: int) -> None:
         """Phase 2 of a commit: move the kept rows to the front, in place, every buffer alike."""
+        for name, value in selection.updates.items():
+            self.held(name, stored).copy_(value)
         keep = selection.keep
         kept = keep.shape[-1]
         # Rows before the first evicted one stay where they are: move only the rest.
@@ -432,7 +438,15 @@ class CappedCache(Cache):
 
     All layers hold the same number of tokens (``length``): every eviction keeps
     exactly ``budget`` per layer and head.
+
+    A policy that asks for a per-token buffer named :attr:`CHUNK` gets each
+    token's chunk number in it, counted by the cache: every step begun outside
+    decoding starts a chunk (a piece of a long chunk is a chunk of its own), and
+    an answer's tokens and its turn end join their question's chunk.
     """
+
+    #: name of the per-token buffer the cache fills with chunk numbers (for policies that score chunks)
+    CHUNK = "chunk"
 
     def __init__(
         self,
@@ -473,6 +487,9 @@ class CappedCache(Cache):
         self.next_position = 0
         self.tokens_seen = 0
         self.evictions = 0
+        #: chunks begun so far (the next chunk's number); counted only for a policy with a CHUNK buffer
+        self.chunks_begun = 0
+        self._chunks_undo = 0  # chunks_begun before the step in flight (restored if it fails)
         self._pending: Optional[_Step] = None
         super().__init__(layers=[CappedLayer(self) for _ in range(num_layers)])
 
@@ -511,7 +528,14 @@ class CappedCache(Cache):
         if self.capacity is not None and self.length + new > self.capacity:
             raise RuntimeError(f"a step of {new} tokens does not fit: {self.length} held, capacity {self.capacity}")
         seen = torch.arange(self.tokens_seen, self.tokens_seen + new, device=positions.device)
-        step_values = {"seen": seen, "positions": positions.to(torch.int32), **(values or {})}
+        step_values = {"seen": seen, "positions": positions.to(torch.int32)}
+        self._chunks_undo = self.chunks_begun
+        if self.CHUNK in self.token_buffers:
+            if not self.decoding:
+                self.chunks_begun += 1
+            step_values[self.CHUNK] = torch.full((new,), self.chunks_begun - 1, dtype=torch.long,
+                                                 device=positions.device)
+        step_values.update(values or {})
         unknown = set(step_values) - set(self.token_buffers)
         if unknown:
             raise ValueError(f"no per-token buffer named {sorted(unknown)}; known: {sorted(self.token_buffers)}")
@@ -520,6 +544,10 @@ class CappedCache(Cache):
 
     def begin_static_step(self, step: "_Step") -> None:
         """Announce a compiled decode step whose inputs were written into persistent tensors (``step``)."""
+        if self.CHUNK in step.values:
+            # A decoded token joins the chunk of the question it answers.
+            step.values[self.CHUNK].fill_(self.chunks_begun - 1)
+        self._chunks_undo = self.chunks_begun
         self._pending = step
         self.incoming = 1
         self.static_step = True
@@ -529,6 +557,7 @@ class CappedCache(Cache):
         self._pending = None
         self.incoming = 0
         self.static_step = False
+        self.chunks_begun = self._chunks_undo
         for layer in self.layers:
             layer.discard_step()
 
@@ -611,7 +640,7 @@ class CappedCache(Cache):
         for layer in self.layers:
             layer.reset()
         self._set_length(0)
-        self.next_position = self.tokens_seen = self.evictions = 0
+        self.next_position = self.tokens_seen = self.evictions = self.chunks_begun = self._chunks_undo = 0
         self.decoding = self.static_step = False
         self._pending = None
         self.incoming = 0

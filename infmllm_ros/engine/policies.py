@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import ClassVar, Optional, Union
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -27,8 +28,8 @@ class TokenBuffer:
     *trailing]``, fills a new token's entry with ``fill`` (or with the value
     the stream gives for the step), and gathers and compacts it together with
     the keys at every eviction, so a policy never touches the cache's
-    mechanics. ``score`` reads (and may update in place) the held rows as
-    ``view.buffers[name]``.
+    mechanics. ``score`` reads the held rows as ``view.buffers[name]`` and
+    may set new values in ``view.updates[name]`` (written at the commit).
     """
 
     dtype: torch.dtype
@@ -49,8 +50,11 @@ class ScoreView:
     budget: int
     window_attention: Optional[torch.Tensor] = None
     accumulated_attention: Optional[torch.Tensor] = None
-    #: the policy's own per-token buffers (``Policy.token_buffers``), held rows only (views: writable)
+    #: the policy's own per-token buffers (``Policy.token_buffers``), held rows only (views)
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: new values ``[batch, kv_heads, tokens]`` for some of ``buffers``, which ``score`` may set; the
+    #: cache writes them at the commit, before compacting (so a step that fails changes nothing)
+    updates: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -189,24 +193,37 @@ class InfMLLM(Policy):
     ``sinks`` initial tokens and ``recent`` older tokens are always kept; the
     rest of the budget goes to the best-scoring old tokens.
 
-    ``bias`` is the attention bias: scores are first normalised so that the
-    average candidate scores 1, then each token loses ``bias * age / budget``,
-    where ``age`` counts stream tokens since it arrived. With ``bias = 0`` the
-    rule is pure attention; larger values make the cache follow newer content
-    over many rounds of conversation. (This additive, budget-scaled form is our
-    reading of the paper's bias; its strength is a knob to tune per budget.)
+    Refinements, each off by default and measured in docs/benchmarks.md:
+
+    * ``pool``: a token's score is the mean over the ``pool`` neighbouring
+      keys around it (odd; the paper's local sum of attention, as SnapKV's
+      pooling), so that a whole fact survives rather than scattered tokens.
+    * ``decay``: scores carry over between chunks, ``s = a + decay * s_prev``,
+      so that a saddle several chunks attended to is not dropped the moment
+      one chunk looks elsewhere.
+    * ``granularity = "chunk"``: every token scores its chunk's mean (a
+      frame's line, a question with its answer), so observations are kept or
+      dropped whole.
+    * ``bias``: scores are normalised so that the average candidate scores 1,
+      then each token loses ``bias * age / budget`` (``age`` in stream tokens
+      since it arrived): the cache follows newer content. (This additive,
+      budget-scaled form is our reading of the paper's bias.)
     """
 
     name: ClassVar[str] = "infmllm"
     needs: ClassVar[str] = "window"
     evicts_every_step: ClassVar[bool] = False
-    knobs: ClassVar[tuple[str, ...]] = ("sinks", "recent", "retrieval_window", "bias", "per_head")
+    knobs: ClassVar[tuple[str, ...]] = ("sinks", "recent", "retrieval_window", "bias", "per_head", "pool", "decay",
+                                        "granularity")
     sinks: int = 4
     recent: int = 64
     retrieval_window: int = 64
     bias: float = 0.0
     per_head: bool = True
     keep_new_chunk: bool = True
+    pool: int = 1
+    decay: float = 0.0
+    granularity: str = "token"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -214,15 +231,59 @@ class InfMLLM(Policy):
             raise ValueError("InfMLLM.retrieval_window must be >= 1")
         if not self.bias >= 0.0:
             raise ValueError(f"InfMLLM.bias must be >= 0, got {self.bias}")
+        if self.pool < 1 or self.pool % 2 == 0:
+            raise ValueError(f"InfMLLM.pool must be an odd number >= 1, got {self.pool}")
+        if not 0.0 <= self.decay < 1.0:
+            raise ValueError(f"InfMLLM.decay must be in [0, 1), got {self.decay}")
+        if self.granularity not in ("token", "chunk"):
+            raise ValueError(f"InfMLLM.granularity must be 'token' or 'chunk', got {self.granularity!r}")
+
+    @property
+    def token_buffers(self) -> dict[str, TokenBuffer]:  # type: ignore[override]
+        # Per instance, not per class: only the refinements that are on cost memory.
+        buffers = {}
+        if self.decay > 0.0:
+            # the score carried from the last eviction; 0 for a token that arrived since
+            buffers["carried"] = TokenBuffer(torch.float32)
+        if self.granularity == "chunk":
+            # filled by the cache with the token's chunk number (see CappedCache.CHUNK)
+            buffers["chunk"] = TokenBuffer(torch.long, fill=-1)
+        return buffers
 
     def score(self, view: ScoreView) -> torch.Tensor:
         scores = view.window_attention
+        if self.pool > 1:
+            scores = F.avg_pool1d(scores, self.pool, stride=1, padding=self.pool // 2, count_include_pad=False)
+        if self.decay > 0.0:
+            scores = scores + self.decay * view.buffers["carried"]
+            view.updates["carried"] = scores
+        if self.granularity == "chunk":
+            scores = group_mean(scores, view.buffers["chunk"])
         if self.bias == 0.0:
             return scores
         mean = scores.mean(dim=-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
         newest = view.seen.amax(dim=-1, keepdim=True)
         age = (newest - view.seen).to(scores.dtype)
         return scores / mean - self.bias * age / float(view.budget)
+
+
+def group_mean(values: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Each token's value replaced by the mean over the tokens of its group.
+
+    Args:
+        values: ``[batch, heads, tokens]`` float scores.
+        group: ``[batch, heads, tokens]`` integer group ids (any values: only equality counts).
+
+    Returns:
+        ``[batch, heads, tokens]``, the group means (per batch row and head).
+    """
+    # Dense ids over the groups present, so the sums stay as small as the tokens held however
+    # large the ids have grown over a long stream.
+    _, ids = torch.unique(group, return_inverse=True)
+    size = int(ids.max().item()) + 1
+    sums = values.new_zeros(*values.shape[:-1], size).scatter_add_(-1, ids, values)
+    counts = values.new_zeros(*values.shape[:-1], size).scatter_add_(-1, ids, torch.ones_like(values))
+    return (sums / counts.clamp_min(1.0)).gather(-1, ids)
 
 
 #: name -> policy class; the node parameter, the bench CLI and the tests all use it.

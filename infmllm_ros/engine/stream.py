@@ -55,6 +55,9 @@ class StreamConfig:
     retrieval_window: int = 64
     bias: float = 0.0
     per_head: bool = True
+    pool: int = 1  # infmllm: odd window of neighbouring keys a score is averaged over (1: off)
+    decay: float = 0.0  # infmllm: share of a token's score carried to the next eviction (0: off)
+    granularity: str = "token"  # infmllm: "chunk" keeps or drops a chunk (a frame's line) whole
     h2o_recent_ratio: float = 0.5
     rerotate: bool = True
     repetition_penalty: float = 1.1
@@ -74,6 +77,12 @@ class StreamConfig:
             raise ValueError(f"retrieval_window must be >= 1, got {self.retrieval_window}")
         if not (self.bias >= 0 and math.isfinite(self.bias)):
             raise ValueError(f"bias must be a finite number >= 0, got {self.bias}")
+        if not (isinstance(self.pool, int) and self.pool >= 1 and self.pool % 2 == 1):
+            raise ValueError(f"pool must be an odd integer >= 1, got {self.pool!r}")
+        if not 0 <= self.decay < 1:
+            raise ValueError(f"decay must be in [0, 1), got {self.decay}")
+        if self.granularity not in ("token", "chunk"):
+            raise ValueError(f"granularity must be 'token' or 'chunk', got {self.granularity!r}")
         if not 0 <= self.h2o_recent_ratio < 1:
             raise ValueError(f"h2o_recent_ratio must be in [0, 1), got {self.h2o_recent_ratio}")
         if not self.repetition_penalty >= 1.0:
@@ -177,6 +186,9 @@ class Stream:
             retrieval_window=config.retrieval_window,
             bias=config.bias,
             per_head=config.per_head,
+            pool=config.pool,
+            decay=config.decay,
+            granularity=config.granularity,
             recent_ratio=config.h2o_recent_ratio,
         )
         self.budget, self.capacity = self._budgets()
@@ -265,14 +277,16 @@ class Stream:
                 self.cameras[chunk.camera] = self.cameras.get(chunk.camera, 0) + 1
         return self._append(chunk, logits=_logits_mode(return_logits), should_stop=should_stop)
 
-    def check_question(self, question: str, max_new_tokens: Optional[int] = None) -> Optional[str]:
+    def check_question(self, question: str, max_new_tokens: Optional[int] = None, *,
+                       answer_prefix: str = "") -> Optional[str]:
         """Why :meth:`ask` would refuse ``question`` (with an answer of ``max_new_tokens``), or None.
 
         A question is appended to the cache like any chunk, so a long one would
         evict what it asks about. It is refused when the question (with its
-        chat framing) and the answer would take more than half of the budget
-        (``full``: more than the room left in the cache); the reason says how
-        many tokens fit. Safe to call from another thread than the stream's.
+        chat framing and any ``answer_prefix``) and the answer would take more
+        than half of the budget (``full``: more than the room left in the
+        cache); the reason says how many tokens fit. Safe to call from another
+        thread than the stream's.
         """
         if not isinstance(question, str) or not question.strip():
             return "empty question"
@@ -286,7 +300,8 @@ class Stream:
                     self._check_tokenizer = copy.deepcopy(self.lm.tokenizer)
                 except Exception:  # noqa: BLE001 - a tokenizer that cannot be copied: share it
                     self._check_tokenizer = self.lm.tokenizer
-            tokens = len(self._check_tokenizer(self._question_text(question, ""), add_special_tokens=False,
+            text = self._question_text(question, "", answer_prefix)
+            tokens = len(self._check_tokenizer(text, add_special_tokens=False,
                                                return_attention_mask=False)["input_ids"])
         room = self.question_room(answer)
         if tokens > room:
@@ -316,8 +331,18 @@ class Stream:
         camera: str = "",
         should_stop: Optional[Callable[[], bool]] = None,
         on_text: Optional[Callable[[str], None]] = None,
+        answer_prefix: str = "",
+        return_first_logits: bool = False,
     ) -> Answer:
         """Ask a question about what the stream holds; the question and answer stay in the stream.
+
+        ``answer_prefix`` opens the assistant's answer with fixed text (a
+        "prefilled" response, e.g. ``"22:15:03 hall:"``) that the model then
+        continues; it is part of the answer in the stream (and counts towards
+        the question's length) but not of ``Answer.text``. With
+        ``return_first_logits`` the answer carries the next-token logits right
+        after the prompt (and prefix), ``[vocab]`` float32: what a benchmark
+        ranks candidate answers by, without another forward pass.
 
         Raises:
             ValueError: an empty or too long question (:meth:`check_question`
@@ -331,11 +356,11 @@ class Stream:
                              "(max_chunk_tokens minus the turn end)")
         started = time.perf_counter()
         self._ensure_user_turn()
-        reason = self.check_question(question, max_new_tokens)
+        reason = self.check_question(question, max_new_tokens, answer_prefix=answer_prefix)
         if reason:
             raise ValueError(reason)
         oldest, newest = self._held_frame_stamps(camera)
-        prompt = self._question_prompt(question, camera)
+        prompt = self._question_prompt(question, camera, answer_prefix)
         try:
             result = self._append(Chunk(input_ids=prompt, kind="question", camera=camera, text=question),
                                   logits="last", should_stop=should_stop)
@@ -346,6 +371,7 @@ class Stream:
             return Answer(text="", prompt_tokens=int(prompt.shape[1]), generated_tokens=0,
                           latency_s=time.perf_counter() - started, oldest_stamp=oldest, newest_stamp=newest,
                           cancelled=True)
+        first_logits = result.logits[-1].clone() if return_first_logits else None
         self.cache.decoding = True
         try:
             generation = self.generate(result.logits[-1], max_new_tokens, should_stop=should_stop,
@@ -362,11 +388,13 @@ class Stream:
             oldest_stamp=oldest,
             newest_stamp=newest,
             cancelled=generation.cancelled,
+            first_logits=first_logits,
         )
 
     def generate(self, logits: torch.Tensor, max_new_tokens: int, *,
                  should_stop: Optional[Callable[[], bool]] = None, on_text: Optional[Callable[[str], None]] = None,
-                 repetition_penalty: Optional[float] = None, stop_at_eos: bool = True) -> Generation:
+                 repetition_penalty: Optional[float] = None, stop_at_eos: bool = True,
+                 append_last: bool = True) -> Generation:
         """Greedy decoding from next-token ``logits`` (``[vocab]``); each token is appended to the stream.
 
         The loop keeps to what the method needs: one host sync per token (the
@@ -383,6 +411,9 @@ class Stream:
             on_text: called with each new piece of text.
             repetition_penalty: default ``config.repetition_penalty`` (1: off).
             stop_at_eos: stop at an end-of-turn / EOS token (not appended).
+            append_last: False leaves the ``max_new_tokens``-th token out of the
+                stream, for a caller that appends it with what follows in one
+                forward pass (a benchmark closing the answer with a line break).
         """
         penalty = self.config.repetition_penalty if repetition_penalty is None else float(repetition_penalty)
         detok = IncrementalDetokenizer(self.lm.tokenizer)
@@ -408,7 +439,8 @@ class Stream:
                 piece = detok.add(token)
                 if on_text is not None and piece:
                     on_text(piece)
-                logits = self._decode_one(token, want_logits=i + 1 < max_new_tokens)
+                if i + 1 < max_new_tokens or append_last:
+                    logits = self._decode_one(token, want_logits=i + 1 < max_new_tokens)
             piece = detok.flush()
             if on_text is not None and piece:
                 on_text(piece)
@@ -491,14 +523,8 @@ class Stream:
 
     def save(self, path: str | Path) -> None:
         """Write the stream's state (the held rows of every cache buffer, and the history) to ``path``."""
-        layers = []
-        for layer in self.cache.layers:
-            if not layer.is_initialized:
-                layers.append(None)
-                continue
-            # Copies of the held rows: a view would make torch.save write the whole buffer.
-            layers.append({name: layer.held(name).to("cpu", copy=True) for name in ("keys", "values",
-                                                                                     *layer.buffers)})
+        # Copies of the held rows: a view would make torch.save write the whole buffer.
+        layers = self._held_rows(torch.device("cpu"))
         torch.save({
             "format": _STATE_FORMAT,
             "model": self.lm.name,
@@ -506,8 +532,7 @@ class Stream:
             "dtype": str(self.lm.dtype).replace("torch.", ""),
             "config": self._comparable_config(asdict(self.config)),
             "layers": layers,
-            "cache": {"length": self.cache.length, "next_position": self.cache.next_position,
-                      "tokens_seen": self.cache.tokens_seen, "evictions": self.cache.evictions},
+            "cache": self._cache_counters(),
             "records": [asdict(r) for r in self._records],
             "frames_seen": self.frames_seen,
             "chunks_seen": self.chunks_seen,
@@ -539,8 +564,76 @@ class Stream:
         if self._comparable_config(state["config"]) != self._comparable_config(asdict(self.config)):
             raise ValueError(f"{path} was saved with other stream settings: {state['config']}")
         layers = self._checked_layers(path, state["layers"])
-        length = int(state["cache"].get("length", next((l["keys"].shape[-2] for l in layers if l), 0)))
+        counters = dict(state["cache"])
+        counters.setdefault("length", next((l["keys"].shape[-2] for l in layers if l), 0))
         self.reset()
+        self._write_rows(layers, counters)
+        self._records = [_Record(**r) for r in state["records"]]
+        self.frames_seen, self.chunks_seen = state["frames_seen"], state["chunks_seen"]
+        self.cameras = dict(state["cameras"])
+        self._started, self._in_user_turn = state["started"], state["in_user_turn"]
+
+    @torch.inference_mode()
+    def snapshot(self) -> dict:
+        """A copy of the stream's state, for :meth:`restore`: probe what the stream holds without changing it.
+
+        Copies the held rows of every cache buffer (keys, values, stream
+        indices, positions and the policy's per-token buffers such as Inf-MLLM's
+        carried scores and chunk numbers), the cache's counters (held length,
+        next position, tokens seen, evictions, chunks begun) and the history
+        (records, frame, chunk and camera counts, turn state). Costs one copy of
+        the held rows, on the cache's device (about ``stats().bytes_held``).
+        """
+        return {
+            "cache_id": id(self.cache),
+            "layers": self._held_rows(None),
+            "cache": self._cache_counters(),
+            "history": copy.deepcopy({name: getattr(self, name) for name in self._HISTORY}),
+        }
+
+    @torch.inference_mode()
+    def restore(self, snapshot: dict) -> None:
+        """Go back to the state :meth:`snapshot` took of this stream.
+
+        Rows are copied back into the cache's own buffers (their addresses, part
+        of a compiled decode step, stay), so the snapshot stays valid and can be
+        restored again.
+
+        Raises:
+            ValueError: ``snapshot`` was not taken from this stream.
+        """
+        if not isinstance(snapshot, dict) or snapshot.get("cache_id") != id(self.cache):
+            raise ValueError("not a snapshot of this stream")
+        self.cache.reset()
+        self._write_rows(snapshot["layers"], snapshot["cache"])
+        for name, value in copy.deepcopy(snapshot["history"]).items():
+            setattr(self, name, value)
+
+    # -- internals --------------------------------------------------------------------------------------------
+
+    #: the stream's bookkeeping beside the cache (what snapshot/restore copy)
+    _HISTORY = ("_records", "_next_prune", "frames_seen", "chunks_seen", "cameras", "_started", "_in_user_turn")
+
+    def _cache_counters(self) -> dict:
+        c = self.cache
+        return {"length": c.length, "next_position": c.next_position, "tokens_seen": c.tokens_seen,
+                "evictions": c.evictions, "chunks_begun": c.chunks_begun}
+
+    def _held_rows(self, device: Optional[torch.device]) -> list[Optional[dict[str, torch.Tensor]]]:
+        """Per layer (None: never written), copies of the held rows of keys, values and every per-token
+        buffer, ``[1, kv_heads, held, ...]``, on ``device`` (None: where they are)."""
+        rows = []
+        for layer in self.cache.layers:
+            if not layer.is_initialized:
+                rows.append(None)
+                continue
+            rows.append({name: layer.held(name).to(device or layer.keys.device, copy=True)
+                         for name in ("keys", "values", *layer.buffers)})
+        return rows
+
+    def _write_rows(self, layers: list, counters: dict) -> None:
+        """Write rows taken by :meth:`_held_rows` (or loaded) into a reset cache, and its counters."""
+        length = int(counters["length"])
         device = self.lm.device
         for layer, saved in zip(self.cache.layers, layers):
             if saved is None:
@@ -554,13 +647,9 @@ class Stream:
                 target.copy_(tensor.to(device=device, dtype=target.dtype))
         self.cache._set_length(length)
         for name in ("next_position", "tokens_seen", "evictions"):
-            setattr(self.cache, name, int(state["cache"][name]))
-        self._records = [_Record(**r) for r in state["records"]]
-        self.frames_seen, self.chunks_seen = state["frames_seen"], state["chunks_seen"]
-        self.cameras = dict(state["cameras"])
-        self._started, self._in_user_turn = state["started"], state["in_user_turn"]
-
-    # -- internals --------------------------------------------------------------------------------------------
+            setattr(self.cache, name, int(counters[name]))
+        # States saved before chunk numbers existed: only a policy without them can load those.
+        self.cache.chunks_begun = int(counters.get("chunks_begun", 0))
 
     @staticmethod
     def _comparable_config(config: dict) -> dict:
@@ -603,12 +692,12 @@ class Stream:
                           stacklevel=3)
         return [None if saved is None else {n: saved[n] for n in names} for saved in layers]
 
-    def _question_text(self, question: str, camera: str) -> str:
+    def _question_text(self, question: str, camera: str, answer_prefix: str = "") -> str:
         about = f" (about camera {camera})" if camera else ""
-        return f"Question{about}: {question.strip()}{self.format.user_to_assistant}"
+        return f"Question{about}: {question.strip()}{self.format.user_to_assistant}{answer_prefix}"
 
-    def _question_prompt(self, question: str, camera: str) -> torch.Tensor:
-        return self._encode(self._question_text(question, camera))
+    def _question_prompt(self, question: str, camera: str, answer_prefix: str = "") -> torch.Tensor:
+        return self._encode(self._question_text(question, camera, answer_prefix))
 
     def _close_assistant_turn(self) -> None:
         """Append the end of the assistant turn so the stream stays a well-formed conversation."""

@@ -93,6 +93,7 @@ class Answer:
     oldest_stamp: Optional[float] = None
     newest_stamp: Optional[float] = None
     cancelled: bool = False
+    first_logits: Optional[torch.Tensor] = None  # [vocab] after the prompt, only with ask(return_first_logits=True)
 
 
 @dataclass

@@ -180,6 +180,15 @@ STATIC_SPECS: Tuple[ParamSpec, ...] = (
        read_only=True, lo=0.0, hi=100.0),
     _s("cache.retrieval_window", 64, "infmllm policy: how many of a new chunk's last queries score "
        "the cached tokens.", read_only=True, lo=1, hi=65536),
+    _s("cache.pool", 1, "infmllm policy: a token's score is the mean over this many neighbouring "
+       "keys (odd; 1: off), so a fact is kept whole rather than as scattered tokens.",
+       read_only=True, lo=1, hi=255),
+    _s("cache.decay", 0.0, "infmllm policy: share of a token's score carried over to the next "
+       "eviction (0: off), so a saddle that several chunks attended to is not dropped the moment "
+       "one chunk looks elsewhere.", read_only=True, lo=0.0, hi=0.999),
+    _s("cache.granularity", "token", "infmllm policy: 'token' scores tokens one by one; 'chunk' "
+       "keeps or drops each chunk (a frame's line, a question with its answer) whole.",
+       read_only=True, choices=("token", "chunk")),
     _s("cache.h2o_recent_ratio", 0.5, "h2o policy: share of the budget kept for recent tokens.",
        read_only=True, lo=0.0, hi=0.99),
     _s("cache.repetition_penalty", 1.1, "Greedy decoding: divide the logits of tokens already "
@@ -324,6 +333,9 @@ class CacheSettings:
     recent: int = 64
     bias: float = 0.0
     retrieval_window: int = 64
+    pool: int = 1
+    decay: float = 0.0
+    granularity: str = "token"
     h2o_recent_ratio: float = 0.5
     repetition_penalty: float = 1.1
     system_prompt: str = ""

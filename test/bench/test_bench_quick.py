@@ -23,6 +23,7 @@ FIGURES = {
     "recall": ("accuracy", "per_distance", "free_form_rate", "single_accuracy", "multi_accuracy"),
     "speed": ("prefill_tok_s", "decode_tok_s", "query_s"),
     "memory": ("peak_mb", "latency_ms", "memory_mb"),
+    "sceneqa": ("accuracy", "ci_low", "ci_high", "free_form_rate", "prior_accuracy", "by_bucket", "asked"),
 }
 
 
@@ -51,7 +52,7 @@ def _run(command, tmp_path, capsys, lm, *extra):
     return lines, payload["config"]
 
 
-@pytest.mark.parametrize("command", ["ppl", "recall", "speed", "memory"])
+@pytest.mark.parametrize("command", ["ppl", "recall", "speed", "memory", "sceneqa"])
 def test_quick_mode_gives_one_well_formed_line_per_policy(command, smollm2, shared_data, tmp_path, capsys):
     lines, config = _run(command, tmp_path, capsys, smollm2)
     cfg = load_config(command, {}, quick=True)
@@ -77,6 +78,13 @@ def test_quick_mode_gives_one_well_formed_line_per_policy(command, smollm2, shar
         assert all(x["prefill_tok_s"] > 0 and x["decode_tok_s"] > 0 for x in lines)
         assert "vs_h2o" in next(x for x in lines if x["policy"] == "infmllm")
         assert all(set(x["vs_transformers"]) == {"prefill", "decode"} for x in lines if x["policy"] != "transformers")
+    if command == "sceneqa":
+        for x in lines:
+            assert 0 <= x["ci_low"] <= x["accuracy"] <= x["ci_high"] <= 1 and x["asked"] + x["not_held"] >= 6
+            assert sum(b["asked"] for b in x["by_bucket"].values()) == x["asked"]
+            assert x["scene_descriptions"] >= 1  # the node's periodic description stays in the stream
+        capped = next(x for x in lines if x["policy"] == "infmllm")
+        assert capped["tokens_held_end"] <= capped["budget"] + config["chunk"]
     if command == "memory":
         capped = next(x for x in lines if x["policy"] == "infmllm")
         assert max(capped["tokens_held"]) <= capped["budget"] + config["chunk"]
@@ -114,6 +122,14 @@ def test_cli_overrides_and_bad_values():
     assert recall.distances == [300, 900] and recall.lags == [2, 5]
     with pytest.raises(ValueError, match="distances and lags"):
         cli.parse(["recall", "--distance", "0"])
+    knobs = cli.parse(["ppl", "--quick", "--policy", "infmllm[pool=5,granularity=chunk]", "--bias", "0",
+                       "--bias", "1"])
+    assert [(v.label, v.knobs, v.bias) for v in variants(knobs, 64)] == [
+        ("infmllm[pool=5,granularity=chunk]", {"pool": 5, "granularity": "chunk"}, 0.0),
+        ("infmllm[pool=5,granularity=chunk]-b1", {"pool": 5, "granularity": "chunk"}, 1.0)]
+    assert variants(knobs, 64)[0].stream_config(knobs).pool == 5
+    with pytest.raises(ValueError, match="unknown stream settings"):
+        cli.parse(["ppl", "--policy", "infmllm[poll=5]"])
     with pytest.raises(ValueError, match="unknown policy"):
         cli.parse(["ppl", "--policy", "lru"])
     with pytest.raises(ValueError, match="unknown bench settings"):

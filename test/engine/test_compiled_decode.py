@@ -27,17 +27,20 @@ def tiny_llama(smollm2):
     return LoadedModel(model=model, tokenizer=smollm2.tokenizer, name="tiny-llama")
 
 
-def _stream(lm, compile_mode):
+def _stream(lm, compile_mode, **extra):
     return raw_stream(lm, StreamConfig(policy="infmllm", budget_tokens=64, max_chunk_tokens=16, recent=8,
-                                       retrieval_window=8, compile=compile_mode))
+                                       retrieval_window=8, compile=compile_mode, **extra))
 
 
-def test_compiled_decode_steps_match_eager_ones_and_compile_once(tiny_llama):
+# The second case keeps per-token state beside the keys (carried scores, chunk numbers), which the
+# compiled step writes through its persistent inputs: it must hold what the eager step holds.
+@pytest.mark.parametrize("extra", [{}, {"decay": 0.5, "granularity": "chunk"}], ids=["plain", "decay-chunk"])
+def test_compiled_decode_steps_match_eager_ones_and_compile_once(tiny_llama, extra):
     from torch._dynamo.utils import counters
 
     torch.manual_seed(1)
     ids = torch.randint(100, 40000, (1, 200))
-    eager, compiled = _stream(tiny_llama, "off"), _stream(tiny_llama, "on")
+    eager, compiled = _stream(tiny_llama, "off", **extra), _stream(tiny_llama, "on", **extra)
     try:
         assert compiled.compiled and not eager.compiled
         for s in (eager, compiled):
@@ -64,6 +67,9 @@ def test_compiled_decode_steps_match_eager_ones_and_compile_once(tiny_llama):
             for a, b in zip(compiled.cache.layers, eager.cache.layers):
                 assert torch.equal(a.seen, b.seen)
                 torch.testing.assert_close(a.held("keys"), b.held("keys"), rtol=1e-4, atol=1e-4)
+                assert set(a.buffers) == set(b.buffers)
+                for name in a.buffers:
+                    torch.testing.assert_close(a.held(name), b.held(name), rtol=1e-4, atol=1e-4)
         assert step.calls >= 30  # most steps ran compiled
         assert counters["stats"]["unique_graphs"] == graphs  # and nothing was compiled again
         answer = compiled.ask("What was seen?", max_new_tokens=8)

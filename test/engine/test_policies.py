@@ -15,8 +15,9 @@ from infmllm_ros.engine.rope import RopeSpec
 DIM = 8
 
 
-def _cache(policy, budget, max_chunk=4):
-    rope = RopeSpec(inv_freq=torch.ones(DIM // 2), components=1)
+def _cache(policy, budget, max_chunk=4, rotate=True):
+    """``rotate=False``: a RoPE of frequency 0, so re-rotation leaves keys as built (tests of scores over steps)."""
+    rope = RopeSpec(inv_freq=torch.ones(DIM // 2) if rotate else torch.zeros(DIM // 2), components=1)
     return CappedCache(1, policy, budget, max_chunk, rope)
 
 
@@ -164,6 +165,74 @@ def test_an_aborted_step_leaves_the_cache_as_it_was():
     assert cache.tokens_seen == before[0] + 3 and _kept(cache)[-3:] == [6, 7, 8]
 
 
+def _unit(i):
+    v = torch.zeros(DIM)
+    v[i] = 1.0
+    return v
+
+
+def _keys(n, spikes):
+    keys = _background(n)
+    for index, key in spikes.items():
+        keys[0, index] = key
+    return keys
+
+
+def test_infmllm_pooling_keeps_a_fact_with_its_neighbours():
+    u = _unit(0)
+    old = _keys(10, {2: 4.0 * u, 5: 8.0 * u})  # a weaker saddle at 2, a strong one at 5
+
+    def kept(pool):
+        cache = _cache(InfMLLM(sinks=1, recent=2, retrieval_window=2, per_head=False, pool=pool), 8, 2)
+        _append(cache, old, torch.zeros(1, 10, DIM), decoding=True)
+        _append(cache, _background(2), u.expand(1, 2, DIM).clone())
+        return _kept(cache)
+
+    assert {2, 5} <= set(kept(1))  # token by token: both saddles, scattered
+    assert kept(3) == [0, 4, 5, 6, 8, 9, 10, 11]  # pooled: the strong saddle and its neighbours together
+
+
+def test_infmllm_decay_carries_a_saddle_over_a_chunk_that_looks_elsewhere():
+    u, w = _unit(0), _unit(1)
+
+    def kept(decay):
+        cache = _cache(InfMLLM(sinks=1, recent=0, retrieval_window=2, per_head=False, decay=decay), 4, 2, False)
+        _append(cache, _background(2), _background(2))
+        _append(cache, _keys(2, {0: 8.0 * u}), _background(2))  # token 2: a fact
+        _append(cache, _keys(2, {0: 1.0 * w}), u.expand(1, 2, DIM).clone())  # a chunk attends to the fact
+        first = _kept(cache)
+        _append(cache, _background(2), w.expand(1, 2, DIM).clone())  # the next one mildly to token 4
+        return first, _kept(cache)
+
+    assert kept(0.0) == ([0, 2, 4, 5], [0, 4, 6, 7])  # without memory the fact goes at once
+    assert kept(0.5) == ([0, 2, 4, 5], [0, 2, 6, 7])  # carried over, it outweighs a mild new score
+
+
+def test_infmllm_chunk_granularity_keeps_or_drops_a_chunk_whole():
+    u = _unit(0)
+
+    def kept(granularity):
+        cache = _cache(InfMLLM(sinks=1, recent=0, retrieval_window=3, per_head=False, granularity=granularity), 7,
+                       3, False)
+        _append(cache, _background(1), _background(1))
+        _append(cache, _keys(3, {1: 8.0 * u}), _background(3))  # chunk 1-3: one strong token
+        _append(cache, _keys(3, {0: 3.0 * u, 2: 3.0 * u}), _background(3))  # chunk 4-6: two mild ones
+        _append(cache, _background(3), u.expand(1, 3, DIM).clone())
+        return _kept(cache)
+
+    assert kept("token") == [0, 2, 4, 6, 7, 8, 9]
+    assert kept("chunk") == [0, 1, 2, 3, 7, 8, 9]
+
+
+def test_infmllm_refinements_refuse_bad_values():
+    with pytest.raises(ValueError, match="odd"):
+        InfMLLM(pool=4)
+    with pytest.raises(ValueError, match="decay"):
+        InfMLLM(decay=1.0)
+    with pytest.raises(ValueError, match="granularity"):
+        InfMLLM(granularity="line")
+
+
 def test_a_policy_asks_for_its_own_per_token_buffer_and_the_cache_keeps_it_in_step():
     @dataclass
     class ByTag(Policy):
@@ -195,3 +264,43 @@ def test_a_policy_asks_for_its_own_per_token_buffer_and_the_cache_keeps_it_in_st
     assert 10 not in _kept(cache)  # fill -1 scores below every tag
     with pytest.raises(ValueError, match="no per-token buffer named"):
         cache.begin_step(torch.tensor([[11]]), values={"colour": torch.zeros(1)})
+
+
+def test_infmllm_carried_scores_and_chunk_numbers_stay_row_for_row_with_the_keys_through_compaction():
+    """decay and granularity "chunk" keep their per-token state in the cache's named buffers: every in-place
+    compaction must move a token's carried score and chunk number with its key, per head."""
+    policy = InfMLLM(sinks=1, recent=1, retrieval_window=3, per_head=True, decay=0.5, granularity="chunk")
+    cache = _cache(policy, budget=6, max_chunk=3, rotate=False)
+    layer = cache.layers[0]
+    assert set(cache.token_buffers) == {"seen", "positions", "carried", "chunk"}
+    torch.manual_seed(1)
+    chunk_of, sizes = {}, [1, 3, 2, 3, 3, 1, 3, 2, 3]
+    evicted = 0
+    for number, n in enumerate(sizes):
+        first = cache.tokens_seen
+        chunk_of.update({first + i: number for i in range(n)})
+        # Two heads that look at different keys, so they keep different rows (a gather, not a block copy).
+        keys, query = torch.randn(2, n, DIM), torch.randn(2, n, DIM) * 3.0
+        cache.make_room(n)
+        cache.begin_step(torch.arange(cache.next_position, cache.next_position + n).unsqueeze(-1))
+        layer.update(keys.unsqueeze(0), keys.unsqueeze(0).clone())
+        layer.after_attention(query.unsqueeze(0), scaling=1.0, attn_weights=None)
+        stored = cache.length + n
+        before_seen = layer.held("seen", stored)[0].clone()
+        expected = None
+        if "window" in layer._stats:  # this step evicts: carried = window attention + decay * carried so far
+            expected = layer._stats["window"][0] + 0.5 * layer.held("carried", stored)[0]
+        evicted += cache.end_step(n)
+        seen, carried = layer.held("seen")[0], layer.held("carried")[0]
+        chunk = layer.held("chunk")[0]
+        assert chunk.tolist() == [[chunk_of[int(s)] for s in head] for head in seen]
+        for head in range(2):
+            for row, s in enumerate(seen[head].tolist()):
+                old = before_seen[head].tolist().index(s)
+                want = 0.0 if expected is None and s >= first else None
+                if expected is not None:
+                    want = float(expected[head, old])
+                if want is not None:
+                    assert float(carried[head, row]) == pytest.approx(want, abs=1e-6)
+    assert evicted > 0 and cache.chunks_begun == len(sizes)
+    assert layer.held("seen")[0, 0].tolist() != layer.held("seen")[0, 1].tolist()  # the heads kept different rows

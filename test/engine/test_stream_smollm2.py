@@ -321,3 +321,56 @@ def test_closing_one_stream_keeps_the_cap_of_another_on_the_same_model(smollm2, 
     assert getattr(attention, "_infmllm_users", 0) == users_before
     if users_before == 0:  # no other stream alive: the model is back on its own attention
         assert smollm2.model.config._attn_implementation == "sdpa"
+
+
+def _held(stream):
+    """Copies of every layer's held rows (keys, values and every per-token buffer) and the cache's counters."""
+    cache = stream.cache
+    rows = [{name: layer.held(name).clone() for name in ("keys", "values", *layer.buffers)} for layer in cache.layers]
+    return rows, (cache.length, cache.next_position, cache.tokens_seen, cache.evictions, cache.chunks_begun)
+
+
+@pytest.mark.parametrize("extra", [dict(policy="infmllm", decay=0.5, granularity="chunk"), dict(policy="h2o")],
+                         ids=["infmllm-decay-chunk", "h2o"])
+def test_a_probe_between_snapshot_and_restore_leaves_no_trace(smollm2, emma_ids, extra):
+    """What a benchmark's probe question relies on: after restore the stream predicts as if never asked, and
+    its static cache holds exactly what it held (keys, per-token buffers, positions, counters)."""
+    settings = dict(budget_tokens=96, max_chunk_tokens=32, recent=8, retrieval_window=8, **extra)
+    probed, plain = Stream(smollm2, StreamConfig(**settings)), Stream(smollm2, StreamConfig(**settings))
+    try:
+        for stream in (probed, plain):
+            for k in range(8):
+                stream.append_text(f"12:00:0{k} front: {k + 1} people, left\n", kind="frame", camera="front",
+                                   stamp=float(k))
+        assert probed.stats().evictions > 0  # the cache is full: the probe below evicts and compacts
+        before, counters = _held(probed)
+        buffers = {"infmllm": {"carried", "chunk"}, "h2o": {"accumulated"}}[extra["policy"]]
+        assert buffers <= set(before[0])
+        saved = probed.snapshot()
+        for attempt in range(2):  # a snapshot can be restored more than once
+            evictions = probed.stats().evictions
+            answer = probed.ask("How many people did camera front see at 12:00:02?", max_new_tokens=4,
+                                answer_prefix="12:00:02 front: ", return_first_logits=True)
+            assert answer.first_logits.shape == (smollm2.text_config.vocab_size,)
+            first = smollm2.tokenizer.decode([int(answer.first_logits.argmax())])
+            assert answer.text.startswith(first.strip())  # the answer continues the prefix from those logits
+            assert probed.stats().tokens_seen > plain.stats().tokens_seen
+            assert probed.stats().evictions > evictions
+            probed.restore(saved)
+            assert probed.stats() == plain.stats()
+            after, after_counters = _held(probed)
+            assert after_counters == counters
+            for layer_before, layer_after in zip(before, after):
+                assert set(layer_before) == set(layer_after)
+                for name in layer_before:
+                    assert torch.equal(layer_before[name], layer_after[name]), name
+        with pytest.raises(ValueError, match="snapshot of this stream"):
+            plain.restore(saved)
+        tail = Chunk(input_ids=emma_ids[:, :40], kind="text")
+        a = probed.append_chunk(tail, return_logits=True).logits
+        b = plain.append_chunk(tail, return_logits=True).logits
+        torch.testing.assert_close(a, b)
+        assert _held(probed)[1] == _held(plain)[1]
+    finally:
+        probed.close()
+        plain.close()

@@ -106,6 +106,8 @@ def test_cache_settings_map_onto_the_engine_config():
     cfg = NodeSettings.from_values({"cache.policy": "h2o", "cache.budget_tokens": 300}).stream_config()
     assert isinstance(cfg, engine.StreamConfig)
     assert (cfg.policy, cfg.budget_tokens) == ("h2o", 300)
+    cfg = NodeSettings.from_values({"cache.pool": 5, "cache.decay": 0.9, "cache.granularity": "chunk"}).stream_config()
+    assert (cfg.pool, cfg.decay, cfg.granularity) == (5, 0.9, "chunk")
 
 
 @pytest.mark.parametrize("values, words", [
@@ -122,6 +124,9 @@ def test_cache_settings_map_onto_the_engine_config():
     ({"cache.budget_tokens": 0, "cache.policy": "window"}, "needs a budget"),
     ({"query.max_new_tokens": 256}, "must be below cache.max_chunk_tokens"),
     ({"scene.prompt": "  "}, "scene.prompt is empty"),
+    ({"cache.pool": 4}, "pool must be an odd integer"),
+    ({"cache.granularity": "frame"}, "cache.granularity must be one of"),
+    ({"cache.decay": 1.0}, "cache.decay must be <="),
     ({"encoder.detector.model": "/no/such/model.onnx", "encoder.detector.names": "/no/such.names"},
      "'/no/such/model.onnx' does not exist"),
     ({"encoder.detector.model": "/no/such/model.onnx"}, "encoder.detector.names"),
