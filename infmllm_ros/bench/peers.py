@@ -133,15 +133,18 @@ class TransformersReference:
     def __init__(self, lm):
         from transformers import DynamicCache
 
+        from infmllm_ros.engine.models import cache_argument
+
         self.lm = lm
         self.cache = DynamicCache(config=lm.model.config)
+        self._cache_kwarg = cache_argument(lm.model)
 
     def _forward(self, ids):
         import torch
 
         with torch.inference_mode():
-            return self.lm.model(input_ids=ids.to(self.lm.device), past_key_values=self.cache, use_cache=True,
-                                 logits_to_keep=1).logits[0, -1]
+            return self.lm.model(input_ids=ids.to(self.lm.device), **{self._cache_kwarg: self.cache},
+                                 use_cache=True, logits_to_keep=1).logits[0, -1]
 
     def _cut(self, keep: int) -> None:
         extra = self.cache.get_seq_length() - keep

@@ -228,6 +228,14 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, processor=processor, name=str(name), quantize=quantize)
 
 
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name ``model.forward`` takes its KV cache by: ``"cache"`` (transformers 5.2x renamed
+    it) or ``"past_key_values"`` (before, and deprecated after)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def decoder_attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The language decoder's self-attention modules, in layer order."""
     found = []

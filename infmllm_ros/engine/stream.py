@@ -12,7 +12,6 @@ Not thread-safe: one thread (the node's worker) owns a stream.
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import threading
 import time
@@ -26,7 +25,7 @@ import torch
 from . import attention
 from .cache import CappedCache, answer_room
 from .decode import COMPILE_CHOICES, CompiledDecodeStep, Generation, IncrementalDetokenizer, compile_wanted
-from .models import LoadedModel, decoder_attention_modules
+from .models import LoadedModel, cache_argument, decoder_attention_modules
 from .policies import POLICIES, make_policy
 from .rope import RopeSpec
 from .types import AppendResult, Answer, Cancelled, Chunk, StreamStats
@@ -210,9 +209,7 @@ class Stream:
                                  rerotate=config.rerotate, capacity=self.capacity if self.policy.evicts else None,
                                  max_rows=self.capacity or 0)
         self.format = ChatFormat.from_tokenizer(lm.tokenizer, lm.processor)
-        forward_params = inspect.signature(lm.model.forward).parameters
-        # transformers renamed `past_key_values` to `cache` (5.2x); use whichever this version takes.
-        self._cache_kwarg = "cache" if "cache" in forward_params else "past_key_values"
+        self._cache_kwarg = cache_argument(lm.model)
         # The node checks questions from its service threads while the worker (and its frame
         # encoder) tokenizes: a fast tokenizer must not be entered from two threads at once, so
         # checks use a copy of their own, one at a time.
