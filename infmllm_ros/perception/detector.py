@@ -128,6 +128,9 @@ class DetectorConfig:
             value = getattr(self, name)
             if not 0.0 < value <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {value}")
+        for path, what in ((self.model, "model"), (self.config, "config"), (self.names, "names")):
+            if path:  # a missing or empty file first: it is the mistake to fix before any other
+                _check_readable(path, what)
         if self.model and not self.names:
             raise ValueError("a detector model needs its class names file (names): one class per line")
         if self.config and not self.model:

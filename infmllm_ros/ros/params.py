@@ -557,7 +557,15 @@ def _detector_reason(d: DetectorSettings) -> Optional[str]:
     except Exception:  # noqa: BLE001 - perception missing (OpenCV not installed): the encoder will say
         return None
     try:
-        d.detector_config().check_files()
+        config = d.detector_config()
+        config.check_files()
+        if not config.bundled:
+            # A user's detector is read and run once on a grey frame now (a fraction of a
+            # second for YOLO-sized networks), so a file OpenCV cannot parse, or an output that
+            # does not fit the names, stops the start before the model's 30-50 s load.
+            from infmllm_ros.perception.detector import ObjectDetector
+
+            ObjectDetector(config)
     except DetectorLoadError as exc:
         return f"encoder.detector.*: {exc}"
     except ValueError as exc:

@@ -178,6 +178,9 @@ def test_missing_or_corrupt_files_give_one_error_naming_the_file(user_files, tmp
 
 
 def test_inconsistent_settings_are_refused_before_loading(tmp_path):
+    with pytest.raises(DetectorLoadError, match="x.onnx' does not exist"):
+        DetectorConfig(model=str(tmp_path / "x.onnx"))  # the missing file before the missing names
+    (tmp_path / "x.onnx").write_bytes(b"\x00" * 64)
     with pytest.raises(ValueError, match="names"):
         DetectorConfig(model=str(tmp_path / "x.onnx"))
     with pytest.raises(ValueError, match="multiple of 32"):

@@ -129,7 +129,8 @@ def test_cache_settings_map_onto_the_engine_config():
     ({"cache.decay": 1.0}, "cache.decay must be <="),
     ({"encoder.detector.model": "/no/such/model.onnx", "encoder.detector.names": "/no/such.names"},
      "'/no/such/model.onnx' does not exist"),
-    ({"encoder.detector.model": "/no/such/model.onnx"}, "encoder.detector.names"),
+    # a model file that is there, without its names file
+    ({"encoder.detector.model": __file__}, "encoder.detector.names"),
     ({"encoder.detector.input_size": 300}, "multiple of 32"),
     ({"encoder.detector.score_threshold": 0.0}, "encoder.detector.score_threshold must be >="),
     ({"encoder.tracker.lost_s": 0.0}, "encoder.tracker.lost_s must be >="),
@@ -383,6 +384,9 @@ def _start(*args: str):
     ("budget-below-sinks-and-recent", "cache.budget_tokens: budget of 60 tokens leaves no room"),
     ("budget-below-a-chunk", "cannot keep 4 sinks + 64 recent tokens + a whole chunk of 256"),
     ("state-file-folder-missing", "memory.state_file: folder {tmp}/gone does not exist"),
+    # the empty file is named first, before the names file it also lacks
+    ("empty-detector-weights", "detector model file '{tmp}/empty.weights' is empty"),
+    ("garbage-onnx-detector", "{tmp}/garbage.onnx"),
 ])
 def test_start_up_errors_are_one_line_with_exit_2_before_the_model_load(interfaces, tmp_path, case, words):
     bad = tmp_path / "bad.yaml"
@@ -398,7 +402,13 @@ def test_start_up_errors_are_one_line_with_exit_2_before_the_model_load(interfac
         "budget-below-sinks-and-recent": ["-p", "cache.budget_tokens:=60"],
         "budget-below-a-chunk": ["-p", "cache.budget_tokens:=200"],
         "state-file-folder-missing": ["-p", f"memory.state_file:={tmp_path}/gone/memory.pt"],
+        "empty-detector-weights": ["-p", f"encoder.detector.model:={tmp_path}/empty.weights"],
+        "garbage-onnx-detector": ["-p", f"encoder.detector.model:={tmp_path}/garbage.onnx",
+                                  "-p", f"encoder.detector.names:={tmp_path}/coco.names"],
     }[case]
+    (tmp_path / "empty.weights").write_bytes(b"")
+    (tmp_path / "garbage.onnx").write_bytes(bytes(range(256)) * 64)
+    (tmp_path / "coco.names").write_text("person\ncar\n")
     proc = _start(*args)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2, proc.stderr[-3000:]
