@@ -452,6 +452,10 @@ class InfMllmNode(Node):
                   max_new_tokens=min(n, self.max_answer_tokens),
                   timeout_s=self.settings.query.timeout_s)
         job.on_text = on_text
+        # Said in the reply's message, so that a caller who asked for more knows why it stopped.
+        job.note = (f"max_new_tokens {n} is more than an answer may take here; limited to "
+                    f"{self.max_answer_tokens} (the cache keeps room for that many)"
+                    if n > self.max_answer_tokens else "")
         reason = self.jobs.submit(job)
         return (None, reason) if reason else (job, None)
 
@@ -473,7 +477,7 @@ class InfMllmNode(Node):
         resp.prompt_tokens = int(a.prompt_tokens)
         resp.generated_tokens = int(a.generated_tokens)
         resp.success = not a.cancelled
-        resp.message = ""
+        resp.message = getattr(job, "note", "")
         if a.cancelled:
             if self._closed:
                 resp.message = "stopped: the node is shutting down (partial answer)"

@@ -104,6 +104,7 @@ class StreamWorker:
         self._last_scene = time.monotonic()
         self._frames_since_scene = 0
         self._bad_logged: Dict[str, float] = {}
+        self._bad_unlogged: Dict[str, int] = {}  # bad frames since the last warning, per camera
         #: Most encoded frames waiting for the model thread (see the module docstring).
         self.max_ready = 4
         self._ready: Deque[Tuple[str, Any, FrameRef, int]] = collections.deque()
@@ -288,7 +289,12 @@ class StreamWorker:
         now = time.monotonic()
         if now - self._bad_logged.get(cam, -1e9) > 5.0:  # at most one warning per 5 s
             self._bad_logged[cam] = now
-            self.log.warning(f"camera '{cam}': skipping a frame that cannot be used: {reason}")
+            quiet = self._bad_unlogged.pop(cam, 0)
+            more = (f" ({quiet} more skipped without a warning in the 5 s before; all are counted "
+                    "in /diagnostics, 'bad')") if quiet else ""
+            self.log.warning(f"camera '{cam}': skipping a frame that cannot be used: {reason}{more}")
+        else:
+            self._bad_unlogged[cam] = self._bad_unlogged.get(cam, 0) + 1
 
     # -- jobs ---------------------------------------------------------------------
 

@@ -318,6 +318,15 @@ def test_reset_forgets_the_stream(harness, frames):
     assert after.newest_frame_stamp.sec == 0
     r = h.ask("What happened?")
     assert not r.success and "no camera frames" in r.message
+    # more answer tokens than the cache keeps room for: accepted, and the reply will say so
+    # (queued while the memory is empty: the worker refuses them, no answer is generated)
+    job, reason = h.node._submit_question("What happened?", "", 10**6)
+    assert reason is None and job.args["max_new_tokens"] == h.node.max_answer_tokens
+    assert f"limited to {h.node.max_answer_tokens}" in job.note
+    job.cancel()
+    job, _ = h.node._submit_question("What happened?", "", 8)
+    assert job.note == ""
+    job.cancel()
     feed(h, "/t/cam", frames[3:4], start=3)
     wait_for(fed(h, 1), 60, "a frame encoded after the reset")
     obs = h.node.encoder.last_observation
