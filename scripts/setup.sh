@@ -99,7 +99,8 @@ else
   # Later installs must keep this torch (and, with a sourced ROS 2, the
   # distribution's numpy: its message bindings are compiled against it).
   constraints="$VENV/infmllm-constraints.txt"
-  "$VPY" -c 'import torch; print("torch==" + torch.__version__)' > "$constraints"
+  # (only the version: importing torch before numpy is installed warns "Failed to initialize NumPy")
+  "$VPY" -c 'import importlib.metadata as m; print("torch==" + m.version("torch"))' > "$constraints"
   if [ "$MODE" = system ]; then
     sys_numpy="$("$VPY" -c 'import numpy; print(numpy.__version__)' 2>/dev/null || true)"
     if [ -n "$sys_numpy" ]; then
