@@ -18,7 +18,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, Literal, Optional, Union
+from typing import Callable, Literal, Optional, Sequence, Union
 
 import torch
 
@@ -372,7 +372,7 @@ class Stream:
         self.cache.decoding = True
         try:
             generation = self.generate(result.logits[-1], max_new_tokens, should_stop=should_stop,
-                                       on_text=on_text)
+                                       on_text=on_text, stop_texts=("\nQuestion",))
             # Still decoding: Inf-MLLM keeps the whole answer until the next chunk scores it.
             self._close_assistant_turn()
         finally:
@@ -391,7 +391,7 @@ class Stream:
     def generate(self, logits: torch.Tensor, max_new_tokens: int, *,
                  should_stop: Optional[Callable[[], bool]] = None, on_text: Optional[Callable[[str], None]] = None,
                  repetition_penalty: Optional[float] = None, stop_at_eos: bool = True,
-                 append_last: bool = True) -> Generation:
+                 append_last: bool = True, stop_texts: Sequence[str] = ()) -> Generation:
         """Greedy decoding from next-token ``logits`` (``[vocab]``); each token is appended to the stream.
 
         The loop keeps to what the method needs: one host sync per token (the
@@ -411,12 +411,19 @@ class Stream:
             append_last: False leaves the ``max_new_tokens``-th token out of the
                 stream, for a caller that appends it with what follows in one
                 forward pass (a benchmark closing the answer with a line break).
+            stop_texts: the answer ends where the text first contains one of these
+                (left out of ``text``; the token that completed it is not appended,
+                the ones before it are), e.g. the framing of a new question that a
+                small model goes on to write itself.
         """
         penalty = self.config.repetition_penalty if repetition_penalty is None else float(repetition_penalty)
         detok = IncrementalDetokenizer(self.lm.tokenizer)
         used = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device) if penalty > 1.0 else None
         tokens: list[int] = []
         cancelled = False
+        cut: Optional[int] = None
+        shown = 0  # characters of the text passed to on_text
+        text = ""
         decoding, self.cache.decoding = self.cache.decoding, True
         try:
             for i in range(max_new_tokens):
@@ -434,18 +441,27 @@ class Stream:
                 if used is not None:
                     used[token] = True
                 piece = detok.add(token)
+                cut = _first_stop(detok.text, stop_texts, len(detok.text) - len(piece)) if piece else None
+                if cut is not None:
+                    text = detok.text[:cut]
+                    if on_text is not None and len(text) > shown:
+                        on_text(text[shown:])
+                    break
                 if on_text is not None and piece:
                     on_text(piece)
+                shown += len(piece)
                 if i + 1 < max_new_tokens or append_last:
                     logits = self._decode_one(token, want_logits=i + 1 < max_new_tokens)
-            piece = detok.flush()
-            if on_text is not None and piece:
-                on_text(piece)
+            if cut is None:
+                piece = detok.flush()
+                if on_text is not None and piece:
+                    on_text(piece)
+                text = detok.text
         finally:
             self.cache.decoding = decoding
         if tokens:
             self.chunks_seen += 1
-        return Generation(tokens=tokens, text=detok.text, cancelled=cancelled)
+        return Generation(tokens=tokens, text=text, cancelled=cancelled)
 
     @torch.inference_mode()  # the cache's buffers are inference tensors: change them in that mode
     def warmup(self) -> Optional[float]:
@@ -926,6 +942,13 @@ class Stream:
             return None, None
         return stamped[int(kept.min())].stamp, stamped[int(kept.max())].stamp
 
+
+
+def _first_stop(text: str, stops: Sequence[str], new_from: int) -> Optional[int]:
+    """Where the first of ``stops`` begins in ``text``, looking only at matches that end in
+    the part from ``new_from`` on (the newest piece), or None."""
+    found = [i for i in (text.find(st, max(0, new_from - len(st) + 1)) for st in stops) if i >= 0]
+    return min(found) if found else None
 
 def _logits_mode(request: LogitsRequest) -> str:
     if request is True or request == "all":

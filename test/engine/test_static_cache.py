@@ -262,3 +262,29 @@ def test_incremental_detokenisation_gives_the_whole_text_piece_by_piece(smollm2)
         pieces = [detok.add(t) for t in ids] + [detok.flush()]
     assert "".join(pieces) == smollm2.tokenizer.decode(ids) == detok.text
     assert all("\ufffd" not in p for p in pieces)  # a split character is held until it is whole
+
+
+def test_an_answer_ends_where_it_starts_writing_a_stop_text(smollm2):
+    # A 135M model asked about its observations sometimes goes on to write the next
+    # "Question: ..." itself; ask() ends the answer there. Checked with a stop text the
+    # model's own free answer contains: the answer is cut before it and holds fewer tokens.
+    stream = Stream(smollm2, StreamConfig(policy="infmllm", budget_tokens=512, max_chunk_tokens=128, recent=32))
+    try:
+        stream.append_text("22:13:20 front: 3 people in black (2 centre, right), 1 white truck (right)\n",
+                           kind="frame", camera="front", stamp=1.0)
+        logits = stream.append_text("Question: What did the front camera see? Answer in one sentence.\n",
+                                    kind="question", return_logits="last").logits[-1]
+        before = stream.snapshot()
+        free = stream.generate(logits.clone(), 24, stop_at_eos=False)
+        held_free = stream.stats().tokens_held
+        words = free.text.split()
+        assert len(words) >= 3, free.text
+        stop = " " + words[2]
+        stream.restore(before)
+        pieces = []
+        cut = stream.generate(logits.clone(), 24, stop_at_eos=False, stop_texts=(stop,), on_text=pieces.append)
+        assert cut.text == free.text[:free.text.find(stop)] == "".join(pieces)
+        assert len(cut.tokens) < len(free.tokens)
+        assert stream.stats().tokens_held < held_free  # what came after the stop was never appended
+    finally:
+        stream.close()
