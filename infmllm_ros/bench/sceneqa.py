@@ -81,6 +81,10 @@ def observation_facts(obs) -> dict[str, str]:
     return facts
 
 
+#: How a line states an answer where the line cue leads to it: zero people is "nothing detected".
+LINE_WORDS = {"no": "nothing"}
+
+
 @dataclass(frozen=True)
 class QuestionType:
     """One kind of question: which fact it asks, how, and the answers ranked.
@@ -243,11 +247,14 @@ def make_questions(cfg: BenchConfig, lines: list[Line]) -> list[Question]:
                 continue  # e.g. 10 or more people: not among the candidates
             when = clock(target.stamp)
             # The cue is the line's own head (with its light word when the line has one) and ends with
-            # the space before its first object ("hall:", " ", "3" as tokens), so the next token is the
-            # count itself when people lead the line; zero people is the candidate "no" (the line
-            # says "nothing detected" or names other objects).
-            head = target.text.partition(": ")[0]
+            # the space before its first object ("hall:", " ", "3" as tokens), so the next token is
+            # what the line says first. A cued question is asked only where that is the answer: the
+            # count when people lead the line, "nothing" (answer "no") for "nothing detected". Where
+            # other objects lead the line, the cue leads to them, not to the answer.
+            head, _, body = target.text.partition(": ")
             cue = f"{head}: " if cfg.answer_cue == "line" and qt.cue else ""
+            if cue and body.split(" ", 1)[0] != LINE_WORDS.get(right, right):
+                continue
             out.append(Question(after=last_of_sample[ask], target=target.index, kind=kind,
                                 text=qt.text.format(camera=target.camera, time=when), camera=target.camera,
                                 cue=cue, right=right, candidates=list(qt.candidates),
@@ -318,8 +325,12 @@ def run_variant(cfg: BenchConfig, lm, variant, lines, questions, prior, bar) -> 
     episodic = variant.policy == "full" and context > 0
     reserve = 192 + cfg.scene_tokens  # room for a question, its cue, the answer and the turn marks
     # An answer without the cue starts a sentence: its candidates are capitalised ("Yes", "No").
-    tokens = {(q.kind, bool(q.cue)): candidate_tokens(lm.tokenizer, q.candidates, capital=not q.cue)
-              for q in questions}
+    tokens = {}
+    for q in questions:
+        # After the line cue a candidate is scored by the word the line would write there.
+        said = {w: LINE_WORDS.get(w, w) if q.cue else w for w in q.candidates}
+        ids = candidate_tokens(lm.tokenizer, list(said.values()), capital=not q.cue)
+        tokens[(q.kind, bool(q.cue))] = {w: ids[said[w]] for w in q.candidates}
     period = int(round(cfg.scene_period_s * cfg.fps)) if cfg.scene_period_s > 0 else 0
     last_of_sample = {line.sample: line.index for line in lines}
     stream = Stream(lm, variant.stream_config(cfg))
@@ -357,7 +368,7 @@ def run_variant(cfg: BenchConfig, lm, variant, lines, questions, prior, bar) -> 
                 scores = {w: float(logp[t]) for w, t in tokens[(q.kind, bool(q.cue))].items()}
                 rank = 1 + sum(1 for w, s in scores.items() if w != q.right and s > scores[q.right])
                 words = _WORD.findall(answer.text.lower())
-                free = bool(words) and words[0] == q.right
+                free = bool(words) and words[0] in {q.right, LINE_WORDS.get(q.right, q.right) if q.cue else q.right}
                 guess = prior[(q.camera, QUESTION_TYPES[q.kind].fact)] == q.right
                 for slot in slots:
                     slot.add(rank == 1, free, guess, rank, q.lag_s, distance)

@@ -100,6 +100,10 @@ def test_questions_are_spread_evenly_over_lags_and_ask_about_the_newest_line(cfg
         assert q.right == target.facts["people"] and q.right in q.candidates
         assert sceneqa.clock(target.stamp) in q.text and q.cue == target.text.partition(": ")[0] + ": "
         assert q.cue.startswith(f"{sceneqa.clock(target.stamp)} {q.camera}")
+        # the cue leads to the answer: the line goes on with the count, or "nothing" for zero people
+        # (a line led by other objects, "1 cyan car ...", is not asked about with this cue)
+        said = target.text[len(q.cue):].split(" ", 1)[0]
+        assert said == sceneqa.LINE_WORDS.get(q.right, q.right), (target.text, q.right)
     assert [q.after for q in questions] == sorted(q.after for q in questions)
     again = sceneqa.make_questions(cfg, lines)  # seeded: the same questions for every policy and every run
     assert [(q.after, q.target, q.right) for q in again] == [(q.after, q.target, q.right) for q in questions]
