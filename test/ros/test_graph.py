@@ -15,14 +15,9 @@ import pytest
 
 pytest.importorskip("rclpy", reason="rclpy is not importable (source scripts/env.sh)")
 
-from nodekit import STREAM_YAML, Harness, clip_frames, image_msg, shared_clip, wait_for  # noqa: E402
+from nodekit import STREAM_YAML, Harness, clip_frames, image_msg, node_test_marks, shared_clip, wait_for  # noqa: E402
 
-pytestmark = [
-    pytest.mark.ros,
-    pytest.mark.model,
-    pytest.mark.usefixtures("interfaces"),
-    pytest.mark.skipif(shared_clip() is None, reason="shared/data/video/vtest.avi is missing"),
-]
+pytestmark = node_test_marks()
 
 T0 = 1_700_000_000
 

@@ -9,14 +9,9 @@ import pytest
 pytest.importorskip("rclpy", reason="rclpy is not importable (source scripts/env.sh)")
 pytest.importorskip("supervision", reason="supervision (ByteTrack) is not installed")
 
-from nodekit import Harness, clip_frames, image_msg, shared_clip, wait_for  # noqa: E402
+from nodekit import Harness, clip_frames, image_msg, node_test_marks, wait_for  # noqa: E402
 
-pytestmark = [
-    pytest.mark.ros,
-    pytest.mark.model,
-    pytest.mark.usefixtures("interfaces"),
-    pytest.mark.skipif(shared_clip() is None, reason="shared/data/video/vtest.avi is missing"),
-]
+pytestmark = node_test_marks()
 
 T0 = 1_700_000_000
 NS = 123_456_789
