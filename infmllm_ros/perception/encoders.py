@@ -20,7 +20,7 @@ import torch
 from infmllm_ros.engine.types import Chunk
 
 from .describer import DescriberConfig, FrameDescriber
-from .detector import DetectorConfig
+from .detector import DetectorConfig, take_detector
 from .tracking import TrackerConfig
 
 __all__ = ["FrameEncoder", "OfflineTextEncoder", "ENCODERS", "make_encoder"]
@@ -99,8 +99,9 @@ class OfflineTextEncoder:
         for vlm_only in ("image_size", "max_pixels", "min_pixels"):
             options.pop(vlm_only, None)
         if options.get("describer") is None and (detector is not None or tracker is not None):
-            options["describer"] = FrameDescriber(DescriberConfig(detector=detector or DetectorConfig(),
-                                                                  tracker=tracker or TrackerConfig()))
+            detector = detector or DetectorConfig()
+            options["describer"] = FrameDescriber(DescriberConfig(detector=detector, tracker=tracker or TrackerConfig()),
+                                                  detector=take_detector(detector))
         return cls(lm.tokenizer, **options)
 
     def reset(self, camera: Optional[str] = None) -> None:

@@ -562,10 +562,12 @@ def _detector_reason(d: DetectorSettings) -> Optional[str]:
         if not config.bundled:
             # A user's detector is read and run once on a grey frame now (a fraction of a
             # second for YOLO-sized networks), so a file OpenCV cannot parse, or an output that
-            # does not fit the names, stops the start before the model's 30-50 s load.
-            from infmllm_ros.perception.detector import ObjectDetector
+            # does not fit the names, stops the start before the model's 30-50 s load. The
+            # describer then takes this load (take_detector), and re-checks of the same files
+            # (every parameter change) do not read them again.
+            from infmllm_ros.perception.detector import check_detector
 
-            ObjectDetector(config)
+            check_detector(config)
     except DetectorLoadError as exc:
         return f"encoder.detector.*: {exc}"
     except ValueError as exc:

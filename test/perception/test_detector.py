@@ -10,6 +10,7 @@ comment); the people close to the indoor camera get tight boxes (IoU 0.8-0.9).
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -25,7 +26,9 @@ from infmllm_ros.perception.detector import (  # noqa: E402
     DetectorLoadError,
     ObjectDetector,
     bundled_yolov3_tiny,
+    check_detector,
     darknet_weights_bytes,
+    take_detector,
 )
 from infmllm_ros.perception.frames import FrameError  # noqa: E402
 
@@ -135,6 +138,27 @@ def test_a_users_own_darknet_detector_with_its_names(user_files, clip_frames):
     assert det.input_size == 320 and len(det.names) == 80
     found = det.detect(clip_frames(ROOM, [300])[300])
     assert [d.label for d in found] == ["person"]
+
+
+def test_a_checked_detector_is_read_once_and_handed_to_one_describer(user_files, monkeypatch):
+    reads = []
+    real_read = ObjectDetector._read_net
+    monkeypatch.setattr(ObjectDetector, "_read_net", lambda self: reads.append(self) or real_read(self))
+    config = DetectorConfig(model=str(user_files["model"]), config=str(user_files["config"]),
+                            names=str(user_files["names"]))
+    check_detector(config)
+    check_detector(config)  # a parameter change re-checks every setting: the same files are not read again
+    assert len(reads) == 1
+    first = take_detector(config)
+    assert first is reads[0] and len(reads) == 1  # the describer gets the start-up check's load
+    second = take_detector(config)  # a second describer gets its own network, never a shared one
+    assert second is not first and len(reads) == 2
+    check_detector(config)
+    assert len(reads) == 2
+    stat = user_files["names"].stat()  # the file changed (its mtime): checked anew
+    os.utime(user_files["names"], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    check_detector(config)
+    assert len(reads) == 3
 
 
 def _load_error(**files) -> str:
