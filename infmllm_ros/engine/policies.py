@@ -200,7 +200,10 @@ class InfMLLM(Policy):
       pooling), so that a whole fact survives rather than scattered tokens.
     * ``decay``: scores carry over between chunks, ``s = a + decay * s_prev``,
       so that a saddle several chunks attended to is not dropped the moment
-      one chunk looks elsewhere.
+      one chunk looks elsewhere. With ``carry = "max"``,
+      ``s = max(a, decay * s_prev)``: one strong look (a question finding its
+      fact) is remembered, fading, without the steady attention every chunk
+      pays to sinks and repeated templates adding up.
     * ``granularity = "chunk"``: every token scores its chunk's mean (a
       frame's line, a question with its answer), so observations are kept or
       dropped whole.
@@ -214,7 +217,7 @@ class InfMLLM(Policy):
     needs: ClassVar[str] = "window"
     evicts_every_step: ClassVar[bool] = False
     knobs: ClassVar[tuple[str, ...]] = ("sinks", "recent", "retrieval_window", "bias", "per_head", "pool", "decay",
-                                        "granularity")
+                                        "carry", "granularity")
     sinks: int = 4
     recent: int = 64
     retrieval_window: int = 64
@@ -223,6 +226,7 @@ class InfMLLM(Policy):
     keep_new_chunk: bool = True
     pool: int = 1
     decay: float = 0.0
+    carry: str = "sum"
     granularity: str = "token"
 
     def __post_init__(self) -> None:
@@ -235,6 +239,8 @@ class InfMLLM(Policy):
             raise ValueError(f"InfMLLM.pool must be an odd number >= 1, got {self.pool}")
         if not 0.0 <= self.decay < 1.0:
             raise ValueError(f"InfMLLM.decay must be in [0, 1), got {self.decay}")
+        if self.carry not in ("sum", "max"):
+            raise ValueError(f"InfMLLM.carry must be 'sum' or 'max', got {self.carry!r}")
         if self.granularity not in ("token", "chunk"):
             raise ValueError(f"InfMLLM.granularity must be 'token' or 'chunk', got {self.granularity!r}")
 
@@ -255,7 +261,8 @@ class InfMLLM(Policy):
         if self.pool > 1:
             scores = F.avg_pool1d(scores, self.pool, stride=1, padding=self.pool // 2, count_include_pad=False)
         if self.decay > 0.0:
-            scores = scores + self.decay * view.buffers["carried"]
+            carried = self.decay * view.buffers["carried"]
+            scores = scores + carried if self.carry == "sum" else torch.maximum(scores, carried)
             view.updates["carried"] = scores
         if self.granularity == "chunk":
             scores = group_mean(scores, view.buffers["chunk"])

@@ -56,6 +56,7 @@ class StreamConfig:
     per_head: bool = True
     pool: int = 1  # infmllm: odd window of neighbouring keys a score is averaged over (1: off)
     decay: float = 0.0  # infmllm: share of a token's score carried to the next eviction (0: off)
+    carry: str = "sum"  # infmllm, with decay: "sum" adds the carried score, "max" keeps the larger
     granularity: str = "token"  # infmllm: "chunk" keeps or drops a chunk (a frame's line) whole
     h2o_recent_ratio: float = 0.5
     rerotate: bool = True
@@ -82,6 +83,8 @@ class StreamConfig:
             raise ValueError(f"decay must be in [0, 1), got {self.decay}")
         if self.granularity not in ("token", "chunk"):
             raise ValueError(f"granularity must be 'token' or 'chunk', got {self.granularity!r}")
+        if self.carry not in ("sum", "max"):
+            raise ValueError(f"carry must be 'sum' or 'max', got {self.carry!r}")
         if not 0 <= self.h2o_recent_ratio < 1:
             raise ValueError(f"h2o_recent_ratio must be in [0, 1), got {self.h2o_recent_ratio}")
         if not self.repetition_penalty >= 1.0:
@@ -187,6 +190,7 @@ class Stream:
             per_head=config.per_head,
             pool=config.pool,
             decay=config.decay,
+            carry=config.carry,
             granularity=config.granularity,
             recent_ratio=config.h2o_recent_ratio,
         )

@@ -186,6 +186,10 @@ STATIC_SPECS: Tuple[ParamSpec, ...] = (
     _s("cache.decay", 0.0, "infmllm policy: share of a token's score carried over to the next "
        "eviction (0: off), so a saddle that several chunks attended to is not dropped the moment "
        "one chunk looks elsewhere.", read_only=True, lo=0.0, hi=0.999),
+    _s("cache.carry", "sum", "infmllm policy, with cache.decay: 'sum' adds the carried score to the "
+       "new one; 'max' keeps the larger, so one strong look (a question finding its fact) is "
+       "remembered without steady attention to repeated text adding up.",
+       read_only=True, choices=("sum", "max")),
     _s("cache.granularity", "token", "infmllm policy: 'token' scores tokens one by one; 'chunk' "
        "keeps or drops each chunk (a frame's line, a question with its answer) whole.",
        read_only=True, choices=("token", "chunk")),
@@ -335,6 +339,7 @@ class CacheSettings:
     retrieval_window: int = 64
     pool: int = 1
     decay: float = 0.0
+    carry: str = "sum"
     granularity: str = "token"
     h2o_recent_ratio: float = 0.5
     repetition_penalty: float = 1.1

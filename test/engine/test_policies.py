@@ -208,6 +208,33 @@ def test_infmllm_decay_carries_a_saddle_over_a_chunk_that_looks_elsewhere():
     assert kept(0.5) == ([0, 2, 4, 5], [0, 2, 6, 7])  # carried over, it outweighs a mild new score
 
 
+def test_infmllm_max_carry_remembers_a_question_finding_its_fact_over_a_template_every_chunk_looks_at():
+    u, w = _unit(0), _unit(1)
+
+    def held_fact(carry):
+        """The one free slot after each chunk once the fact (token 16) has arrived."""
+        cache = _cache(InfMLLM(sinks=1, recent=0, retrieval_window=2, per_head=False, decay=0.9, carry=carry), 4, 2,
+                       False)
+        mild = (0.125 * w).expand(1, 2, DIM).clone()  # every chunk looks a little at the template
+        _append(cache, _background(2), _background(2))
+        _append(cache, _keys(2, {0: 8.0 * w}), _background(2))  # token 2: a template (a repeated question's words)
+        for _ in range(6):
+            _append(cache, _background(2), mild)
+        _append(cache, _keys(2, {0: 8.0 * u}), mild)  # token 16: a fact
+        slots = []
+        _append(cache, _background(2), u.expand(1, 2, DIM).clone())  # a question finds the fact
+        slots.append(_kept(cache)[1])
+        for _ in range(3):
+            _append(cache, _background(2), mild)
+            slots.append(_kept(cache)[1])
+        return slots
+
+    # summed, the template's steady attention has added up past anything one question gives the fact
+    assert held_fact("sum") == [2, 2, 2, 2]
+    # the larger of the two: the question's look is remembered, fading by 0.9 a chunk, above the mild one
+    assert held_fact("max") == [16, 16, 16, 16]
+
+
 def test_infmllm_chunk_granularity_keeps_or_drops_a_chunk_whole():
     u = _unit(0)
 
@@ -231,6 +258,8 @@ def test_infmllm_refinements_refuse_bad_values():
         InfMLLM(decay=1.0)
     with pytest.raises(ValueError, match="granularity"):
         InfMLLM(granularity="line")
+    with pytest.raises(ValueError, match="carry"):
+        InfMLLM(carry="mean")
 
 
 def test_a_policy_asks_for_its_own_per_token_buffer_and_the_cache_keeps_it_in_step():
