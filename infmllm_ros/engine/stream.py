@@ -52,7 +52,7 @@ class StreamConfig:
     sinks: int = 4
     recent: int = 64
     retrieval_window: int = 64
-    bias: float = 0.0
+    bias: float = 1.0  # infmllm: the measured default (docs/benchmarks.md section 11); 0: attention alone
     per_head: bool = True
     pool: int = 1  # infmllm: odd window of neighbouring keys a score is averaged over (1: off)
     decay: float = 0.0  # infmllm: share of a token's score carried to the next eviction (0: off)

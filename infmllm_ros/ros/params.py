@@ -175,7 +175,7 @@ STATIC_SPECS: Tuple[ParamSpec, ...] = (
        read_only=True, lo=0, hi=65536),
     _s("cache.recent", 64, "Most recent tokens that are never evicted.", read_only=True, lo=0,
        hi=1 << 20),
-    _s("cache.bias", 0.0, "infmllm policy: attention bias; each token's normalised score loses "
+    _s("cache.bias", 1.0, "infmllm policy: attention bias; each token's normalised score loses "
        "bias * age / budget, so larger values follow newer content (0: pure attention).",
        read_only=True, lo=0.0, hi=100.0),
     _s("cache.retrieval_window", 64, "infmllm policy: how many of a new chunk's last queries score "
@@ -335,7 +335,7 @@ class CacheSettings:
     max_chunk_tokens: int = 256
     sinks: int = 4
     recent: int = 64
-    bias: float = 0.0
+    bias: float = 1.0
     retrieval_window: int = 64
     pool: int = 1
     decay: float = 0.0

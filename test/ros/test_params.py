@@ -106,8 +106,22 @@ def test_cache_settings_map_onto_the_engine_config():
     cfg = NodeSettings.from_values({"cache.policy": "h2o", "cache.budget_tokens": 300}).stream_config()
     assert isinstance(cfg, engine.StreamConfig)
     assert (cfg.policy, cfg.budget_tokens) == ("h2o", 300)
-    cfg = NodeSettings.from_values({"cache.pool": 5, "cache.decay": 0.9, "cache.granularity": "chunk"}).stream_config()
-    assert (cfg.pool, cfg.decay, cfg.granularity) == (5, 0.9, "chunk")
+    cfg = NodeSettings.from_values({"cache.pool": 5, "cache.decay": 0.9, "cache.carry": "max",
+                                    "cache.granularity": "chunk"}).stream_config()
+    assert (cfg.pool, cfg.decay, cfg.carry, cfg.granularity) == (5, 0.9, "max", "chunk")
+
+
+def test_the_cache_defaults_are_the_engines_measured_ones():
+    """The node, every preset and the engine use the setting docs/benchmarks.md section 11 chose (bias 1:
+    multi-round recall and perplexity), with the refinements off."""
+    engine = pytest.importorskip("infmllm_ros.engine")
+    ours = NodeSettings.from_values({}).stream_config()
+    theirs = engine.StreamConfig(budget_tokens=1024)
+    for name in ("policy", "bias", "sinks", "recent", "retrieval_window", "pool", "decay", "carry", "granularity"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert (ours.policy, ours.bias) == ("infmllm", 1.0)
+    for preset in sorted((REPO / "config" / "models").glob("*.yaml")):
+        assert preset_defaults(str(preset)).get("cache.bias", ours.bias) == ours.bias, preset.name
 
 
 @pytest.mark.parametrize("values, words", [
