@@ -241,6 +241,8 @@ class InfMLLM(Policy):
             raise ValueError(f"InfMLLM.decay must be in [0, 1), got {self.decay}")
         if self.carry not in ("sum", "max"):
             raise ValueError(f"InfMLLM.carry must be 'sum' or 'max', got {self.carry!r}")
+        if self.carry == "max" and self.decay == 0.0:
+            raise ValueError("InfMLLM.carry 'max' needs decay > 0 (with decay 0 nothing is carried)")
         if self.granularity not in ("token", "chunk"):
             raise ValueError(f"InfMLLM.granularity must be 'token' or 'chunk', got {self.granularity!r}")
 

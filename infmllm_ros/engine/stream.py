@@ -85,6 +85,9 @@ class StreamConfig:
             raise ValueError(f"granularity must be 'token' or 'chunk', got {self.granularity!r}")
         if self.carry not in ("sum", "max"):
             raise ValueError(f"carry must be 'sum' or 'max', got {self.carry!r}")
+        if self.carry == "max" and self.decay == 0:
+            raise ValueError("carry 'max' needs decay > 0 (it says how carried scores combine; with decay 0 "
+                             "nothing is carried)")
         if not 0 <= self.h2o_recent_ratio < 1:
             raise ValueError(f"h2o_recent_ratio must be in [0, 1), got {self.h2o_recent_ratio}")
         if not self.repetition_penalty >= 1.0:

@@ -260,6 +260,8 @@ def test_infmllm_refinements_refuse_bad_values():
         InfMLLM(granularity="line")
     with pytest.raises(ValueError, match="carry"):
         InfMLLM(carry="mean")
+    with pytest.raises(ValueError, match="needs decay"):  # it would silently change nothing
+        InfMLLM(carry="max")
 
 
 def test_a_policy_asks_for_its_own_per_token_buffer_and_the_cache_keeps_it_in_step():
