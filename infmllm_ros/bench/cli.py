@@ -98,8 +98,15 @@ def parse(argv: Optional[list] = None):
 
 
 def main(argv: Optional[list] = None, lm=None) -> int:
-    """Run one benchmark; ``lm`` (a LoadedModel) skips the model load (tests share one)."""
-    cfg = parse(argv)
+    """Run one benchmark; ``lm`` (a LoadedModel) skips the model load (tests share one).
+
+    Returns 0, or 2 with a one-line reason on stderr when the settings are refused (before any model loads).
+    """
+    try:
+        cfg = parse(argv)
+    except ValueError as exc:
+        print(f"infmllm-bench: error: {exc}", file=sys.stderr)
+        return 2
     module = importlib.import_module(f"infmllm_ros.bench.{cfg.command}")
     import torch
 

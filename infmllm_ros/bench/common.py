@@ -129,6 +129,14 @@ class BenchConfig:
                 raise ValueError(f"policy {name!r}: unknown stream settings {unknown}")
             if base not in POLICIES:
                 raise ValueError(f"unknown policy {name!r}; choose from {sorted(POLICIES)} (add -grow for rerotate=False)")
+            # Each variant's whole stream config, now: a bad knob value (carry=max without decay, an
+            # even pool ...) is refused before the model loads, not after it.
+            for budget in self.budgets:
+                for variant in variants(self, int(budget), [name]):
+                    try:
+                        variant.stream_config(self)
+                    except (TypeError, ValueError) as exc:
+                        raise ValueError(f"policy {name!r} at budget {budget}: {exc}") from None
         for name in ("chunk", "tokens", "segment", "trials", "candidates", "repeats", "free_form_tokens"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -155,8 +163,9 @@ class BenchConfig:
                              f"got {self.event_interval_s}")
         if self.answer_cue not in ("line", "none"):
             raise ValueError(f"answer_cue must be 'line' or 'none', got {self.answer_cue!r}")
-        if int(self.questions) < 1 or float(self.minutes) <= 0 or float(self.fps) <= 0:
-            raise ValueError("questions, minutes and fps must be > 0")
+        for name in ("questions", "minutes", "fps"):
+            if not float(getattr(self, name)) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not (self.cameras or self.event_cameras):
             raise ValueError("sceneqa needs cameras or event_cameras")
         return self

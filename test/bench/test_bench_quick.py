@@ -134,3 +134,16 @@ def test_cli_overrides_and_bad_values():
         cli.parse(["ppl", "--policy", "lru"])
     with pytest.raises(ValueError, match="unknown bench settings"):
         cli.parse(["ppl", "--set", "nope=1"])
+    # a knob's value is checked with the rest, before any model loads
+    with pytest.raises(ValueError, match="at budget 64: carry 'max' needs decay"):
+        cli.parse(["recall", "--quick", "--budget", "64", "--policy", "infmllm[carry=max]"])
+    with pytest.raises(ValueError, match="pool must be an odd"):
+        cli.parse(["ppl", "--quick", "--policy", "streamingllm", "--policy", "infmllm[pool=4]"])
+
+
+def test_cli_refuses_bad_settings_in_one_line_before_loading_anything(capsys):
+    assert cli.main(["sceneqa", "--minutes", "-3"]) == 2
+    assert cli.main(["recall", "--policy", "infmllm[nosuchknob=1]"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["infmllm-bench: error: minutes must be > 0, got -3.0",
+                     "infmllm-bench: error: policy 'infmllm[nosuchknob=1]': unknown stream settings ['nosuchknob']"]
