@@ -530,7 +530,10 @@ def check_settings(s: NodeSettings) -> Optional[str]:
     try:
         StreamConfig.from_dict(c.as_dict()).validate()
     except (ValueError, TypeError) as exc:
-        return f"cache.*: {exc}"
+        # The engine names its own fields ("carry 'max' needs decay > 0"): say them as the parameters
+        # the user sets ("cache.carry 'max' needs cache.decay > 0").
+        names = "|".join(sorted(c.as_dict(), key=len, reverse=True))
+        return re.sub(rf"(?<![\w.])(?<!cache )({names})(?=[\s'=,:)]|$)", r"cache.\1", str(exc))
     return _budget_reason(c)
 
 

@@ -141,7 +141,7 @@ def test_the_cache_defaults_are_the_engines_measured_ones():
     ({"cache.pool": 4}, "pool must be an odd integer"),
     ({"cache.granularity": "frame"}, "cache.granularity must be one of"),
     ({"cache.decay": 1.0}, "cache.decay must be <="),
-    ({"cache.carry": "max"}, "needs decay > 0"),
+    ({"cache.carry": "max"}, "cache.carry 'max' needs cache.decay > 0"),
     ({"encoder.detector.model": "/no/such/model.onnx", "encoder.detector.names": "/no/such.names"},
      "'/no/such/model.onnx' does not exist"),
     # a model file that is there, without its names file
