@@ -327,10 +327,13 @@ def run_variant(cfg: BenchConfig, lm, variant, lines, questions, prior, bar) -> 
     # An answer without the cue starts a sentence: its candidates are capitalised ("Yes", "No").
     tokens = {}
     for q in questions:
+        key = (q.kind, bool(q.cue))
+        if key in tokens:
+            continue
         # After the line cue a candidate is scored by the word the line would write there.
         said = {w: LINE_WORDS.get(w, w) if q.cue else w for w in q.candidates}
         ids = candidate_tokens(lm.tokenizer, list(said.values()), capital=not q.cue)
-        tokens[(q.kind, bool(q.cue))] = {w: ids[said[w]] for w in q.candidates}
+        tokens[key] = {w: ids[said[w]] for w in q.candidates}
     period = int(round(cfg.scene_period_s * cfg.fps)) if cfg.scene_period_s > 0 else 0
     last_of_sample = {line.sample: line.index for line in lines}
     stream = Stream(lm, variant.stream_config(cfg))

@@ -429,7 +429,6 @@ class Stream:
         tokens: list[int] = []
         cancelled = False
         cut: Optional[int] = None
-        shown = 0  # characters of the text passed to on_text
         text = ""
         decoding, self.cache.decoding = self.cache.decoding, True
         try:
@@ -448,15 +447,15 @@ class Stream:
                 if used is not None:
                     used[token] = True
                 piece = detok.add(token)
-                cut = _first_stop(detok.text, stop_texts, len(detok.text) - len(piece)) if piece else None
+                shown = len(detok.text) - len(piece)  # the text before this piece, already passed to on_text
+                cut = _first_stop(detok.text, stop_texts, shown) if piece else None
                 if cut is not None:
                     text = detok.text[:cut]
-                    if on_text is not None and len(text) > shown:
+                    if on_text is not None and cut > shown:
                         on_text(text[shown:])
                     break
                 if on_text is not None and piece:
                     on_text(piece)
-                shown += len(piece)
                 if i + 1 < max_new_tokens or append_last:
                     logits = self._decode_one(token, want_logits=i + 1 < max_new_tokens)
             if cut is None:
@@ -950,12 +949,12 @@ class Stream:
         return stamped[int(kept.min())].stamp, stamped[int(kept.max())].stamp
 
 
-
 def _first_stop(text: str, stops: Sequence[str], new_from: int) -> Optional[int]:
     """Where the first of ``stops`` begins in ``text``, looking only at matches that end in
     the part from ``new_from`` on (the newest piece), or None."""
     found = [i for i in (text.find(st, max(0, new_from - len(st) + 1)) for st in stops) if i >= 0]
     return min(found) if found else None
+
 
 def _logits_mode(request: LogitsRequest) -> str:
     if request is True or request == "all":

@@ -404,6 +404,8 @@ class Job:
         self._done = threading.Event()
         self._cancel = threading.Event()
         self.on_text: Optional[Callable[[str], None]] = None
+        #: said to the caller with a successful result (e.g. that max_new_tokens was limited)
+        self.note = ""
 
     def cancel(self) -> None:
         self._cancel.set()

@@ -477,7 +477,7 @@ class InfMllmNode(Node):
         resp.prompt_tokens = int(a.prompt_tokens)
         resp.generated_tokens = int(a.generated_tokens)
         resp.success = not a.cancelled
-        resp.message = getattr(job, "note", "")
+        resp.message = job.note
         if a.cancelled:
             if self._closed:
                 resp.message = "stopped: the node is shutting down (partial answer)"

@@ -566,13 +566,15 @@ def _detector_reason(d: DetectorSettings) -> Optional[str]:
         return None
     try:
         config = d.detector_config()
-        config.check_files()
-        if not config.bundled:
+        if config.bundled:
+            config.check_files()
+        else:
             # A user's detector is read and run once on a grey frame now (a fraction of a
             # second for YOLO-sized networks), so a file OpenCV cannot parse, or an output that
-            # does not fit the names, stops the start before the model's 30-50 s load. The
-            # describer then takes this load (take_detector), and re-checks of the same files
-            # (every parameter change) do not read them again.
+            # does not fit the names, stops the start before the model's 30-50 s load
+            # (check_detector checks the files first). The describer then takes this load
+            # (take_detector), and re-checks of the same files (every parameter change) do not
+            # read them again.
             from infmllm_ros.perception.detector import check_detector
 
             check_detector(config)
