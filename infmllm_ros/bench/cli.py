@@ -8,7 +8,7 @@
     infmllm-bench sceneqa --minutes 10 --questions 300 --budget 512 --budget 1024 --json --plot
     infmllm-bench gpu    # the prepared GPU run (see benchmarks/gpu.sh)
     infmllm-bench node --rate 1 --rate 5 --duration 180   # the node over DDS vs the engine alone
-    infmllm-bench quant  --budget 1024 --tokens 2048   # int8 weights: ppl cost next to speed
+    infmllm-bench quant  --budget 1024 --tokens 2048   # int8 / int4 weights: ppl cost next to speed
 
 Defaults come from ``config/bench.yaml`` (``--config`` for another file);
 ``--quick`` switches to tiny sizes. With ``--json`` each policy's result is one
@@ -33,7 +33,7 @@ DESCRIPTIONS = {
     "sceneqa": "scene-memory QA: questions about real frame lines at lags from seconds to the whole stream",
     "gpu": "the prepared GPU run: ppl, speed, memory at larger scale, plus random-weight VLMs",
     "node": "the real node over DDS beside the engine alone: answer latency, tokens/s, frames/s",
-    "quant": "int8 weights vs float32 on the same stream: perplexity next to prefill/decode speed",
+    "quant": "int8 and int4 weights vs float32 on the same stream: perplexity next to prefill/decode speed",
 }
 
 

@@ -1,7 +1,8 @@
-"""Weight-only int8: what it costs in perplexity next to what it buys in speed, on the same stream.
+"""int8 and int4 weights: what each costs in perplexity next to what it buys in speed, on the same stream.
 
 The model is loaded once in float32 and copied with its Linear layers in int8
-(:func:`~infmllm_ros.engine.models.quantize_model`). Both stream the same text
+and, where torch has the int4 CPU kernel and the model is on the CPU, in int4
+(:func:`~infmllm_ros.engine.models.quantize_model`). All stream the same text
 through the same Inf-MLLM cache (policy, budget, chunk):
 
 1. perplexity over ``tokens`` tokens of the text (as ``infmllm-bench ppl``);
@@ -9,8 +10,8 @@ through the same Inf-MLLM cache (policy, budget, chunk):
    interleaved rounds of ``tokens`` chunked prefill and ``decode_tokens``
    greedy decode steps (as ``infmllm-bench speed``).
 
-Reported per precision: ppl, prefill and decode tokens/s (medians); the int8
-line carries ``vs_float32``: the ppl ratio (>1 = worse) and the speed ratios
+Reported per precision: ppl, prefill and decode tokens/s (medians); each
+quantised line carries ``vs_float32``: the ppl ratio (>1 = worse) and the speed ratios
 (>1 = faster), each speed ratio the median of the within-round ratios.
 """
 
@@ -25,19 +26,26 @@ from .ppl import stream_nll
 from .speed import _decode, _prefill
 
 
-def _int8_copy(lm):
+def _quantized_copy(lm, method: str):
     from infmllm_ros.engine import LoadedModel
     from infmllm_ros.engine.models import quantize_model
 
-    model = quantize_model(copy.deepcopy(lm.model), "int8")
-    return LoadedModel(model=model, tokenizer=lm.tokenizer, processor=lm.processor, name=lm.name, quantize="int8")
+    model = quantize_model(copy.deepcopy(lm.model), method)
+    return LoadedModel(model=model, tokenizer=lm.tokenizer, processor=lm.processor, name=lm.name, quantize=method)
+
+
+def precisions(lm) -> list[str]:
+    """The quantisations this model can run here, after float32: int8 always, int4 on the CPU with its kernel."""
+    from infmllm_ros.engine.int4 import int4_kernel_available
+
+    return ["int8"] + (["int4"] if lm.device.type == "cpu" and int4_kernel_available() else [])
 
 
 def run(cfg: BenchConfig, lm=None) -> list[dict]:
     lm = get_model(cfg, lm)
     if getattr(lm, "quantize", "none") != "none":
         raise ValueError("the quant benchmark quantizes a float32 model itself: run it with quantize none")
-    models = {"float32": lm, "int8": _int8_copy(lm)}
+    models = {"float32": lm, **{method: _quantized_copy(lm, method) for method in precisions(lm)}}
     results = []
     for budget in cfg.budgets:
         variant = variants(cfg, int(budget), ["infmllm"])[0]
@@ -61,7 +69,8 @@ def run(cfg: BenchConfig, lm=None) -> list[dict]:
             names = list(models)
             for rnd in range(cfg.repeats):
                 block = ids[:, fill + rnd * cfg.tokens: fill + (rnd + 1) * cfg.tokens]
-                for name in names[rnd % 2:] + names[:rnd % 2]:
+                first = rnd % len(names)
+                for name in names[first:] + names[:first]:
                     s, m = streams[name], models[name]
                     figures[name]["prefill"].append(block.shape[1] / _prefill(s, block, cfg.chunk, m))
                     figures[name]["decode"].append(cfg.decode_tokens / _decode(s, cfg.decode_tokens, m))
@@ -75,12 +84,14 @@ def run(cfg: BenchConfig, lm=None) -> list[dict]:
                                 prefill_tok_s=statistics.median(f["prefill"]),
                                 decode_tok_s=statistics.median(f["decode"]), decode_tokens=cfg.decode_tokens,
                                 repeats=cfg.repeats, prefill_runs=f["prefill"], decode_runs=f["decode"]))
-        base, q = figures["float32"], figures["int8"]
-        lines[1]["vs_float32"] = {
-            "ppl": ppl["int8"] / ppl["float32"],
-            "prefill": statistics.median(a / b for a, b in zip(q["prefill"], base["prefill"])),
-            "decode": statistics.median(a / b for a, b in zip(q["decode"], base["decode"])),
-        }
+        base = figures["float32"]
+        for line, name in zip(lines[1:], list(models)[1:]):
+            q = figures[name]
+            line["vs_float32"] = {
+                "ppl": ppl[name] / ppl["float32"],
+                "prefill": statistics.median(a / b for a, b in zip(q["prefill"], base["prefill"])),
+                "decode": statistics.median(a / b for a, b in zip(q["decode"], base["decode"])),
+            }
         for line in lines:
             emit(cfg, line)
         results.extend(lines)

@@ -29,7 +29,7 @@ class LoadedModel:
     tokenizer: Any
     processor: Any = None
     name: str = ""
-    quantize: str = "none"  # "int8": Linear weights in int8 (see quantize_model)
+    quantize: str = "none"  # "int8" / "int4": Linear weights in 8 or 4 bits (see quantize_model)
 
     @property
     def device(self) -> torch.device:
@@ -112,7 +112,7 @@ def check_model_source(name: str, gguf_file: Optional[str] = None) -> str | Path
     return name  # a Hugging Face id ("org/model"): only the hub can tell
 
 
-QUANTIZE_CHOICES = ("none", "int8")
+QUANTIZE_CHOICES = ("none", "int8", "int4")
 
 
 #: Linear layers left in float by int8 on CPU: their inputs carry the activation outliers that
@@ -122,9 +122,43 @@ QUANTIZE_CHOICES = ("none", "int8")
 KEEP_FLOAT_ON_CPU = ("down_proj", "fc2")
 
 
-def quantize_model(model: torch.nn.Module, method: str = "int8") -> torch.nn.Module:
-    """int8 weights for the language model's ``nn.Linear`` layers.
+def check_quantize(method: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Whether ``method`` can run for a model on ``device`` in ``dtype``, checked before loading.
 
+    Raises:
+        ValueError: an unknown method; int8 on the CPU for a non-float32 model; int4
+            off the CPU or on a torch without its int4 CPU kernel.
+    """
+    if method not in QUANTIZE_CHOICES:
+        raise ValueError(f"unknown quantize method {method!r}; choose one of {QUANTIZE_CHOICES}")
+    if method == "int8" and device.type == "cpu" and dtype != torch.float32:
+        raise ValueError(f"quantize int8 on CPU needs dtype float32, got {dtype}")
+    if method == "int4":
+        from .int4 import int4_kernel_available
+
+        if device.type != "cpu":
+            raise ValueError(f"quantize int4 runs on the CPU only (torch's int4 CPU kernel), not on {device.type}")
+        if not int4_kernel_available():
+            raise ValueError(f"quantize int4 needs torch >= 2.6 (_weight_int4pack_mm_for_cpu), "
+                             f"this is torch {torch.__version__}")
+
+
+def _is_vision(name: str) -> bool:
+    lowered = name.lower()
+    return "vision" in lowered or "visual" in lowered
+
+
+def quantize_model(model: torch.nn.Module, method: str = "int8") -> torch.nn.Module:
+    """int8 or int4 weights for the language model's ``nn.Linear`` layers.
+
+    ``int4`` (CPU only): :mod:`~infmllm_ros.engine.int4`, a copy of each weight
+    in llama.cpp's Q4_1 blocks of 32 that decode's matrix-vector products read
+    through torch's int4 kernel (6x fewer bytes than float32; prefill chunks
+    keep the float weights); on a model loaded from a Q4_1 GGUF (``smollm2``)
+    these are the file's own weights, so the perplexity stays. Every Linear
+    but the LM head and the vision tower.
+
+    ``int8``:
     CPU: PyTorch's dynamic quantisation (``torch.ao.quantization.quantize_dynamic``,
     fbgemm/x86 kernels): int8 weights with per-output-channel scales,
     activations quantised per call; the MLP output projections
@@ -137,11 +171,17 @@ def quantize_model(model: torch.nn.Module, method: str = "int8") -> torch.nn.Mod
     measures the perplexity cost next to the speed.
 
     Raises:
-        ValueError: an unknown method, a non-float32 model on CPU, or CUDA without torchao.
+        ValueError: an unknown method, int8 on a non-float32 CPU model or on CUDA
+            without torchao, int4 off the CPU or on a torch without its kernel.
     """
     if method not in QUANTIZE_CHOICES:
         raise ValueError(f"unknown quantize method {method!r}; choose one of {QUANTIZE_CHOICES}")
     if method == "none":
+        return model
+    if method == "int4":
+        from .int4 import quantize_int4
+
+        quantize_int4(model, skip=_is_vision)
         return model
     device = next(model.parameters()).device
     if device.type == "cuda":
@@ -171,7 +211,7 @@ def quantize_model(model: torch.nn.Module, method: str = "int8") -> torch.nn.Mod
                 break
         chosen = {name: per_channel_dynamic_qconfig for name, module in model.named_modules()
                   if isinstance(module, torch.nn.Linear) and not name.endswith(KEEP_FLOAT_ON_CPU)
-                  and "vision" not in name.lower() and "visual" not in name.lower()}
+                  and not _is_vision(name)}
         if not chosen:
             raise ValueError(f"no Linear layer to quantize in {type(model).__name__}")
         quantize_dynamic(model, chosen, dtype=torch.qint8, inplace=True)
@@ -191,17 +231,19 @@ def load_model(
     """Load a causal LM or a VLM (Idefics3/SmolVLM, Qwen2.5-VL, ...) for streaming.
 
     ``name`` is ``smollm2``, a Hugging Face model id, or a local folder
-    (``gguf_file`` names a GGUF file inside it). ``quantize="int8"`` stores the
-    Linear weights in int8 (:func:`quantize_model`).
+    (``gguf_file`` names a GGUF file inside it). ``quantize="int8"`` /
+    ``"int4"`` store the Linear weights in 8 / 4 bits (:func:`quantize_model`).
+
+    Raises:
+        ValueError: an unknown ``quantize`` or ``dtype``, or a quantisation this
+            device or torch cannot run (checked before anything loads).
+        FileNotFoundError: see :func:`check_model_source`.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    if quantize not in QUANTIZE_CHOICES:
-        raise ValueError(f"unknown quantize method {quantize!r}; choose one of {QUANTIZE_CHOICES}")
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    if quantize == "int8" and dev.type == "cpu" and torch_dtype != torch.float32:
-        raise ValueError(f"quantize int8 on CPU needs dtype float32, got {torch_dtype}")
+    check_quantize(quantize, dev, torch_dtype)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code,
                               "attn_implementation": attn_implementation}
     source: str | Path = check_model_source(name, gguf_file)
@@ -240,8 +282,7 @@ def decoder_attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The language decoder's self-attention modules, in layer order."""
     found = []
     for name, module in model.named_modules():
-        lowered = name.lower()
-        if "vision" in lowered or "visual" in lowered:
+        if _is_vision(name):
             continue
         if name.endswith("self_attn") and hasattr(module, "layer_idx"):
             found.append(module)

@@ -101,8 +101,8 @@ def load_for_settings(settings: NodeSettings):
 
 def check_before_load(settings: NodeSettings, *, model: bool = True) -> None:
     """Checks that need no weights: ``memory.state_file``'s folder and (``model``) the
-    ``model.*`` folder, GGUF file and device; ParameterError."""
-    from infmllm_ros.engine.models import check_model_source, resolve_device
+    ``model.*`` folder, GGUF file, device and quantisation on that device; ParameterError."""
+    from infmllm_ros.engine.models import check_model_source, check_quantize, resolve_device, resolve_dtype
 
     if settings.memory.state_file:
         problem = StateFile(settings.memory.state_file).problem()
@@ -111,8 +111,14 @@ def check_before_load(settings: NodeSettings, *, model: bool = True) -> None:
     if not model:
         return
     m = settings.model
+
+    def quantize_check():
+        device = resolve_device(m.device)
+        check_quantize(m.quantize, device, resolve_dtype(m.dtype, device))
+
     for name, check in (("model.name", lambda: check_model_source(m.name, m.gguf_file or None)),
-                        ("model.device", lambda: resolve_device(m.device))):
+                        ("model.device", lambda: resolve_device(m.device)),
+                        ("model.quantize", quantize_check)):
         try:
             check()
         except (OSError, ValueError, RuntimeError) as exc:
@@ -219,7 +225,7 @@ class InfMllmNode(Node):
         detector = f" ({describer.detector.description})" if describer is not None else ""
         log.info(
             f"model '{self.lm.name}' ({self.lm.kind}) on {self.lm.device}, {self.lm.dtype}"
-            f"{', int8 weights' if self.lm.quantize == 'int8' else ''} ({how}); "
+            f"{f', {self.lm.quantize} weights' if self.lm.quantize != 'none' else ''} ({how}); "
             f"encoder {s.encoder.type}{detector}; cache policy {s.cache.policy}, budget "
             f"{self.stream.budget} tokens, at most {self.stream.capacity or 'unbounded'} held"
             + (f" / {s.cache.budget_bytes} bytes" if s.cache.budget_bytes else ""))

@@ -55,7 +55,7 @@ TRANSPORTS = ("raw", "compressed")
 BUSY_POLICIES = ("queue", "reject")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 COMPILE_MODES = ("auto", "on", "off")
-QUANTIZE_METHODS = ("none", "int8")
+QUANTIZE_METHODS = ("none", "int8", "int4")
 CAMERA_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 RELIABILITIES = ("best_effort", "reliable")
 CAMERA_KEYS = ("topic", "transport", "frame_id", "reliability")
@@ -124,9 +124,12 @@ STATIC_SPECS: Tuple[ParamSpec, ...] = (
        "no faster), on, off. The compile time is logged at start-up and kept on disk "
        "($TORCHINDUCTOR_CACHE_DIR, default ~/.cache/infmllm_ros/torchinductor) for the next start.",
        read_only=True, choices=COMPILE_MODES),
-    _s("model.quantize", "none", "Store the Linear weights in int8: 'int8' (CPU: PyTorch dynamic "
-       "quantisation, needs model.dtype float32 or auto; CUDA: needs torchao) reads about 4x fewer "
-       "weight bytes per decoded token, at a small perplexity cost (docs/benchmarks.md); 'none'.",
+    _s("model.quantize", "none", "Store the Linear weights in fewer bits, so decode reads fewer bytes "
+       "per token: 'int4' (CPU only: decode reads a copy in llama.cpp's Q4_1 blocks through torch's "
+       "int4 kernel, prefill the float weights; on the smollm2 GGUF these are the file's own "
+       "weights, perplexity unchanged), 'int8' (CPU: PyTorch "
+       "dynamic quantisation, needs model.dtype float32 or auto, +16% perplexity on SmolLM2; CUDA: "
+       "needs torchao), 'none'. Speeds in docs/benchmarks.md.",
        read_only=True, choices=QUANTIZE_METHODS),
     _s("encoder.type", "offline", "How a frame becomes tokens: 'offline' (object detector + tracker "
        "-> one line of text -> the language model) or 'vlm' (the model's own vision tower).",
@@ -510,6 +513,8 @@ def check_settings(s: NodeSettings) -> Optional[str]:
     if s.model.quantize == "int8" and s.model.dtype not in ("auto", "float32") and s.model.device == "cpu":
         return (f"model.quantize int8 on the CPU needs model.dtype float32 (or auto), got "
                 f"{s.model.dtype!r}")
+    if s.model.quantize == "int4" and s.model.device.startswith("cuda"):
+        return f"model.quantize int4 runs on the CPU only, not on model.device {s.model.device!r}"
     if s.encoder.type == "offline":
         reason = _detector_reason(s.encoder.detector)
         if reason:

@@ -80,7 +80,9 @@ def test_compile_and_quantize_are_checked_before_the_model_loads(ros_context):
     reason = refusal(ros_context, model__quantize="int8", model__dtype="bfloat16", model__device="cpu")
     assert "model.quantize int8" in reason and "float32" in reason
     assert "model.compile must be one of" in refusal(ros_context, model__compile="sometimes")
-    assert "model.quantize must be one of" in refusal(ros_context, model__quantize="int4")
+    assert "model.quantize must be one of" in refusal(ros_context, model__quantize="int2")
+    reason = refusal(ros_context, model__quantize="int4", model__device="cuda")
+    assert "model.quantize int4" in reason and "CPU" in reason
 
 
 def test_what_cannot_change_live_is_read_only():

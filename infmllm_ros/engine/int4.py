@@ -1,0 +1,129 @@
+"""4-bit weights on the CPU, in llama.cpp's Q4_1 block format, through torch's int4 kernel.
+
+Decode reads every weight once per token, so on a CPU its speed is the memory
+bandwidth divided by the weight bytes. The ``smollm2`` model ships as a Q4_1
+GGUF (llama.cpp's format: blocks of 32 weights along the input dimension,
+each ``w = d * q + m`` with ``q`` in 0..15 and fp16 ``d``, ``m``;
+ggml-quants.c), which transformers dequantises to float32 on load: 8x the bytes
+the file holds. :class:`Int4Linear` stores a Linear layer the way the file
+does and multiplies with ``torch.ops.aten._weight_int4pack_mm_for_cpu``
+(torch >= 2.6; the kernel torchao's int4 CPU layout uses), whose blocks are
+``w = (q - 8) * scale + zero``: the same grid with ``scale = d`` and
+``zero = m + 8 d``.
+
+:func:`quantize_int4` finds each block's grid from the float weights alone:
+min-max asymmetric rounding over groups of 32, which is how Q4_1 is made. On
+weights dequantised from a Q4_1 file it gives back the file's own integers and
+scales (each block's smallest weight is ``q = 0``, its largest ``q = 15``),
+so the only change is that the kernel takes the activations and the per-block
+scale and zero in bfloat16 (perplexity within 0.2% of float32 on SmolLM2-135M,
+docs/benchmarks.md section 12). On other float weights it is round-to-nearest
+4-bit quantisation, with the error that brings.
+
+The 4-bit blocks serve the matrix-vector products of decode (at most
+:data:`INT4_MAX_ROWS` rows), which are bound by reading the weights; prefill
+chunks keep the float weights, because the int4 kernel computes in bfloat16
+without a tuned GEMM and ran 2x slower than float32 at 256 rows on the AVX2
+CPUs here (both measured in docs/benchmarks.md section 12). So the float
+weights stay in memory and the 4-bit copy adds 5/32 of their size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Weights per block along the input dimension: Q4_1's block size.
+GROUP_SIZE = 32
+
+#: Most rows (tokens) a product sends through the int4 kernel; more use the float weights.
+#: Measured over SmolLM2's 210 decoder Linears, one thread: int4 2.1x faster at 1 row, 1.3x at 8,
+#: slower from 16 (float32 GEMM reads the weights once for all rows).
+INT4_MAX_ROWS = 8
+
+
+def int4_kernel_available() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
+        torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+
+
+class Int4Linear(torch.nn.Module):
+    """A Linear layer with a 4-bit copy of its weight, in blocks of 32, for few-row products.
+
+    Built from a float ``nn.Linear`` with ``in_features`` a multiple of 32, whose
+    weight (and bias) it shares. ``forward`` takes ``[..., in_features]`` in any
+    float dtype and returns ``[..., out_features]`` in the same dtype: up to
+    :data:`INT4_MAX_ROWS` rows through the int4 kernel (bfloat16 activations,
+    float accumulation), more through the float weight.
+
+    Attributes:
+        packed: the kernel's packed layout of the ``[out, in]`` integers 0..15.
+        scale_and_zero: ``[in / 32, out, 2]`` bfloat16, per block ``scale`` and
+            ``zero`` so that ``w = (q - 8) * scale + zero``.
+        max_error: largest ``|dequantised - original|`` over the weight, in
+            the weight's units (0.0 when the weight was already on a Q4_1 grid).
+    """
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        out_features, in_features = weight.shape
+        if in_features % GROUP_SIZE:
+            raise ValueError(f"int4 needs in_features divisible by {GROUP_SIZE}, got {in_features}")
+        blocks = weight.view(out_features, in_features // GROUP_SIZE, GROUP_SIZE)
+        low = blocks.amin(-1)
+        scale = (blocks.amax(-1) - low) / 15
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant block: every q is 0
+        q = torch.round((blocks - low[..., None]) / scale[..., None]).clamp_(0, 15)
+        self.max_error = float((q * scale[..., None] + low[..., None] - blocks).abs().max())
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            q.view(out_features, in_features).to(torch.int32), 1))
+        self.register_buffer("scale_and_zero", torch.stack([scale, low + 8 * scale], -1)
+                             .transpose(0, 1).contiguous().to(torch.bfloat16))
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] > INT4_MAX_ROWS:
+            return torch.nn.functional.linear(x, self.weight, self.bias)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            rows.to(torch.bfloat16), self.packed, GROUP_SIZE, self.scale_and_zero)
+        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={GROUP_SIZE}"
+
+
+def quantize_int4(model: torch.nn.Module, skip=lambda name: False) -> list[str]:
+    """Replace the language model's ``nn.Linear`` layers with :class:`Int4Linear`, in place.
+
+    The LM head (tied to the embeddings, Q8_0 in the GGUF) and any layer for
+    which ``skip(name)`` is true stay float, as do layers whose input width is
+    not a multiple of 32.
+
+    Returns:
+        The qualified names of the replaced layers.
+
+    Raises:
+        ValueError: the model is not on the CPU, this torch has no int4 CPU
+            kernel, or no layer could be replaced.
+    """
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        raise ValueError(f"quantize int4 runs on the CPU (torch's int4 CPU kernel); the model is on "
+                         f"{device.type}: use quantize none or int8 there")
+    if not int4_kernel_available():
+        raise ValueError(f"quantize int4 needs torch >= 2.6 (_weight_int4pack_mm_for_cpu); "
+                         f"this is torch {torch.__version__}")
+    replaced = []
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if (type(child) is torch.nn.Linear and child_name != "lm_head" and not skip(name)
+                    and child.in_features % GROUP_SIZE == 0):
+                setattr(parent, child_name, Int4Linear(child))
+                replaced.append(name)
+    if not replaced:
+        raise ValueError(f"no Linear layer to quantize in {type(model).__name__}")
+    return replaced

@@ -1,0 +1,120 @@
+"""int4 weights (engine/int4.py): the GGUF's own Q4_1 blocks through torch's int4 CPU kernel."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from infmllm_ros.engine import Chunk, LoadedModel, Stream, StreamConfig
+from infmllm_ros.engine.int4 import GROUP_SIZE, INT4_MAX_ROWS, Int4Linear, int4_kernel_available, quantize_int4
+from infmllm_ros.engine.models import check_quantize, quantize_model
+
+pytestmark = pytest.mark.skipif(not int4_kernel_available(), reason=f"torch {torch.__version__} has no int4 CPU kernel")
+
+
+def _q4_1_linear(out_features=96, in_features=128, seed=0) -> tuple[torch.nn.Linear, torch.Tensor]:
+    """A Linear whose weight lies on a Q4_1 grid made as llama.cpp makes it: fp16 d and m per block."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.randn(out_features, in_features // GROUP_SIZE, GROUP_SIZE, generator=g) * 0.05
+    low, high = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
+    d = ((high - low) / 15).half().float()
+    m = low.half().float()
+    q = torch.round((blocks - m) / d).clamp(0, 15)
+    q[..., 0], q[..., 1] = 0, 15  # as in a real block: its smallest weight is q = 0, its largest q = 15
+    linear = torch.nn.Linear(in_features, out_features, bias=True)
+    with torch.no_grad():
+        linear.weight.copy_((q * d + m).view(out_features, in_features))
+        linear.bias.copy_(torch.randn(out_features, generator=g))
+    return linear, q.view(out_features, in_features)
+
+
+def test_weights_on_a_q4_1_grid_are_kept_exactly_and_multiply_as_the_float_layer():
+    linear, _ = _q4_1_linear()
+    int4 = Int4Linear(linear)
+    assert int4.max_error == 0.0
+    x = torch.randn(2, INT4_MAX_ROWS // 2, 128)  # few rows: the int4 kernel
+    expected = linear(x.bfloat16().float())  # the kernel reads the activations in bfloat16
+    got = int4(x)
+    assert got.shape == (2, INT4_MAX_ROWS // 2, 96) and got.dtype == torch.float32
+    # bfloat16 per-block scale and zero: within a percent of the float product
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_more_rows_than_decode_uses_go_through_the_float_weight():
+    linear, _ = _q4_1_linear()
+    int4 = Int4Linear(linear)
+    x = torch.randn(INT4_MAX_ROWS + 1, 128)
+    torch.testing.assert_close(int4(x), linear(x), rtol=0, atol=0)  # prefill chunks: the float product
+    assert not torch.equal(int4(x[:1]), linear(x[:1]))  # one row (decode): the 4-bit kernel
+
+
+def test_weights_off_the_grid_are_rounded_to_within_half_a_step():
+    linear = torch.nn.Linear(64, 32, bias=False)
+    int4 = Int4Linear(linear)
+    blocks = linear.weight.detach().view(32, 2, GROUP_SIZE)
+    step = (blocks.amax(-1) - blocks.amin(-1)) / 15
+    assert 0 < int4.max_error <= float(step.max()) / 2 + 1e-6
+
+
+def test_a_width_the_blocks_do_not_divide_is_refused():
+    with pytest.raises(ValueError, match="divisible by 32"):
+        Int4Linear(torch.nn.Linear(40, 8))
+
+
+def test_int4_is_refused_off_the_cpu_before_anything_loads():
+    with pytest.raises(ValueError, match="CPU only"):
+        check_quantize("int4", torch.device("cuda"), torch.bfloat16)
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        quantize_int4(torch.nn.Linear(64, 8, device="meta"))
+    with pytest.raises(ValueError, match="unknown quantize method 'int2'"):
+        check_quantize("int2", torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.model
+def test_smollm2_keeps_its_gguf_blocks_and_its_perplexity(smollm2, emma_ids):
+    """Every decoder Linear of the Q4_1 GGUF comes back on its grid (error 0.0), and the same
+    Inf-MLLM stream, fed in chunks small enough for the int4 kernel, scores the next tokens as
+    the float32 model does."""
+    model = copy.deepcopy(smollm2.model)
+    replaced = quantize_int4(model)
+    layers = smollm2.model.config.num_hidden_layers
+    assert len(replaced) == 7 * layers  # q, k, v, o, gate, up, down per layer; the LM head stays float
+    int4_layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    assert max(m.max_error for m in int4_layers) == 0.0
+    quantized = LoadedModel(model=model, tokenizer=smollm2.tokenizer, name=smollm2.name, quantize="int4")
+
+    ids, step = emma_ids[:, :320], INT4_MAX_ROWS
+    settings = dict(policy="infmllm", budget_tokens=128, max_chunk_tokens=step)
+
+    def nll(lm):
+        stream = Stream(lm, StreamConfig(**settings))
+        stream._started = stream._in_user_turn = True
+        try:
+            logits = torch.cat([stream.append_chunk(Chunk(input_ids=ids[:, i:i + step]), return_logits=True).logits
+                                for i in range(0, ids.shape[1], step)])  # [tokens, vocab]
+        finally:
+            stream.close()
+        return float(torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:])), logits
+
+    float_nll, float_logits = nll(smollm2)
+    int4_nll, int4_logits = nll(quantized)
+    assert abs(int4_nll - float_nll) < 0.01 * float_nll
+    agree = (int4_logits.argmax(-1) == float_logits.argmax(-1)).float().mean()
+    assert agree >= 0.95, float(agree)
+
+
+@pytest.mark.model
+def test_quantize_model_int4_leaves_the_vision_tower_float(tiny_idefics3):
+    model = copy.deepcopy(tiny_idefics3.model)
+    quantize_model(model, "int4")
+    kinds = {name: type(m).__name__ for name, m in model.named_modules()
+             if isinstance(m, (torch.nn.Linear, Int4Linear))}
+    assert any(k == "Int4Linear" for k in kinds.values())
+    assert all(k == "Linear" for name, k in kinds.items() if "vision" in name or name.endswith("lm_head"))
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    with torch.no_grad():
+        expected = tiny_idefics3.model(input_ids=ids).logits
+        got = model(input_ids=ids).logits
+    assert got.shape == expected.shape and torch.isfinite(got).all()
