@@ -95,12 +95,14 @@ class Int4Linear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={GROUP_SIZE}"
 
 
-def quantize_int4(model: torch.nn.Module, skip=lambda name: False) -> list[str]:
+def quantize_int4(model: torch.nn.Module, skip=lambda name: False, *, lossless_only: bool = False) -> list[str]:
     """Replace the language model's ``nn.Linear`` layers with :class:`Int4Linear`, in place.
 
     The LM head (tied to the embeddings, Q8_0 in the GGUF) and any layer for
     which ``skip(name)`` is true stay float, as do layers whose input width is
-    not a multiple of 32.
+    not a multiple of 32. With ``lossless_only``, the model is left as it was
+    (and ``[]`` returned) unless every replaced weight was already on a 4-bit
+    grid (``max_error == 0``: weights dequantised from a Q4_1 GGUF).
 
     Returns:
         The qualified names of the replaced layers.
@@ -116,14 +118,19 @@ def quantize_int4(model: torch.nn.Module, skip=lambda name: False) -> list[str]:
     if not int4_kernel_available():
         raise ValueError(f"quantize int4 needs torch >= 2.6 (_weight_int4pack_mm_for_cpu); "
                          f"this is torch {torch.__version__}")
-    replaced = []
+    replaced = []  # (parent, attribute, the float layer, qualified name)
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             name = f"{parent_name}.{child_name}" if parent_name else child_name
             if (type(child) is torch.nn.Linear and child_name != "lm_head" and not skip(name)
                     and child.in_features % GROUP_SIZE == 0):
-                setattr(parent, child_name, Int4Linear(child))
-                replaced.append(name)
-    if not replaced:
+                int4 = Int4Linear(child)
+                if lossless_only and int4.max_error > 0:
+                    for owner, attribute, linear, _ in replaced:
+                        setattr(owner, attribute, linear)
+                    return []
+                setattr(parent, child_name, int4)
+                replaced.append((parent, child_name, child, name))
+    if not replaced and not lossless_only:
         raise ValueError(f"no Linear layer to quantize in {type(model).__name__}")
-    return replaced
+    return [name for *_, name in replaced]

@@ -29,7 +29,7 @@ class LoadedModel:
     tokenizer: Any
     processor: Any = None
     name: str = ""
-    quantize: str = "none"  # "int8" / "int4": Linear weights in 8 or 4 bits (see quantize_model)
+    quantize: str = "none"  # what was applied: "int8" / "int4" Linear weights (see quantize_model), or none
 
     @property
     def device(self) -> torch.device:
@@ -112,7 +112,7 @@ def check_model_source(name: str, gguf_file: Optional[str] = None) -> str | Path
     return name  # a Hugging Face id ("org/model"): only the hub can tell
 
 
-QUANTIZE_CHOICES = ("none", "int8", "int4")
+QUANTIZE_CHOICES = ("none", "auto", "int8", "int4")
 
 
 #: Linear layers left in float by int8 on CPU: their inputs carry the activation outliers that
@@ -149,7 +149,7 @@ def _is_vision(name: str) -> bool:
 
 
 def quantize_model(model: torch.nn.Module, method: str = "int8") -> torch.nn.Module:
-    """int8 or int4 weights for the language model's ``nn.Linear`` layers.
+    """int8 or int4 weights for the language model's ``nn.Linear`` layers (``auto``: see :func:`load_model`).
 
     ``int4`` (CPU only): :mod:`~infmllm_ros.engine.int4`, a copy of each weight
     in llama.cpp's Q4_1 blocks of 32 that decode's matrix-vector products read
@@ -178,10 +178,11 @@ def quantize_model(model: torch.nn.Module, method: str = "int8") -> torch.nn.Mod
         raise ValueError(f"unknown quantize method {method!r}; choose one of {QUANTIZE_CHOICES}")
     if method == "none":
         return model
-    if method == "int4":
-        from .int4 import quantize_int4
+    if method in ("int4", "auto"):
+        from .int4 import int4_kernel_available, quantize_int4
 
-        quantize_int4(model, skip=_is_vision)
+        if method == "int4" or (next(model.parameters()).device.type == "cpu" and int4_kernel_available()):
+            quantize_int4(model, skip=_is_vision, lossless_only=method == "auto")
         return model
     device = next(model.parameters()).device
     if device.type == "cuda":
@@ -232,7 +233,10 @@ def load_model(
 
     ``name`` is ``smollm2``, a Hugging Face model id, or a local folder
     (``gguf_file`` names a GGUF file inside it). ``quantize="int8"`` /
-    ``"int4"`` store the Linear weights in 8 / 4 bits (:func:`quantize_model`).
+    ``"int4"`` store the Linear weights in 8 / 4 bits (:func:`quantize_model`);
+    ``"auto"`` is int4 where that changes no weight (on the CPU, for weights
+    dequantised from a Q4_1 GGUF such as ``smollm2``) and none elsewhere. The
+    result's ``quantize`` says what was applied.
 
     Raises:
         ValueError: an unknown ``quantize`` or ``dtype``, or a quantisation this
@@ -267,6 +271,10 @@ def load_model(
                                                   **({"gguf_file": gguf_file} if gguf_file else {}))
     model.to(dev).eval()
     quantize_model(model, quantize)
+    if quantize == "auto":
+        from .int4 import Int4Linear
+
+        quantize = "int4" if any(isinstance(m, Int4Linear) for m in model.modules()) else "none"
     return LoadedModel(model=model, tokenizer=tokenizer, processor=processor, name=str(name), quantize=quantize)
 
 

@@ -55,7 +55,7 @@ TRANSPORTS = ("raw", "compressed")
 BUSY_POLICIES = ("queue", "reject")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 COMPILE_MODES = ("auto", "on", "off")
-QUANTIZE_METHODS = ("none", "int8", "int4")
+QUANTIZE_METHODS = ("auto", "none", "int8", "int4")
 CAMERA_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 RELIABILITIES = ("best_effort", "reliable")
 CAMERA_KEYS = ("topic", "transport", "frame_id", "reliability")
@@ -124,12 +124,12 @@ STATIC_SPECS: Tuple[ParamSpec, ...] = (
        "no faster), on, off. The compile time is logged at start-up and kept on disk "
        "($TORCHINDUCTOR_CACHE_DIR, default ~/.cache/infmllm_ros/torchinductor) for the next start.",
        read_only=True, choices=COMPILE_MODES),
-    _s("model.quantize", "none", "Store the Linear weights in fewer bits, so decode reads fewer bytes "
+    _s("model.quantize", "auto", "Store the Linear weights in fewer bits, so decode reads fewer bytes "
        "per token: 'int4' (CPU only: decode reads a copy in llama.cpp's Q4_1 blocks through torch's "
-       "int4 kernel, prefill the float weights; on the smollm2 GGUF these are the file's own "
-       "weights, perplexity unchanged), 'int8' (CPU: PyTorch "
-       "dynamic quantisation, needs model.dtype float32 or auto, +16% perplexity on SmolLM2; CUDA: "
-       "needs torchao), 'none'. Speeds in docs/benchmarks.md.",
+       "int4 kernel, prefill keeps the float weights), 'int8' (CPU: PyTorch dynamic quantisation, "
+       "needs model.dtype float32 or auto, +16% perplexity on SmolLM2; CUDA: needs torchao), 'none', "
+       "or 'auto': int4 where it changes no weight (on the CPU, weights from a Q4_1 GGUF such as "
+       "smollm2: 1.5x decode, same perplexity), none elsewhere. Speeds in docs/benchmarks.md.",
        read_only=True, choices=QUANTIZE_METHODS),
     _s("encoder.type", "offline", "How a frame becomes tokens: 'offline' (object detector + tracker "
        "-> one line of text -> the language model) or 'vlm' (the model's own vision tower).",
@@ -293,7 +293,7 @@ class ModelSettings:
     trust_remote_code: bool = False
     num_threads: int = 0
     compile: str = "auto"
-    quantize: str = "none"
+    quantize: str = "auto"
 
 
 @dataclass

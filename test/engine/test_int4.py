@@ -74,14 +74,13 @@ def test_int4_is_refused_off_the_cpu_before_anything_loads():
 
 @pytest.mark.model
 def test_smollm2_keeps_its_gguf_blocks_and_its_perplexity(smollm2, emma_ids):
-    """Every decoder Linear of the Q4_1 GGUF comes back on its grid (error 0.0), and the same
+    """``auto`` takes int4 here: every decoder Linear of the Q4_1 GGUF comes back on its grid (error 0.0), and the same
     Inf-MLLM stream, fed in chunks small enough for the int4 kernel, scores the next tokens as
     the float32 model does."""
-    model = copy.deepcopy(smollm2.model)
-    replaced = quantize_int4(model)
-    layers = smollm2.model.config.num_hidden_layers
-    assert len(replaced) == 7 * layers  # q, k, v, o, gate, up, down per layer; the LM head stays float
+    model = quantize_model(copy.deepcopy(smollm2.model), "auto")
     int4_layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    # q, k, v, o, gate, up, down per layer; the LM head stays float
+    assert len(int4_layers) == 7 * smollm2.model.config.num_hidden_layers
     assert max(m.max_error for m in int4_layers) == 0.0
     quantized = LoadedModel(model=model, tokenizer=smollm2.tokenizer, name=smollm2.name, quantize="int4")
 
@@ -106,8 +105,12 @@ def test_smollm2_keeps_its_gguf_blocks_and_its_perplexity(smollm2, emma_ids):
 
 
 @pytest.mark.model
-def test_quantize_model_int4_leaves_the_vision_tower_float(tiny_idefics3):
+def test_quantize_model_int4_leaves_the_vision_tower_float_and_auto_leaves_random_weights(tiny_idefics3):
     model = copy.deepcopy(tiny_idefics3.model)
+    layers = dict(model.named_modules())
+    assert quantize_int4(model, lossless_only=True) == []  # random weights are off any 4-bit grid ...
+    assert dict(model.named_modules()).keys() == layers.keys()
+    assert all(a is b for a, b in zip(dict(model.named_modules()).values(), layers.values()))  # ... untouched
     quantize_model(model, "int4")
     kinds = {name: type(m).__name__ for name, m in model.named_modules()
              if isinstance(m, (torch.nn.Linear, Int4Linear))}
