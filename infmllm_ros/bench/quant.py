@@ -5,7 +5,10 @@ and, where torch has the int4 CPU kernel and the model is on the CPU, in int4
 (:func:`~infmllm_ros.engine.models.quantize_model`). All stream the same text
 through the same Inf-MLLM cache (policy, budget, chunk):
 
-1. perplexity over ``tokens`` tokens of the text (as ``infmllm-bench ppl``);
+1. perplexity over ``tokens`` tokens of the text (as ``infmllm-bench ppl``), fed
+   in ``chunk``-token pieces (the prefill path) and one token at a time
+   (``ppl_tokenwise``: the path decode takes, which is where int4 reads its
+   4-bit weights; prefill keeps the float ones);
 2. speed: each filled to ``budget + chunk`` tokens, then ``repeats``
    interleaved rounds of ``tokens`` chunked prefill and ``decode_tokens``
    greedy decode steps (as ``infmllm-bench speed``).
@@ -52,16 +55,17 @@ def run(cfg: BenchConfig, lm=None) -> list[dict]:
         fill = int(budget) + cfg.chunk
         ids = text_token_ids(lm, cfg.text, max(cfg.tokens, fill + cfg.repeats * cfg.tokens))
         figures = {name: {"prefill": [], "decode": []} for name in models}
-        ppl = {}
+        ppl, ppl_tokenwise = {}, {}
         for name, m in models.items():
-            stream = raw_stream(m, variant.stream_config(cfg))
-            bar = progress(cfg.tokens, f"quant ppl {name} b={budget}")
-            try:
-                nll = stream_nll(stream, ids[:, :cfg.tokens], cfg.chunk, bar)
-            finally:
-                bar.close()
-                stream.close()
-            ppl[name] = finite(math.exp(sum(nll) / len(nll)))
+            for figure, piece in ((ppl, cfg.chunk), (ppl_tokenwise, 1)):
+                stream = raw_stream(m, variant.stream_config(cfg))
+                bar = progress(cfg.tokens, f"quant ppl {name} b={budget} chunk {piece}")
+                try:
+                    nll = stream_nll(stream, ids[:, :cfg.tokens], piece, bar)
+                finally:
+                    bar.close()
+                    stream.close()
+                figure[name] = finite(math.exp(sum(nll) / len(nll)))
         streams = {name: raw_stream(m, variant.stream_config(cfg)) for name, m in models.items()}
         try:
             for name, s in streams.items():
@@ -80,7 +84,8 @@ def run(cfg: BenchConfig, lm=None) -> list[dict]:
         lines = []
         for name, m in models.items():
             f = figures[name]
-            lines.append(record(cfg, m, variant, tokens=cfg.tokens, ppl=ppl[name], precision=name,
+            lines.append(record(cfg, m, variant, tokens=cfg.tokens, ppl=ppl[name],
+                                ppl_tokenwise=ppl_tokenwise[name], precision=name,
                                 prefill_tok_s=statistics.median(f["prefill"]),
                                 decode_tok_s=statistics.median(f["decode"]), decode_tokens=cfg.decode_tokens,
                                 repeats=cfg.repeats, prefill_runs=f["prefill"], decode_runs=f["decode"]))
@@ -89,6 +94,7 @@ def run(cfg: BenchConfig, lm=None) -> list[dict]:
             q = figures[name]
             line["vs_float32"] = {
                 "ppl": ppl[name] / ppl["float32"],
+                "ppl_tokenwise": ppl_tokenwise[name] / ppl_tokenwise["float32"],
                 "prefill": statistics.median(a / b for a, b in zip(q["prefill"], base["prefill"])),
                 "decode": statistics.median(a / b for a, b in zip(q["decode"], base["decode"])),
             }

@@ -91,14 +91,23 @@ def test_quick_mode_gives_one_well_formed_line_per_policy(command, smollm2, shar
         assert len(capped["latency_ms"]) == capped["frames"] > 0
 
 
-def test_quant_gives_the_int8_perplexity_next_to_its_speed(smollm2, shared_data, tmp_path, capsys):
+def test_quant_gives_the_int8_and_int4_perplexity_next_to_their_speed(smollm2, shared_data, tmp_path, capsys):
+    from infmllm_ros.engine.int4 import int4_kernel_available
+
     lines, _ = _run("quant", tmp_path, capsys, smollm2)
-    assert [x["precision"] for x in lines] == ["float32", "int8"]
-    assert [x["quantize"] for x in lines] == ["none", "int8"]
+    expected = ["float32", "int8"] + (["int4"] if int4_kernel_available() else [])
+    assert [x["precision"] for x in lines] == expected
+    assert [x["quantize"] for x in lines] == ["none"] + expected[1:]
     for line in lines:
-        assert line["ppl"] > 1 and line["prefill_tok_s"] > 0 and line["decode_tok_s"] > 0
+        assert line["ppl"] > 1 and line["ppl_tokenwise"] > 1
+        assert line["prefill_tok_s"] > 0 and line["decode_tok_s"] > 0
         assert all(math.isfinite(x) for x in _numbers(line))
-    assert set(lines[1]["vs_float32"]) == {"ppl", "prefill", "decode"}
+    for line in lines[1:]:
+        assert set(line["vs_float32"]) == {"ppl", "ppl_tokenwise", "prefill", "decode"}
+    if "int4" in expected:
+        # prefill chunks take the float weights, token by token the GGUF's own 4-bit blocks
+        assert lines[2]["ppl"] == pytest.approx(lines[0]["ppl"], rel=1e-4)
+        assert lines[2]["ppl_tokenwise"] == pytest.approx(lines[0]["ppl_tokenwise"], rel=0.01)
 
 
 def test_gpu_script_runs_its_vlm_part_tiny_on_cpu(smollm2, shared_data, tmp_path, capsys):
