@@ -126,23 +126,35 @@ class LlamaCppPeer:
 
 
 class TransformersReference:
-    """The same model through plain transformers: ``DynamicCache``, logits of the last position only."""
+    """The same model through plain transformers: ``DynamicCache``, logits of the last position only.
+
+    ``float_weights``: an int4 model multiplies with its float weights throughout (label
+    ``transformers_fp32``): plain transformers as a user runs the dequantised GGUF.
+    """
 
     label = "transformers"
 
-    def __init__(self, lm):
+    def __init__(self, lm, float_weights: bool = False):
         from transformers import DynamicCache
 
         from infmllm_ros.engine.models import cache_argument
 
         self.lm = lm
+        self.float_weights = float_weights
+        if float_weights:
+            self.label = "transformers_fp32"
         self.cache = DynamicCache(config=lm.model.config)
         self._cache_kwarg = cache_argument(lm.model)
 
     def _forward(self, ids):
+        import contextlib
+
         import torch
 
-        with torch.inference_mode():
+        from infmllm_ros.engine.int4 import float_weights
+
+        weights = float_weights(self.lm.model) if self.float_weights else contextlib.nullcontext()
+        with torch.inference_mode(), weights:
             return self.lm.model(input_ids=ids.to(self.lm.device), **{self._cache_kwarg: self.cache},
                                  use_cache=True, logits_to_keep=1).logits[0, -1]
 
@@ -206,17 +218,21 @@ def gguf_of(lm) -> Path:
 
 def make_references(cfg, lm, budget: int) -> list:
     """The references to time beside the policies: plain transformers (``cfg.reference``, on by
-    default: the yardstick every policy's ``vs_transformers`` is read against), and with
-    ``cfg.peer`` llama.cpp too."""
+    default: the yardstick every policy's ``vs_transformers`` is read against; for an int4 model
+    also plain transformers on the float weights, ``vs_transformers_fp32``), and with ``cfg.peer``
+    llama.cpp too."""
+    plain = [TransformersReference(lm)]
+    if getattr(lm, "quantize", "none") == "int4":
+        plain.append(TransformersReference(lm, float_weights=True))
     if not cfg.peer:
-        return [TransformersReference(lm)] if getattr(cfg, "reference", False) else []
+        return plain if getattr(cfg, "reference", False) else []
     if cfg.peer not in PEERS:
         raise ValueError(f"unknown peer {cfg.peer!r}; choose one of {PEERS}")
     import torch
 
     threads = cfg.threads or torch.get_num_threads()
     n_ctx = budget + cfg.chunk + cfg.decode_tokens + 8
-    return [LlamaCppPeer(gguf_of(lm), n_ctx, threads, cfg.chunk), TransformersReference(lm)]
+    return [LlamaCppPeer(gguf_of(lm), n_ctx, threads, cfg.chunk), *plain]
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m infmllm_ros.bench.peers`: build the venv

@@ -17,7 +17,10 @@ transformers (``DynamicCache``), each fed the same token ids in the same chunks
 with the same threads, at the context of a capped cache (cut back to ``budget``
 tokens before each chunk and before decoding). Every policy line then carries
 ``vs_llama.cpp`` and ``vs_transformers``: our/their tokens/s for prefill and
-decode, the median of the per-round ratios.
+decode, the median of the per-round ratios. With ``quantize=int4`` plain
+transformers runs twice, with the int4 weights and with the float weights
+(``transformers_fp32``, ``vs_transformers_fp32``: what a user of the
+dequantised GGUF gets).
 """
 
 from __future__ import annotations
@@ -134,13 +137,17 @@ def run(cfg: BenchConfig, lm=None) -> list[dict]:
         for line in lines:
             emit(cfg, line)
         for line in lines:  # the side-by-side ratios, readable
-            for key in ("vs_llama.cpp", "vs_transformers", "vs_h2o", "vs_streamingllm"):
+            for key in [f"vs_{ref}" for ref in REFERENCES] + ["vs_h2o", "vs_streamingllm"]:
                 if key in line:
                     r = line[key]
                     print(f"  {line['policy']} / {key[3:]}: " + ", ".join(f"{k} {v:.2f}x" for k, v in r.items()),
                           file=sys.stderr)
         results.extend(lines)
     return results
+
+
+#: The reference engines' labels (bench/peers.py), each read as ``vs_<label>``.
+REFERENCES = ("llama.cpp", "transformers", "transformers_fp32")
 
 
 def _ratios(lines: list[dict]) -> None:
@@ -151,8 +158,8 @@ def _ratios(lines: list[dict]) -> None:
     """
     by = {x["policy"]: x for x in lines}
     for line in lines:
-        for ref in ("llama.cpp", "transformers"):
-            if ref in by and line["base_policy"] not in ("llama.cpp", "transformers"):
+        for ref in REFERENCES:
+            if ref in by and line["base_policy"] not in REFERENCES:
                 o = by[ref]
                 line[f"vs_{ref}"] = {
                     "prefill": statistics.median(a / b for a, b in zip(line["prefill_runs"], o["prefill_runs"])),
@@ -180,6 +187,8 @@ def _reference_line(cfg: BenchConfig, lm, label: str, budget: int, t: dict,
                   prefill_runs=t["prefill"], decode_runs=t["decode"], query_runs=[])
     if label == "llama.cpp":
         line.update(model=f"{lm.name} (GGUF Q4_1)", dtype="q4_1", device="cpu", peer=info or {})
+    if label == "transformers_fp32":  # the int4 model's float weights throughout
+        line.update(quantize="none")
     return line
 
 

@@ -30,6 +30,8 @@ weights stay in memory and the 4-bit copy adds 5/32 of their size.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 #: Weights per block along the input dimension: Q4_1's block size.
@@ -81,10 +83,11 @@ class Int4Linear(torch.nn.Module):
         self.register_buffer("scale_and_zero", torch.stack([scale, low + 8 * scale], -1)
                              .transpose(0, 1).contiguous().to(torch.bfloat16))
         self.weight, self.bias = linear.weight, linear.bias
+        self.max_rows = INT4_MAX_ROWS  # 0: every product takes the float weight (see float_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] > INT4_MAX_ROWS:
+        if rows.shape[0] > self.max_rows:
             return torch.nn.functional.linear(x, self.weight, self.bias)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             rows.to(torch.bfloat16), self.packed, GROUP_SIZE, self.scale_and_zero)
@@ -93,6 +96,21 @@ class Int4Linear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={GROUP_SIZE}"
+
+
+@contextmanager
+def float_weights(model: torch.nn.Module):
+    """Within the block, every :class:`Int4Linear` of ``model`` multiplies with its float weight:
+    the float model, for comparisons, without a second copy of the weights."""
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    saved = [m.max_rows for m in layers]
+    for m in layers:
+        m.max_rows = 0
+    try:
+        yield model
+    finally:
+        for m, rows in zip(layers, saved):
+            m.max_rows = rows
 
 
 def quantize_int4(model: torch.nn.Module, skip=lambda name: False, *, lossless_only: bool = False) -> list[str]:

@@ -11,6 +11,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from infmllm_ros.bench import cli
 from infmllm_ros.bench.common import load_config, variants
@@ -89,6 +90,25 @@ def test_quick_mode_gives_one_well_formed_line_per_policy(command, smollm2, shar
         capped = next(x for x in lines if x["policy"] == "infmllm")
         assert max(capped["tokens_held"]) <= capped["budget"] + config["chunk"]
         assert len(capped["latency_ms"]) == capped["frames"] > 0
+
+
+def test_speed_of_an_int4_model_is_read_against_plain_transformers_on_both_weights(smollm2, shared_data, tmp_path,
+                                                                                  capsys):
+    import copy
+
+    from infmllm_ros.engine import LoadedModel
+    from infmllm_ros.engine.int4 import int4_kernel_available
+    from infmllm_ros.engine.models import quantize_model
+
+    if not int4_kernel_available():
+        pytest.skip(f"torch {torch.__version__} has no int4 CPU kernel")
+    int4 = LoadedModel(model=quantize_model(copy.deepcopy(smollm2.model), "int4"), tokenizer=smollm2.tokenizer,
+                       name=smollm2.name, quantize="int4")
+    lines, _ = _run("speed", tmp_path, capsys, int4)
+    assert [x["policy"] for x in lines][-2:] == ["transformers", "transformers_fp32"]
+    assert [x["quantize"] for x in lines] == ["int4"] * (len(lines) - 1) + ["none"]
+    for x in lines[:-2]:
+        assert set(x["vs_transformers"]) == set(x["vs_transformers_fp32"]) == {"prefill", "decode"}
 
 
 def test_quant_gives_the_int8_and_int4_perplexity_next_to_their_speed(smollm2, shared_data, tmp_path, capsys):

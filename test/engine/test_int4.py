@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from infmllm_ros.engine import Chunk, LoadedModel, Stream, StreamConfig
-from infmllm_ros.engine.int4 import GROUP_SIZE, INT4_MAX_ROWS, Int4Linear, int4_kernel_available, quantize_int4
+from infmllm_ros.engine.int4 import (GROUP_SIZE, INT4_MAX_ROWS, Int4Linear, float_weights, int4_kernel_available,
+                                     quantize_int4)
 from infmllm_ros.engine.models import check_quantize, quantize_model
 
 pytestmark = pytest.mark.skipif(not int4_kernel_available(), reason=f"torch {torch.__version__} has no int4 CPU kernel")
@@ -48,6 +49,9 @@ def test_more_rows_than_decode_uses_go_through_the_float_weight():
     x = torch.randn(INT4_MAX_ROWS + 1, 128)
     torch.testing.assert_close(int4(x), linear(x), rtol=0, atol=0)  # prefill chunks: the float product
     assert not torch.equal(int4(x[:1]), linear(x[:1]))  # one row (decode): the 4-bit kernel
+    with float_weights(int4):  # the float model, for comparisons
+        torch.testing.assert_close(int4(x[:1]), linear(x[:1]), rtol=0, atol=0)
+    assert not torch.equal(int4(x[:1]), linear(x[:1]))  # and back
 
 
 def test_weights_off_the_grid_are_rounded_to_within_half_a_step():
