@@ -36,7 +36,7 @@ class BenchConfig:
     dtype: str = "float32"
     attn: str = "sdpa"
     threads: int = 0  # torch threads; 0 = torch's default
-    quantize: str = "none"  # none | int8 (Linear weights in int8; engine.models.quantize_model)
+    quantize: str = "none"  # none | auto | int8 | int4 (Linear weights; engine.models.quantize_model)
     compile: str = "auto"  # decode steps compiled with static shapes: auto (CUDA only) | on | off
     # cache
     policies: list = field(default_factory=lambda: ["full", "window", "streamingllm", "h2o", "infmllm"])

@@ -72,6 +72,7 @@ def node_parameters(cfg: BenchConfig, budget: int, rate: float, threads: int) ->
     sc = stream_config(cfg, budget)
     return {
         "model.name": cfg.model, "model.device": cfg.device, "model.dtype": cfg.dtype,
+        "model.quantize": cfg.quantize,  # as the engine phase's model (the node's own default is auto)
         "model.num_threads": int(threads), "encoder.type": "offline",
         "cache.policy": sc.policy, "cache.budget_tokens": int(sc.budget_tokens),
         "cache.max_chunk_tokens": int(sc.max_chunk_tokens), "cache.sinks": int(sc.sinks),

@@ -4,8 +4,8 @@ Decode reads every weight once per token, so on a CPU its speed is the memory
 bandwidth divided by the weight bytes. The ``smollm2`` model ships as a Q4_1
 GGUF (llama.cpp's format: blocks of 32 weights along the input dimension,
 each ``w = d * q + m`` with ``q`` in 0..15 and fp16 ``d``, ``m``;
-ggml-quants.c), which transformers dequantises to float32 on load: 8x the bytes
-the file holds. :class:`Int4Linear` stores a Linear layer the way the file
+ggml-quants.c), which transformers dequantises to float32 on load: 6.4x the
+bytes the file holds (32 bits a weight against 4 + 32 / 32). :class:`Int4Linear` stores a Linear layer the way the file
 does and multiplies with ``torch.ops.aten._weight_int4pack_mm_for_cpu``
 (torch >= 2.6; the kernel torchao's int4 CPU layout uses), whose blocks are
 ``w = (q - 8) * scale + zero``: the same grid with ``scale = d`` and
@@ -143,7 +143,7 @@ def quantize_int4(model: torch.nn.Module, skip=lambda name: False, *, lossless_o
             if (type(child) is torch.nn.Linear and child_name != "lm_head" and not skip(name)
                     and child.in_features % GROUP_SIZE == 0):
                 int4 = Int4Linear(child)
-                if lossless_only and int4.max_error > 0:
+                if lossless_only and not int4.max_error == 0.0:  # (a NaN weight is not lossless either)
                     for owner, attribute, linear, _ in replaced:
                         setattr(owner, attribute, linear)
                     return []
