@@ -13,19 +13,22 @@ does and multiplies with ``torch.ops.aten._weight_int4pack_mm_for_cpu``
 
 :func:`quantize_int4` finds each block's grid from the float weights alone:
 min-max asymmetric rounding over groups of 32, which is how Q4_1 is made. On
-weights dequantised from a Q4_1 file it gives back the file's own integers and
-scales (each block's smallest weight is ``q = 0``, its largest ``q = 15``),
-so the only change is that the kernel takes the activations and the per-block
-scale and zero in bfloat16 (perplexity within 0.2% of float32 on SmolLM2-135M,
-docs/benchmarks.md section 12). On other float weights it is round-to-nearest
+weights dequantised from a Q4_1 file it gives back the file's own integers
+exactly (each block's smallest weight is ``q = 0``, its largest ``q = 15``;
+``Int4Linear.grid_error`` is 0.0). What the kernel multiplies with differs
+from the file in two roundings: it keeps each block's scale and zero in
+bfloat16, which moves a weight by a fraction of its block's step (at most
+4.6% of a step on SmolLM2-135M; ``Int4Linear.max_error``), and it takes the
+activations in bfloat16 and returns bfloat16. Perplexity token by token: +0.02%
+(docs/benchmarks.md section 12). On other float weights it is round-to-nearest
 4-bit quantisation, with the error that brings.
 
-The 4-bit blocks serve the matrix-vector products of decode (at most
-:data:`INT4_MAX_ROWS` rows), which are bound by reading the weights; prefill
-chunks keep the float weights, because the int4 kernel computes in bfloat16
+The 4-bit blocks serve products of at most :data:`INT4_MAX_ROWS` rows (decode's
+matrix-vector products, bound by reading the weights); longer ones (prefill
+chunks) use the float weights, because the int4 kernel computes in bfloat16
 without a tuned GEMM and ran 2x slower than float32 at 256 rows on the AVX2
-CPUs here (both measured in docs/benchmarks.md section 12). So the float
-weights stay in memory and the 4-bit copy adds 5/32 of their size.
+CPUs here (docs/benchmarks.md section 12). So the float weights stay in memory;
+the 4-bit copy adds 5 bits a weight (5/32 of float32 weights, 5/16 of half ones).
 """
 
 from __future__ import annotations
@@ -36,6 +39,13 @@ import torch
 
 #: Weights per block along the input dimension: Q4_1's block size.
 GROUP_SIZE = 32
+
+#: The kernel packs output rows in tiles of 16: other widths stay float.
+OUT_MULTIPLE = 16
+
+#: ``auto`` (``lossless_only``) takes a layer only if its integers are the file's own and the kernel's
+#: bfloat16 scale and zero move no weight by more than this share of its block's step.
+MAX_ERROR_STEPS = 0.25
 
 #: Most rows (tokens) a product sends through the int4 kernel; more use the float weights.
 #: Measured over SmolLM2's 210 decoder Linears, one thread: int4 2.1x faster at 1 row, 1.3x at 8,
@@ -51,37 +61,48 @@ def int4_kernel_available() -> bool:
 class Int4Linear(torch.nn.Module):
     """A Linear layer with a 4-bit copy of its weight, in blocks of 32, for few-row products.
 
-    Built from a float ``nn.Linear`` with ``in_features`` a multiple of 32, whose
-    weight (and bias) it shares. ``forward`` takes ``[..., in_features]`` in any
-    float dtype and returns ``[..., out_features]`` in the same dtype: up to
-    :data:`INT4_MAX_ROWS` rows through the int4 kernel (bfloat16 activations,
-    float accumulation), more through the float weight.
+    Built from a float ``nn.Linear`` with ``in_features`` a multiple of 32 and
+    ``out_features`` a multiple of 16, whose weight (and bias) it shares.
+    ``forward`` takes ``[..., in_features]`` in the layer's dtype (as
+    ``nn.Linear``) and returns ``[..., out_features]`` in that dtype: up to
+    ``max_rows`` rows (:data:`INT4_MAX_ROWS`) through the int4 kernel, in
+    bfloat16 (activations, scale, zero and its output; float accumulation
+    inside), more through the float weight.
 
     Attributes:
         packed: the kernel's packed layout of the ``[out, in]`` integers 0..15.
         scale_and_zero: ``[in / 32, out, 2]`` bfloat16, per block ``scale`` and
             ``zero`` so that ``w = (q - 8) * scale + zero``.
-        max_error: largest ``|dequantised - original|`` over the weight, in
-            the weight's units (0.0 when the weight was already on a Q4_1 grid).
+        grid_error: largest ``|q * scale + low - w|`` with float32 scales, in the
+            weight's units: 0.0 when the weight was already on a Q4_1 grid.
+        max_error: largest ``|(q - 8) * scale + zero - w|`` with the kernel's
+            bfloat16 scale and zero: how far the weights the kernel uses are from
+            the float ones.
+        max_error_steps: the same, per block in units of that block's step.
     """
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
         weight = linear.weight.detach().float()
         out_features, in_features = weight.shape
-        if in_features % GROUP_SIZE:
-            raise ValueError(f"int4 needs in_features divisible by {GROUP_SIZE}, got {in_features}")
+        if in_features % GROUP_SIZE or out_features % OUT_MULTIPLE:
+            raise ValueError(f"int4 needs in_features divisible by {GROUP_SIZE} and out_features by "
+                             f"{OUT_MULTIPLE}, got {in_features} -> {out_features}")
         blocks = weight.view(out_features, in_features // GROUP_SIZE, GROUP_SIZE)
         low = blocks.amin(-1)
-        scale = (blocks.amax(-1) - low) / 15
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant block: every q is 0
-        q = torch.round((blocks - low[..., None]) / scale[..., None]).clamp_(0, 15)
-        self.max_error = float((q * scale[..., None] + low[..., None] - blocks).abs().max())
+        scale = (blocks.amax(-1) - low) / 15  # 0 for a constant block: every q is 0, w = zero = low
+        q = torch.round((blocks - low[..., None]) / torch.where(scale > 0, scale, 1.0)[..., None]).clamp_(0, 15)
+        self.grid_error = float((q * scale[..., None] + low[..., None] - blocks).abs().max())
+        scale_and_zero = torch.stack([scale, low + 8 * scale], -1).to(torch.bfloat16)
+        used = (q - 8) * scale_and_zero[..., :1].float() + scale_and_zero[..., 1:].float()
+        error = (used - blocks).abs().amax(-1)
+        self.max_error = float(error.max())
+        self.max_error_steps = float(torch.where(scale > 0, error / torch.where(scale > 0, scale, 1.0),
+                                                 (error > 0) * float("inf")).max())
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
             q.view(out_features, in_features).to(torch.int32), 1))
-        self.register_buffer("scale_and_zero", torch.stack([scale, low + 8 * scale], -1)
-                             .transpose(0, 1).contiguous().to(torch.bfloat16))
+        self.register_buffer("scale_and_zero", scale_and_zero.transpose(0, 1).contiguous())
         self.weight, self.bias = linear.weight, linear.bias
         self.max_rows = INT4_MAX_ROWS  # 0: every product takes the float weight (see float_weights)
 
@@ -90,9 +111,14 @@ class Int4Linear(torch.nn.Module):
         if rows.shape[0] > self.max_rows:
             return torch.nn.functional.linear(x, self.weight, self.bias)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            rows.to(torch.bfloat16), self.packed, GROUP_SIZE, self.scale_and_zero)
-        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+            rows.to(torch.bfloat16).contiguous(), self.packed, GROUP_SIZE, self.scale_and_zero)
+        y = y.view(*x.shape[:-1], self.out_features).to(self.weight.dtype)
+        return (y if self.bias is None else y + self.bias).to(x.dtype)
+
+    @property
+    def lossless(self) -> bool:
+        """The file's own integers (``grid_error`` 0) and the kernel within :data:`MAX_ERROR_STEPS` of them."""
+        return self.grid_error == 0.0 and self.max_error_steps <= MAX_ERROR_STEPS
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={GROUP_SIZE}"
@@ -101,7 +127,8 @@ class Int4Linear(torch.nn.Module):
 @contextmanager
 def float_weights(model: torch.nn.Module):
     """Within the block, every :class:`Int4Linear` of ``model`` multiplies with its float weight:
-    the float model, for comparisons, without a second copy of the weights."""
+    the float model, for comparisons, without a second copy of the weights. It changes the shared
+    modules: no other thread may run the model meanwhile."""
     layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
     saved = [m.max_rows for m in layers]
     for m in layers:
@@ -118,9 +145,10 @@ def quantize_int4(model: torch.nn.Module, skip=lambda name: False, *, lossless_o
 
     The LM head (tied to the embeddings, Q8_0 in the GGUF) and any layer for
     which ``skip(name)`` is true stay float, as do layers whose input width is
-    not a multiple of 32. With ``lossless_only``, the model is left as it was
-    (and ``[]`` returned) unless every replaced weight was already on a 4-bit
-    grid (``max_error == 0``: weights dequantised from a Q4_1 GGUF).
+    not a multiple of 32 or output width not a multiple of 16. With
+    ``lossless_only``, the model is left as it was (and ``[]`` returned) unless
+    every replaced layer is :attr:`Int4Linear.lossless` (weights dequantised
+    from a Q4_1 GGUF). On any error the model is left as it was.
 
     Returns:
         The qualified names of the replaced layers.
@@ -137,18 +165,26 @@ def quantize_int4(model: torch.nn.Module, skip=lambda name: False, *, lossless_o
         raise ValueError(f"quantize int4 needs torch >= 2.6 (_weight_int4pack_mm_for_cpu); "
                          f"this is torch {torch.__version__}")
     replaced = []  # (parent, attribute, the float layer, qualified name)
-    for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            name = f"{parent_name}.{child_name}" if parent_name else child_name
-            if (type(child) is torch.nn.Linear and child_name != "lm_head" and not skip(name)
-                    and child.in_features % GROUP_SIZE == 0):
-                int4 = Int4Linear(child)
-                if lossless_only and not int4.max_error == 0.0:  # (a NaN weight is not lossless either)
-                    for owner, attribute, linear, _ in replaced:
-                        setattr(owner, attribute, linear)
-                    return []
-                setattr(parent, child_name, int4)
-                replaced.append((parent, child_name, child, name))
+
+    def undo() -> None:
+        for owner, attribute, linear, _ in replaced:
+            setattr(owner, attribute, linear)
+
+    try:
+        for parent_name, parent in list(model.named_modules()):
+            for child_name, child in list(parent.named_children()):
+                name = f"{parent_name}.{child_name}" if parent_name else child_name
+                if (type(child) is torch.nn.Linear and child_name != "lm_head" and not skip(name)
+                        and child.in_features % GROUP_SIZE == 0 and child.out_features % OUT_MULTIPLE == 0):
+                    int4 = Int4Linear(child)
+                    if lossless_only and not int4.lossless:  # (a NaN weight is not lossless either)
+                        undo()
+                        return []
+                    setattr(parent, child_name, int4)
+                    replaced.append((parent, child_name, child, name))
+    except BaseException:
+        undo()
+        raise
     if not replaced and not lossless_only:
         raise ValueError(f"no Linear layer to quantize in {type(model).__name__}")
     return [name for *_, name in replaced]

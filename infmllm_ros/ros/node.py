@@ -122,7 +122,8 @@ def check_before_load(settings: NodeSettings, *, model: bool = True) -> None:
         try:
             check()
         except (OSError, ValueError, RuntimeError) as exc:
-            raise ParameterError(f"{name}: {exc}") from None
+            # the engine's quantize messages start with "quantize ...": "model.quantize int4 ..."
+            raise ParameterError(f"model.{exc}" if name == "model.quantize" else f"{name}: {exc}") from None
 
 
 def build_encoder(lm, settings: NodeSettings):
@@ -204,7 +205,8 @@ class InfMllmNode(Node):
 
             torch.set_num_threads(s.model.num_threads)
         check_before_load(s, model=loaded_model is None)  # fails now, not after a 30-50 s load
-        if loaded_model is None:
+        loaded_here = loaded_model is None
+        if loaded_here:
             log.info(f"loading model '{s.model.name}' (device {s.model.device}, dtype "
                      f"{s.model.dtype}) ...")
             try:
@@ -225,7 +227,8 @@ class InfMllmNode(Node):
         detector = f" ({describer.detector.description})" if describer is not None else ""
         log.info(
             f"model '{self.lm.name}' ({self.lm.kind}) on {self.lm.device}, {self.lm.dtype}"
-            f"{f', {self.lm.quantize} weights' if self.lm.quantize != 'none' else ''} ({how}); "
+            f", {self.lm.quantize if self.lm.quantize != 'none' else 'float'} weights"
+            f"{' (model.quantize auto)' if s.model.quantize == 'auto' and loaded_here else ''} ({how}); "
             f"encoder {s.encoder.type}{detector}; cache policy {s.cache.policy}, budget "
             f"{self.stream.budget} tokens, at most {self.stream.capacity or 'unbounded'} held"
             + (f" / {s.cache.budget_bytes} bytes" if s.cache.budget_bytes else ""))

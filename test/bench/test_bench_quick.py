@@ -168,6 +168,16 @@ def test_cli_overrides_and_bad_values():
         cli.parse(["recall", "--quick", "--budget", "64", "--policy", "infmllm[carry=max]"])
     with pytest.raises(ValueError, match="pool must be an odd"):
         cli.parse(["ppl", "--quick", "--policy", "streamingllm", "--policy", "infmllm[pool=4]"])
+    # device, dtype and quantize together, as the model load would check them
+    with pytest.raises(ValueError, match="int8 on the CPU needs dtype float32, got bfloat16"):
+        cli.parse(["speed", "--quick", "--dtype", "bfloat16", "--set", "quantize=int8"])
+    with pytest.raises(ValueError, match="quantizes a float32 model itself"):
+        cli.parse(["quant", "--quick", "--set", "quantize=auto"])
+    with pytest.raises(ValueError, match="quantizes a float32 model itself"):
+        cli.parse(["quant", "--quick", "--dtype", "bfloat16"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            cli.parse(["speed", "--quick", "--device", "cuda", "--set", "quantize=int4"])
 
 
 def test_cli_refuses_bad_settings_in_one_line_before_loading_anything(capsys):

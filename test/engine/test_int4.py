@@ -34,7 +34,8 @@ def _q4_1_linear(out_features=96, in_features=128, seed=0) -> tuple[torch.nn.Lin
 def test_weights_on_a_q4_1_grid_are_kept_exactly_and_multiply_as_the_float_layer():
     linear, _ = _q4_1_linear()
     int4 = Int4Linear(linear)
-    assert int4.max_error == 0.0
+    assert int4.grid_error == 0.0  # the integers and float32 scales rebuild every weight
+    assert 0 < int4.max_error_steps < 0.05 and int4.lossless  # the kernel's bfloat16 scale and zero
     x = torch.randn(2, INT4_MAX_ROWS // 2, 128)  # few rows: the int4 kernel
     expected = linear(x.bfloat16().float())  # the kernel reads the activations in bfloat16
     got = int4(x)
@@ -59,12 +60,60 @@ def test_weights_off_the_grid_are_rounded_to_within_half_a_step():
     int4 = Int4Linear(linear)
     blocks = linear.weight.detach().view(32, 2, GROUP_SIZE)
     step = (blocks.amax(-1) - blocks.amin(-1)) / 15
-    assert 0 < int4.max_error <= float(step.max()) / 2 + 1e-6
+    assert 0 < int4.grid_error <= float(step.max()) / 2 + 1e-6
 
 
-def test_a_width_the_blocks_do_not_divide_is_refused():
+def test_a_width_the_blocks_do_not_divide_is_refused_and_skipped():
     with pytest.raises(ValueError, match="divisible by 32"):
-        Int4Linear(torch.nn.Linear(40, 8))
+        Int4Linear(torch.nn.Linear(40, 16))
+    with pytest.raises(ValueError, match="out_features by 16"):
+        Int4Linear(torch.nn.Linear(32, 7))  # the kernel packs output rows in tiles of 16
+    net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 8), torch.nn.Linear(8, 32))
+    assert quantize_int4(net) == ["0"]  # the others stay float
+
+
+def test_a_constant_block_and_a_block_far_from_zero():
+    """What bfloat16 scale and zero cannot hold: ``auto`` (lossless_only) leaves such a model alone."""
+    constant = torch.nn.Linear(64, 16, bias=False)
+    with torch.no_grad():
+        constant.weight.fill_(0.01)
+    int4 = Int4Linear(constant)
+    x = torch.ones(1, 64)
+    torch.testing.assert_close(int4(x), constant(x), rtol=1e-2, atol=0)  # was 0.0 with a unit scale
+    assert int4.grid_error == 0.0 and not int4.lossless  # 0.01 is not a bfloat16 number
+    far = torch.nn.Linear(64, 16, bias=False)
+    with torch.no_grad():  # an exact Q4_1 grid: fp16 d = 0.001, m = 0.3
+        q = torch.randint(0, 16, (16, 2, GROUP_SIZE)).float()
+        q[..., 0], q[..., 1] = 0, 15
+        far.weight.copy_((q * torch.tensor(0.001).half().float() + torch.tensor(0.3).half().float()).view(16, 64))
+    int4 = Int4Linear(far)
+    assert int4.grid_error < 1e-6 and int4.max_error_steps > 0.25 and not int4.lossless
+    model = torch.nn.Sequential(_q4_1_linear()[0], far)
+    assert quantize_int4(model, lossless_only=True) == []
+    assert [type(m) for m in model] == [torch.nn.Linear, torch.nn.Linear]
+
+
+def test_a_failure_halfway_leaves_the_model_as_it_was():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 32))
+    before = list(model)
+
+    def skip(name):
+        if name == "1":
+            raise RuntimeError("injected")
+        return False
+
+    with pytest.raises(RuntimeError, match="injected"):
+        quantize_int4(model, skip)
+    assert list(model) == before
+
+
+def test_inputs_as_nn_linear_takes_them():
+    linear = torch.nn.Linear(64, 32)
+    int4 = Int4Linear(linear)
+    strided = torch.randn(64, 3).t()  # not contiguous
+    torch.testing.assert_close(int4(strided), int4(strided.contiguous()), rtol=0, atol=0)
+    half = Int4Linear(torch.nn.Linear(64, 32).half())
+    assert half(torch.randn(2, 64).half()).dtype == torch.float16
 
 
 def test_int4_is_refused_off_the_cpu_before_anything_loads():
@@ -78,14 +127,15 @@ def test_int4_is_refused_off_the_cpu_before_anything_loads():
 
 @pytest.mark.model
 def test_smollm2_keeps_its_gguf_blocks_and_its_perplexity(smollm2, emma_ids):
-    """``auto`` takes int4 here: every decoder Linear of the Q4_1 GGUF comes back on its grid (error 0.0), and the same
+    """``auto`` takes int4 here: every decoder Linear of the Q4_1 GGUF comes back on its grid, and the same
     Inf-MLLM stream, fed in chunks small enough for the int4 kernel, scores the next tokens as
     the float32 model does."""
     model = quantize_model(copy.deepcopy(smollm2.model), "auto")
     int4_layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
     # q, k, v, o, gate, up, down per layer; the LM head stays float
     assert len(int4_layers) == 7 * smollm2.model.config.num_hidden_layers
-    assert max(m.max_error for m in int4_layers) == 0.0
+    assert max(m.grid_error for m in int4_layers) == 0.0  # the file's own integers
+    assert max(m.max_error_steps for m in int4_layers) < 0.1  # bfloat16 scales: 0.046 of a step at most
     quantized = LoadedModel(model=model, tokenizer=smollm2.tokenizer, name=smollm2.name, quantize="int4")
 
     ids, step = emma_ids[:, :320], INT4_MAX_ROWS
