@@ -111,7 +111,7 @@ class BenchConfig:
     quick: bool = False
     seed: int = 0
 
-    def _check_device(self) -> None:
+    def _check_model_settings(self) -> None:
         """device, dtype and quantize together, as load_model would check them (the gpu benchmark,
         which asks for CUDA, says itself when there is none)."""
         import torch
@@ -121,11 +121,9 @@ class BenchConfig:
         if self.command == "quant" and (self.quantize != "none" or self.dtype not in ("float32", "auto")):
             raise ValueError("the quant benchmark quantizes a float32 model itself: run it with quantize none "
                              f"and dtype float32 (got quantize {self.quantize!r}, dtype {self.dtype!r})")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            if self.command == "gpu":
-                return
-            raise ValueError(f"device {self.device!r} asked for, but CUDA is not available here")
-        device = resolve_device(self.device)
+        if self.command == "gpu" and self.device.startswith("cuda") and not torch.cuda.is_available():
+            return
+        device = resolve_device(self.device)  # refuses CUDA where there is none
         check_quantize(self.quantize, device, resolve_dtype(self.dtype, device))
 
     def validate(self) -> "BenchConfig":
@@ -137,7 +135,7 @@ class BenchConfig:
 
         if self.quantize not in QUANTIZE_CHOICES:
             raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {self.quantize!r}")
-        self._check_device()
+        self._check_model_settings()
         if self.compile not in COMPILE_CHOICES:
             raise ValueError(f"compile must be one of {COMPILE_CHOICES}, got {self.compile!r}")
         for name in self.policies:

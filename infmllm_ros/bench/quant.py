@@ -41,7 +41,7 @@ def precisions(lm) -> list[str]:
     """The quantisations this model can run here, after float32: int8 always, int4 on the CPU with its kernel."""
     from infmllm_ros.engine.int4 import int4_kernel_available
 
-    return ["int8"] + (["int4"] if lm.device.type == "cpu" and int4_kernel_available() else [])
+    return ["int8"] + (["int4"] if int4_kernel_available(lm.device) else [])
 
 
 def run(cfg: BenchConfig, lm=None) -> list[dict]:

@@ -34,6 +34,7 @@ the 4-bit copy adds 5 bits a weight (5/32 of float32 weights, 5/16 of half ones)
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Optional
 
 import torch
 
@@ -53,9 +54,10 @@ MAX_ERROR_STEPS = 0.25
 INT4_MAX_ROWS = 8
 
 
-def int4_kernel_available() -> bool:
-    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
-        torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+def int4_kernel_available(device: Optional[torch.device] = None) -> bool:
+    """Whether this torch has the int4 CPU kernel (and, given a ``device``, whether it is the CPU)."""
+    return (device is None or device.type == "cpu") and hasattr(
+        torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
 
 
 class Int4Linear(torch.nn.Module):
@@ -91,14 +93,16 @@ class Int4Linear(torch.nn.Module):
         blocks = weight.view(out_features, in_features // GROUP_SIZE, GROUP_SIZE)
         low = blocks.amin(-1)
         scale = (blocks.amax(-1) - low) / 15  # 0 for a constant block: every q is 0, w = zero = low
-        q = torch.round((blocks - low[..., None]) / torch.where(scale > 0, scale, 1.0)[..., None]).clamp_(0, 15)
+        divisor = torch.where(scale > 0, scale, 1.0)
+        q = torch.round((blocks - low[..., None]) / divisor[..., None]).clamp_(0, 15)
         self.grid_error = float((q * scale[..., None] + low[..., None] - blocks).abs().max())
         scale_and_zero = torch.stack([scale, low + 8 * scale], -1).to(torch.bfloat16)
         used = (q - 8) * scale_and_zero[..., :1].float() + scale_and_zero[..., 1:].float()
         error = (used - blocks).abs().amax(-1)
         self.max_error = float(error.max())
-        self.max_error_steps = float(torch.where(scale > 0, error / torch.where(scale > 0, scale, 1.0),
-                                                 (error > 0) * float("inf")).max())
+        # a constant block has no step: exact (0) or infinitely far
+        self.max_error_steps = float(torch.where(scale > 0, error / divisor,
+                                                 torch.where(error > 0, float("inf"), 0.0)).max())
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
             q.view(out_features, in_features).to(torch.int32), 1))

@@ -122,24 +122,25 @@ QUANTIZE_CHOICES = ("none", "auto", "int8", "int4")
 KEEP_FLOAT_ON_CPU = ("down_proj", "fc2")
 
 
-def check_quantize(method: str, device: torch.device, dtype: torch.dtype) -> None:
+def check_quantize(method: str, device: torch.device, dtype: torch.dtype, setting: str = "quantize") -> None:
     """Whether ``method`` can run for a model on ``device`` in ``dtype``, checked before loading.
+    ``setting`` is the name the messages give it (the node's ``model.quantize``).
 
     Raises:
         ValueError: an unknown method; int8 on the CPU for a non-float32 model; int4
             off the CPU or on a torch without its int4 CPU kernel.
     """
     if method not in QUANTIZE_CHOICES:
-        raise ValueError(f"unknown quantize method {method!r}; choose one of {QUANTIZE_CHOICES}")
+        raise ValueError(f"unknown {setting} method {method!r}; choose one of {QUANTIZE_CHOICES}")
     if method == "int8" and device.type == "cpu" and dtype != torch.float32:
-        raise ValueError(f"quantize int8 on the CPU needs dtype float32, got {str(dtype).replace('torch.', '')}")
+        raise ValueError(f"{setting} int8 on the CPU needs dtype float32, got {str(dtype).replace('torch.', '')}")
     if method == "int4":
         from .int4 import int4_kernel_available
 
         if device.type != "cpu":
-            raise ValueError(f"quantize int4 runs on the CPU only (torch's int4 CPU kernel), not on {device.type}")
+            raise ValueError(f"{setting} int4 runs on the CPU only (torch's int4 CPU kernel), not on {device.type}")
         if not int4_kernel_available():
-            raise ValueError(f"quantize int4 needs torch >= 2.6 (_weight_int4pack_mm_for_cpu), "
+            raise ValueError(f"{setting} int4 needs torch >= 2.6 (_weight_int4pack_mm_for_cpu), "
                              f"this is torch {torch.__version__}")
 
 
@@ -181,7 +182,7 @@ def quantize_model(model: torch.nn.Module, method: str = "int8") -> torch.nn.Mod
     if method in ("int4", "auto"):
         from .int4 import int4_kernel_available, quantize_int4
 
-        if method == "int4" or (next(model.parameters()).device.type == "cpu" and int4_kernel_available()):
+        if method == "int4" or int4_kernel_available(next(model.parameters()).device):
             quantize_int4(model, skip=_is_vision, lossless_only=method == "auto")
         return model
     device = next(model.parameters()).device

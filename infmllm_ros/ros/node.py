@@ -114,7 +114,7 @@ def check_before_load(settings: NodeSettings, *, model: bool = True) -> None:
 
     def quantize_check():
         device = resolve_device(m.device)
-        check_quantize(m.quantize, device, resolve_dtype(m.dtype, device))
+        check_quantize(m.quantize, device, resolve_dtype(m.dtype, device), setting="model.quantize")
 
     for name, check in (("model.name", lambda: check_model_source(m.name, m.gguf_file or None)),
                         ("model.device", lambda: resolve_device(m.device)),
@@ -122,8 +122,7 @@ def check_before_load(settings: NodeSettings, *, model: bool = True) -> None:
         try:
             check()
         except (OSError, ValueError, RuntimeError) as exc:
-            # the engine's quantize messages start with "quantize ...": "model.quantize int4 ..."
-            raise ParameterError(f"model.{exc}" if name == "model.quantize" else f"{name}: {exc}") from None
+            raise ParameterError(str(exc) if name == "model.quantize" else f"{name}: {exc}") from None
 
 
 def build_encoder(lm, settings: NodeSettings):

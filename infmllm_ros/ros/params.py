@@ -130,8 +130,7 @@ STATIC_SPECS: Tuple[ParamSpec, ...] = (
        "needs model.dtype float32 or auto, +16% perplexity on SmolLM2; CUDA: needs torchao), 'none', "
        "or 'auto': int4 where the weights are already on Q4_1 grids (on the CPU, a Q4_1 GGUF such as "
        "smollm2: the file's own 4-bit integers, decode 1.36x float32's at one thread, perplexity "
-       "+0.02%), none elsewhere. "
-       "Speeds in docs/benchmarks.md.",
+       "+0.02%), none elsewhere. Speeds in docs/benchmarks.md.",
        read_only=True, choices=QUANTIZE_METHODS),
     _s("encoder.type", "offline", "How a frame becomes tokens: 'offline' (object detector + tracker "
        "-> one line of text -> the language model) or 'vlm' (the model's own vision tower).",
@@ -512,11 +511,20 @@ def check_settings(s: NodeSettings) -> Optional[str]:
                 f"diagnostics.stale_periods ({s.diagnostics_stale_periods:g})")
     if not s.model.name.strip():
         return "model.name is empty"
-    if s.model.quantize == "int8" and s.model.dtype not in ("auto", "float32") and s.model.device == "cpu":
-        return (f"model.quantize int8 on the CPU needs model.dtype float32 (or auto), got "
-                f"{s.model.dtype!r}")
-    if s.model.quantize == "int4" and s.model.device.startswith("cuda"):
-        return f"model.quantize int4 runs on the CPU only, not on model.device {s.model.device!r}"
+    # The engine's rules for quantize on a device; "auto" and unknown device names are resolved, and
+    # checked, just before the load (check_before_load).
+    if s.model.device not in ("", "auto"):
+        import torch
+
+        from infmllm_ros.engine.models import check_quantize, resolve_dtype
+
+        try:
+            device = torch.device(s.model.device)
+            check_quantize(s.model.quantize, device, resolve_dtype(s.model.dtype, device), setting="model.quantize")
+        except RuntimeError:
+            pass  # not a device name torch knows: model.device's own check says so
+        except ValueError as exc:
+            return str(exc)
     if s.encoder.type == "offline":
         reason = _detector_reason(s.encoder.detector)
         if reason:

@@ -81,6 +81,11 @@ def test_a_constant_block_and_a_block_far_from_zero():
     x = torch.ones(1, 64)
     torch.testing.assert_close(int4(x), constant(x), rtol=1e-2, atol=0)  # was 0.0 with a unit scale
     assert int4.grid_error == 0.0 and not int4.lossless  # 0.01 is not a bfloat16 number
+    zero = torch.nn.Linear(64, 16, bias=False)
+    with torch.no_grad():
+        zero.weight.zero_()  # pruned weights: exact in any precision
+    int4 = Int4Linear(zero)
+    assert int4.max_error_steps == 0.0 and int4.lossless and not int4(x).any()
     far = torch.nn.Linear(64, 16, bias=False)
     with torch.no_grad():  # an exact Q4_1 grid: fp16 d = 0.001, m = 0.3
         q = torch.randint(0, 16, (16, 2, GROUP_SIZE)).float()
