@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from infmllm_ros.engine import Chunk, LoadedModel, Stream, StreamConfig
-from infmllm_ros.engine.int4 import (GROUP_SIZE, INT4_MAX_ROWS, Int4Linear, float_weights, int4_kernel_available,
-                                     quantize_int4)
+from infmllm_ros.engine.int4 import (GROUP_SIZE, INT4_MAX_ROWS, Float16Head, Int4Linear, float_weights,
+                                     int4_kernel_available, quantize_int4)
 from infmllm_ros.engine.models import check_quantize, quantize_model
 
 pytestmark = pytest.mark.skipif(not int4_kernel_available(), reason=f"torch {torch.__version__} has no int4 CPU kernel")
@@ -121,6 +121,61 @@ def test_inputs_as_nn_linear_takes_them():
     assert half(torch.randn(2, 64).half()).dtype == torch.float16
 
 
+class _TinyLM(torch.nn.Module):
+    """Two decoder-like Linears and a tied LM head, named as transformers names them."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(48, 64)
+        self.layers = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+        self.lm_head = torch.nn.Linear(64, 48, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+
+def test_the_lm_head_multiplies_few_rows_in_float16_and_more_in_float32():
+    linear = torch.nn.Linear(64, 48, bias=False)
+    head = Float16Head(linear)
+    assert head.weight is linear.weight and head.half_weight.dtype == torch.float16
+    x = torch.randn(3, 64)
+    got = head(x)
+    assert got.dtype == torch.float32 and not torch.equal(got, linear(x))  # float16 products ...
+    expected = (x.half().double() @ linear.weight.detach().half().double().t())
+    torch.testing.assert_close(got.double(), expected, rtol=2e-3, atol=2e-3)  # ... rounded to float16 once
+    many = torch.randn(INT4_MAX_ROWS + 1, 64)
+    torch.testing.assert_close(head(many), linear(many), rtol=0, atol=0)  # logits of a whole chunk: float32
+    with float_weights(head):
+        torch.testing.assert_close(head(x), linear(x), rtol=0, atol=0)
+    huge = torch.full((1, 64), 1e6)  # past float16's range: the float32 product, not inf
+    assert torch.equal(head(huge), linear(huge)) and torch.isfinite(head(huge)).all()
+
+
+def test_quantize_int4_gives_the_tied_lm_head_a_float16_copy_and_undoes_it_on_failure():
+    model = _TinyLM()
+    assert quantize_int4(model) == ["layers.0", "layers.1", "lm_head"]
+    assert isinstance(model.lm_head, Float16Head) and model.lm_head.weight is model.embed.weight
+    big = _TinyLM()
+    with torch.no_grad():
+        big.embed.weight[0, 0] = 1e5  # does not fit float16: the head stays float32
+    assert quantize_int4(big) == ["layers.0", "layers.1"] and type(big.lm_head) is torch.nn.Linear
+    with pytest.raises(ValueError, match="do not fit float16"):
+        Float16Head(big.lm_head)
+    with pytest.raises(ValueError, match="float32 weights"):
+        Float16Head(torch.nn.Linear(64, 48).half())
+    failing = _TinyLM()
+    before = dict(failing.named_children())
+
+    def skip(name):
+        if name == "lm_head":
+            raise RuntimeError("injected")
+        return False
+
+    with pytest.raises(RuntimeError, match="injected"):
+        quantize_int4(failing, skip)
+    assert dict(failing.named_children()) == before and type(failing.layers[0]) is torch.nn.Linear
+    untouched = _TinyLM()  # auto on weights off every 4-bit grid: nothing changes, the head neither
+    assert quantize_int4(untouched, lossless_only=True) == [] and type(untouched.lm_head) is torch.nn.Linear
+
+
 def test_int4_is_refused_off_the_cpu_before_anything_loads():
     with pytest.raises(ValueError, match="CPU only"):
         check_quantize("int4", torch.device("cuda"), torch.bfloat16)
@@ -137,8 +192,9 @@ def test_smollm2_keeps_its_gguf_blocks_and_its_perplexity(smollm2, emma_ids):
     the float32 model does."""
     model = quantize_model(copy.deepcopy(smollm2.model), "auto")
     int4_layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
-    # q, k, v, o, gate, up, down per layer; the LM head stays float
+    # q, k, v, o, gate, up, down per layer; the LM head (Q8_0 in the file) gets a float16 copy
     assert len(int4_layers) == 7 * smollm2.model.config.num_hidden_layers
+    assert isinstance(model.lm_head, Float16Head) and model.lm_head.weight is model.model.embed_tokens.weight
     assert max(m.grid_error for m in int4_layers) == 0.0  # the file's own integers
     assert max(m.max_error_steps for m in int4_layers) < 0.1  # bfloat16 scales: 0.046 of a step at most
     quantized = LoadedModel(model=model, tokenizer=smollm2.tokenizer, name=smollm2.name, quantize="int4")
@@ -174,7 +230,8 @@ def test_quantize_model_int4_leaves_the_vision_tower_float_and_auto_leaves_rando
     kinds = {name: type(m).__name__ for name, m in model.named_modules()
              if isinstance(m, (torch.nn.Linear, Int4Linear))}
     assert any(k == "Int4Linear" for k in kinds.values())
-    assert all(k == "Linear" for name, k in kinds.items() if "vision" in name or name.endswith("lm_head"))
+    assert all(k == "Linear" for name, k in kinds.items() if "vision" in name)
+    assert isinstance(model.lm_head, Float16Head)
     ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
     with torch.no_grad():
         expected = tiny_idefics3.model(input_ids=ids).logits
