@@ -157,7 +157,8 @@ def quantize_model(model: torch.nn.Module, method: str = "int8") -> torch.nn.Mod
     through torch's int4 kernel (6x fewer bytes than float32; prefill chunks
     keep the float weights); on a model loaded from a Q4_1 GGUF (``smollm2``)
     these are the file's own integers, with its scales rounded to bfloat16
-    (perplexity +0.02%). Every Linear but the LM head and the vision tower.
+    (perplexity +0.02%). Every Linear but the LM head and the vision tower; a
+    float32 LM head gets a float16 copy for decode (:class:`~.int4.Float16Head`).
 
     ``int8``:
     CPU: PyTorch's dynamic quantisation (``torch.ao.quantization.quantize_dynamic``,

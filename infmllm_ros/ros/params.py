@@ -129,7 +129,8 @@ STATIC_SPECS: Tuple[ParamSpec, ...] = (
        "int4 kernel, prefill keeps the float weights), 'int8' (CPU: PyTorch dynamic quantisation, "
        "needs model.dtype float32 or auto, +16% perplexity on SmolLM2; CUDA: needs torchao), 'none', "
        "or 'auto': int4 where the weights are already on Q4_1 grids (on the CPU, a Q4_1 GGUF such as "
-       "smollm2: the file's own 4-bit integers, decode 1.36x float32's at one thread, perplexity "
+       "smollm2: the file's own 4-bit integers, with a float16 copy of the LM head: decode 1.42x "
+       "float32's at one thread, perplexity "
        "+0.02%), none elsewhere. Speeds in docs/benchmarks.md.",
        read_only=True, choices=QUANTIZE_METHODS),
     _s("encoder.type", "offline", "How a frame becomes tokens: 'offline' (object detector + tracker "
