@@ -98,17 +98,20 @@ def test_a_constant_block_and_a_block_far_from_zero():
     assert [type(m) for m in model] == [torch.nn.Linear, torch.nn.Linear]
 
 
+def _failing_at(layer: str):
+    """A ``skip`` for quantize_int4 that raises when it reaches ``layer``: a failure halfway."""
+    def skip(name):
+        if name == layer:
+            raise RuntimeError("injected")
+        return False
+    return skip
+
+
 def test_a_failure_halfway_leaves_the_model_as_it_was():
     model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 32))
     before = list(model)
-
-    def skip(name):
-        if name == "1":
-            raise RuntimeError("injected")
-        return False
-
     with pytest.raises(RuntimeError, match="injected"):
-        quantize_int4(model, skip)
+        quantize_int4(model, _failing_at("1"))
     assert list(model) == before
 
 
@@ -163,14 +166,8 @@ def test_quantize_int4_gives_the_tied_lm_head_a_float16_copy_and_undoes_it_on_fa
         Float16Head(torch.nn.Linear(64, 48).half())
     failing = _TinyLM()
     before = dict(failing.named_children())
-
-    def skip(name):
-        if name == "lm_head":
-            raise RuntimeError("injected")
-        return False
-
     with pytest.raises(RuntimeError, match="injected"):
-        quantize_int4(failing, skip)
+        quantize_int4(failing, _failing_at("lm_head"))
     assert dict(failing.named_children()) == before and type(failing.layers[0]) is torch.nn.Linear
     untouched = _TinyLM()  # auto on weights off every 4-bit grid: nothing changes, the head neither
     assert quantize_int4(untouched, lossless_only=True) == [] and type(untouched.lm_head) is torch.nn.Linear
