@@ -23,7 +23,11 @@ import importlib
 import sys
 from typing import Optional
 
-from .common import COMMANDS, get_model, load_config, save_results
+from .common import COMMANDS, data_file, get_model, load_config, save_results
+
+#: The input files each benchmark reads: looked up before the model loads.
+INPUT_FILES = {"ppl": ("text",), "recall": ("text",), "speed": ("text",), "quant": ("text",),
+               "memory": ("video",), "node": ("video",)}
 
 DESCRIPTIONS = {
     "ppl": "perplexity of a long text streamed through each policy (per-segment curve + mean)",
@@ -100,11 +104,14 @@ def parse(argv: Optional[list] = None):
 def main(argv: Optional[list] = None, lm=None) -> int:
     """Run one benchmark; ``lm`` (a LoadedModel) skips the model load (tests share one).
 
-    Returns 0, or 2 with a one-line reason on stderr when the settings are refused (before any model loads).
+    Returns 0, or 2 with a one-line reason on stderr when the settings are refused or an input file
+    (``--text``, ``--video``) is missing, before any model loads.
     """
     try:
         cfg = parse(argv)
-    except ValueError as exc:
+        for name in INPUT_FILES.get(cfg.command, ()):
+            data_file(getattr(cfg, name))
+    except (ValueError, FileNotFoundError) as exc:
         print(f"infmllm-bench: error: {exc}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"infmllm_ros.bench.{cfg.command}")

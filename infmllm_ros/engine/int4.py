@@ -69,7 +69,9 @@ class Int4Linear(torch.nn.Module):
     """A Linear layer with a 4-bit copy of its weight, in blocks of 32, for few-row products.
 
     Built from a float ``nn.Linear`` with ``in_features`` a multiple of 32 and
-    ``out_features`` a multiple of 16, whose weight (and bias) it shares.
+    ``out_features`` a multiple of 16, whose weight (and bias) it shares. The
+    4-bit copy is made then: weights changed afterwards are not seen by it
+    (quantize after loading). For inference (no gradient through the kernel).
     ``forward`` takes ``[..., in_features]`` in the layer's dtype (as
     ``nn.Linear``) and returns ``[..., out_features]`` in that dtype: up to
     ``max_rows`` rows (:data:`INT4_MAX_ROWS`) through the int4 kernel, in
@@ -117,7 +119,10 @@ class Int4Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Called 7 times per layer per decoded token: as few tensor calls as the kernel allows.
-        if x.numel() > self.max_rows * self.in_features:
+        # Long inputs, and inputs nn.Linear would refuse (another dtype, another width), take the
+        # float weight: the same result or the same error as the float layer, whatever the row count.
+        if (x.numel() > self.max_rows * self.in_features or x.dtype != self.weight.dtype
+                or x.shape[-1] != self.in_features):
             return torch.nn.functional.linear(x, self.weight, self.bias)
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP_SIZE, self.scale_and_zero)
@@ -147,8 +152,9 @@ class Float16Head(torch.nn.Module):
     2^-11 of itself, at most 0.062 of its Q8_0 step (``|q| <= 127``), finer
     than the bfloat16 activations the int4 layers already take. Up to
     ``max_rows`` rows (:data:`INT4_MAX_ROWS`) multiply in float16 (activations
-    rounded to float16, logits returned in the input's dtype); more rows, or a
-    product that overflows float16, use the float weight.
+    rounded to float16, logits returned in float32); more rows, or a product
+    that overflows float16, use the float weight. The float16 copy is made when
+    the head is built: weights changed afterwards are not seen by it.
 
     Args:
         linear: a float32 ``nn.Linear`` whose weight (and bias) the head shares.
@@ -163,14 +169,15 @@ class Float16Head(torch.nn.Module):
             raise ValueError(f"a float16 LM head is made from float32 weights, got {linear.weight.dtype}")
         half = linear.weight.detach().to(torch.float16)
         if not torch.isfinite(half).all():
-            raise ValueError("the LM head's weights do not fit float16 (|w| > 65504)")
+            raise ValueError("the LM head's weights are not all finite in float16 (|w| > 65504, or NaN/inf)")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("half_weight", half)
         self.weight, self.bias = linear.weight, linear.bias
         self.max_rows = INT4_MAX_ROWS  # 0: every product takes the float weight (see float_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() <= self.max_rows * self.in_features:
+        if (x.numel() <= self.max_rows * self.in_features and x.dtype == self.weight.dtype
+                and x.shape[-1] == self.in_features):  # else nn.Linear's own result or error
             y = torch.nn.functional.linear(x.to(torch.float16), self.half_weight).to(x.dtype)
             if torch.isfinite(y).all():  # on the CPU (int4's device) this costs no device sync
                 return y if self.bias is None else y + self.bias

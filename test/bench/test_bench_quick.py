@@ -181,6 +181,10 @@ def test_cli_overrides_and_bad_values():
 
 
 def test_cli_refuses_bad_settings_in_one_line_before_loading_anything(capsys):
+    # a missing input file was found only after the model had loaded, with a traceback
+    for command, option in (("quant", "--text"), ("speed", "--text"), ("memory", "--video")):
+        assert cli.main([command, option, "/nonexistent/input.file", "--quick"]) == 2
+        assert "/nonexistent/input.file not found" in capsys.readouterr().err
     assert cli.main(["sceneqa", "--minutes", "-3"]) == 2
     assert cli.main(["recall", "--policy", "infmllm[nosuchknob=1]"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()

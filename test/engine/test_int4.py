@@ -124,6 +124,20 @@ def test_inputs_as_nn_linear_takes_them():
     assert half(torch.randn(2, 64).half()).dtype == torch.float16
 
 
+@pytest.mark.parametrize("rows", [1, INT4_MAX_ROWS + 1])
+def test_inputs_nn_linear_refuses_are_refused_alike_whatever_the_row_count(rows):
+    """Integers came back as truncated integer "outputs", float64 passed at few rows only, a wrong
+    width failed inside a reshape: each now meets nn.Linear's own error."""
+    linear = torch.nn.Linear(64, 48)
+    for layer in (Int4Linear(linear), Float16Head(linear)):
+        with pytest.raises(RuntimeError, match="same dtype|dtype"):
+            layer(torch.ones(rows, 64, dtype=torch.long))
+        with pytest.raises(RuntimeError, match="same dtype|dtype"):
+            layer(torch.ones(rows, 64, dtype=torch.float64))
+        with pytest.raises(RuntimeError, match="cannot be multiplied"):
+            layer(torch.ones(rows, 38))
+
+
 class _TinyLM(torch.nn.Module):
     """Two decoder-like Linears and a tied LM head, named as transformers names them."""
 
@@ -160,7 +174,7 @@ def test_quantize_int4_gives_the_tied_lm_head_a_float16_copy_and_undoes_it_on_fa
     with torch.no_grad():
         big.embed.weight[0, 0] = 1e5  # does not fit float16: the head stays float32
     assert quantize_int4(big) == ["layers.0", "layers.1"] and type(big.lm_head) is torch.nn.Linear
-    with pytest.raises(ValueError, match="do not fit float16"):
+    with pytest.raises(ValueError, match="not all finite in float16"):
         Float16Head(big.lm_head)
     with pytest.raises(ValueError, match="float32 weights"):
         Float16Head(torch.nn.Linear(64, 48).half())
