@@ -65,7 +65,28 @@ def int4_kernel_available(device: Optional[torch.device] = None) -> bool:
         torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
 
 
-class Int4Linear(torch.nn.Module):
+class _FewRowCopy(torch.nn.Module):
+    """What Int4Linear and Float16Head share: a float ``nn.Linear``'s weight and bias, and a lower-precision
+    copy of the weight that serves products of at most ``max_rows`` rows."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.max_rows = INT4_MAX_ROWS  # 0: every product takes the float weight (see float_weights)
+
+    def takes_copy(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` goes to the copy: few rows, and what nn.Linear would take. Long inputs, and inputs
+        nn.Linear would refuse (another dtype, another width), take the float weight: the same result or
+        the same error as the float layer, whatever the row count."""
+        return (x.numel() <= self.max_rows * self.in_features and x.dtype == self.weight.dtype
+                and x.shape[-1] == self.in_features)
+
+    def float_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+class Int4Linear(_FewRowCopy):
     """A Linear layer with a 4-bit copy of its weight, in blocks of 32, for few-row products.
 
     Built from a float ``nn.Linear`` with ``in_features`` a multiple of 32 and
@@ -91,7 +112,7 @@ class Int4Linear(torch.nn.Module):
     """
 
     def __init__(self, linear: torch.nn.Linear):
-        super().__init__()
+        super().__init__(linear)
         weight = linear.weight.detach().float()
         out_features, in_features = weight.shape
         if in_features % GROUP_SIZE or out_features % OUT_MULTIPLE:
@@ -110,20 +131,14 @@ class Int4Linear(torch.nn.Module):
         # a constant block has no step: exact (0) or infinitely far
         self.max_error_steps = float(torch.where(scale > 0, error / divisor,
                                                  torch.where(error > 0, float("inf"), 0.0)).max())
-        self.in_features, self.out_features = in_features, out_features
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
             q.view(out_features, in_features).to(torch.int32), 1))
         self.register_buffer("scale_and_zero", scale_and_zero.transpose(0, 1).contiguous())
-        self.weight, self.bias = linear.weight, linear.bias
-        self.max_rows = INT4_MAX_ROWS  # 0: every product takes the float weight (see float_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Called 7 times per layer per decoded token: as few tensor calls as the kernel allows.
-        # Long inputs, and inputs nn.Linear would refuse (another dtype, another width), take the
-        # float weight: the same result or the same error as the float layer, whatever the row count.
-        if (x.numel() > self.max_rows * self.in_features or x.dtype != self.weight.dtype
-                or x.shape[-1] != self.in_features):
-            return torch.nn.functional.linear(x, self.weight, self.bias)
+        if not self.takes_copy(x):
+            return self.float_forward(x)
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP_SIZE, self.scale_and_zero)
         y = y.to(x.dtype)
@@ -140,7 +155,7 @@ class Int4Linear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={GROUP_SIZE}"
 
 
-class Float16Head(torch.nn.Module):
+class Float16Head(_FewRowCopy):
     """The LM head with a float16 copy of its weight, for few-row products (decode's next-token logits).
 
     With the decoder Linears in 4 bits, the float32 LM head (vocabulary x
@@ -164,24 +179,20 @@ class Float16Head(torch.nn.Module):
     """
 
     def __init__(self, linear: torch.nn.Linear):
-        super().__init__()
+        super().__init__(linear)
         if linear.weight.dtype != torch.float32:
             raise ValueError(f"a float16 LM head is made from float32 weights, got {linear.weight.dtype}")
         half = linear.weight.detach().to(torch.float16)
         if not torch.isfinite(half).all():
             raise ValueError("the LM head's weights are not all finite in float16 (|w| > 65504, or NaN/inf)")
-        self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("half_weight", half)
-        self.weight, self.bias = linear.weight, linear.bias
-        self.max_rows = INT4_MAX_ROWS  # 0: every product takes the float weight (see float_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.numel() <= self.max_rows * self.in_features and x.dtype == self.weight.dtype
-                and x.shape[-1] == self.in_features):  # else nn.Linear's own result or error
+        if self.takes_copy(x):
             y = torch.nn.functional.linear(x.to(torch.float16), self.half_weight).to(x.dtype)
             if torch.isfinite(y).all():  # on the CPU (int4's device) this costs no device sync
                 return y if self.bias is None else y + self.bias
-        return torch.nn.functional.linear(x, self.weight, self.bias)
+        return self.float_forward(x)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, float16 for <= {self.max_rows} rows"
@@ -192,7 +203,7 @@ def float_weights(model: torch.nn.Module):
     """Within the block, every :class:`Int4Linear` and :class:`Float16Head` of ``model`` multiplies with
     its float weight: the float model, for comparisons, without a second copy of the weights. It changes
     the shared modules: no other thread may run the model meanwhile."""
-    layers = [m for m in model.modules() if isinstance(m, (Int4Linear, Float16Head))]
+    layers = [m for m in model.modules() if isinstance(m, _FewRowCopy)]
     saved = [m.max_rows for m in layers]
     for m in layers:
         m.max_rows = 0
@@ -249,11 +260,11 @@ def quantize_int4(model: torch.nn.Module, skip=lambda name: False, *, lossless_o
         for parent_name, parent in list(model.named_modules()) if replaced else []:
             head = getattr(parent, "lm_head", None)
             name = f"{parent_name}.lm_head" if parent_name else "lm_head"
-            if type(head) is not torch.nn.Linear or head.weight.dtype != torch.float32 or skip(name):
+            if type(head) is not torch.nn.Linear or skip(name):
                 continue
             try:
                 parent.lm_head = Float16Head(head)
-            except ValueError:  # weights beyond float16's range: the head stays float32
+            except ValueError:  # not float32, or beyond float16's range: the head stays as it is
                 continue
             replaced.append((parent, "lm_head", head, name))
     except BaseException:
