@@ -16,12 +16,15 @@ time, so ``compile="auto"`` compiles on CUDA only.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+
+from .int4 import Int4Linear
 
 COMPILE_CHOICES = ("auto", "on", "off")
 
@@ -99,6 +102,100 @@ class Generation:
     tokens: list[int]
     text: str
     cancelled: bool = False
+
+
+#: Causal LMs whose decoder :class:`DirectDecodeStep` walks itself, and the decoder layer class each must use:
+#: Llama's layout (pre-norm, q/k/v/o projections with 1-D RoPE, a gated MLP; Qwen2 adds q/k/v biases).
+DIRECT_FAMILIES = {"LlamaForCausalLM": "LlamaDecoderLayer", "Qwen2ForCausalLM": "Qwen2DecoderLayer"}
+#: their gated MLPs, ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``
+DIRECT_MLPS = ("LlamaMLP", "Qwen2MLP")
+
+
+class DirectDecodeStep:
+    """One decode token through the decoder layers called directly: the model's own forward, minus its plumbing.
+
+    A decode step multiplies one token's activations by every weight; on a
+    CPU that leaves the step's fixed per-call costs in plain sight. The
+    model's generic forward adds a few milliseconds per token for a
+    30-layer model (argument handling, output records, mask dispatch, the
+    attention interface's lookups, module hooks; docs/benchmarks.md
+    section 12c). This step calls the same submodules in the same order
+    with the same tensors (the embedding, the rotary embedding, per layer
+    the norms, the q/k/v/o projections, the model's own
+    ``apply_rotary_pos_emb``, the cache layer's ``update``, the attention
+    function the stream's hook wraps and then the policy's statistics, the
+    MLP's own arithmetic; the final norm and the LM head), so its logits are
+    bit for bit those of ``model(...)`` (checked by tests for every policy).
+    Projections that read one input (q/k/v, gate/up) share its bfloat16
+    rounding when they are 4-bit (:meth:`~.int4.Int4Linear.forward_siblings`). Used for
+    one-token steps of the families in :data:`DIRECT_FAMILIES`; anything
+    else (VLMs, multimodal RoPE, sliding-window layers, other attention
+    implementations) keeps the model's forward: see :meth:`unsupported`.
+
+    Args:
+        model: the causal LM, already routed through the stream's attention hook (``attention.install``).
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        reason = self.unsupported(model)
+        if reason:
+            raise ValueError(f"no direct decode step for {type(model).__name__}: {reason}")
+        self.model = model
+        self._apply_rope = sys.modules[type(model.model.layers[0].self_attn).__module__].apply_rotary_pos_emb
+
+    @staticmethod
+    def unsupported(model: torch.nn.Module) -> Optional[str]:
+        """Why this model's decode cannot be walked directly (None: it can)."""
+        layer_class = DIRECT_FAMILIES.get(type(model).__name__)
+        if layer_class is None:
+            return f"only {sorted(DIRECT_FAMILIES)} are walked directly"
+        config = model.config
+        layers = model.model.layers[: config.num_hidden_layers]
+        if any(type(layer).__name__ != layer_class for layer in layers):
+            return f"its decoder layers are not all {layer_class}"
+        if any(kind != "full_attention" for kind in (getattr(config, "layer_types", None) or ())):
+            return "it has sliding-window layers (their mask is not the full one)"
+        if (getattr(config, "pretraining_tp", 1) or 1) != 1:
+            return "pretraining_tp > 1 splits its projections"
+        if (config._attn_implementation or "eager").removeprefix("infmllm_") not in ("sdpa", "eager"):
+            return f"attention implementation {config._attn_implementation!r} (sdpa or eager only)"
+        for layer in layers:
+            attn = layer.self_attn
+            if type(layer.mlp).__name__ not in DIRECT_MLPS:
+                return f"its MLP is {type(layer.mlp).__name__}, not one of {sorted(DIRECT_MLPS)}"
+            if getattr(attn, "_infmllm_base", None) is None:
+                return "the stream's attention hook is not installed"
+            if any(getattr(attn, name, None) is not None for name in ("q_norm", "k_norm", "sinks")):
+                return "its attention has extra parts (q/k norms or sinks)"
+        return None
+
+    def __call__(self, cache, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                 want_logits: bool = True) -> Optional[torch.Tensor]:
+        """Append ``input_ids`` ``[1, 1]`` at ``position_ids`` ``[1, 1]`` to ``cache``, a step the caller has begun.
+
+        Returns the next-token logits ``[1, vocab]`` in the model's dtype, or None without ``want_logits``
+        (the LM head is skipped). The caller commits or aborts the cache step, as around ``model(...)``.
+        """
+        inner = self.model.model
+        hidden = inner.embed_tokens(input_ids)
+        cos, sin = inner.rotary_emb(hidden, position_ids)
+        for idx, layer in enumerate(inner.layers[: self.model.config.num_hidden_layers]):
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            heads = (*x.shape[:-1], -1, attn.head_dim)
+            query, key, value = (p.view(heads).transpose(1, 2) for p in
+                                 Int4Linear.forward_siblings((attn.q_proj, attn.k_proj, attn.v_proj), x))
+            query, key = self._apply_rope(query, key, cos, sin)
+            key, value = cache.layers[idx].update(key, value)
+            out, weights = attn._infmllm_base(attn, query, key, value, None, dropout=0.0, scaling=attn.scaling)
+            cache.layers[idx].after_attention(query, attn.scaling, weights)
+            hidden = hidden + attn.o_proj(out.reshape(*x.shape[:-1], -1).contiguous())
+            mlp = layer.mlp
+            gate, up = Int4Linear.forward_siblings((mlp.gate_proj, mlp.up_proj), layer.post_attention_layernorm(hidden))
+            hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
+        if not want_logits:
+            return None
+        return self.model.lm_head(inner.norm(hidden))[0]
 
 
 class CompiledDecodeStep:

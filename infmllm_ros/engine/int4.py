@@ -146,6 +146,29 @@ class Int4Linear(_FewRowCopy):
             y = y + self.bias.to(x.dtype)
         return y.view(*x.shape[:-1], self.out_features)
 
+    @staticmethod
+    def forward_siblings(layers: tuple[torch.nn.Module, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``tuple(layer(x) for layer in layers)``, the same bits, with ``x`` rounded to bfloat16 once.
+
+        For the projections that read one input (q/k/v; an MLP's gate and up): when they are all
+        Int4Linear of one input width and ``x`` goes to their 4-bit copies, the input's conversion
+        is shared; otherwise each layer is called as usual.
+        """
+        first = layers[0]
+        if not (isinstance(first, Int4Linear) and first.takes_copy(x)
+                and all(isinstance(layer, Int4Linear) and layer.in_features == first.in_features
+                        and layer.max_rows == first.max_rows for layer in layers)):
+            return tuple(layer(x) for layer in layers)
+        rows = x.reshape(-1, first.in_features).to(torch.bfloat16).contiguous()
+        outputs = []
+        for layer in layers:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, layer.packed, GROUP_SIZE, layer.scale_and_zero)
+            y = y.to(x.dtype)
+            if layer.bias is not None:
+                y = y + layer.bias.to(x.dtype)
+            outputs.append(y.view(*x.shape[:-1], layer.out_features))
+        return tuple(outputs)
+
     @property
     def lossless(self) -> bool:
         """The file's own integers (``grid_error`` 0) and the kernel within :data:`MAX_ERROR_STEPS` of them."""

@@ -24,7 +24,8 @@ import torch
 
 from . import attention
 from .cache import CappedCache, answer_room
-from .decode import COMPILE_CHOICES, CompiledDecodeStep, Generation, IncrementalDetokenizer, compile_wanted
+from .decode import (COMPILE_CHOICES, CompiledDecodeStep, DirectDecodeStep, Generation, IncrementalDetokenizer,
+                     compile_wanted)
 from .models import LoadedModel, cache_argument, decoder_attention_modules
 from .policies import POLICIES, make_policy
 from .rope import RopeSpec
@@ -229,6 +230,11 @@ class Stream:
         self.compile_error: Optional[str] = None
         # Last, once every check has passed: a stream that fails to build holds no hook.
         self._base_attention = attention.install(lm.model, self._attention_modules)
+        # One-token steps walk the decoder directly where the model's layout allows (bit-identical
+        # logits, less per-token overhead); the rest go through model(...).
+        self.direct_decode_unsupported = (DirectDecodeStep.unsupported(lm.model) if self.rope.components == 1
+                                          else "multimodal RoPE positions")
+        self._direct = None if self.direct_decode_unsupported else DirectDecodeStep(lm.model)
         self._closed = False
         self._reset_state()
 
@@ -501,6 +507,13 @@ class Stream:
         finally:
             self.cache.decoding = False
         return time.perf_counter() - started
+
+    @property
+    def decode_path(self) -> str:
+        """How one-token steps run: ``compiled`` (the static-shape graph, where its step is allowed; the
+        others as below), ``direct`` (:class:`~.decode.DirectDecodeStep`) or ``model`` (``model(...)``;
+        ``direct_decode_unsupported`` says why)."""
+        return "compiled" if self._compile else "direct" if self._direct is not None else "model"
 
     @property
     def compiled(self) -> bool:
@@ -901,16 +914,20 @@ class Stream:
             kwargs["input_ids"] = input_ids.to(device)
         else:
             kwargs["inputs_embeds"] = inputs_embeds.to(device=device, dtype=self.lm.dtype)
+        direct = self._direct is not None and input_ids is not None and new == 1
         self.cache.begin_step(cache_positions)
         try:
-            with attention.active(self.cache):
-                out = self.lm.model(**kwargs)
+            if direct:
+                out = self._direct(self.cache, kwargs["input_ids"], position_ids, want_logits=logits != "none")
+            else:
+                with attention.active(self.cache):
+                    out = self.lm.model(**kwargs).logits[0]
             self.cache.end_step(span)
         except BaseException:
             # Roll back: no layer changed what it holds before the commit in end_step.
             self.cache.abort_step()
             raise
-        return out.logits[0].float() if logits in ("all", "last") else None
+        return out.float() if logits in ("all", "last") else None
 
     def _held_seen(self) -> torch.Tensor:
         return torch.unique(torch.cat([layer.seen.reshape(-1) for layer in self.cache.layers

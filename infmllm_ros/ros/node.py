@@ -236,7 +236,9 @@ class InfMllmNode(Node):
                  if compiled_s is not None else
                  f"decode step: eager (model.compile {s.model.compile} on {self.lm.device.type}"
                  + (f"; compiling failed: {self.stream.compile_error})" if self.stream.compile_error
-                    else ")"))
+                    else ")")
+                 + (", decoder layers walked directly" if self.stream.decode_path == "direct" else
+                    f", through the model's forward ({self.stream.direct_decode_unsupported})"))
 
         self.max_answer_tokens = max(1, self.stream.max_answer_tokens)
 

@@ -1,0 +1,126 @@
+"""The direct decode step (``DirectDecodeStep``) against the model's own forward: the same bits, every policy.
+
+Random-weight models of the real transformers classes (Llama under sdpa and
+eager attention, Qwen2 with its q/k/v biases) and the real SmolLM2 weights.
+Two streams over one model see the same chunks and forced decode tokens;
+one decodes through ``model(...)``, the other walks the layers directly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from infmllm_ros.bench.common import raw_stream
+from infmllm_ros.engine import Chunk, LoadedModel, Stream, StreamConfig
+from infmllm_ros.engine.decode import DirectDecodeStep
+from infmllm_ros.engine.int4 import Int4Linear, int4_kernel_available
+from infmllm_ros.engine.models import quantize_model
+from infmllm_ros.engine.policies import POLICIES
+
+pytestmark = [pytest.mark.model]
+
+
+def _tiny(family: str, attn: str, vocab: int, **extra):
+    import transformers
+
+    config_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[family]
+    torch.manual_seed(0)
+    config = config_cls(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                        attn_implementation=attn, **extra)
+    return model_cls(config).eval()
+
+
+@pytest.fixture(scope="module", params=[("llama", "sdpa", "none"), ("llama", "eager", "none"),
+                                        ("qwen2", "sdpa", "none"), ("llama", "sdpa", "int4"),
+                                        ("qwen2", "sdpa", "int4")],
+                ids=lambda p: "-".join(p))
+def tiny_lm(request, smollm2):
+    family, attn, quantize = request.param
+    model = _tiny(family, attn, int(smollm2.text_config.vocab_size))
+    if quantize != "none":
+        if not int4_kernel_available(torch.device("cpu")):
+            pytest.skip("this torch has no int4 CPU kernel")
+        quantize_model(model, quantize)
+        assert any(isinstance(m, Int4Linear) for m in model.modules())
+    return LoadedModel(model=model, tokenizer=smollm2.tokenizer, name=f"tiny-{family}", quantize=quantize)
+
+
+def _pair(lm, policy, make=raw_stream, **settings):
+    """Two streams on one model: one walks the decoder directly, one goes through ``model(...)``."""
+    direct, through_model = (make(lm, StreamConfig(policy=policy, **settings)) for _ in range(2))
+    assert direct.decode_path == "direct", direct.direct_decode_unsupported
+    through_model._direct = None
+    assert through_model.decode_path == "model"
+    return direct, through_model
+
+
+def _assert_same_cache(a, b):
+    assert a.stats() == b.stats()
+    for la, lb in zip(a.cache.layers, b.cache.layers):
+        assert torch.equal(la.held("keys"), lb.held("keys"))
+        assert torch.equal(la.held("values"), lb.held("values"))
+        for name in la.buffers:
+            assert torch.equal(la.held(name), lb.held(name)), name
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_direct_decode_gives_the_models_bits_for_every_policy(tiny_lm, policy):
+    torch.manual_seed(1)
+    ids = torch.randint(100, 40000, (1, 160))
+    budget = 512 if policy == "full" else 48  # full's budget is its capacity
+    streams = _pair(tiny_lm, policy, budget_tokens=budget, max_chunk_tokens=16, recent=8, retrieval_window=8)
+    try:
+        for round_ in range(2):
+            for s in streams:
+                for start in range(0, 64, 16):
+                    s.append_chunk(Chunk(input_ids=ids[:, 64 * round_ + start:64 * round_ + start + 16]))
+                s.cache.decoding = True
+            # Forced tokens, so both see the same inputs whatever they would pick; 20 steps pass the
+            # answer room (16), so Inf-MLLM evicts mid-answer too, and H2O/StreamingLLM at every step.
+            for i in range(20):
+                token = int(ids[0, 140 + i])
+                got, expected = (s._decode_one(token) for s in streams)
+                assert torch.equal(got, expected), f"step {i}: max diff {(got - expected).abs().max()}"
+            for s in streams:
+                s.cache.decoding = False
+            _assert_same_cache(*streams)
+        assert streams[0].cache.evictions > 0 or policy == "full"
+    finally:
+        for s in streams:
+            s.close()
+
+
+def test_direct_decode_answers_like_the_model_on_real_weights(smollm2, emma_ids):
+    streams = _pair(smollm2, "infmllm", make=Stream, budget_tokens=256, max_chunk_tokens=64)
+    try:
+        answers = []
+        for s in streams:
+            for start in range(0, 512, 64):
+                s.append_text(smollm2.tokenizer.decode(emma_ids[0, start:start + 64]))
+            answers.append(s.ask("Who is the story about?", max_new_tokens=24))
+        assert answers[0].text == answers[1].text and answers[0].generated_tokens == answers[1].generated_tokens
+        _assert_same_cache(*streams)
+    finally:
+        for s in streams:
+            s.close()
+
+
+def test_models_the_direct_step_cannot_walk_keep_their_forward(smollm2, tiny_qwen25vl, tiny_idefics3):
+    vocab = int(smollm2.text_config.vocab_size)
+    sliding = _tiny("qwen2", "sdpa", vocab, use_sliding_window=True, sliding_window=32, max_window_layers=0)
+    assert "sliding-window" in DirectDecodeStep.unsupported(sliding)
+    with pytest.raises(ValueError, match="no direct decode step"):
+        DirectDecodeStep(sliding)
+    # Before a stream installs its attention hook, the step has no attention function to call.
+    assert "hook" in DirectDecodeStep.unsupported(_tiny("llama", "sdpa", vocab))
+    for vlm in (tiny_qwen25vl, tiny_idefics3):
+        s = Stream(vlm, StreamConfig(policy="infmllm", budget_tokens=512))
+        try:
+            assert s.decode_path == "model" and s.direct_decode_unsupported
+            s.append_text("a line of text to read")
+            assert s.ask("What was read?", max_new_tokens=4).generated_tokens >= 1
+        finally:
+            s.close()
