@@ -34,6 +34,12 @@ The node's own workload, end to end, without ROS:
   context is nearly full, then starts a fresh stream (an *episode*); it answers
   only questions whose frame is inside its current episode (the ceiling over
   what a full cache can hold) and counts the others as ``not_held``.
+* **What the memory kept.** At each question, ``Stream.held_fraction`` over
+  the asked line's tokens (every layer and KV head): ``line_held`` is its
+  mean, ``asked_kept`` counts the questions whose line was at least half held
+  (:data:`KEPT_SHARE`), ``accuracy_kept`` / ``accuracy_lost`` split the
+  accuracy by it. This measures the policy alone (what it keeps), apart from
+  how well the model reads what is kept.
 
 Extending to richer observations (classes, tracks, events): add the fact to
 :func:`observation_facts` and a :class:`QuestionType` that asks it.
@@ -293,29 +299,46 @@ class _Tally:
     free: int = 0
     prior: int = 0
     not_held: int = 0
+    kept: int = 0  # questions whose line the cache still held at least KEPT_SHARE of
+    correct_kept: int = 0
     lags: list = field(default_factory=list)
     distances: list = field(default_factory=list)
     ranks: list = field(default_factory=list)
+    shares: list = field(default_factory=list)
 
-    def add(self, ok: bool, free: bool, prior: bool, rank: int, lag: float, distance: int) -> None:
+    def add(self, ok: bool, free: bool, prior: bool, rank: int, lag: float, distance: int, share: float) -> None:
         self.asked += 1
         self.correct += ok
         self.free += free
         self.prior += prior
+        self.kept += share >= KEPT_SHARE
+        self.correct_kept += ok and share >= KEPT_SHARE
         self.ranks.append(rank)
         self.lags.append(lag)
         self.distances.append(distance)
+        self.shares.append(round(share, 3))
 
     def summary(self) -> dict:
         lo, hi = wilson(self.correct, self.asked)
         n = max(1, self.asked)
+        kept_ci = list(wilson(self.correct_kept, self.kept)) if self.kept else None
+        lost = self.asked - self.kept
         return {"asked": self.asked, "correct": self.correct, "accuracy": self.correct / n, "ci_low": lo,
                 "ci_high": hi, "free_form_rate": self.free / n, "prior_accuracy": self.prior / n,
                 "not_held": self.not_held, "mean_lag_s": round(sum(self.lags) / n, 1),
-                "mean_distance": round(sum(self.distances) / n), "ranks": self.ranks}
+                "mean_distance": round(sum(self.distances) / n),
+                "line_held": round(sum(self.shares) / n, 4), "asked_kept": self.kept,
+                "accuracy_kept": self.correct_kept / self.kept if self.kept else None,
+                "ci_kept": kept_ci,
+                "accuracy_lost": (self.correct - self.correct_kept) / lost if lost else None,
+                "ranks": self.ranks, "shares": self.shares}
 
 
 _WORD = re.compile(r"[a-z0-9]+")
+
+#: A question's line counts as kept when the cache holds at least this share of its tokens over all
+#: layers and heads (``Stream.held_fraction`` at the moment of the question).
+KEPT_SHARE = 0.5
 
 
 def run_variant(cfg: BenchConfig, lm, variant, lines, questions, prior, bar) -> dict:
@@ -339,6 +362,7 @@ def run_variant(cfg: BenchConfig, lm, variant, lines, questions, prior, bar) -> 
     stream = Stream(lm, variant.stream_config(cfg))
     total, by_bucket, by_kind = _Tally(), {}, {}
     seen_at: dict[int, int] = {}
+    line_tokens: dict[int, int] = {}
     episode_start, episodes, qi, scenes = 0, 1, 0, 0
     try:
         for line in lines:
@@ -347,6 +371,7 @@ def run_variant(cfg: BenchConfig, lm, variant, lines, questions, prior, bar) -> 
                 stream.reset()
                 episode_start, episodes = line.index, episodes + 1
             seen_at[line.index] = stream.cache.tokens_seen
+            line_tokens[line.index] = int(ids.shape[1])
             stream.append_chunk(Chunk(input_ids=ids, kind="frame", camera=line.camera, stamp=line.stamp,
                                       text=line.text))
             bar.update(1)
@@ -362,6 +387,7 @@ def run_variant(cfg: BenchConfig, lm, variant, lines, questions, prior, bar) -> 
                         slot.not_held += 1
                     continue
                 distance = stream.cache.tokens_seen - seen_at[q.target]
+                share = stream.held_fraction(seen_at[q.target], seen_at[q.target] + line_tokens[q.target])
                 saved = None if cfg.commit_questions else stream.snapshot()
                 answer = stream.ask(q.text, camera=q.camera, answer_prefix=q.cue, return_first_logits=True,
                                     max_new_tokens=cfg.free_form_tokens if cfg.commit_questions else 1)
@@ -374,15 +400,17 @@ def run_variant(cfg: BenchConfig, lm, variant, lines, questions, prior, bar) -> 
                 free = bool(words) and words[0] in {q.right, LINE_WORDS.get(q.right, q.right) if q.cue else q.right}
                 guess = prior[(q.camera, QUESTION_TYPES[q.kind].fact)] == q.right
                 for slot in slots:
-                    slot.add(rank == 1, free, guess, rank, q.lag_s, distance)
+                    slot.add(rank == 1, free, guess, rank, q.lag_s, distance, share)
         stats = stream.stats()
     finally:
         stream.close()
     labels = bucket_labels(cfg.lag_buckets)
     out = total.summary()
     out.pop("ranks")
+    out.pop("shares")
     return {**out, "by_bucket": {labels[b]: by_bucket[b].summary() for b in sorted(by_bucket)},
-            "by_type": {k: {key: v for key, v in t.summary().items() if key != "ranks"} for k, t in by_kind.items()},
+            "by_type": {k: {key: v for key, v in t.summary().items() if key not in ("ranks", "shares")}
+                        for k, t in by_kind.items()},
             "episodes": episodes, "scene_descriptions": scenes, "tokens_seen": stats.tokens_seen,
             "tokens_held_end": stats.tokens_held}
 

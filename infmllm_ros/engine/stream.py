@@ -606,6 +606,27 @@ class Stream:
         self._started, self._in_user_turn = state["started"], state["in_user_turn"]
 
     @torch.inference_mode()
+    def held_fraction(self, start: int, end: int) -> float:
+        """Share of the stream's tokens ``[start, end)`` that the cache still holds, over every layer and KV head.
+
+        ``start`` and ``end`` are stream indices, as :attr:`StreamStats.tokens_seen` counts them (the
+        first token ever appended is 0). 1.0: every layer and head holds all of them; per-head policies
+        (H2O, Inf-MLLM) may keep a token in some heads only, which counts for that share.
+
+        Raises:
+            ValueError: an empty or negative range.
+        """
+        if not 0 <= start < end:
+            raise ValueError(f"held_fraction needs 0 <= start < end, got [{start}, {end})")
+        held = total = 0
+        for layer in self.cache.layers:
+            total += self.kv_heads * (end - start)
+            if layer.is_initialized:
+                seen = layer.seen
+                held += int(((seen >= start) & (seen < end)).sum())
+        return held / total
+
+    @torch.inference_mode()
     def snapshot(self) -> dict:
         """A copy of the stream's state, for :meth:`restore`: probe what the stream holds without changing it.
 

@@ -84,6 +84,11 @@ def test_quick_mode_gives_one_well_formed_line_per_policy(command, smollm2, shar
             assert 0 <= x["ci_low"] <= x["accuracy"] <= x["ci_high"] <= 1 and x["asked"] + x["not_held"] >= 6
             assert sum(b["asked"] for b in x["by_bucket"].values()) == x["asked"]
             assert x["scene_descriptions"] >= 1  # the node's periodic description stays in the stream
+            # what the policy kept of the asked lines: a share, and the kept questions are a subset
+            assert 0 <= x["line_held"] <= 1 and 0 <= x["asked_kept"] <= x["asked"]
+            assert sum(b["asked_kept"] for b in x["by_bucket"].values()) == x["asked_kept"]
+        full = next(x for x in lines if x["policy"] == "full")
+        assert full["line_held"] == 1.0 and full["asked_kept"] == full["asked"]  # it holds all its episode
         capped = next(x for x in lines if x["policy"] == "infmllm")
         assert capped["tokens_held_end"] <= capped["budget"] + config["chunk"]
     if command == "memory":

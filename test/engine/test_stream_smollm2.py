@@ -50,6 +50,32 @@ def test_with_a_budget_as_long_as_the_stream_every_policy_matches_the_plain_forw
     torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-3)
 
 
+def test_held_fraction_counts_what_each_layer_and_head_still_holds(smollm2, emma_ids):
+    stream = _raw_stream(smollm2, policy="streamingllm", budget_tokens=64, max_chunk_tokens=16, sinks=4)
+    try:
+        for start in range(0, 160, 16):
+            stream.append_chunk(Chunk(input_ids=emma_ids[:, start : start + 16]))
+        seen = stream.stats().tokens_seen
+        assert stream.held_fraction(0, 4) == 1.0  # the sinks, in every layer and head
+        assert stream.held_fraction(seen - 64 + 4, seen) == 1.0  # the recent window
+        assert stream.held_fraction(4, 64) == 0.0  # evicted everywhere
+        assert stream.held_fraction(0, 8) == 0.5  # half of it: the 4 sinks
+        assert stream.held_fraction(seen, seen + 10) == 0.0  # not seen yet
+        for bad in ((5, 5), (-1, 3), (9, 2)):
+            with pytest.raises(ValueError, match="start < end"):
+                stream.held_fraction(*bad)
+    finally:
+        stream.close()
+    h2o = _raw_stream(smollm2, policy="h2o", budget_tokens=64, max_chunk_tokens=16)
+    try:
+        for start in range(0, 160, 16):
+            h2o.append_chunk(Chunk(input_ids=emma_ids[:, start : start + 16]))
+        # per-head heavy hitters: the shares over the whole stream add up to what each head keeps
+        assert h2o.held_fraction(0, 160) == pytest.approx(h2o.stats().tokens_held / 160)
+    finally:
+        h2o.close()
+
+
 @pytest.mark.parametrize("policy", ["window", "streamingllm", "h2o", "infmllm"])
 def test_a_small_budget_holds_over_a_stream_20x_longer(smollm2, emma_ids, policy):
     budget, chunk = 64, 16
