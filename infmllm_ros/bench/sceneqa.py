@@ -442,16 +442,19 @@ def run(cfg: BenchConfig, lm=None) -> list[dict]:
 
 
 def plot(cfg: BenchConfig, results: list[dict], lm=None) -> list:
-    """Per budget: accuracy by lag bucket with Wilson 95% intervals, one line per policy, and the prior."""
+    """Per budget: accuracy by lag bucket with Wilson 95% intervals, one line per policy, and the prior;
+    beside it, the mean share of the asked line each policy still held (``line_held``), by the same lags."""
     plt = pyplot()
     paths = []
     for budget in sorted({r["budget"] for r in results if r["base_policy"] != "full"}):
         rows = [r for r in results if r["budget"] == budget or r["base_policy"] == "full"]
         labels = bucket_labels(rows[0]["lag_buckets"])
-        fig, ax = plt.subplots(figsize=(9, 4.5))
+        held = any("line_held" in slot for r in rows for slot in r["by_bucket"].values())
+        fig, axes = plt.subplots(1, 2 if held else 1, figsize=(14 if held else 9, 4.5), squeeze=False)
+        ax = axes[0][0]
         n = len(rows)
         for j, r in enumerate(rows):
-            xs, ys, lo, hi = [], [], [], []
+            xs, ys, lo, hi, kept_x, kept_y = [], [], [], [], [], []
             for i, label in enumerate(labels):
                 slot = r["by_bucket"].get(label)
                 if slot and slot["asked"]:
@@ -459,9 +462,15 @@ def plot(cfg: BenchConfig, results: list[dict], lm=None) -> list:
                     ys.append(slot["accuracy"])
                     lo.append(slot["accuracy"] - slot["ci_low"])
                     hi.append(slot["ci_high"] - slot["accuracy"])
-            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", ms=4, capsize=3, lw=1.2,
-                        ls="--" if r["base_policy"] == "full" else "-",
-                        label=f"{r['policy']} ({r['accuracy']:.2f}, n={r['asked']})")
+                    if "line_held" in slot:
+                        kept_x.append(i)
+                        kept_y.append(slot["line_held"])
+            style = "--" if r["base_policy"] == "full" else "-"
+            line = ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", ms=4, capsize=3, lw=1.2, ls=style,
+                               label=f"{r['policy']} ({r['accuracy']:.2f}, n={r['asked']})")
+            if held and kept_x:
+                axes[0][1].plot(kept_x, kept_y, marker="o", ms=4, lw=1.2, ls=style, color=line[0].get_color(),
+                                label=f"{r['policy']} ({r.get('line_held', float('nan')):.2f})")
         ref = max(rows, key=lambda r: r["asked"])
         prior = [ref["by_bucket"][lb]["prior_accuracy"] if lb in ref["by_bucket"] else float("nan") for lb in labels]
         ax.plot(range(len(labels)), prior, color="grey", ls=":", label="no memory (most frequent answer)")
@@ -470,8 +479,15 @@ def plot(cfg: BenchConfig, results: list[dict], lm=None) -> list:
         ax.set_ylabel("right answer ranked first (Wilson 95%)")
         ax.set_ylim(-0.02, 1.02)
         ax.legend(fontsize=7)
+        if held:
+            kept = axes[0][1]
+            kept.set_xticks(range(len(labels)), labels)
+            kept.set_xlabel("lag between the frame asked about and the question")
+            kept.set_ylabel("share of the asked line held (layers x KV heads)")
+            kept.set_ylim(-0.02, 1.02)
+            kept.legend(fontsize=7)
         r0 = rows[0]
-        ax.set_title(f"Scene-memory QA, budget {budget}: {r0['minutes']:g} min of {', '.join(r0['cameras'])} "
+        fig.suptitle(f"Scene-memory QA, budget {budget}: {r0['minutes']:g} min of {', '.join(r0['cameras'])} "
                      f"at {r0['fps']:g} Hz\n" + run_label(r0), fontsize=8)
         paths.append(save_figure(fig, cfg, f"sceneqa_b{budget}"))
     return paths
