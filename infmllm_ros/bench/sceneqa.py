@@ -34,8 +34,10 @@ The node's own workload, end to end, without ROS:
   context is nearly full, then starts a fresh stream (an *episode*); it answers
   only questions whose frame is inside its current episode (the ceiling over
   what a full cache can hold) and counts the others as ``not_held``.
-* **What the memory kept.** At each question, ``Stream.held_fraction`` over
-  the asked line's tokens (every layer and KV head): ``line_held`` is its
+* **What the memory kept.** Right after each question is answered (its
+  tokens appended, so a policy that scores by the question has evicted),
+  ``Stream.held_fraction`` over the asked line's tokens (every layer and KV
+  head): ``line_held`` is its
   mean, ``asked_kept`` counts the questions whose line was at least half held
   (:data:`KEPT_SHARE`), ``accuracy_kept`` / ``accuracy_lost`` split the
   accuracy by it. This measures the policy alone (what it keeps), apart from
@@ -387,10 +389,12 @@ def run_variant(cfg: BenchConfig, lm, variant, lines, questions, prior, bar) -> 
                         slot.not_held += 1
                     continue
                 distance = stream.cache.tokens_seen - seen_at[q.target]
-                share = stream.held_fraction(seen_at[q.target], seen_at[q.target] + line_tokens[q.target])
                 saved = None if cfg.commit_questions else stream.snapshot()
                 answer = stream.ask(q.text, camera=q.camera, answer_prefix=q.cue, return_first_logits=True,
                                     max_new_tokens=cfg.free_form_tokens if cfg.commit_questions else 1)
+                # What the model answered from: the cache once the question (and the answer's cue and
+                # first token) arrived, which is when a policy that scores by the question evicts.
+                share = stream.held_fraction(seen_at[q.target], seen_at[q.target] + line_tokens[q.target])
                 if saved is not None:
                     stream.restore(saved)
                 logp = torch.log_softmax(answer.first_logits.float(), dim=-1)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from torch.nn.modules import module as _nn_module
 
 from .int4 import Int4Linear
 
@@ -131,6 +132,8 @@ class DirectDecodeStep:
     one-token steps of the families in :data:`DIRECT_FAMILIES`; anything
     else (VLMs, multimodal RoPE, sliding-window layers, other attention
     implementations) keeps the model's forward: see :meth:`unsupported`.
+    A model with forward hooks anywhere (:meth:`hooked`) keeps ``model(...)``,
+    which calls them.
 
     Args:
         model: the causal LM, already routed through the stream's attention hook (``attention.install``).
@@ -141,6 +144,8 @@ class DirectDecodeStep:
         if reason:
             raise ValueError(f"no direct decode step for {type(model).__name__}: {reason}")
         self.model = model
+        layers = model.model.layers[: model.config.num_hidden_layers]
+        self._bypassed = [model, model.model, *(m for layer in layers for m in (layer, layer.self_attn, layer.mlp))]
         self._apply_rope = sys.modules[type(model.model.layers[0].self_attn).__module__].apply_rotary_pos_emb
 
     @staticmethod
@@ -169,6 +174,16 @@ class DirectDecodeStep:
                 return "its attention has extra parts (q/k norms or sinks)"
         return None
 
+    def hooked(self) -> bool:
+        """Whether a forward hook is registered globally or on a module this step does not call (the
+        model, its decoder and layers, their attention and MLP modules); then the stream uses
+        ``model(...)``, which calls them all. Checked at every step, as hooks come and go."""
+        if _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks:
+            return True
+        # Only the modules this step does not call themselves: the others' hooks run (the 4-bit
+        # siblings check theirs in Int4Linear.forward_siblings).
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self._bypassed)
+
     def __call__(self, cache, input_ids: torch.Tensor, position_ids: torch.Tensor,
                  want_logits: bool = True) -> Optional[torch.Tensor]:
         """Append ``input_ids`` ``[1, 1]`` at ``position_ids`` ``[1, 1]`` to ``cache``, a step the caller has begun.
@@ -191,7 +206,8 @@ class DirectDecodeStep:
             cache.layers[idx].after_attention(query, attn.scaling, weights)
             hidden = hidden + attn.o_proj(out.reshape(*x.shape[:-1], -1).contiguous())
             mlp = layer.mlp
-            gate, up = Int4Linear.forward_siblings((mlp.gate_proj, mlp.up_proj), layer.post_attention_layernorm(hidden))
+            x = layer.post_attention_layernorm(hidden)
+            gate, up = Int4Linear.forward_siblings((mlp.gate_proj, mlp.up_proj), x)
             hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
         if not want_logits:
             return None

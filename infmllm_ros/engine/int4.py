@@ -86,6 +86,11 @@ class _FewRowCopy(torch.nn.Module):
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
+def _bfloat16_rows(x: torch.Tensor) -> torch.Tensor:
+    """``[..., in]`` as the int4 kernel takes it: ``[rows, in]``, contiguous bfloat16."""
+    return x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+
+
 class Int4Linear(_FewRowCopy):
     """A Linear layer with a 4-bit copy of its weight, in blocks of 32, for few-row products.
 
@@ -139,7 +144,10 @@ class Int4Linear(_FewRowCopy):
         # Called 7 times per layer per decoded token: as few tensor calls as the kernel allows.
         if not self.takes_copy(x):
             return self.float_forward(x)
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        return self._product(_bfloat16_rows(x), x)
+
+    def _product(self, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The 4-bit product of ``rows`` (``x`` as ``[rows, in]`` bfloat16), shaped and typed as ``x``."""
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP_SIZE, self.scale_and_zero)
         y = y.to(x.dtype)
         if self.bias is not None:
@@ -150,24 +158,15 @@ class Int4Linear(_FewRowCopy):
     def forward_siblings(layers: tuple[torch.nn.Module, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``tuple(layer(x) for layer in layers)``, the same bits, with ``x`` rounded to bfloat16 once.
 
-        For the projections that read one input (q/k/v; an MLP's gate and up): when they are all
-        Int4Linear of one input width and ``x`` goes to their 4-bit copies, the input's conversion
-        is shared; otherwise each layer is called as usual.
+        For the projections that read one input (q/k/v; an MLP's gate and up): when every layer is an
+        Int4Linear (its own ``forward``, no forward hooks) that sends ``x`` to its 4-bit copy, the
+        input's conversion is shared; otherwise each layer is called as usual.
         """
-        first = layers[0]
-        if not (isinstance(first, Int4Linear) and first.takes_copy(x)
-                and all(isinstance(layer, Int4Linear) and layer.in_features == first.in_features
-                        and layer.max_rows == first.max_rows for layer in layers)):
+        if not all(type(layer).forward is Int4Linear.forward and layer.takes_copy(x)
+                   and not (layer._forward_hooks or layer._forward_pre_hooks) for layer in layers):
             return tuple(layer(x) for layer in layers)
-        rows = x.reshape(-1, first.in_features).to(torch.bfloat16).contiguous()
-        outputs = []
-        for layer in layers:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, layer.packed, GROUP_SIZE, layer.scale_and_zero)
-            y = y.to(x.dtype)
-            if layer.bias is not None:
-                y = y + layer.bias.to(x.dtype)
-            outputs.append(y.view(*x.shape[:-1], layer.out_features))
-        return tuple(outputs)
+        rows = _bfloat16_rows(x)
+        return tuple(layer._product(rows, x) for layer in layers)
 
     @property
     def lossless(self) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 import threading
 import time
 import warnings
@@ -614,10 +615,14 @@ class Stream:
         (H2O, Inf-MLLM) may keep a token in some heads only, which counts for that share.
 
         Raises:
-            ValueError: an empty or negative range.
+            TypeError: ``start`` or ``end`` is not an integer.
+            ValueError: an empty or negative range, or one reaching past the tokens seen so far.
         """
-        if not 0 <= start < end:
-            raise ValueError(f"held_fraction needs 0 <= start < end, got [{start}, {end})")
+        start, end = operator.index(start), operator.index(end)
+        seen_so_far = self.cache.tokens_seen
+        if not 0 <= start < end <= seen_so_far:
+            raise ValueError(f"held_fraction needs 0 <= start < end <= tokens seen ({seen_so_far}), "
+                             f"got [{start}, {end})")
         held = total = 0
         for layer in self.cache.layers:
             total += self.kv_heads * (end - start)
@@ -898,6 +903,7 @@ class Stream:
     @torch.inference_mode()
     def _decode_one(self, token: int, want_logits: bool = True) -> Optional[torch.Tensor]:
         """Append one generated token; returns the next-token logits ``[vocab]`` (float32) if wanted."""
+        self._check_open()
         if self._compile and self._compiled_step().allowed():
             self.cache.make_room(1)
             if self._decode_step.allowed():  # re-rotation does not change the count; stay safe
@@ -909,6 +915,7 @@ class Stream:
     @torch.inference_mode()
     def _forward(self, input_ids, inputs_embeds, rel_positions, logits: str) -> Optional[torch.Tensor]:
         """One forward pass over a piece; returns float32 logits ``[q or 1, vocab]`` per ``logits``, or None."""
+        self._check_open()
         device = self.lm.device
         new = int((input_ids if input_ids is not None else inputs_embeds).shape[1])
         self.cache.make_room(new)
@@ -935,7 +942,8 @@ class Stream:
             kwargs["input_ids"] = input_ids.to(device)
         else:
             kwargs["inputs_embeds"] = inputs_embeds.to(device=device, dtype=self.lm.dtype)
-        direct = self._direct is not None and input_ids is not None and new == 1
+        # Hooks a user put on the model after this stream was built run only inside model(...).
+        direct = self._direct is not None and input_ids is not None and new == 1 and not self._direct.hooked()
         self.cache.begin_step(cache_positions)
         try:
             if direct:
@@ -949,6 +957,11 @@ class Stream:
             self.cache.abort_step()
             raise
         return out.float() if logits in ("all", "last") else None
+
+    def _check_open(self) -> None:
+        if self._closed:
+            # Closing gave the model back its own attention: a step now would bypass the cap's hook.
+            raise RuntimeError("this stream is closed (Stream.close released the model); make a new Stream")
 
     def _held_seen(self) -> torch.Tensor:
         return torch.unique(torch.cat([layer.seen.reshape(-1) for layer in self.cache.layers

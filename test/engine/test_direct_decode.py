@@ -124,3 +124,62 @@ def test_models_the_direct_step_cannot_walk_keep_their_forward(smollm2, tiny_qwe
             assert s.ask("What was read?", max_new_tokens=4).generated_tokens >= 1
         finally:
             s.close()
+
+
+def test_hooks_on_the_model_send_steps_through_its_forward(smollm2):
+    streams = _pair(smollm2, "infmllm", make=Stream, budget_tokens=256, max_chunk_tokens=64)
+    try:
+        for s in streams:
+            s.append_text("12:00:01 kitchen: 2 people, left")
+        # A hook on a module the direct step does not call itself (here: one layer's MLP) must run.
+        calls = []
+        hook = smollm2.model.model.layers[3].mlp.register_forward_hook(lambda m, i, o: calls.append(1) or o * 0.5)
+        try:
+            snapshots = [s.snapshot() for s in streams]
+            got, expected = (s._decode_one(200) for s in streams)
+            assert torch.equal(got, expected) and len(calls) == 2
+        finally:
+            hook.remove()
+        for s, snap in zip(streams, snapshots):
+            s.restore(snap)
+        unhooked = streams[0]._decode_one(200)
+        assert not torch.equal(unhooked, got) and len(calls) == 2  # gone again: the direct step is back
+        assert torch.equal(unhooked, streams[1]._decode_one(200))
+    finally:
+        for s in streams:
+            s.close()
+
+
+def test_a_closed_stream_refuses_to_run_on_either_path(smollm2):
+    for direct in (True, False):
+        s = Stream(smollm2, StreamConfig(policy="infmllm", budget_tokens=256, max_chunk_tokens=64))
+        if not direct:
+            s._direct = None
+        s.append_text("a line")
+        s.close()
+        with pytest.raises(RuntimeError, match="stream is closed"):
+            s.ask("What?", max_new_tokens=4)
+        with pytest.raises(RuntimeError, match="stream is closed"):
+            s.append_text("another line")
+
+
+def test_int4_siblings_give_each_layers_own_result(smollm2):
+    if not int4_kernel_available(torch.device("cpu")):
+        pytest.skip("this torch has no int4 CPU kernel")
+    torch.manual_seed(0)
+    q, k = Int4Linear(torch.nn.Linear(64, 32)), Int4Linear(torch.nn.Linear(64, 16, bias=False))
+    x = torch.randn(1, 1, 64)
+    assert all(torch.equal(a, b) for a, b in zip(Int4Linear.forward_siblings((q, k), x), (q(x), k(x))))
+    assert Int4Linear.forward_siblings((), x) == ()
+
+    class Doubled(Int4Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    doubled = Doubled(torch.nn.Linear(64, 16))
+    assert torch.equal(Int4Linear.forward_siblings((q, doubled), x)[1], doubled(x))
+    hook = k.register_forward_hook(lambda m, i, o: o + 1)
+    try:
+        assert torch.equal(Int4Linear.forward_siblings((q, k), x)[1], k(x))
+    finally:
+        hook.remove()

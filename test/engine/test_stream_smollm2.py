@@ -60,10 +60,13 @@ def test_held_fraction_counts_what_each_layer_and_head_still_holds(smollm2, emma
         assert stream.held_fraction(seen - 64 + 4, seen) == 1.0  # the recent window
         assert stream.held_fraction(4, 64) == 0.0  # evicted everywhere
         assert stream.held_fraction(0, 8) == 0.5  # half of it: the 4 sinks
-        assert stream.held_fraction(seen, seen + 10) == 0.0  # not seen yet
-        for bad in ((5, 5), (-1, 3), (9, 2)):
-            with pytest.raises(ValueError, match="start < end"):
+        for bad in ((5, 5), (-1, 3), (9, 2), (seen - 5, seen + 5), (0, 10**30)):  # empty, reversed, unseen
+            with pytest.raises(ValueError, match="start < end <= tokens seen"):
                 stream.held_fraction(*bad)
+        for bad in ((0, 0.5), (0.5, 3.2)):
+            with pytest.raises(TypeError):
+                stream.held_fraction(*bad)
+        assert type(stream.held_fraction(torch.tensor(0), torch.tensor(4))) is float
     finally:
         stream.close()
     h2o = _raw_stream(smollm2, policy="h2o", budget_tokens=64, max_chunk_tokens=16)
