@@ -37,11 +37,10 @@ The node's own workload, end to end, without ROS:
 * **What the memory kept.** Right after each question is answered (its
   tokens appended, so a policy that scores by the question has evicted),
   ``Stream.held_fraction`` over the asked line's tokens (every layer and KV
-  head): ``line_held`` is its
-  mean, ``asked_kept`` counts the questions whose line was at least half held
-  (:data:`KEPT_SHARE`), ``accuracy_kept`` / ``accuracy_lost`` split the
-  accuracy by it. This measures the policy alone (what it keeps), apart from
-  how well the model reads what is kept.
+  head): ``line_held`` is its mean, ``asked_kept`` counts the questions whose
+  line was at least half held (:data:`KEPT_SHARE`), ``accuracy_kept`` /
+  ``accuracy_lost`` split the accuracy by it. This measures the policy alone
+  (what it keeps), apart from how well the model reads what is kept.
 
 Extending to richer observations (classes, tracks, events): add the fact to
 :func:`observation_facts` and a :class:`QuestionType` that asks it.

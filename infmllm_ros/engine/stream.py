@@ -623,13 +623,9 @@ class Stream:
         if not 0 <= start < end <= seen_so_far:
             raise ValueError(f"held_fraction needs 0 <= start < end <= tokens seen ({seen_so_far}), "
                              f"got [{start}, {end})")
-        held = total = 0
-        for layer in self.cache.layers:
-            total += self.kv_heads * (end - start)
-            if layer.is_initialized:
-                seen = layer.seen
-                held += int(((seen >= start) & (seen < end)).sum())
-        return held / total
+        held = sum(int(((layer.seen >= start) & (layer.seen < end)).sum())
+                   for layer in self.cache.layers if layer.is_initialized)
+        return held / (len(self.cache.layers) * self.kv_heads * (end - start))
 
     @torch.inference_mode()
     def snapshot(self) -> dict:
