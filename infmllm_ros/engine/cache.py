@@ -38,6 +38,17 @@ for more through :attr:`~.policies.Policy.token_buffers` (H2O's
 numbers) and reads them in ``score`` as ``view.buffers[name]``. New values a
 policy sets in ``view.updates`` are written at the commit, before the
 compaction, so they stay row for row with the keys too.
+
+Latest observation per source (``keep_latest_per_source``): a robot's cameras
+do not report at one rate. A busy camera's lines would push a motion-triggered
+camera's one line out of a recency window (and out of an attention score: the
+busy camera's lines attend to each other) within seconds, and "what did the
+door camera see last?" would have no answer. With this option every source's
+newest chunk is kept whatever the policy scores, like a ROS topic's last
+message latched for late subscribers: below the sinks and the policy's own
+recent tail in priority, above every score, newest first when they do not all
+fit. The stream gives each frame's source id (``SOURCE`` buffer); the chunk
+numbers say which chunk of a source is the newest.
 """
 
 from __future__ import annotations
@@ -324,13 +335,34 @@ class CappedLayer(CacheLayerMixin):
         stored = scores.shape[-1]
         tail = policy.recent_tokens(owner.budget) + (new if policy.keep_new_chunk else 0)
         tail = min(tail, owner.budget - min(policy.sinks, owner.budget))
-        forced = seen[:, : scores.shape[1]] < policy.sinks  # a new tensor: safe to write into
+        heads = scores.shape[1]
+        forced = seen[:, :heads] < policy.sinks  # a new tensor: safe to write into
         if tail > 0:
             forced[..., stored - tail:] = True
+        # An eviction only happens past the budget, so the sinks (the oldest rows) and the tail (the
+        # newest) never overlap: what is left for pinned chunks is known without a host sync.
+        room = owner.budget - min(policy.sinks, owner.budget) - tail
+        if owner.keep_latest_per_source and room > 0:
+            forced |= self._latest_of_each_source(stored, heads, seen[:, :heads], forced, room)
         scores = scores.masked_fill(forced, math.inf)
         keep = scores.topk(owner.budget, dim=-1, sorted=False).indices
         keep, _ = keep.sort(dim=-1)
         return keep.expand(self.keys.shape[0], self.keys.shape[1], -1)
+
+    def _latest_of_each_source(self, stored: int, heads: int, seen: torch.Tensor, forced: torch.Tensor,
+                               room: int) -> torch.Tensor:
+        """Rows ``[batch, heads, stored]`` (bool) of every source's newest held chunk that ``forced`` does not
+        keep already: at most ``room`` per head, the newest first."""
+        source = self.held(self.owner.SOURCE, stored)[:, :heads]
+        chunk = self.held(self.owner.CHUNK, stored)[:, :heads]
+        # Dense ids over the sources present (ids are hashes of camera names), then each one's newest chunk.
+        _, ids = torch.unique(source, return_inverse=True)
+        newest = torch.full((*source.shape[:-1], stored), -1, dtype=chunk.dtype, device=chunk.device)
+        newest.scatter_reduce_(-1, ids, chunk, reduce="amax")
+        pinned = (source >= 0) & (chunk == newest.gather(-1, ids)) & ~forced
+        order = torch.where(pinned, seen, -1)
+        top = order.topk(min(room, stored), dim=-1).indices
+        return torch.zeros_like(pinned).scatter_(-1, top, order.gather(-1, top) >= 0)
 
     def apply(self, selection: _Selection, stored: int) -> None:
         """Phase 2 of a commit: move the kept rows to the front, in place, every buffer alike."""
@@ -442,6 +474,8 @@ class CappedCache(Cache):
             for ``full`` no fixed capacity (buffers double as needed, up to
             ``max_rows`` when set).
         max_rows: ``full`` without a capacity: never allocate more rows than this (0: no limit).
+        keep_latest_per_source: keep every source's newest chunk through evictions (see the module
+            docstring); the stream passes each step's source id as the ``SOURCE`` buffer's value.
 
     All layers hold the same number of tokens (``length``): every eviction keeps
     exactly ``budget`` per layer and head.
@@ -454,6 +488,8 @@ class CappedCache(Cache):
 
     #: name of the per-token buffer the cache fills with chunk numbers (for policies that score chunks)
     CHUNK = "chunk"
+    #: name of the per-token buffer of source ids (``keep_latest_per_source``; -1: no source, never pinned)
+    SOURCE = "source"
 
     def __init__(
         self,
@@ -465,6 +501,7 @@ class CappedCache(Cache):
         rerotate: bool = True,
         capacity: Optional[int] = None,
         max_rows: int = 0,
+        keep_latest_per_source: bool = False,
     ):
         policy.check_budget(budget, max_chunk)
         self.policy = policy
@@ -486,6 +523,10 @@ class CappedCache(Cache):
             "positions": TokenBuffer(torch.int32, (rope.components,)),
             **policy.token_buffers,
         }
+        self.keep_latest_per_source = bool(keep_latest_per_source)
+        if self.keep_latest_per_source:
+            self.token_buffers.setdefault(self.CHUNK, TokenBuffer(torch.long, fill=-1))
+            self.token_buffers[self.SOURCE] = TokenBuffer(torch.long, fill=-1)
         self.decoding = False
         self.static_step = False
         self.length = 0
@@ -610,8 +651,9 @@ class CappedCache(Cache):
             self.length_tensor = torch.tensor(self.length, dtype=torch.long, device=device)
         values = {"seen": torch.zeros(1, dtype=torch.long, device=device),
                   "positions": torch.zeros(1, self.rope.components, dtype=torch.int32, device=device)}
-        for name, spec in self.policy.token_buffers.items():
-            values[name] = torch.full((1, *spec.trailing), spec.fill, dtype=spec.dtype, device=device)
+        for name, spec in self.token_buffers.items():
+            if name not in values:
+                values[name] = torch.full((1, *spec.trailing), spec.fill, dtype=spec.dtype, device=device)
         return _Step(1, values, slot=self.length_tensor.view(1))
 
     def make_room(self, new_tokens: int) -> None:

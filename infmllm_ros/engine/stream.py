@@ -17,6 +17,7 @@ import operator
 import threading
 import time
 import warnings
+import zlib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Literal, Optional, Sequence, Union
@@ -60,6 +61,11 @@ class StreamConfig:
     decay: float = 0.0  # infmllm: share of a token's score carried to the next eviction (0: off)
     carry: str = "sum"  # infmllm, with decay: "sum" adds the carried score, "max" keeps the larger
     granularity: str = "token"  # infmllm: "chunk" keeps or drops a chunk (a frame's line) whole
+    #: every policy: each camera's newest frame chunk is kept through evictions (below sinks and the
+    #: recent tail, above every score; see cache.py), so a rarely reporting camera's last observation
+    #: is not pushed out by a busy one. Off here (the baselines as their papers describe them); the
+    #: node turns it on.
+    keep_latest_per_camera: bool = False
     h2o_recent_ratio: float = 0.5
     rerotate: bool = True
     repetition_penalty: float = 1.1
@@ -85,6 +91,8 @@ class StreamConfig:
             raise ValueError(f"decay must be in [0, 1), got {self.decay}")
         if self.granularity not in ("token", "chunk"):
             raise ValueError(f"granularity must be 'token' or 'chunk', got {self.granularity!r}")
+        if not isinstance(self.keep_latest_per_camera, bool):
+            raise ValueError(f"keep_latest_per_camera must be true or false, got {self.keep_latest_per_camera!r}")
         if self.carry not in ("sum", "max"):
             raise ValueError(f"carry must be 'sum' or 'max', got {self.carry!r}")
         if self.carry == "max" and self.decay == 0:
@@ -216,7 +224,8 @@ class Stream:
         # long); every capped cache allocates its capacity once.
         self.cache = CappedCache(self.num_layers, self.policy, self.budget, config.max_chunk_tokens, self.rope,
                                  rerotate=config.rerotate, capacity=self.capacity if self.policy.evicts else None,
-                                 max_rows=self.capacity or 0)
+                                 max_rows=self.capacity or 0,
+                                 keep_latest_per_source=config.keep_latest_per_camera)
         self.format = ChatFormat.from_tokenizer(lm.tokenizer, lm.processor)
         self._cache_kwarg = cache_argument(lm.model)
         # The node checks questions from its service threads while the worker (and its frame
@@ -707,8 +716,9 @@ class Stream:
 
     @staticmethod
     def _comparable_config(config: dict) -> dict:
-        # How the decode step runs does not change what the cache holds.
-        return {k: v for k, v in config.items() if k != "compile"}
+        # How the decode step runs does not change what the cache holds. A setting added after a state
+        # was saved reads as its default there (what the stream that saved it did).
+        return {k: v for k, v in {**asdict(StreamConfig()), **config}.items() if k != "compile"}
 
     def _checked_layers(self, path, layers: list) -> list:
         """The saved layers, checked against this model and budget (and their dtype noted)."""
@@ -875,7 +885,7 @@ class Stream:
             last_piece = start + limit >= total
             want = logits if logits == "all" or (logits == "last" and last_piece) else "none"
             before = self.cache.evictions
-            out = self._forward(piece_ids, piece_embeds, rel, want)
+            out = self._forward(piece_ids, piece_embeds, rel, want, source=self._source_id(chunk))
             evicted += self.cache.evictions - before
             if out is not None:
                 kept_logits.append(out)
@@ -908,8 +918,20 @@ class Stream:
         out = self._forward(ids, None, None, "last" if want_logits else "none")
         return None if out is None else out[-1]
 
+    def _source_id(self, chunk: Chunk) -> Optional[int]:
+        """The cache's source id of a frame chunk (``keep_latest_per_camera``), else None.
+
+        A hash of the camera name, not a counter: the same camera has the same id after a save/load or a
+        restore, with no table to keep. Two names that collide (a 1-in-2^31 chance per pair) would share
+        one kept chunk.
+        """
+        if not self.cache.keep_latest_per_source or chunk.kind != "frame":
+            return None
+        return zlib.crc32(chunk.camera.encode("utf-8")) & 0x7FFFFFFF
+
     @torch.inference_mode()
-    def _forward(self, input_ids, inputs_embeds, rel_positions, logits: str) -> Optional[torch.Tensor]:
+    def _forward(self, input_ids, inputs_embeds, rel_positions, logits: str,
+                 source: Optional[int] = None) -> Optional[torch.Tensor]:
         """One forward pass over a piece; returns float32 logits ``[q or 1, vocab]`` per ``logits``, or None."""
         self._check_open()
         device = self.lm.device
@@ -940,7 +962,10 @@ class Stream:
             kwargs["inputs_embeds"] = inputs_embeds.to(device=device, dtype=self.lm.dtype)
         # Hooks a user put on the model after this stream was built run only inside model(...).
         direct = self._direct is not None and input_ids is not None and new == 1 and not self._direct.hooked()
-        self.cache.begin_step(cache_positions)
+        values = None
+        if source is not None:
+            values = {CappedCache.SOURCE: torch.full((new,), source, dtype=torch.long, device=device)}
+        self.cache.begin_step(cache_positions, values)
         try:
             if direct:
                 out = self._direct(self.cache, kwargs["input_ids"], position_ids, want_logits=logits != "none")

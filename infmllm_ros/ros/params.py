@@ -198,6 +198,10 @@ STATIC_SPECS: Tuple[ParamSpec, ...] = (
     _s("cache.granularity", "token", "infmllm policy: 'token' scores tokens one by one; 'chunk' "
        "keeps or drops each chunk (a frame's line, a question with its answer) whole.",
        read_only=True, choices=("token", "chunk")),
+    _s("cache.keep_latest_per_camera", True, "Every policy: each camera's newest frame line is kept "
+       "through evictions (after the sinks and the recent tokens, before any score), so a camera "
+       "that reports rarely still has its last observation in memory while busy cameras stream. "
+       "false: the policy alone decides (as in the papers).", read_only=True),
     _s("cache.h2o_recent_ratio", 0.5, "h2o policy: share of the budget kept for recent tokens.",
        read_only=True, lo=0.0, hi=0.99),
     _s("cache.repetition_penalty", 1.1, "Greedy decoding: divide the logits of tokens already "
@@ -346,6 +350,7 @@ class CacheSettings:
     decay: float = 0.0
     carry: str = "sum"
     granularity: str = "token"
+    keep_latest_per_camera: bool = True
     h2o_recent_ratio: float = 0.5
     repetition_penalty: float = 1.1
     system_prompt: str = ""

@@ -32,9 +32,17 @@ def _stream(lm, compile_mode, **extra):
                                        retrieval_window=8, compile=compile_mode, **extra))
 
 
-# The second case keeps per-token state beside the keys (carried scores, chunk numbers), which the
-# compiled step writes through its persistent inputs: it must hold what the eager step holds.
-@pytest.mark.parametrize("extra", [{}, {"decay": 0.5, "granularity": "chunk"}], ids=["plain", "decay-chunk"])
+def _piece(ids, number, extra):
+    """Text, or with ``keep_latest_per_camera`` a frame of camera ``a`` (pieces 0 and 3) or ``b``."""
+    if not extra.get("keep_latest_per_camera"):
+        return Chunk(input_ids=ids)
+    return Chunk(input_ids=ids, kind="frame", camera="a" if number in (0, 3) else "b")
+
+
+# The other cases keep per-token state beside the keys (carried scores, chunk numbers, camera ids),
+# which the compiled step writes through its persistent inputs: it must hold what the eager step holds.
+@pytest.mark.parametrize("extra", [{}, {"decay": 0.5, "granularity": "chunk"}, {"keep_latest_per_camera": True}],
+                         ids=["plain", "decay-chunk", "latest-per-camera"])
 def test_compiled_decode_steps_match_eager_ones_and_compile_once(tiny_llama, extra):
     from torch._dynamo.utils import counters
 
@@ -45,7 +53,7 @@ def test_compiled_decode_steps_match_eager_ones_and_compile_once(tiny_llama, ext
         assert compiled.compiled and not eager.compiled
         for s in (eager, compiled):
             for start in range(0, 96, 16):
-                s.append_chunk(Chunk(input_ids=ids[:, start:start + 16]))
+                s.append_chunk(_piece(ids[:, start:start + 16], start // 16, extra))
         seconds = compiled.warmup()
         assert seconds is not None and seconds > 0
         graphs = counters["stats"]["unique_graphs"]
@@ -62,7 +70,7 @@ def test_compiled_decode_steps_match_eager_ones_and_compile_once(tiny_llama, ext
                 torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
             for s in (eager, compiled):
                 s.cache.decoding = False
-                s.append_chunk(Chunk(input_ids=ids[:, 120 + 16 * round_:136 + 16 * round_]))
+                s.append_chunk(_piece(ids[:, 120 + 16 * round_:136 + 16 * round_], round_, extra))
             assert compiled.stats().tokens_held == eager.stats().tokens_held
             for a, b in zip(compiled.cache.layers, eager.cache.layers):
                 assert torch.equal(a.seen, b.seen)

@@ -335,3 +335,58 @@ def test_infmllm_carried_scores_and_chunk_numbers_stay_row_for_row_with_the_keys
                     assert float(carried[head, row]) == pytest.approx(want, abs=1e-6)
     assert evicted > 0 and cache.chunks_begun == len(sizes)
     assert layer.held("seen")[0, 0].tolist() != layer.held("seen")[0, 1].tolist()  # the heads kept different rows
+
+
+def _append_from(cache, n, source):
+    """One step of ``n`` background tokens from ``source`` (-1: none), evicted by StreamingLLM's rule."""
+    cache.make_room(n)
+    cache.begin_step(torch.arange(cache.next_position, cache.next_position + n).unsqueeze(-1),
+                     values={CappedCache.SOURCE: torch.full((n,), source)} if cache.keep_latest_per_source else None)
+    layer = cache.layers[0]
+    keys = _background(n)
+    layer.update(keys.unsqueeze(0), keys.unsqueeze(0).clone())
+    layer.after_attention(_background(n).unsqueeze(0), scaling=1.0, attn_weights=None)
+    return cache.end_step(n)
+
+
+def test_keep_latest_per_source_keeps_each_sources_newest_chunk_whatever_the_policy_scores():
+    rope = RopeSpec(inv_freq=torch.ones(DIM // 2), components=1)
+    held = {}
+    for pin in (False, True):
+        cache = CappedCache(1, StreamingLLM(sinks=1), 6, 3, rope, keep_latest_per_source=pin)
+        assert (CappedCache.SOURCE in cache.token_buffers) is pin
+        steps = [(1, -1), (2, 9), (2, 7), (2, 7), (2, 7)]  # a sink, camera 9 once, then camera 7 keeps talking
+        for n, source in steps:
+            _append_from(cache, n, source)
+        held[pin] = _kept(cache)
+        if pin:
+            # camera 9 reports again: its older chunk is no longer its newest and goes like any other
+            _append_from(cache, 2, 9)
+            assert _kept(cache) == [0, 6, 7, 8, 9, 10]
+            assert layer_sources(cache) == [-1, 7, 7, 7, 9, 9]
+    assert held[False] == [0, 4, 5, 6, 7, 8]  # the recency rule alone: camera 9's line is gone
+    assert held[True] == [0, 1, 2, 6, 7, 8]  # its line stays, the newest of camera 7 too
+
+
+def layer_sources(cache):
+    return cache.layers[0].held(CappedCache.SOURCE)[0, 0].tolist()
+
+
+def test_keep_latest_per_source_yields_to_sinks_and_recent_and_keeps_the_newest_first():
+    rope = RopeSpec(inv_freq=torch.ones(DIM // 2), components=1)
+    # Inf-MLLM keeps its sink, 1 recent token and the new chunk first: 1 + 1 + 2 of a budget of 5
+    # leaves one row for the two sources' newest chunks (4 rows): the newest pinned row gets it.
+    cache = CappedCache(1, InfMLLM(sinks=1, recent=1, retrieval_window=2, per_head=False), 5, 2, rope,
+                        keep_latest_per_source=True)
+    for n, source in [(1, -1), (2, 9), (2, 7), (1, -1), (2, -1)]:
+        _append_from(cache, n, source)
+    kept = _kept(cache)
+    assert kept[:1] == [0] and kept[-3:] == [5, 6, 7] and len(kept) == 5
+    assert kept[1] == 4  # camera 7's newest row, not camera 9's older ones
+
+
+def test_keep_latest_per_camera_is_refused_unless_a_bool():
+    from infmllm_ros.engine import StreamConfig
+
+    with pytest.raises(ValueError, match="keep_latest_per_camera must be true or false"):
+        StreamConfig(keep_latest_per_camera="yes").validate()

@@ -79,6 +79,56 @@ def test_held_fraction_counts_what_each_layer_and_head_still_holds(smollm2, emma
         h2o.close()
 
 
+def _door_then_front(stream, lines=24, door=True):
+    """A quiet camera's one line (if ``door``), then a busy camera's ``lines``; returns the door line's
+    stream indices ``(start, end)``."""
+    span = None
+    if door:
+        line = stream.append_text("12:00:00 door: 1 person in red (left)", kind="frame", camera="door")
+        end = stream.stats().tokens_seen  # (the first line also opens the stream: the system prompt before it)
+        span = (end - line.tokens, end)
+    for i in range(lines):
+        stream.append_text(f"12:00:{i + 1:02d} front: {i % 5} people in black (centre)", kind="frame",
+                           camera="front")
+    return span
+
+
+@pytest.mark.parametrize("policy", ["window", "streamingllm", "h2o", "infmllm"])
+def test_keep_latest_per_camera_holds_a_quiet_cameras_last_line_while_a_busy_one_streams(smollm2, tmp_path, policy):
+    settings = dict(policy=policy, budget_tokens=192, max_chunk_tokens=48)
+    plain = Stream(smollm2, StreamConfig(**settings))
+    try:
+        door = _door_then_front(plain)
+        if policy in ("window", "streamingllm"):  # recency alone: 24 lines of ~17 tokens push it out
+            assert plain.held_fraction(*door) == 0.0
+    finally:
+        plain.close()
+    stream = Stream(smollm2, StreamConfig(**settings, keep_latest_per_camera=True))
+    try:
+        door = _door_then_front(stream)
+        seen = stream.stats().tokens_seen
+        assert stream.stats().tokens_held <= 192 + 48
+        assert stream.held_fraction(*door) == 1.0  # in every layer and KV head
+        assert stream.held_fraction(seen - 10, seen) == 1.0  # the newest front line too
+        # ... and through a question and its answer, a save and a load, and more lines
+        stream.ask("What did camera door see?", max_new_tokens=4)
+        stream.save(tmp_path / "memory.pt")
+    finally:
+        stream.close()
+    again = Stream(smollm2, StreamConfig(**settings, keep_latest_per_camera=True))
+    try:
+        again.load(tmp_path / "memory.pt")
+        _door_then_front(again, lines=12, door=False)
+        assert again.held_fraction(*door) == 1.0
+        # the door camera reports again: the new line is its newest and the old one may go
+        newer = _door_then_front(again, lines=12)
+        assert again.held_fraction(*newer) == 1.0
+        if policy in ("window", "streamingllm"):
+            assert again.held_fraction(*door) == 0.0
+    finally:
+        again.close()
+
+
 @pytest.mark.parametrize("policy", ["window", "streamingllm", "h2o", "infmllm"])
 def test_a_small_budget_holds_over_a_stream_20x_longer(smollm2, emma_ids, policy):
     budget, chunk = 64, 16

@@ -111,6 +111,11 @@ def test_cache_settings_map_onto_the_engine_config():
     cfg = NodeSettings.from_values({"cache.pool": 5, "cache.decay": 0.9, "cache.carry": "max",
                                     "cache.granularity": "chunk"}).stream_config()
     assert (cfg.pool, cfg.decay, cfg.carry, cfg.granularity) == (5, 0.9, "max", "chunk")
+    # The node keeps each camera's newest line (the engine, whose baselines follow their papers, does not).
+    assert NodeSettings.from_values({}).stream_config().keep_latest_per_camera is True
+    assert engine.StreamConfig().keep_latest_per_camera is False
+    cfg = NodeSettings.from_values({"cache.keep_latest_per_camera": False}).stream_config()
+    assert cfg.keep_latest_per_camera is False
 
 
 def test_the_cache_defaults_are_the_engines_measured_ones():
