@@ -482,8 +482,9 @@ class CappedCache(Cache):
 
     A policy that asks for a per-token buffer named :attr:`CHUNK` gets each
     token's chunk number in it, counted by the cache: every step begun outside
-    decoding starts a chunk (a piece of a long chunk is a chunk of its own), and
-    an answer's tokens and its turn end join their question's chunk.
+    decoding starts a chunk unless it continues one (the pieces of a chunk the
+    stream split at ``max_chunk`` share its number), and an answer's tokens and
+    its turn end join their question's chunk.
     """
 
     #: name of the per-token buffer the cache fills with chunk numbers (for policies that score chunks)
@@ -564,13 +565,15 @@ class CappedCache(Cache):
 
     # -- steps: the stream announces each step's tokens before the forward pass; every layer reads the same ------
 
-    def begin_step(self, positions: torch.Tensor, values: Optional[dict[str, torch.Tensor]] = None) -> None:
+    def begin_step(self, positions: torch.Tensor, values: Optional[dict[str, torch.Tensor]] = None,
+                   continues: bool = False) -> None:
         """Announce the tokens about to be appended.
 
         Args:
             positions: ``[tokens, components]`` absolute RoPE positions.
             values: optional per-token values ``[tokens, *trailing]`` for named
                 buffers (those not given start at their spec's ``fill``).
+            continues: the step is a further piece of the chunk the previous step began (same chunk number).
         """
         new = positions.shape[0]
         if self.capacity is not None and self.length + new > self.capacity:
@@ -579,7 +582,7 @@ class CappedCache(Cache):
         step_values = {"seen": seen, "positions": positions.to(torch.int32)}
         self._chunks_undo = self.chunks_begun
         if self.CHUNK in self.token_buffers:
-            if not self.decoding:
+            if not (self.decoding or continues):
                 self.chunks_begun += 1
             step_values[self.CHUNK] = torch.full((new,), self.chunks_begun - 1, dtype=torch.long,
                                                  device=positions.device)

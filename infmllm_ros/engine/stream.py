@@ -885,7 +885,8 @@ class Stream:
             last_piece = start + limit >= total
             want = logits if logits == "all" or (logits == "last" and last_piece) else "none"
             before = self.cache.evictions
-            out = self._forward(piece_ids, piece_embeds, rel, want, source=self._source_id(chunk))
+            out = self._forward(piece_ids, piece_embeds, rel, want, source=self._source_id(chunk),
+                                continues=start > 0)
             evicted += self.cache.evictions - before
             if out is not None:
                 kept_logits.append(out)
@@ -931,8 +932,12 @@ class Stream:
 
     @torch.inference_mode()
     def _forward(self, input_ids, inputs_embeds, rel_positions, logits: str,
-                 source: Optional[int] = None) -> Optional[torch.Tensor]:
-        """One forward pass over a piece; returns float32 logits ``[q or 1, vocab]`` per ``logits``, or None."""
+                 source: Optional[int] = None, continues: bool = False) -> Optional[torch.Tensor]:
+        """One forward pass over a piece; returns float32 logits ``[q or 1, vocab]`` per ``logits``, or None.
+
+        ``source``: the frame's camera id for the cache (``_source_id``); ``continues``: a further piece of
+        the chunk the previous piece began.
+        """
         self._check_open()
         device = self.lm.device
         new = int((input_ids if input_ids is not None else inputs_embeds).shape[1])
@@ -965,7 +970,7 @@ class Stream:
         values = None
         if source is not None:
             values = {CappedCache.SOURCE: torch.full((new,), source, dtype=torch.long, device=device)}
-        self.cache.begin_step(cache_positions, values)
+        self.cache.begin_step(cache_positions, values, continues=continues)
         try:
             if direct:
                 out = self._direct(self.cache, kwargs["input_ids"], position_ids, want_logits=logits != "none")

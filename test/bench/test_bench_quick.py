@@ -195,3 +195,33 @@ def test_cli_refuses_bad_settings_in_one_line_before_loading_anything(capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == ["infmllm-bench: error: minutes must be > 0, got -3.0",
                      "infmllm-bench: error: policy 'infmllm[nosuchknob=1]': unknown stream settings ['nosuchknob']"]
+
+
+def test_sceneqa_keep_latest_per_camera_holds_every_asked_line_that_is_its_cameras_newest(smollm2, shared_data,
+                                                                                        tmp_path):
+    """A question asks about an event camera's newest line before its instant; unless the camera reported
+    again within that second, that line is still its newest when the question comes, and with
+    ``keep_latest_per_camera`` the cache holds it whole (every layer and KV head), where the same policy
+    without it loses some."""
+    from infmllm_ros.bench import sceneqa
+
+    cfg = load_config("sceneqa", {"out": str(tmp_path), "budgets": [512], "biases": [0.0],
+                                  "policies": ["streamingllm", "streamingllm[keep_latest_per_camera=true]"]},
+                      quick=True)
+    plain, pinned = sceneqa.run(cfg, smollm2)
+    assert pinned["knobs"] == {"keep_latest_per_camera": True} and plain["knobs"] == {}
+    assert pinned["asked"] == plain["asked"] >= 6
+    lines, _ = sceneqa.build_lines(cfg)
+    questions = sceneqa.make_questions(cfg, lines)
+    newest = [not any(ln.camera == q.camera and q.target < ln.index <= q.after for ln in lines) for q in questions]
+    assert sum(newest) >= 4
+    held = {True: [], False: []}
+    for bucket, label in enumerate(sceneqa.bucket_labels(cfg.lag_buckets)):
+        flags = [n for q, n in zip(questions, newest) if q.bucket == bucket]
+        shares = pinned["by_bucket"][label]["shares"] if flags else []
+        assert len(shares) == len(flags)
+        for share, flag in zip(shares, flags):
+            held[flag].append(share)
+    assert held[True] and all(share == 1.0 for share in held[True])
+    assert plain["line_held"] < pinned["line_held"] and plain["asked_kept"] < pinned["asked_kept"]
+    assert pinned["tokens_held_end"] <= 512 + cfg.chunk

@@ -390,3 +390,15 @@ def test_keep_latest_per_camera_is_refused_unless_a_bool():
 
     with pytest.raises(ValueError, match="keep_latest_per_camera must be true or false"):
         StreamConfig(keep_latest_per_camera="yes").validate()
+
+
+def test_the_pieces_of_a_split_chunk_share_its_chunk_number():
+    rope = RopeSpec(inv_freq=torch.ones(DIM // 2), components=1)
+    cache = CappedCache(1, InfMLLM(sinks=1, recent=1, retrieval_window=2, granularity="chunk"), 16, 4, rope)
+    layer = cache.layers[0]
+    for n, continues in [(2, False), (4, False), (4, True), (3, False)]:
+        cache.begin_step(torch.arange(cache.next_position, cache.next_position + n).unsqueeze(-1), continues=continues)
+        layer.update(_background(n).unsqueeze(0), _background(n).unsqueeze(0))
+        layer.after_attention(_background(n).unsqueeze(0), scaling=1.0, attn_weights=None)
+        cache.end_step(n)
+    assert layer.held(CappedCache.CHUNK)[0, 0].tolist() == [0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2]
