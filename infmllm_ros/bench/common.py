@@ -423,6 +423,8 @@ def parse_policy(name: str) -> tuple[str, bool, dict]:
             key, sep, value = item.partition("=")
             if not sep:
                 raise ValueError(f"policy {name!r}: {item!r} is not key=value")
+            if key.strip() in knobs:
+                raise ValueError(f"policy {name!r}: {key.strip()!r} is given twice")
             knobs[key.strip()] = yaml.safe_load(value)
     return base, grow, knobs
 

@@ -328,9 +328,9 @@ class CappedLayer(CacheLayerMixin):
         scores = policy.score(view).to(torch.float32)
         if not policy.per_head:
             scores = scores.mean(dim=1, keepdim=True)
-        return _Selection(self._top(scores, new, view.seen), view.updates)
+        return _Selection(self._top(scores, new, view.seen, view.updates), view.updates)
 
-    def _top(self, scores: torch.Tensor, new: int, seen: torch.Tensor) -> torch.Tensor:
+    def _top(self, scores: torch.Tensor, new: int, seen: torch.Tensor, updates: dict) -> torch.Tensor:
         owner, policy = self.owner, self.owner.policy
         stored = scores.shape[-1]
         tail = policy.recent_tokens(owner.budget) + (new if policy.keep_new_chunk else 0)
@@ -343,16 +343,21 @@ class CappedLayer(CacheLayerMixin):
         # newest) never overlap: what is left for pinned chunks is known without a host sync.
         room = owner.budget - min(policy.sinks, owner.budget) - tail
         if owner.keep_latest_per_source and room > 0:
-            forced |= self._latest_of_each_source(stored, heads, seen[:, :heads], forced, room)
+            forced |= self._latest_of_each_source(stored, heads, forced, room, updates)
         scores = scores.masked_fill(forced, math.inf)
         keep = scores.topk(owner.budget, dim=-1, sorted=False).indices
         keep, _ = keep.sort(dim=-1)
         return keep.expand(self.keys.shape[0], self.keys.shape[1], -1)
 
-    def _latest_of_each_source(self, stored: int, heads: int, seen: torch.Tensor, forced: torch.Tensor,
-                               room: int) -> torch.Tensor:
+    def _latest_of_each_source(self, stored: int, heads: int, forced: torch.Tensor, room: int,
+                               updates: dict) -> torch.Tensor:
         """Rows ``[batch, heads, stored]`` (bool) of every source's newest held chunk that ``forced`` does not
-        keep already: at most ``room`` per head, the newest first."""
+        keep already: whole chunks only, the newest first, as many as fit in ``room`` rows per head.
+
+        A chunk that does not fit is let go for good (its rows lose their source in ``updates``, written
+        at the commit): it competes by score like any other and is never kept again as a remnant, since
+        a line cut to its last tokens would have lost its time and camera and still take room.
+        """
         source = self.held(self.owner.SOURCE, stored)[:, :heads]
         chunk = self.held(self.owner.CHUNK, stored)[:, :heads]
         # Dense ids over the sources present (ids are hashes of camera names), then each one's newest chunk.
@@ -360,9 +365,14 @@ class CappedLayer(CacheLayerMixin):
         newest = torch.full((*source.shape[:-1], stored), -1, dtype=chunk.dtype, device=chunk.device)
         newest.scatter_reduce_(-1, ids, chunk, reduce="amax")
         pinned = (source >= 0) & (chunk == newest.gather(-1, ids)) & ~forced
-        order = torch.where(pinned, seen, -1)
-        top = order.topk(min(room, stored), dim=-1).indices
-        return torch.zeros_like(pinned).scatter_(-1, top, order.gather(-1, top) >= 0)
+        # Rows are in stream order, so the pinned rows at or after a chunk's first row are its own and those
+        # of every newer pinned chunk: the chunk fits, with all newer ones, when that count fits the room.
+        after = pinned.long().flip(-1).cumsum(-1).flip(-1) * pinned
+        _, chunk_ids = torch.unique(chunk, return_inverse=True)
+        need = torch.zeros_like(after).scatter_reduce_(-1, chunk_ids, after, reduce="amax")
+        chosen = pinned & (need.gather(-1, chunk_ids) <= room)
+        updates[self.owner.SOURCE] = source.masked_fill(pinned & ~chosen, -1)
+        return chosen
 
     def apply(self, selection: _Selection, stored: int) -> None:
         """Phase 2 of a commit: move the kept rows to the front, in place, every buffer alike."""

@@ -16,8 +16,8 @@ import math
 import operator
 import threading
 import time
+import hashlib
 import warnings
-import zlib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Literal, Optional, Sequence, Union
@@ -603,8 +603,13 @@ class Stream:
         if state["num_layers"] != self.num_layers or state["model"] != self.lm.name:
             raise ValueError(f"{path} was saved from model {state['model']!r} ({state['num_layers']} layers), "
                              f"this stream runs {self.lm.name!r} ({self.num_layers} layers)")
-        if self._comparable_config(state["config"]) != self._comparable_config(asdict(self.config)):
-            raise ValueError(f"{path} was saved with other stream settings: {state['config']}")
+        saved, ours = self._comparable_config(state["config"]), self._comparable_config(asdict(self.config))
+        if saved != ours:
+            differ = {k: (saved.get(k), ours.get(k)) for k in sorted(set(saved) | set(ours))
+                      if saved.get(k) != ours.get(k) and k != "system_prompt"}
+            if saved.get("system_prompt") != ours.get("system_prompt"):
+                differ["system_prompt"] = "(differs)"
+            raise ValueError(f"{path} was saved with other stream settings (saved, this stream): {differ}")
         layers = self._checked_layers(path, state["layers"])
         counters = dict(state["cache"])
         counters.setdefault("length", next((l["keys"].shape[-2] for l in layers if l), 0))
@@ -716,22 +721,28 @@ class Stream:
 
     @staticmethod
     def _comparable_config(config: dict) -> dict:
-        # How the decode step runs does not change what the cache holds. A setting added after a state
-        # was saved reads as its default there (what the stream that saved it did).
-        return {k: v for k, v in {**asdict(StreamConfig()), **config}.items() if k != "compile"}
+        # How the decode step runs does not change what the cache holds, and keep_latest_per_camera only
+        # decides future evictions (a state saved without it loads with no chunk kept yet: see
+        # _checked_layers). A setting added after a state was saved reads as its default there.
+        return {k: v for k, v in {**asdict(StreamConfig()), **config}.items()
+                if k not in ("compile", "keep_latest_per_camera")}
 
     def _checked_layers(self, path, layers: list) -> list:
         """The saved layers, checked against this model and budget (and their dtype noted)."""
         if len(layers) != self.num_layers:
             raise ValueError(f"{path} holds {len(layers)} layers, the model has {self.num_layers}")
         names = {"keys", "values", *self.cache.token_buffers}
+        # What keep_latest_per_camera adds to the cache: a state saved without it lacks them (filled below).
+        optional = set()
+        if self.cache.keep_latest_per_source:
+            optional = {CappedCache.SOURCE} | ({CappedCache.CHUNK} - set(self.policy.token_buffers))
         lengths = set()
         dtypes = set()
         for i, saved in enumerate(layers):
             if saved is None:
                 lengths.add(0)
                 continue
-            missing = names - set(saved)
+            missing = names - set(saved) - optional
             if missing:
                 raise ValueError(f"{path}: layer {i} lacks {sorted(missing)}")
             keys = saved["keys"]
@@ -754,7 +765,13 @@ class Stream:
             warnings.warn(f"{path} was saved from a {', '.join(other)} stream; its cached keys and values are "
                           f"converted to this stream's {str(self.lm.dtype).replace('torch.', '')}", UserWarning,
                           stacklevel=3)
-        return [None if saved is None else {n: saved[n] for n in names} for saved in layers]
+        def rows(saved: dict, name: str) -> torch.Tensor:
+            if name in saved:
+                return saved[name]
+            spec = self.cache.token_buffers[name]  # -1: no source, no chunk number; never kept as a newest line
+            return torch.full((*saved["keys"].shape[:3], *spec.trailing), spec.fill, dtype=spec.dtype)
+
+        return [None if saved is None else {n: rows(saved, n) for n in names} for saved in layers]
 
     def _question_text(self, question: str, camera: str, answer_prefix: str = "") -> str:
         about = f" (about camera {camera})" if camera else ""
@@ -874,6 +891,7 @@ class Stream:
         if chunk.kind == "question":
             self._in_user_turn = False
         limit = self.config.max_chunk_tokens
+        source = self._source_id(chunk)
         total, pieces, evicted, kept_logits = len(chunk), 0, 0, []
         for start in range(0, total, limit):
             if should_stop is not None and should_stop():
@@ -885,8 +903,7 @@ class Stream:
             last_piece = start + limit >= total
             want = logits if logits == "all" or (logits == "last" and last_piece) else "none"
             before = self.cache.evictions
-            out = self._forward(piece_ids, piece_embeds, rel, want, source=self._source_id(chunk),
-                                continues=start > 0)
+            out = self._forward(piece_ids, piece_embeds, rel, want, source=source, continues=start > 0)
             evicted += self.cache.evictions - before
             if out is not None:
                 kept_logits.append(out)
@@ -922,13 +939,15 @@ class Stream:
     def _source_id(self, chunk: Chunk) -> Optional[int]:
         """The cache's source id of a frame chunk (``keep_latest_per_camera``), else None.
 
-        A hash of the camera name, not a counter: the same camera has the same id after a save/load or a
-        restore, with no table to keep. Two names that collide (a 1-in-2^31 chance per pair) would share
-        one kept chunk.
+        A 63-bit hash of the camera name, not a counter: the same camera has the same id after a save/load
+        or a restore, with no table to keep (two names would share one kept chunk only if their hashes
+        collide, about 2^-63 per pair). Frames without a camera name share the id of ``""``.
         """
         if not self.cache.keep_latest_per_source or chunk.kind != "frame":
             return None
-        return zlib.crc32(chunk.camera.encode("utf-8")) & 0x7FFFFFFF
+        # surrogatepass: any Python str has bytes (a lone surrogate from a caller must not fail mid-append)
+        digest = hashlib.blake2b(chunk.camera.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+        return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
     @torch.inference_mode()
     def _forward(self, input_ids, inputs_embeds, rel_positions, logits: str,

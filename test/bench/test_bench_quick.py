@@ -225,3 +225,10 @@ def test_sceneqa_keep_latest_per_camera_holds_every_asked_line_that_is_its_camer
     assert held[True] and all(share == 1.0 for share in held[True])
     assert plain["line_held"] < pinned["line_held"] and plain["asked_kept"] < pinned["asked_kept"]
     assert pinned["tokens_held_end"] <= 512 + cfg.chunk
+
+
+def test_a_policy_knob_given_twice_is_refused():
+    from infmllm_ros.bench.common import parse_policy
+
+    with pytest.raises(ValueError, match="'keep_latest_per_camera' is given twice"):
+        parse_policy("streamingllm[keep_latest_per_camera=true,keep_latest_per_camera=false]")

@@ -374,15 +374,23 @@ def layer_sources(cache):
 
 def test_keep_latest_per_source_yields_to_sinks_and_recent_and_keeps_the_newest_first():
     rope = RopeSpec(inv_freq=torch.ones(DIM // 2), components=1)
-    # Inf-MLLM keeps its sink, 1 recent token and the new chunk first: 1 + 1 + 2 of a budget of 5
-    # leaves one row for the two sources' newest chunks (4 rows): the newest pinned row gets it.
-    cache = CappedCache(1, InfMLLM(sinks=1, recent=1, retrieval_window=2, per_head=False), 5, 2, rope,
+    # Inf-MLLM keeps its sink, 1 recent token and the new chunk first: 1 + 1 + 2 of a budget of 8 leaves
+    # 4 rows: the two newest sources' chunks (2 rows each), not the oldest one's.
+    cache = CappedCache(1, InfMLLM(sinks=1, recent=1, retrieval_window=2, per_head=False), 8, 2, rope,
                         keep_latest_per_source=True)
-    for n, source in [(1, -1), (2, 9), (2, 7), (1, -1), (2, -1)]:
+    for n, source in [(1, -1), (2, 9), (2, 7), (2, 5), (1, -1), (2, -1)]:
         _append_from(cache, n, source)
-    kept = _kept(cache)
-    assert kept[:1] == [0] and kept[-3:] == [5, 6, 7] and len(kept) == 5
-    assert kept[1] == 4  # camera 7's newest row, not camera 9's older ones
+    assert _kept(cache) == [0, 3, 4, 5, 6, 7, 8, 9]
+
+
+def test_keep_latest_per_source_keeps_whole_chunks_never_a_lines_last_tokens():
+    """Room for 3 pinned rows and two 2-row chunks: the newest chunk whole, the older one not cut to its
+    last row (which would lose the line's time and camera and still take room)."""
+    rope = RopeSpec(inv_freq=torch.ones(DIM // 2), components=1)
+    cache = CappedCache(1, StreamingLLM(sinks=1), 4, 3, rope, keep_latest_per_source=True)
+    for n, source in [(1, -1), (2, 9), (2, 7), (3, -1)]:
+        _append_from(cache, n, source)
+    assert _kept(cache) == [0, 3, 4, 7]  # camera 7's line whole, then the newest token by StreamingLLM's rule
 
 
 def test_keep_latest_per_camera_is_refused_unless_a_bool():

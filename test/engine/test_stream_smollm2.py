@@ -129,6 +129,48 @@ def test_keep_latest_per_camera_holds_a_quiet_cameras_last_line_while_a_busy_one
         again.close()
 
 
+def test_keep_latest_per_camera_with_odd_names_and_across_saves_without_it(smollm2, tmp_path):
+    settings = dict(policy="streamingllm", budget_tokens=192, max_chunk_tokens=48)
+    stream = Stream(smollm2, StreamConfig(**settings, keep_latest_per_camera=True))
+    try:
+        # crc32("plumless") == crc32("buckeroo"): each camera still has a kept line of its own, and a lone
+        # surrogate (a str Python allows) is a camera name like any other, not an error mid-append.
+        spans = {}
+        for camera in ("plumless", "buckeroo", "\ud800"):
+            line = stream.append_text(f"12:00:00 cam: 1 person ({camera!r})", kind="frame", camera=camera)
+            spans[camera] = (stream.stats().tokens_seen - line.tokens, stream.stats().tokens_seen)
+        _door_then_front(stream, door=False)
+        assert {c: stream.held_fraction(*span) for c, span in spans.items()} == dict.fromkeys(spans, 1.0)
+        assert stream.stats().frames_seen == 3 + 24
+    finally:
+        stream.close()
+    # A memory saved without the option (an older release, or the engine's default) loads into a stream
+    # with it: the node's default changed, and its state file must not be set aside for that.
+    plain = Stream(smollm2, StreamConfig(**settings))
+    try:
+        _door_then_front(plain, lines=4)
+        plain.save(tmp_path / "plain.pt")
+    finally:
+        plain.close()
+    state = torch.load(tmp_path / "plain.pt", weights_only=True)
+    state["config"].pop("keep_latest_per_camera", None)  # as an older release wrote it
+    torch.save(state, tmp_path / "old.pt")
+    for name in ("plain.pt", "old.pt"):
+        pinned = Stream(smollm2, StreamConfig(**settings, keep_latest_per_camera=True))
+        try:
+            pinned.load(tmp_path / name)
+            door = _door_then_front(pinned)  # kept from here on
+            assert pinned.held_fraction(*door) == 1.0
+        finally:
+            pinned.close()
+    other = Stream(smollm2, StreamConfig(**{**settings, "budget_tokens": 256}))
+    try:
+        with pytest.raises(ValueError, match=r"other stream settings .*'budget_tokens': \(192, 256\)"):
+            other.load(tmp_path / "plain.pt")
+    finally:
+        other.close()
+
+
 @pytest.mark.parametrize("policy", ["window", "streamingllm", "h2o", "infmllm"])
 def test_a_small_budget_holds_over_a_stream_20x_longer(smollm2, emma_ids, policy):
     budget, chunk = 64, 16
