@@ -46,8 +46,8 @@ busy camera's lines attend to each other) within seconds, and "what did the
 door camera see last?" would have no answer. With this option every source's
 newest chunk is kept whatever the policy scores, like a ROS topic's last
 message latched for late subscribers: below the sinks and the policy's own
-recent tail in priority, above every score, newest first when they do not all
-fit. The stream gives each frame's source id (``SOURCE`` buffer); the chunk
+recent tail in priority, above every score, whole chunks, newest first when they
+do not all fit. The stream gives each frame's source id (``SOURCE`` buffer); the chunk
 numbers say which chunk of a source is the newest.
 """
 
@@ -535,9 +535,12 @@ class CappedCache(Cache):
             **policy.token_buffers,
         }
         self.keep_latest_per_source = bool(keep_latest_per_source)
+        #: the buffers keep_latest_per_source adds beside the policy's (a state saved without it lacks them)
+        self.latest_buffers: frozenset[str] = frozenset()
         if self.keep_latest_per_source:
-            self.token_buffers.setdefault(self.CHUNK, TokenBuffer(torch.long, fill=-1))
-            self.token_buffers[self.SOURCE] = TokenBuffer(torch.long, fill=-1)
+            self.latest_buffers = frozenset({self.SOURCE, self.CHUNK} - set(self.token_buffers))
+            for name in self.latest_buffers:
+                self.token_buffers[name] = TokenBuffer(torch.long, fill=-1)
         self.decoding = False
         self.static_step = False
         self.length = 0

@@ -12,11 +12,11 @@ Not thread-safe: one thread (the node's worker) owns a stream.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import operator
 import threading
 import time
-import hashlib
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -732,10 +732,7 @@ class Stream:
         if len(layers) != self.num_layers:
             raise ValueError(f"{path} holds {len(layers)} layers, the model has {self.num_layers}")
         names = {"keys", "values", *self.cache.token_buffers}
-        # What keep_latest_per_camera adds to the cache: a state saved without it lacks them (filled below).
-        optional = set()
-        if self.cache.keep_latest_per_source:
-            optional = {CappedCache.SOURCE} | ({CappedCache.CHUNK} - set(self.policy.token_buffers))
+        optional = self.cache.latest_buffers  # a state saved without keep_latest_per_camera lacks them
         lengths = set()
         dtypes = set()
         for i, saved in enumerate(layers):
@@ -765,6 +762,7 @@ class Stream:
             warnings.warn(f"{path} was saved from a {', '.join(other)} stream; its cached keys and values are "
                           f"converted to this stream's {str(self.lm.dtype).replace('torch.', '')}", UserWarning,
                           stacklevel=3)
+
         def rows(saved: dict, name: str) -> torch.Tensor:
             if name in saved:
                 return saved[name]
