@@ -58,6 +58,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .policies import Policy, ScoreView, TokenBuffer
@@ -114,6 +115,44 @@ class _Selection:
 
     keep: torch.Tensor
     updates: dict[str, torch.Tensor]
+
+
+def latest_chunks(source: torch.Tensor, chunk: torch.Tensor, forced: torch.Tensor,
+                  room: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of every source's newest chunk to keep beside ``forced``: whole chunks, newest first.
+
+    Each row of the last dimension is one held token, in stream order, so chunk numbers never decrease
+    along it. A source's newest chunk is the largest chunk number among its rows; the rows of such a
+    chunk that ``forced`` does not keep already are candidates, and a chunk is kept when its candidate
+    rows and those of every newer candidate chunk fit in ``room``.
+
+    Args:
+        source: ``[..., rows]`` integer source ids (-1: none, never kept).
+        chunk: ``[..., rows]`` chunk numbers, non-decreasing along the rows.
+        forced: ``[..., rows]`` bool, rows kept anyway (they take no room here).
+        room: rows available per leading index.
+
+    Returns:
+        ``(chosen, released)``, both ``[..., rows]`` bool: the rows kept, and the candidate rows of the
+        chunks that did not fit.
+    """
+    # Dense ids over the sources present (ids are hashes of camera names); sized by how many there are,
+    # since rows of different heads and layers may hold more distinct values than one row count.
+    values, ids = torch.unique(source, return_inverse=True)
+    newest = chunk.new_full((*source.shape[:-1], values.numel()), -1).scatter_reduce_(-1, ids, chunk, reduce="amax")
+    pinned = (source >= 0) & (chunk == newest.gather(-1, ids)) & ~forced
+    # Rows are in stream order, so the pinned rows at or after a chunk's first pinned row are its own and
+    # those of every newer pinned chunk: the chunk fits, with all newer ones, when that count fits the room.
+    after = pinned.long().flip(-1).cumsum(-1).flip(-1) * pinned
+    # A chunk's pinned rows are contiguous (forced rows are a prefix of sinks and a suffix of the tail):
+    # each row reads the count at the first row of its run, found as the running max of run starts.
+    previous = F.pad(pinned[..., :-1], (1, 0))
+    same_chunk = F.pad(chunk[..., 1:] == chunk[..., :-1], (1, 0))
+    starts = pinned & ~(previous & same_chunk)
+    rows = torch.arange(source.shape[-1], device=source.device).expand_as(source)
+    first = torch.where(starts, rows, 0).cummax(-1).values
+    chosen = pinned & (after.gather(-1, first) <= room)
+    return chosen, pinned & ~chosen
 
 
 class CappedLayer(CacheLayerMixin):
@@ -312,8 +351,13 @@ class CappedLayer(CacheLayerMixin):
             return w.view(batch, q_heads // kv_groups, kv_groups, rows, stored).sum(dim=(2, 3))
         return column_attention(query, self.held("keys", stored), scaling, kv_groups, causal_offset=stored - rows)
 
-    def select(self, stored: int, new: int) -> Optional[_Selection]:
-        """Phase 1 of a commit: which rows to keep (nothing is changed). None: keep everything."""
+    def select(self, stored: int, new: int,
+               pins: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> Optional[_Selection]:
+        """Phase 1 of a commit: which rows to keep (nothing is changed). None: keep everything.
+
+        ``pins``: this layer's share of :meth:`CappedCache.latest_pins` (rows kept whatever the score,
+        and the source buffer with the chunks let go marked -1), or None.
+        """
         owner, policy = self.owner, self.owner.policy
         stats, self._stats = self._stats, {}
         if "accumulated" in stats:
@@ -328,51 +372,20 @@ class CappedLayer(CacheLayerMixin):
         scores = policy.score(view).to(torch.float32)
         if not policy.per_head:
             scores = scores.mean(dim=1, keepdim=True)
-        return _Selection(self._top(scores, new, view.seen, view.updates), view.updates)
+        return _Selection(self._top(scores, new, view.seen, view.updates, pins), view.updates)
 
-    def _top(self, scores: torch.Tensor, new: int, seen: torch.Tensor, updates: dict) -> torch.Tensor:
-        owner, policy = self.owner, self.owner.policy
-        stored = scores.shape[-1]
-        tail = policy.recent_tokens(owner.budget) + (new if policy.keep_new_chunk else 0)
-        tail = min(tail, owner.budget - min(policy.sinks, owner.budget))
-        heads = scores.shape[1]
-        forced = seen[:, :heads] < policy.sinks  # a new tensor: safe to write into
-        if tail > 0:
-            forced[..., stored - tail:] = True
-        # An eviction only happens past the budget, so the sinks (the oldest rows) and the tail (the
-        # newest) never overlap: what is left for pinned chunks is known without a host sync.
-        room = owner.budget - min(policy.sinks, owner.budget) - tail
-        if owner.keep_latest_per_source and room > 0:
-            forced |= self._latest_of_each_source(stored, heads, forced, room, updates)
+    def _top(self, scores: torch.Tensor, new: int, seen: torch.Tensor, updates: dict,
+             pins: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        owner = self.owner
+        forced, _ = owner.forced_rows(seen[:, :scores.shape[1]], new)
+        if pins is not None:
+            chosen, sources = pins
+            forced |= chosen
+            updates[owner.SOURCE] = sources
         scores = scores.masked_fill(forced, math.inf)
         keep = scores.topk(owner.budget, dim=-1, sorted=False).indices
         keep, _ = keep.sort(dim=-1)
         return keep.expand(self.keys.shape[0], self.keys.shape[1], -1)
-
-    def _latest_of_each_source(self, stored: int, heads: int, forced: torch.Tensor, room: int,
-                               updates: dict) -> torch.Tensor:
-        """Rows ``[batch, heads, stored]`` (bool) of every source's newest held chunk that ``forced`` does not
-        keep already: whole chunks only, the newest first, as many as fit in ``room`` rows per head.
-
-        A chunk that does not fit is let go for good (its rows lose their source in ``updates``, written
-        at the commit): it competes by score like any other and is never kept again as a remnant, since
-        a line cut to its last tokens would have lost its time and camera and still take room.
-        """
-        source = self.held(self.owner.SOURCE, stored)[:, :heads]
-        chunk = self.held(self.owner.CHUNK, stored)[:, :heads]
-        # Dense ids over the sources present (ids are hashes of camera names), then each one's newest chunk.
-        _, ids = torch.unique(source, return_inverse=True)
-        newest = torch.full((*source.shape[:-1], stored), -1, dtype=chunk.dtype, device=chunk.device)
-        newest.scatter_reduce_(-1, ids, chunk, reduce="amax")
-        pinned = (source >= 0) & (chunk == newest.gather(-1, ids)) & ~forced
-        # Rows are in stream order, so the pinned rows at or after a chunk's first row are its own and those
-        # of every newer pinned chunk: the chunk fits, with all newer ones, when that count fits the room.
-        after = pinned.long().flip(-1).cumsum(-1).flip(-1) * pinned
-        _, chunk_ids = torch.unique(chunk, return_inverse=True)
-        need = torch.zeros_like(after).scatter_reduce_(-1, chunk_ids, after, reduce="amax")
-        chosen = pinned & (need.gather(-1, chunk_ids) <= room)
-        updates[self.owner.SOURCE] = source.masked_fill(pinned & ~chosen, -1)
-        return chosen
 
     def apply(self, selection: _Selection, stored: int) -> None:
         """Phase 2 of a commit: move the kept rows to the front, in place, every buffer alike."""
@@ -576,6 +589,56 @@ class CappedCache(Cache):
             return False
         return True
 
+    def forced_rows(self, seen: torch.Tensor, new: int) -> tuple[torch.Tensor, int]:
+        """Rows an eviction keeps whatever the policy scores, and the room left beside them for pins.
+
+        Args:
+            seen: ``[..., heads, stored]`` stream indices of the rows held once the step's ``new`` tokens
+                arrived (``heads`` is 1 for a policy that selects for all heads alike).
+            new: tokens of the step in flight.
+
+        Returns:
+            ``(forced, room)``: a new bool tensor shaped like ``seen`` (the sinks, the policy's recent tail
+            and, for a policy that keeps it, the new chunk) and how many further rows per head the
+            budget has beside them.
+        """
+        policy = self.policy
+        stored = seen.shape[-1]
+        sinks = min(policy.sinks, self.budget)
+        tail = min(policy.recent_tokens(self.budget) + (new if policy.keep_new_chunk else 0), self.budget - sinks)
+        forced = seen < policy.sinks  # a new tensor: safe to write into
+        if tail > 0:
+            forced[..., stored - tail:] = True
+        # An eviction only happens past the budget, so the sinks (the oldest rows) and the tail (the
+        # newest) never overlap: the room is known without a host sync.
+        return forced, self.budget - sinks - tail
+
+    def latest_pins(self, stored: int, new: int) -> Optional[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Per layer, the rows ``keep_latest_per_source`` keeps in the eviction that ends this step.
+
+        Computed for every layer at once (one set of tensor operations on the layers' buffers
+        stacked, instead of one per layer: at an eviction per decoded token, per-layer calls cost
+        StreamingLLM and H2O 10-20% of their decode speed; docs/benchmarks.md section 10c).
+
+        Returns:
+            None when there is nothing to keep (no room beside the forced rows), else one
+            ``(chosen, sources)`` per layer: ``chosen`` ``[batch, heads, stored]`` bool, the rows of
+            each source's newest chunk that fit (see :func:`latest_chunks`), and ``sources`` the
+            layer's source ids with the chunks that did not fit set to -1 (let go for good).
+        """
+        heads = self.layers[0].keys.shape[1] if self.policy.per_head else 1
+
+        def stacked(name: str) -> torch.Tensor:
+            return torch.stack([layer.held(name, stored)[:, :heads] for layer in self.layers])
+
+        forced, room = self.forced_rows(stacked("seen"), new)
+        if room <= 0:
+            return None
+        source = stacked(self.SOURCE)
+        chosen, released = latest_chunks(source, stacked(self.CHUNK), forced, room)
+        sources = source.masked_fill(released, -1)
+        return list(zip(chosen.unbind(0), sources.unbind(0)))
+
     # -- steps: the stream announces each step's tokens before the forward pass; every layer reads the same ------
 
     def begin_step(self, positions: torch.Tensor, values: Optional[dict[str, torch.Tensor]] = None,
@@ -629,7 +692,9 @@ class CappedCache(Cache):
         """Commit the step in every layer (evicting down to the budget); returns tokens evicted per head."""
         new = self._pending.new
         stored = self.length + new
-        selections = [layer.select(stored, new) for layer in self.layers]  # may fail: nothing changed yet
+        # may fail: nothing changed yet
+        pins = self.latest_pins(stored, new) if self.keep_latest_per_source and self.will_evict(stored) else None
+        selections = [layer.select(stored, new, None if pins is None else pins[i]) for i, layer in enumerate(self.layers)]
         self.static_step = False
         kept = stored
         for layer, selection in zip(self.layers, selections):

@@ -393,6 +393,56 @@ def test_keep_latest_per_source_keeps_whole_chunks_never_a_lines_last_tokens():
     assert _kept(cache) == [0, 3, 4, 7]  # camera 7's line whole, then the newest token by StreamingLLM's rule
 
 
+@dataclass
+class _Parity(Policy):
+    """Head h keeps the chunks whose number has parity h: the heads hold different chunks."""
+
+    name: ClassVar[str] = "parity"
+    token_buffers: ClassVar[dict[str, TokenBuffer]] = {"chunk": TokenBuffer(torch.long, fill=-1)}
+    per_head: bool = True
+    sinks: int = 1
+
+    def score(self, view):
+        head = torch.arange(view.seen.shape[1]).view(1, -1, 1)
+        return ((view.buffers["chunk"] % 2) == head).float() + view.seen.float() * 1e-6
+
+
+def test_keep_latest_per_source_with_heads_holding_more_distinct_chunks_than_rows():
+    """A per-head policy (H2O, Inf-MLLM) lets each head keep other chunks: over the heads, more distinct
+    chunk numbers than one head's rows. Numbering them densely over all heads at once indexed past the
+    rows (an IndexError in a long stream); each camera's newest chunk is kept in every head."""
+    rope = RopeSpec(inv_freq=torch.ones(DIM // 2), components=1)
+    cache = CappedCache(1, _Parity(), 6, 2, rope, keep_latest_per_source=True)
+    layer = cache.layers[0]
+    torch.manual_seed(0)
+    for i in range(30):
+        cache.make_room(1)
+        cache.begin_step(torch.tensor([[cache.next_position]]),
+                         values={CappedCache.SOURCE: torch.tensor([5 if i == 3 else -1])})
+        keys = torch.randn(1, 2, 1, DIM)
+        layer.update(keys, keys.clone())
+        layer.after_attention(torch.randn(1, 2, 1, DIM), scaling=1.0, attn_weights=None)
+        cache.end_step(1)
+    assert layer.held("seen")[0].tolist() == [[0, 3, 22, 24, 26, 28], [0, 3, 23, 25, 27, 29]]
+
+
+def test_latest_chunks_keeps_whole_newest_chunks_that_fit_and_lets_the_rest_go():
+    from infmllm_ros.engine.cache import latest_chunks
+
+    # rows:      0   1  2  3  4  5  6  7  8  9
+    source = torch.tensor([-1, 7, 7, 9, 9, 9, 7, 7, 5, 5])
+    chunk = torch.tensor([0, 1, 1, 2, 2, 2, 3, 3, 4, 4])
+    forced = torch.zeros(10, dtype=torch.bool)
+    forced[0] = forced[9] = True  # a sink, and a tail reaching into camera 5's chunk
+    chosen, released = latest_chunks(source, chunk, forced, room=5)
+    # camera 7's newest chunk is 3 (rows 6-7), camera 5's rows outside the tail (row 8) come first: 1 + 2
+    # rows fit, camera 9's 3 rows (2-4 -> 3 more = 6 > 5) do not and are let go; chunk 1 is not newest.
+    assert chosen.nonzero().flatten().tolist() == [6, 7, 8]
+    assert released.nonzero().flatten().tolist() == [3, 4, 5]
+    chosen, released = latest_chunks(source, chunk, forced, room=6)
+    assert chosen.nonzero().flatten().tolist() == [3, 4, 5, 6, 7, 8] and not released.any()
+
+
 def test_keep_latest_per_camera_is_refused_unless_a_bool():
     from infmllm_ros.engine import StreamConfig
 
