@@ -47,7 +47,8 @@ door camera see last?" would have no answer. With this option every source's
 newest chunk is kept whatever the policy scores, like a ROS topic's last
 message latched for late subscribers: below the sinks and the policy's own
 recent tail in priority, above every score, whole chunks, newest first when they
-do not all fit. The stream gives each frame's source id (``SOURCE`` buffer); the chunk
+do not all fit (once one does not fit, no older one is kept, and a chunk let go
+loses its source on all its rows, so no line comes back cut to its last tokens). The stream gives each frame's source id (``SOURCE`` buffer); the chunk
 numbers say which chunk of a source is the newest.
 """
 
@@ -133,26 +134,31 @@ def latest_chunks(source: torch.Tensor, chunk: torch.Tensor, forced: torch.Tenso
         room: rows available per leading index.
 
     Returns:
-        ``(chosen, released)``, both ``[..., rows]`` bool: the rows kept, and the candidate rows of the
-        chunks that did not fit.
+        ``(chosen, released)``, both ``[..., rows]`` bool: the rows kept, and every row of the chunks
+        that did not fit (those ``forced`` keeps for now included). Newest first means a prefix: once a
+        chunk does not fit, no older chunk is kept either.
     """
     # Dense ids over the sources present (ids are hashes of camera names); sized by how many there are,
     # since rows of different heads and layers may hold more distinct values than one row count.
     values, ids = torch.unique(source, return_inverse=True)
     newest = chunk.new_full((*source.shape[:-1], values.numel()), -1).scatter_reduce_(-1, ids, chunk, reduce="amax")
-    pinned = (source >= 0) & (chunk == newest.gather(-1, ids)) & ~forced
+    latest = (source >= 0) & (chunk == newest.gather(-1, ids))
+    pinned = latest & ~forced
     # Rows are in stream order, so the pinned rows at or after a chunk's first pinned row are its own and
     # those of every newer pinned chunk: the chunk fits, with all newer ones, when that count fits the room.
     after = pinned.long().flip(-1).cumsum(-1).flip(-1) * pinned
     # A chunk's pinned rows are contiguous (forced rows are a prefix of sinks and a suffix of the tail):
     # each row reads the count at the first row of its run, found as the running max of run starts.
-    previous = F.pad(pinned[..., :-1], (1, 0))
     same_chunk = F.pad(chunk[..., 1:] == chunk[..., :-1], (1, 0))
-    starts = pinned & ~(previous & same_chunk)
     rows = torch.arange(source.shape[-1], device=source.device).expand_as(source)
+    starts = pinned & ~(F.pad(pinned[..., :-1], (1, 0)) & same_chunk)
     first = torch.where(starts, rows, 0).cummax(-1).values
     chosen = pinned & (after.gather(-1, first) <= room)
-    return chosen, pinned & ~chosen
+    # A chunk let go loses its source on every row, the ones the tail still keeps too: once they leave
+    # the tail they must not come back as the camera's newest line, cut to its last tokens.
+    run = (latest & ~(F.pad(latest[..., :-1], (1, 0)) & same_chunk)).long().cumsum(-1).sub_(1).clamp_(min=0)
+    let_go = torch.zeros_like(run).scatter_reduce_(-1, run, (pinned & ~chosen).long(), reduce="amax")
+    return chosen, latest & let_go.gather(-1, run).bool()
 
 
 class CappedLayer(CacheLayerMixin):

@@ -393,6 +393,21 @@ def test_keep_latest_per_source_keeps_whole_chunks_never_a_lines_last_tokens():
     assert _kept(cache) == [0, 3, 4, 7]  # camera 7's line whole, then the newest token by StreamingLLM's rule
 
 
+def test_a_line_let_go_loses_its_camera_on_the_rows_the_tail_still_keeps():
+    """A line longer than the room, its last rows inside the recent tail when it is let go: those rows
+    lose the camera too, or they come back as the camera's kept line once they leave the tail, cut to
+    its last tokens (no time, no camera name)."""
+    rope = RopeSpec(inv_freq=torch.ones(DIM // 2), components=1)
+    cache = CappedCache(1, InfMLLM(sinks=1, recent=2, retrieval_window=2, per_head=False), 9, 6, rope,
+                        keep_latest_per_source=True)
+    _append_from(cache, 1, -1)
+    _append_from(cache, 6, 7)  # camera 7's line: 6 rows, room for pins is 9 - 1 - (2 + 3) = 3 at the next step
+    for _ in range(4):
+        _append_from(cache, 3, -1)
+        assert 7 not in layer_sources(cache)
+    assert not {5, 6} <= set(_kept(cache))  # the line's end is not held for good
+
+
 @dataclass
 class _Parity(Policy):
     """Head h keeps the chunks whose number has parity h: the heads hold different chunks."""
@@ -410,7 +425,7 @@ class _Parity(Policy):
 def test_keep_latest_per_source_with_heads_holding_more_distinct_chunks_than_rows():
     """A per-head policy (H2O, Inf-MLLM) lets each head keep other chunks: over the heads, more distinct
     chunk numbers than one head's rows. Numbering them densely over all heads at once indexed past the
-    rows (an IndexError in a long stream); each camera's newest chunk is kept in every head."""
+    rows (a RuntimeError in a long stream); each camera's newest chunk is kept in every head."""
     rope = RopeSpec(inv_freq=torch.ones(DIM // 2), components=1)
     cache = CappedCache(1, _Parity(), 6, 2, rope, keep_latest_per_source=True)
     layer = cache.layers[0]
