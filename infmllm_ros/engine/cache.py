@@ -48,8 +48,9 @@ newest chunk is kept whatever the policy scores, like a ROS topic's last
 message latched for late subscribers: below the sinks and the policy's own
 recent tail in priority, above every score, whole chunks, newest first when they
 do not all fit (once one does not fit, no older one is kept, and a chunk let go
-loses its source on all its rows, so no line comes back cut to its last tokens). The stream gives each frame's source id (``SOURCE`` buffer); the chunk
-numbers say which chunk of a source is the newest.
+loses its source on all its rows, so no line comes back cut to its last tokens).
+The stream gives each frame's source id (``SOURCE`` buffer); the chunk numbers
+say which chunk of a source is the newest.
 """
 
 from __future__ import annotations
@@ -361,7 +362,7 @@ class CappedLayer(CacheLayerMixin):
                pins: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> Optional[_Selection]:
         """Phase 1 of a commit: which rows to keep (nothing is changed). None: keep everything.
 
-        ``pins``: this layer's share of :meth:`CappedCache.latest_pins` (rows kept whatever the score,
+        ``pins``: this layer's share of :meth:`CappedCache.latest_pins` (every row kept whatever the score,
         and the source buffer with the chunks let go marked -1), or None.
         """
         owner, policy = self.owner, self.owner.policy
@@ -383,11 +384,10 @@ class CappedLayer(CacheLayerMixin):
     def _top(self, scores: torch.Tensor, new: int, seen: torch.Tensor, updates: dict,
              pins: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         owner = self.owner
-        forced, _ = owner.forced_rows(seen[:, :scores.shape[1]], new)
-        if pins is not None:
-            chosen, sources = pins
-            forced |= chosen
-            updates[owner.SOURCE] = sources
+        if pins is None:
+            forced, _ = owner.forced_rows(seen[:, :scores.shape[1]], new)
+        else:
+            forced, updates[owner.SOURCE] = pins
         scores = scores.masked_fill(forced, math.inf)
         keep = scores.topk(owner.budget, dim=-1, sorted=False).indices
         keep, _ = keep.sort(dim=-1)
@@ -628,9 +628,10 @@ class CappedCache(Cache):
 
         Returns:
             None when there is nothing to keep (no room beside the forced rows), else one
-            ``(chosen, sources)`` per layer: ``chosen`` ``[batch, heads, stored]`` bool, the rows of
-            each source's newest chunk that fit (see :func:`latest_chunks`), and ``sources`` the
-            layer's source ids with the chunks that did not fit set to -1 (let go for good).
+            ``(kept, sources)`` per layer: ``kept`` ``[batch, heads, stored]`` bool, the forced rows
+            (:meth:`forced_rows`) and those of each source's newest chunk that fit (see
+            :func:`latest_chunks`), and ``sources`` the layer's source ids with the chunks that did not
+            fit set to -1 (let go for good).
         """
         heads = self.layers[0].keys.shape[1] if self.policy.per_head else 1
 
@@ -643,7 +644,7 @@ class CappedCache(Cache):
         source = stacked(self.SOURCE)
         chosen, released = latest_chunks(source, stacked(self.CHUNK), forced, room)
         sources = source.masked_fill(released, -1)
-        return list(zip(chosen.unbind(0), sources.unbind(0)))
+        return list(zip((forced | chosen).unbind(0), sources.unbind(0)))
 
     # -- steps: the stream announces each step's tokens before the forward pass; every layer reads the same ------
 
@@ -700,7 +701,8 @@ class CappedCache(Cache):
         stored = self.length + new
         # may fail: nothing changed yet
         pins = self.latest_pins(stored, new) if self.keep_latest_per_source and self.will_evict(stored) else None
-        selections = [layer.select(stored, new, None if pins is None else pins[i]) for i, layer in enumerate(self.layers)]
+        selections = [layer.select(stored, new, None if pins is None else pins[i])
+                      for i, layer in enumerate(self.layers)]
         self.static_step = False
         kept = stored
         for layer, selection in zip(self.layers, selections):
