@@ -148,7 +148,20 @@ class DirectDecodeStep:
         self._layers = list(model.model.layers[: model.config.num_hidden_layers])
         self._bypassed = [model, model.model,
                           *(m for layer in self._layers for m in (layer, layer.self_attn, layer.mlp))]
-        self._apply_rope = sys.modules[type(self._layers[0].self_attn).__module__].apply_rotary_pos_emb
+        # Each layer's parts looked up once: a submodule attribute costs ~1-2 us through
+        # nn.Module.__getattr__, and a step reads about a thousand of them.
+        self._parts = [(layer.input_layernorm, layer.self_attn, (layer.self_attn.q_proj, layer.self_attn.k_proj,
+                        layer.self_attn.v_proj), layer.self_attn.o_proj, layer.post_attention_layernorm,
+                        (layer.mlp.gate_proj, layer.mlp.up_proj), layer.mlp.down_proj, layer.mlp.act_fn)
+                       for layer in self._layers]
+        family = sys.modules[type(self._layers[0].self_attn).__module__]
+        self._apply_rope = family.apply_rotary_pos_emb
+        self._rotate_half = getattr(family, "rotate_half", None)
+        self.fused_rope = self._rope_fuses(self._layers[0].self_attn, model.dtype)
+        norms = [model.model.norm, *(norm for parts in self._parts for norm in (parts[0], parts[4]))]
+        self.inline_norms = all(self._norm_inlines(norm, model.dtype) for norm in norms)
+        if self.inline_norms:  # not called as modules any more: a hook on one sends the step to model(...)
+            self._bypassed += norms
 
     @staticmethod
     def unsupported(model: torch.nn.Module) -> Optional[str]:
@@ -196,24 +209,82 @@ class DirectDecodeStep:
         inner = self.model.model
         hidden = inner.embed_tokens(input_ids)
         cos, sin = inner.rotary_emb(hidden, position_ids)
-        for idx, layer in enumerate(self._layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(hidden)
+        norm = _rms_norm if self.inline_norms else _call_norm
+        if self.fused_rope:
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # once, not once per layer
+        layers = cache.layers
+        for idx, (in_norm, attn, qkv, o_proj, post_norm, gate_up, down_proj, act_fn) in enumerate(self._parts):
+            x = norm(in_norm, hidden)
             heads = (*x.shape[:-1], -1, attn.head_dim)
-            query, key, value = (p.view(heads).transpose(1, 2) for p in
-                                 Int4Linear.forward_siblings((attn.q_proj, attn.k_proj, attn.v_proj), x))
-            query, key = self._apply_rope(query, key, cos, sin)
-            key, value = cache.layers[idx].update(key, value)
+            query, key, value = (p.view(heads).transpose(1, 2) for p in Int4Linear.forward_siblings(qkv, x))
+            if self.fused_rope:
+                # The model's own arithmetic, ``t * cos + rotate_half(t) * sin``, on the query and key heads
+                # side by side: element for element the same products and sums, half the calls.
+                both = torch.cat((query, key), 1)
+                both = both * cos + self._rotate_half(both) * sin
+                query, key = both[:, : query.shape[1]], both[:, query.shape[1]:]
+            else:
+                query, key = self._apply_rope(query, key, cos, sin)
+            key, value = layers[idx].update(key, value)
             out, weights = attn._infmllm_base(attn, query, key, value, None, dropout=0.0, scaling=attn.scaling)
-            cache.layers[idx].after_attention(query, attn.scaling, weights)
-            hidden = hidden + attn.o_proj(out.reshape(*x.shape[:-1], -1).contiguous())
-            mlp = layer.mlp
-            x = layer.post_attention_layernorm(hidden)
-            gate, up = Int4Linear.forward_siblings((mlp.gate_proj, mlp.up_proj), x)
-            hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
+            layers[idx].after_attention(query, attn.scaling, weights)
+            hidden = hidden + o_proj(out.reshape(*x.shape[:-1], -1).contiguous())
+            x = norm(post_norm, hidden)
+            gate, up = Int4Linear.forward_siblings(gate_up, x)
+            hidden = hidden + down_proj(act_fn(gate) * up)
         if not want_logits:
             return None
-        return self.model.lm_head(inner.norm(hidden))[0]
+        return self.model.lm_head(norm(inner.norm, hidden))[0]
+
+    def _rope_fuses(self, attn: torch.nn.Module, dtype: torch.dtype) -> bool:
+        """Whether the model file's ``apply_rotary_pos_emb`` is the plain ``t * cos + rotate_half(t) * sin``
+        (checked on random heads against the fused form, bit for bit), so that the step may rotate the
+        query and key heads in one go; otherwise (a replaced kernel, another formula) it calls the file's."""
+        if self._rotate_half is None:
+            return False
+        generator = torch.Generator().manual_seed(0)
+        dim = attn.head_dim
+
+        def draw(*shape):
+            return torch.randn(*shape, generator=generator).to(dtype)
+
+        query, key, cos, sin = draw(1, 3, 2, dim), draw(1, 2, 2, dim), draw(1, 2, dim), draw(1, 2, dim)
+        try:
+            with torch.no_grad():
+                want = self._apply_rope(query, key, cos, sin)
+                both = torch.cat((query, key), 1)
+                both = both * cos.unsqueeze(1) + self._rotate_half(both) * sin.unsqueeze(1)
+        except Exception:  # noqa: BLE001 - any failure means: do not fuse
+            return False
+        return torch.equal(want[0], both[:, :3]) and torch.equal(want[1], both[:, 3:])
+
+    @staticmethod
+    def _norm_inlines(norm: torch.nn.Module, dtype: torch.dtype) -> bool:
+        """Whether ``norm`` computes exactly :func:`_rms_norm` (Llama's and Qwen2's RMSNorm, no hooks, no
+        replaced forward; checked bit for bit on random rows), so the step may skip its module call."""
+        if norm._forward_hooks or norm._forward_pre_hooks or "forward" in vars(norm):
+            return False
+        weight = getattr(norm, "weight", None)
+        if not isinstance(weight, torch.Tensor) or not isinstance(getattr(norm, "variance_epsilon", None), float):
+            return False
+        x = torch.randn(2, weight.shape[-1], generator=torch.Generator().manual_seed(0)).to(weight.device, dtype)
+        try:
+            with torch.no_grad():
+                return torch.equal(norm(x), _rms_norm(norm, x))
+        except Exception:  # noqa: BLE001 - any failure means: call the module
+            return False
+
+
+def _rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Llama's RMSNorm arithmetic (the same operations in the same order as ``LlamaRMSNorm.forward``), called
+    without the module call's overhead: ``weight * x / sqrt(mean(x^2) + eps)``, in float32, back to ``x``'s dtype."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * h.to(x.dtype)
+
+
+def _call_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return norm(x)
 
 
 class CompiledDecodeStep:

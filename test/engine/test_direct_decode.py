@@ -52,6 +52,8 @@ def _pair(lm, policy, make=raw_stream, **settings):
     """Two streams on one model: one walks the decoder directly, one goes through ``model(...)``."""
     direct, through_model = (make(lm, StreamConfig(policy=policy, **settings)) for _ in range(2))
     assert direct.decode_path == "direct", direct.direct_decode_unsupported
+    # the step's shortcuts (norms inline, query and key rotated together) are what these tests compare
+    assert direct._direct.inline_norms and direct._direct.fused_rope
     through_model._direct = None
     assert through_model.decode_path == "model"
     return direct, through_model
@@ -126,14 +128,18 @@ def test_models_the_direct_step_cannot_walk_keep_their_forward(smollm2, tiny_qwe
             s.close()
 
 
-def test_hooks_on_the_model_send_steps_through_its_forward(smollm2):
+@pytest.mark.parametrize("where", ["mlp", "norm"])
+def test_hooks_on_the_model_send_steps_through_its_forward(smollm2, where):
     streams = _pair(smollm2, "infmllm", make=Stream, budget_tokens=256, max_chunk_tokens=64)
     try:
         for s in streams:
             s.append_text("12:00:01 kitchen: 2 people, left")
-        # A hook on a module the direct step does not call itself (here: one layer's MLP) must run.
+        # A hook on a module the direct step does not call itself (one layer's MLP; a norm, whose arithmetic
+        # the step does inline) must run.
+        layer = smollm2.model.model.layers[3]
+        module = layer.mlp if where == "mlp" else layer.post_attention_layernorm
         calls = []
-        hook = smollm2.model.model.layers[3].mlp.register_forward_hook(lambda m, i, o: calls.append(1) or o * 0.5)
+        hook = module.register_forward_hook(lambda m, i, o: calls.append(1) or o * 0.5)
         try:
             snapshots = [s.snapshot() for s in streams]
             got, expected = (s._decode_one(200) for s in streams)
@@ -146,6 +152,26 @@ def test_hooks_on_the_model_send_steps_through_its_forward(smollm2):
         assert not torch.equal(unhooked, got) and len(calls) == 2  # gone again: the direct step is back
         assert torch.equal(unhooked, streams[1]._decode_one(200))
     finally:
+        for s in streams:
+            s.close()
+
+
+def test_a_norm_or_rotation_the_step_does_not_know_is_called_not_inlined(smollm2):
+    # A norm whose arithmetic differs from Llama's RMSNorm (here: its forward replaced on the instance) is
+    # called as a module; the step still gives the model's bits.
+    streams = _pair(smollm2, "infmllm", make=Stream, budget_tokens=256, max_chunk_tokens=64)
+    norm = smollm2.model.model.norm
+    norm.forward = lambda x, _f=type(norm).forward: _f(norm, x) * 1.5
+    try:
+        step = DirectDecodeStep(smollm2.model)
+        assert not step.inline_norms and step.fused_rope
+        streams[0]._direct = step
+        for s in streams:
+            s.append_text("12:00:01 kitchen: 2 people, left")
+        got, expected = (s._decode_one(200) for s in streams)
+        assert torch.equal(got, expected)
+    finally:
+        del norm.forward
         for s in streams:
             s.close()
 
