@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import numbers
 import operator
 import threading
 import time
@@ -36,6 +37,9 @@ from .types import AppendResult, Answer, Cancelled, Chunk, StreamStats
 #: ``return_logits``: False (none), "last" (next-token logits only) or True / "all" (every position)
 LogitsRequest = Union[bool, Literal["none", "last", "all"]]
 _STATE_FORMAT = 2
+#: what a saved stream holds (see Stream.save)
+_STATE_KEYS = ("model", "num_layers", "config", "layers", "cache", "records", "frames_seen", "chunks_seen", "cameras",
+               "started", "in_user_turn")
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are the visual memory of a robot. Timestamped observations from its cameras follow, one per line. "
@@ -74,10 +78,27 @@ class StreamConfig:
     compile: str = "auto"
 
     def validate(self) -> "StreamConfig":
+        # Types first, so that a wrong one is named rather than failing later inside a comparison, a slice or
+        # the first eviction ("no" is not false, 2.5 tokens is not a length).
+        for name in ("policy", "carry", "granularity", "system_prompt", "compile"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
+        for name in ("per_head", "keep_latest_per_camera", "rerotate"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("budget_tokens", "budget_bytes", "budget_bytes_per_layer", "sinks", "recent", "max_chunk_tokens",
+                     "retrieval_window", "pool"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        for name in ("bias", "decay", "h2o_recent_ratio", "repetition_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"unknown cache policy {self.policy!r}; choose one of {sorted(POLICIES)}")
         for name in ("budget_tokens", "budget_bytes", "budget_bytes_per_layer", "sinks", "recent"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+            if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
         if self.max_chunk_tokens < 1:
             raise ValueError(f"max_chunk_tokens must be >= 1, got {self.max_chunk_tokens}")
@@ -91,8 +112,6 @@ class StreamConfig:
             raise ValueError(f"decay must be in [0, 1), got {self.decay}")
         if self.granularity not in ("token", "chunk"):
             raise ValueError(f"granularity must be 'token' or 'chunk', got {self.granularity!r}")
-        if not isinstance(self.keep_latest_per_camera, bool):
-            raise ValueError(f"keep_latest_per_camera must be true or false, got {self.keep_latest_per_camera!r}")
         if self.carry not in ("sum", "max"):
             raise ValueError(f"carry must be 'sum' or 'max', got {self.carry!r}")
         if self.carry == "max" and self.decay == 0:
@@ -310,6 +329,9 @@ class Stream:
         """
         if not isinstance(question, str) or not question.strip():
             return "empty question"
+        if max_new_tokens is not None and (isinstance(max_new_tokens, bool)
+                                           or not isinstance(max_new_tokens, numbers.Integral)):
+            return f"max_new_tokens must be an integer, got {max_new_tokens!r}"
         answer = self.max_answer_tokens if max_new_tokens is None else int(max_new_tokens)
         if not 1 <= answer <= self.max_answer_tokens:
             return (f"max_new_tokens must be between 1 and {self.max_answer_tokens} "
@@ -371,6 +393,8 @@ class Stream:
         """
         if not isinstance(question, str) or not question.strip():
             raise ValueError("empty question")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
+            raise ValueError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
         if not 1 <= max_new_tokens <= self.max_answer_tokens:
             raise ValueError(f"max_new_tokens must be between 1 and {self.max_answer_tokens} "
                              "(max_chunk_tokens minus the turn end)")
@@ -438,7 +462,12 @@ class Stream:
                 (left out of ``text``; the token that completed it is not appended,
                 the ones before it are), e.g. the framing of a new question that a
                 small model goes on to write itself.
+
+        Raises:
+            ValueError: ``max_new_tokens`` is not an integer >= 0 (nothing is appended).
         """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         penalty = self.config.repetition_penalty if repetition_penalty is None else float(repetition_penalty)
         detok = IncrementalDetokenizer(self.lm.tokenizer)
         used = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device) if penalty > 1.0 else None
@@ -597,9 +626,16 @@ class Stream:
             ValueError: not a saved stream, another model, other settings, or
                 tensors whose shapes do not fit this model and budget.
         """
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or state.get("format") not in (1, _STATE_FORMAT):
-            raise ValueError(f"{path} is not a saved stream")
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - an unpickling error, a truncated or foreign file
+            raise ValueError(f"{path} is not a saved stream ({type(exc).__name__}: {exc})") from None
+        if (not isinstance(state, dict) or state.get("format") not in (1, _STATE_FORMAT)
+                or not all(key in state for key in _STATE_KEYS)):
+            missing = sorted(set(_STATE_KEYS) - set(state)) if isinstance(state, dict) else []
+            raise ValueError(f"{path} is not a saved stream" + (f" (missing {missing})" if missing else ""))
         if state["num_layers"] != self.num_layers or state["model"] != self.lm.name:
             raise ValueError(f"{path} was saved from model {state['model']!r} ({state['num_layers']} layers), "
                              f"this stream runs {self.lm.name!r} ({self.num_layers} layers)")
@@ -611,14 +647,28 @@ class Stream:
                 differ["system_prompt"] = "(differs)"
             raise ValueError(f"{path} was saved with other stream settings (saved, this stream): {differ}")
         layers = self._checked_layers(path, state["layers"])
-        counters = dict(state["cache"])
-        counters.setdefault("length", next((l["keys"].shape[-2] for l in layers if l), 0))
-        self.reset()
-        self._write_rows(layers, counters)
-        self._records = [_Record(**r) for r in state["records"]]
-        self.frames_seen, self.chunks_seen = state["frames_seen"], state["chunks_seen"]
-        self.cameras = dict(state["cameras"])
-        self._started, self._in_user_turn = state["started"], state["in_user_turn"]
+        try:
+            counters = {k: operator.index(v) for k, v in dict(state["cache"]).items()}
+            counters.setdefault("length", next((l["keys"].shape[-2] for l in layers if l), 0))
+            records = [_Record(**r) for r in state["records"]]
+            history = {"frames_seen": operator.index(state["frames_seen"]),
+                       "chunks_seen": operator.index(state["chunks_seen"]),
+                       "cameras": {str(k): operator.index(v) for k, v in dict(state["cameras"]).items()},
+                       "_started": bool(state["started"]), "_in_user_turn": bool(state["in_user_turn"])}
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"{path} is not a saved stream: bad bookkeeping ({exc})") from None
+        # What the checks above cannot see (a length past the capacity, rows that do not fit) surfaces while the
+        # rows are written: go back to the state before, so a failed load changes nothing.
+        before = self.snapshot()
+        try:
+            self.reset()
+            self._write_rows(layers, counters)
+        except (RuntimeError, ValueError, IndexError, KeyError) as exc:
+            self.restore(before)
+            raise ValueError(f"{path} does not fit this stream: {exc}") from None
+        self._records = records
+        for name, value in history.items():
+            setattr(self, name, value)
 
     @torch.inference_mode()
     def held_fraction(self, start: int, end: int) -> float:
@@ -852,8 +902,9 @@ class Stream:
                 raise ValueError(f"inputs_embeds have width {chunk.inputs_embeds.shape[-1]}, the model expects {hidden}")
             if not chunk.inputs_embeds.is_floating_point():
                 raise ValueError(f"inputs_embeds must be floating point, got {chunk.inputs_embeds.dtype}")
-            if not torch.isfinite(chunk.inputs_embeds).all():
-                raise ValueError("inputs_embeds contain NaN or inf")
+            # Checked as the model will read them: a float32 1e5 is inf in float16, a float64 1e300 in float32.
+            if not torch.isfinite(chunk.inputs_embeds.to(self.lm.dtype)).all():
+                raise ValueError(f"inputs_embeds contain NaN or inf (or values beyond {self.lm.dtype}'s range)")
             if chunk.rope_positions is not None and len(chunk) > self.config.max_chunk_tokens:
                 raise ValueError(f"a frame of {len(chunk)} tokens is longer than max_chunk_tokens "
                                  f"({self.config.max_chunk_tokens}); lower the image size or raise the limit")
@@ -878,9 +929,10 @@ class Stream:
     def _ensure_user_turn(self) -> None:
         if not self._started:
             text = f"{self.format.system_open}{self.config.system_prompt}{self.format.system_to_user}"
-            self._started = True
-            self._append(Chunk(input_ids=self._encode(text), kind="system", text=text))
-            self._in_user_turn = True
+            opening = Chunk(input_ids=self._encode(text), kind="system", text=text)
+            self._check_room(len(opening))  # full: a cap below the system prompt is refused, nothing appended
+            self._append(opening)
+            self._started = self._in_user_turn = True
         elif not self._in_user_turn:
             self._in_user_turn = True
 

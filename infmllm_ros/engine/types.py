@@ -6,6 +6,8 @@ from ``builtin_interfaces/Time``).
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -38,6 +40,16 @@ class Chunk:
     def __post_init__(self) -> None:
         if (self.input_ids is None) == (self.inputs_embeds is None):
             raise ValueError("a Chunk needs exactly one of input_ids or inputs_embeds")
+        for name in ("input_ids", "inputs_embeds", "rope_positions"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, torch.Tensor):
+                raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        for name in ("camera", "text"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"a Chunk's {name} must be a string, got {getattr(self, name)!r}")
+        if self.stamp is not None and (isinstance(self.stamp, bool) or not isinstance(self.stamp, numbers.Real)
+                                       or not math.isfinite(self.stamp)):
+            raise ValueError(f"a Chunk's stamp must be None or finite seconds, got {self.stamp!r}")
         if self.kind not in CHUNK_KINDS:
             raise ValueError(f"unknown chunk kind {self.kind!r}; expected one of {CHUNK_KINDS}")
         if self.input_ids is not None and self.input_ids.dim() == 1:

@@ -410,6 +410,87 @@ def test_bad_input_gets_a_clear_error(smollm2):
         Stream(smollm2, StreamConfig(policy="window", budget_tokens=0, budget_bytes=10))
 
 
+@pytest.mark.parametrize("settings", [
+    {"retrieval_window": 2.5}, {"retrieval_window": float("nan")}, {"max_chunk_tokens": "32"},
+    {"max_chunk_tokens": 2.5}, {"per_head": "no"}, {"rerotate": "no"}, {"system_prompt": None},
+    {"policy": ["infmllm"]}, {"budget_tokens": True}, {"bias": "1"}, {"decay": None}])
+def test_a_setting_of_the_wrong_type_is_named_before_the_stream_is_built(settings):
+    # Each of these once passed validate() and failed later: at the first eviction (a slice by 2.5), at the first
+    # long text (a comparison with "32"), or never ("no" is truthy: the option stayed on; None became the text
+    # "None").
+    name = next(iter(settings))
+    with pytest.raises(ValueError, match=name):
+        StreamConfig(**{"policy": "infmllm", "budget_tokens": 128, **settings}).validate()
+
+
+def test_a_bad_chunk_or_answer_length_is_refused_before_the_stream_changes(smollm2):
+    stream = Stream(smollm2, StreamConfig(policy="infmllm", budget_tokens=128, max_chunk_tokens=32, recent=8,
+                                          keep_latest_per_camera=True))
+    try:
+        stream.append_text("12:00:00 front: 1 person, left", kind="frame", camera="front", stamp=0.0)
+        before = stream.stats()
+        for bad in (dict(camera=None), dict(camera=7), dict(stamp="noon"), dict(stamp=float("nan"))):
+            with pytest.raises(ValueError, match="camera|stamp"):
+                Chunk(input_ids=torch.tensor([[1, 2, 3]]), kind="frame", **{"camera": "door", **bad})
+        with pytest.raises(ValueError, match="torch.Tensor"):
+            Chunk(input_ids=[[1, 2, 3]])
+        # Finite in float64, infinite in the model's float32: refused as the model would read it.
+        with pytest.raises(ValueError, match="NaN or inf"):
+            stream.append_chunk(Chunk(inputs_embeds=torch.full((1, 3, 576), 1e300, dtype=torch.float64)))
+        for count in (2.5, "3", None, True):
+            with pytest.raises(ValueError, match="max_new_tokens must be an integer"):
+                stream.ask("How many people?", max_new_tokens=count)
+        assert "integer" in stream.check_question("How many people?", float("inf"))
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            stream.generate(torch.zeros(int(smollm2.text_config.vocab_size)), 2.5)
+        assert stream.stats() == before  # nothing of the refused calls got in
+        assert stream.ask("How many people?", max_new_tokens=2).generated_tokens >= 1
+    finally:
+        stream.close()
+
+
+def test_full_with_a_cap_below_its_system_prompt_is_refused_and_stays_empty(smollm2):
+    stream = Stream(smollm2, StreamConfig(policy="full", budget_tokens=20))
+    try:
+        for _ in range(2):  # the second append once went in without the system prompt
+            with pytest.raises(ValueError, match="full cache holds at most 20"):
+                stream.append_text("hello")
+            assert stream.stats().tokens_seen == 0
+    finally:
+        stream.close()
+
+
+def test_a_file_that_is_not_a_saved_stream_or_does_not_fit_leaves_the_stream_as_it_was(smollm2, tmp_path):
+    settings = dict(policy="infmllm", budget_tokens=96, max_chunk_tokens=32, recent=8)
+    stream = Stream(smollm2, StreamConfig(**settings))
+    try:
+        stream.append_text("12:00:00 front: 2 people, left", kind="frame", camera="front", stamp=0.0)
+        stream.save(tmp_path / "good.pt")
+        stream.append_text("12:00:01 hall: 1 person, right", kind="frame", camera="hall", stamp=1.0)
+        state = torch.load(tmp_path / "good.pt", weights_only=True)
+        (tmp_path / "garbage.pt").write_bytes(b"not a torch file at all")
+        (tmp_path / "empty.pt").write_bytes(b"")
+        torch.save({"format": 2}, tmp_path / "keys.pt")
+        torch.save({**state, "cache": {**state["cache"], "length": 10**6}}, tmp_path / "long.pt")
+        torch.save({**state, "records": [{"x": 1}]}, tmp_path / "records.pt")
+        torch.save({**state, "frames_seen": "many"}, tmp_path / "counts.pt")
+        before = stream.stats()
+        probe = stream.snapshot()
+        expected = stream.append_text("12:00:02 front: 3 people", return_logits=True).logits
+        stream.restore(probe)
+        for name in ("garbage", "empty", "keys", "long", "records", "counts"):
+            with pytest.raises(ValueError, match="saved stream|does not fit"):
+                stream.load(tmp_path / f"{name}.pt")
+            assert stream.stats() == before, name
+        # the stream is the one it was, to the bit, and still a conversation
+        got = stream.append_text("12:00:02 front: 3 people", return_logits=True).logits
+        assert torch.equal(got, expected)
+        stream.load(tmp_path / "good.pt")
+        assert stream.stats().frames_seen == 1
+    finally:
+        stream.close()
+
+
 def test_byte_budget_is_converted_to_tokens(smollm2):
     one_token = 2 * 3 * 64 * 4 * 30  # keys+values, 3 KV heads, head_dim 64, fp32, 30 layers
     stream = Stream(smollm2, StreamConfig(policy="streamingllm", budget_tokens=0, budget_bytes=100 * one_token,
