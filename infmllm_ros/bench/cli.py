@@ -96,8 +96,17 @@ def parse(argv: Optional[list] = None):
         import yaml
 
         for item in args.sets:
-            key, _, value = item.partition("=")
-            overrides[key.strip().replace("-", "_")] = yaml.safe_load(value)
+            key, sep, value = item.partition("=")
+            key = key.strip().replace("-", "_")
+            if key in ("command", "quick"):
+                raise ValueError(f"--set {key}: choose it with the subcommand / --quick, not --set")
+            try:
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError as exc:
+                raise ValueError(f"--set {item!r}: not a YAML value ({exc})") from None
+            if not sep or parsed is None:
+                raise ValueError(f"--set {item!r} needs a value: --set {key}=VALUE")
+            overrides[key] = parsed
     return load_config(args.command, overrides, args.quick, args.config)
 
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
@@ -23,6 +24,8 @@ from typing import Any, Iterable, Optional
 REPO = Path(__file__).resolve().parents[2]
 
 COMMANDS = ("ppl", "recall", "speed", "memory", "sceneqa", "gpu", "node", "quant")
+#: stream settings a benchmark sets from its own options, which a policy's brackets may not override
+_SET_BY_THE_BENCH = {"policy", "budget_tokens", "budget_bytes", "budget_bytes_per_layer", "max_chunk_tokens", "compile"}
 
 
 @dataclass
@@ -126,11 +129,51 @@ class BenchConfig:
         device = resolve_device(self.device)  # refuses CUDA where there is none
         check_quantize(self.quantize, device, resolve_dtype(self.dtype, device))
 
+    def _check_types(self) -> None:
+        """Every setting has its default's type (a list's items too, numbers finite), so that a YAML value of the
+        wrong shape (``budgets=5``, ``chunk=2.5``, ``minutes=.inf``, ``policies=infmllm``) is refused by name before
+        anything runs, not met as a TypeError or an endless run later."""
+        def kind(value) -> str:
+            if isinstance(value, bool):
+                return "bool"
+            if isinstance(value, numbers.Integral):
+                return "int"
+            if isinstance(value, numbers.Real):
+                return "number"
+            return type(value).__name__
+
+        def fits(value, want: str) -> bool:
+            got = kind(value)
+            if want == "number":
+                return got in ("int", "number") and math.isfinite(value)
+            return got == want
+
+        for f in fields(self):
+            default = f.default if f.default is not MISSING else f.default_factory()
+            want, value = kind(default), getattr(self, f.name)
+            if not fits(value, want):
+                shape = {"int": "an integer", "number": "a finite number", "bool": "true or false", "str": "a string",
+                         "list": "a list", "dict": "a mapping"}.get(want, want)
+                raise ValueError(f"{f.name} must be {shape}, got {value!r}")
+            if want == "list":
+                item = kind(default[0]) if default else "str"
+                if not all(fits(v, item) for v in value):
+                    shape = {"int": "integers", "number": "finite numbers", "str": "strings"}[item]
+                    raise ValueError(f"{f.name} must be a list of {shape}, got {value!r}")
+
     def validate(self) -> "BenchConfig":
         if self.command not in COMMANDS:
             raise ValueError(f"unknown benchmark {self.command!r}; choose one of {COMMANDS}")
+        self._check_types()
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0: torch's default), got {self.threads}")
+        if not self.policies:
+            raise ValueError("policies is empty: name at least one (--policy)")
+        if self.time_limit_s < 0:
+            raise ValueError(f"time_limit_s must be >= 0 (0: none), got {self.time_limit_s}")
         from infmllm_ros.engine import POLICIES, StreamConfig
         from infmllm_ros.engine.decode import COMPILE_CHOICES
+        from infmllm_ros.engine.policies import make_policy
         from infmllm_ros.engine.models import QUANTIZE_CHOICES
 
         if self.quantize not in QUANTIZE_CHOICES:
@@ -143,6 +186,12 @@ class BenchConfig:
             unknown = sorted(set(knobs) - {f.name for f in fields(StreamConfig)})
             if unknown:
                 raise ValueError(f"policy {name!r}: unknown stream settings {unknown}")
+            ruled = sorted(set(knobs) & _SET_BY_THE_BENCH)
+            if ruled:
+                raise ValueError(f"policy {name!r}: {ruled} are set by the benchmark (the policy's name, --budget, "
+                                 "--chunk, --set compile=...), not in its brackets")
+            if "bias" in knobs and (isinstance(knobs["bias"], bool) or not isinstance(knobs["bias"], numbers.Real)):
+                raise ValueError(f"policy {name!r}: bias must be a number, got {knobs['bias']!r}")
             if base not in POLICIES:
                 raise ValueError(f"unknown policy {name!r}; choose from {sorted(POLICIES)} (add -grow for rerotate=False)")
             # Each variant's whole stream config, now: a bad knob value (carry=max without decay, an
@@ -150,7 +199,11 @@ class BenchConfig:
             for budget in self.budgets:
                 for variant in variants(self, int(budget), [name]):
                     try:
-                        variant.stream_config(self)
+                        config = variant.stream_config(self)
+                        # the budget against the policy's sinks and recent tail, as Stream checks it (the chunk is
+                        # left out: some benchmarks stream their own chunk size, and Stream checks that one)
+                        if config.policy != "full":
+                            make_policy(config.policy, **asdict(config)).check_budget(config.budget_tokens, 0)
                     except (TypeError, ValueError) as exc:
                         raise ValueError(f"policy {name!r} at budget {budget}: {exc}") from None
         for name in ("chunk", "tokens", "segment", "trials", "candidates", "repeats", "free_form_tokens"):
@@ -171,6 +224,10 @@ class BenchConfig:
         edges = [float(e) for e in self.lag_buckets]
         if len(edges) < 2 or edges[0] < 1 or any(b <= a for a, b in zip(edges, edges[1:])):
             raise ValueError(f"lag_buckets must be >= 2 increasing edges from >= 1 s, got {self.lag_buckets}")
+        if not self.scenarios or set(self.scenarios) - {"single", "multi"}:
+            raise ValueError(f"scenarios must name 'single' and/or 'multi', got {self.scenarios}")
+        if self.distractors not in ("unplanted", "planted"):
+            raise ValueError(f"distractors must be 'unplanted' or 'planted', got {self.distractors!r}")
         if self.question_cameras not in ("event", "all"):
             raise ValueError(f"question_cameras must be 'event' or 'all', got {self.question_cameras!r}")
         if len(self.event_interval_s) != 2 or not 0 < float(self.event_interval_s[0]) <= float(
@@ -203,14 +260,27 @@ def default_config_path() -> Path:
 def load_config(command: str, overrides: dict, quick: bool, path: Optional[Path] = None) -> BenchConfig:
     """Dataclass defaults < YAML ``common`` < YAML ``<command>`` < YAML ``quick.<command>`` (if quick) < CLI."""
     values: dict[str, Any] = {}
-    path = Path(path) if path else default_config_path()
+    named = path is not None
+    path = Path(path) if named else default_config_path()
     if not path.is_file():
+        if named:  # a file the user named must be there; only the default may be missing
+            raise FileNotFoundError(f"no config file {path}")
         print(f"infmllm-bench: no {path}; using the built-in defaults (--quick sizes come from that file)",
               file=sys.stderr)
     else:
         import yaml
 
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path} is not valid YAML: {exc}") from None
+        sections = [data, data.get("common"), data.get(command)] if isinstance(data, dict) else [data]
+        if quick and isinstance(data, dict):
+            quick_part = data.get("quick") or {}
+            sections += [quick_part, quick_part.get("common"), quick_part.get(command)] if isinstance(
+                quick_part, dict) else [quick_part]
+        if not all(isinstance(part, dict) or part is None for part in sections):
+            raise ValueError(f"{path}: the config and each of its sections must be a mapping of settings")
         values.update(data.get("common") or {})
         values.update(data.get(command) or {})
         if quick:

@@ -197,6 +197,49 @@ def test_cli_refuses_bad_settings_in_one_line_before_loading_anything(capsys):
                      "infmllm-bench: error: policy 'infmllm[nosuchknob=1]': unknown stream settings ['nosuchknob']"]
 
 
+@pytest.mark.parametrize("argv, reason", [
+    (["ppl", "--threads", "-1"], "threads must be >= 0"),
+    (["ppl", "--device", "tpu"], "unknown device 'tpu'"),
+    (["ppl", "--quick", "--budget", "8", "--policy", "infmllm"], "at budget 8: budget of 8 tokens leaves no room"),
+    (["memory", "--minutes", "inf"], "minutes must be a finite number"),
+    (["memory", "--time-limit", "-5"], "time_limit_s must be >= 0"),
+    (["ppl", "--set", "chunk=2.5"], "chunk must be an integer"),
+    (["ppl", "--set", "budgets=5"], "budgets must be a list"),
+    (["ppl", "--set", "budgets=[64.9]"], "budgets must be a list of integers"),
+    (["ppl", "--set", "budgets=[.inf]"], "budgets must be a list of integers"),
+    (["ppl", "--set", "biases=0.5"], "biases must be a list"),
+    (["sceneqa", "--set", "event_interval_s=5"], "event_interval_s must be a list"),
+    (["ppl", "--set", "tokens=[1]"], "tokens must be an integer"),
+    (["ppl", "--set", "tokens"], "needs a value"),
+    (["ppl", "--set", "tokens="], "needs a value"),
+    (["ppl", "--set", "policies=[]"], "policies is empty"),
+    (["ppl", "--set", "policies=infmllm"], "policies must be a list"),
+    (["ppl", "--set", "command=speed"], "choose it with the subcommand"),
+    (["ppl", "--policy", "infmllm[policy=h2o]"], "set by the benchmark"),
+    (["ppl", "--policy", "infmllm[bias=[1]]"], "bias must be a number"),
+    (["ppl", "--policy", "h2o[bias=null]"], "bias must be a number"),
+    (["ppl", "--config", "/nonexistent/bench.yaml"], "no config file /nonexistent/bench.yaml"),
+    (["recall", "--set", "scenarios=[bogus]"], "scenarios must name"),
+    (["recall", "--set", "distractors=bogus"], "distractors must be"),
+])
+def test_every_bad_setting_is_one_line_and_exit_2_before_any_model_loads(argv, reason, capsys):
+    # Each of these once passed parse() and failed later with a traceback (TypeError, OverflowError, RuntimeError),
+    # after the model had loaded, ran with something else than asked (policy=h2o under the name infmllm, the
+    # built-in defaults for a missing --config), or not at all (policies=[]).
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("infmllm-bench: error: ") and reason in err[0], err
+
+
+def test_a_config_file_that_is_not_a_mapping_or_not_yaml_is_refused(tmp_path, capsys):
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    (tmp_path / "broken.yaml").write_text("common: {budgets: [\n")
+    (tmp_path / "section.yaml").write_text("common: [1, 2]\n")
+    for name, reason in (("list", "must be a mapping"), ("broken", "not valid YAML"), ("section", "must be a mapping")):
+        assert cli.main(["ppl", "--config", str(tmp_path / f"{name}.yaml")]) == 2
+        assert reason in capsys.readouterr().err
+
+
 def test_sceneqa_keep_latest_per_camera_holds_every_asked_line_that_is_its_cameras_newest(smollm2, shared_data,
                                                                                         tmp_path):
     """A question asks about an event camera's newest line before its instant; unless the camera reported
