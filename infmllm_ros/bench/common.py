@@ -24,6 +24,8 @@ from typing import Any, Iterable, Optional
 REPO = Path(__file__).resolve().parents[2]
 
 COMMANDS = ("ppl", "recall", "speed", "memory", "sceneqa", "gpu", "node", "quant")
+#: list settings whose items are not of their default's first item's type (edges may be fractional seconds)
+_LIST_ITEMS = {"lag_buckets": "number", "event_interval_s": "number", "rates": "number", "biases": "number"}
 #: stream settings a benchmark sets from its own options, which a policy's brackets may not override
 _SET_BY_THE_BENCH = {"policy", "budget_tokens", "budget_bytes", "budget_bytes_per_layer", "max_chunk_tokens", "compile"}
 
@@ -156,7 +158,7 @@ class BenchConfig:
                          "list": "a list", "dict": "a mapping"}.get(want, want)
                 raise ValueError(f"{f.name} must be {shape}, got {value!r}")
             if want == "list":
-                item = kind(default[0]) if default else "str"
+                item = _LIST_ITEMS.get(f.name) or (kind(default[0]) if default else "str")
                 if not all(fits(v, item) for v in value):
                     shape = {"int": "integers", "number": "finite numbers", "str": "strings"}[item]
                     raise ValueError(f"{f.name} must be a list of {shape}, got {value!r}")

@@ -148,18 +148,16 @@ class DirectDecodeStep:
         self._layers = list(model.model.layers[: model.config.num_hidden_layers])
         self._bypassed = [model, model.model,
                           *(m for layer in self._layers for m in (layer, layer.self_attn, layer.mlp))]
-        # Each layer's parts looked up once: a submodule attribute costs ~1-2 us through
-        # nn.Module.__getattr__, and a step reads about a thousand of them.
-        self._parts = [(layer.input_layernorm, layer.self_attn, (layer.self_attn.q_proj, layer.self_attn.k_proj,
-                        layer.self_attn.v_proj), layer.self_attn.o_proj, layer.post_attention_layernorm,
-                        (layer.mlp.gate_proj, layer.mlp.up_proj), layer.mlp.down_proj, layer.mlp.act_fn)
-                       for layer in self._layers]
         family = sys.modules[type(self._layers[0].self_attn).__module__]
         self._apply_rope = family.apply_rotary_pos_emb
         self._rotate_half = getattr(family, "rotate_half", None)
         self.fused_rope = self._rope_fuses(self._layers[0].self_attn, model.dtype)
-        norms = [model.model.norm, *(norm for parts in self._parts for norm in (parts[0], parts[4]))]
+        norms = [model.model.norm, *(n for layer in self._layers for n in (layer.input_layernorm,
+                                                                           layer.post_attention_layernorm))]
         self.inline_norms = all(self._norm_inlines(norm, model.dtype) for norm in norms)
+        # the norm classes' own forward, as checked: a forward replaced later (on the class or on one norm)
+        # is called, not bypassed
+        self._norm_forwards = {type(norm): type(norm).forward for norm in norms} if self.inline_norms else {}
         if self.inline_norms:  # not called as modules any more: a hook on one sends the step to model(...)
             self._bypassed += norms
 
@@ -209,14 +207,16 @@ class DirectDecodeStep:
         inner = self.model.model
         hidden = inner.embed_tokens(input_ids)
         cos, sin = inner.rotary_emb(hidden, position_ids)
-        norm = _rms_norm if self.inline_norms else _call_norm
+        norm = self._norm
         if self.fused_rope:
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # once, not once per layer
         layers = cache.layers
-        for idx, (in_norm, attn, qkv, o_proj, post_norm, gate_up, down_proj, act_fn) in enumerate(self._parts):
-            x = norm(in_norm, hidden)
+        for idx, layer in enumerate(self._layers):
+            attn = layer.self_attn
+            x = norm(layer.input_layernorm, hidden)
             heads = (*x.shape[:-1], -1, attn.head_dim)
-            query, key, value = (p.view(heads).transpose(1, 2) for p in Int4Linear.forward_siblings(qkv, x))
+            query, key, value = (p.view(heads).transpose(1, 2) for p in
+                                 Int4Linear.forward_siblings((attn.q_proj, attn.k_proj, attn.v_proj), x))
             if self.fused_rope:
                 # The model's own arithmetic, ``t * cos + rotate_half(t) * sin``, on the query and key heads
                 # side by side: element for element the same products and sums, half the calls.
@@ -228,13 +228,21 @@ class DirectDecodeStep:
             key, value = layers[idx].update(key, value)
             out, weights = attn._infmllm_base(attn, query, key, value, None, dropout=0.0, scaling=attn.scaling)
             layers[idx].after_attention(query, attn.scaling, weights)
-            hidden = hidden + o_proj(out.reshape(*x.shape[:-1], -1).contiguous())
-            x = norm(post_norm, hidden)
-            gate, up = Int4Linear.forward_siblings(gate_up, x)
-            hidden = hidden + down_proj(act_fn(gate) * up)
+            hidden = hidden + attn.o_proj(out.reshape(*x.shape[:-1], -1).contiguous())
+            mlp = layer.mlp
+            x = norm(layer.post_attention_layernorm, hidden)
+            gate, up = Int4Linear.forward_siblings((mlp.gate_proj, mlp.up_proj), x)
+            hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
         if not want_logits:
             return None
         return self.model.lm_head(norm(inner.norm, hidden))[0]
+
+    def _norm(self, norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``norm(x)``, its arithmetic done inline when it is the RMSNorm checked at build time (no forward
+        replaced since on its class or on it: two dictionary lookups a call)."""
+        if self._norm_forwards.get(type(norm)) is type(norm).forward and "forward" not in norm.__dict__:
+            return _rms_norm(norm, x)
+        return norm(x)
 
     def _rope_fuses(self, attn: torch.nn.Module, dtype: torch.dtype) -> bool:
         """Whether the model file's ``apply_rotary_pos_emb`` is the plain ``t * cos + rotate_half(t) * sin``
@@ -283,8 +291,6 @@ def _rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return norm.weight * h.to(x.dtype)
 
 
-def _call_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return norm(x)
 
 
 class CompiledDecodeStep:

@@ -663,7 +663,7 @@ class Stream:
         try:
             self.reset()
             self._write_rows(layers, counters)
-        except (RuntimeError, ValueError, IndexError, KeyError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever a file's rows hold, a failed load changes nothing
             self.restore(before)
             raise ValueError(f"{path} does not fit this stream: {exc}") from None
         self._records = records
@@ -931,8 +931,13 @@ class Stream:
             text = f"{self.format.system_open}{self.config.system_prompt}{self.format.system_to_user}"
             opening = Chunk(input_ids=self._encode(text), kind="system", text=text)
             self._check_room(len(opening))  # full: a cap below the system prompt is refused, nothing appended
-            self._append(opening)
-            self._started = self._in_user_turn = True
+            seen = self.cache.tokens_seen
+            try:
+                self._append(opening)
+            finally:
+                # started once any of the prompt is in (a prompt longer than a chunk goes in pieces): a failure
+                # after the first piece must not append the whole prompt again next time
+                self._started = self._in_user_turn = self.cache.tokens_seen > seen
         elif not self._in_user_turn:
             self._in_user_turn = True
 

@@ -231,6 +231,13 @@ def test_every_bad_setting_is_one_line_and_exit_2_before_any_model_loads(argv, r
     assert len(err) == 1 and err[0].startswith("infmllm-bench: error: ") and reason in err[0], err
 
 
+def test_lists_of_numbers_take_fractions_and_lists_of_counts_do_not():
+    cfg = cli.parse(["sceneqa", "--quick", "--set", "lag_buckets=[1, 2.5, 10]", "--set", "rates=[1, 2.5]"])
+    assert cfg.lag_buckets == [1, 2.5, 10] and cfg.rates == [1, 2.5]
+    with pytest.raises(ValueError, match="distances must be a list of integers"):
+        cli.parse(["recall", "--quick", "--set", "distances=[500, 1500.5]"])
+
+
 def test_a_config_file_that_is_not_a_mapping_or_not_yaml_is_refused(tmp_path, capsys):
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     (tmp_path / "broken.yaml").write_text("common: {budgets: [\n")

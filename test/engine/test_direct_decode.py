@@ -156,6 +156,37 @@ def test_hooks_on_the_model_send_steps_through_its_forward(smollm2, where):
             s.close()
 
 
+def test_modules_replaced_after_the_stream_is_built_are_the_ones_the_step_uses(smollm2):
+    # An adapter injected or a norm's forward replaced once the stream exists (found by a review: the step
+    # had looked its modules up once and kept inlining a norm whose forward had changed).
+    streams = _pair(smollm2, "infmllm", make=Stream, budget_tokens=256, max_chunk_tokens=64)
+    attn = smollm2.model.model.layers[2].self_attn
+    norm = smollm2.model.model.norm
+    q_proj = attn.q_proj
+    try:
+        for s in streams:
+            s.append_text("12:00:01 kitchen: 2 people, left")
+        snapshots = [s.snapshot() for s in streams]
+        scaled = torch.nn.Linear(q_proj.in_features, q_proj.out_features, bias=q_proj.bias is not None)
+        with torch.no_grad():
+            scaled.weight.copy_(q_proj.weight * 1.1)
+        attn.q_proj = scaled
+        norm.forward = lambda x, _f=type(norm).forward: _f(norm, x) * 1.5
+        got, expected = (s._decode_one(201) for s in streams)
+        assert torch.equal(got, expected)
+        attn.q_proj = q_proj
+        del norm.forward
+        for s, snap in zip(streams, snapshots):
+            s.restore(snap)
+        unchanged = streams[0]._decode_one(201)
+        assert not torch.equal(unchanged, got) and torch.equal(unchanged, streams[1]._decode_one(201))
+    finally:
+        attn.q_proj = q_proj
+        norm.__dict__.pop("forward", None)
+        for s in streams:
+            s.close()
+
+
 def test_a_norm_or_rotation_the_step_does_not_know_is_called_not_inlined(smollm2):
     # A norm whose arithmetic differs from Llama's RMSNorm (here: its forward replaced on the instance) is
     # called as a module; the step still gives the model's bits.

@@ -474,11 +474,14 @@ def test_a_file_that_is_not_a_saved_stream_or_does_not_fit_leaves_the_stream_as_
         torch.save({**state, "cache": {**state["cache"], "length": 10**6}}, tmp_path / "long.pt")
         torch.save({**state, "records": [{"x": 1}]}, tmp_path / "records.pt")
         torch.save({**state, "frames_seen": "many"}, tmp_path / "counts.pt")
+        layers = [dict(layer) if layer else layer for layer in state["layers"]]
+        layers[5]["seen"] = 7  # a per-token buffer that is not a tensor: fails while the rows are written
+        torch.save({**state, "layers": layers}, tmp_path / "buffer.pt")
         before = stream.stats()
         probe = stream.snapshot()
         expected = stream.append_text("12:00:02 front: 3 people", return_logits=True).logits
         stream.restore(probe)
-        for name in ("garbage", "empty", "keys", "long", "records", "counts"):
+        for name in ("garbage", "empty", "keys", "long", "records", "counts", "buffer"):
             with pytest.raises(ValueError, match="saved stream|does not fit"):
                 stream.load(tmp_path / f"{name}.pt")
             assert stream.stats() == before, name
