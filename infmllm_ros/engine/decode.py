@@ -105,25 +105,6 @@ class Generation:
     cancelled: bool = False
 
 
-#: How many times a submodule was assigned to any module in this process since the direct steps started
-#: watching (``torch.nn.modules.module.register_module_module_registration_hook``): a step whose count is
-#: behind looks its model's parts up again.
-_module_generation = 0
-_registration_hook = None
-
-
-def _count_module_registration(module, name, submodule):
-    global _module_generation
-    _module_generation += 1
-
-
-def _watch_module_registrations() -> None:
-    """Install (once per process) the global hook that counts submodule assignments."""
-    global _registration_hook
-    if _registration_hook is None:
-        _registration_hook = _nn_module.register_module_module_registration_hook(_count_module_registration)
-
-
 #: Causal LMs whose decoder :class:`DirectDecodeStep` walks itself, and the decoder layer class each must use:
 #: Llama's layout (pre-norm, q/k/v/o projections with 1-D RoPE, a gated MLP; Qwen2 adds q/k/v biases).
 DIRECT_FAMILIES = {"LlamaForCausalLM": "LlamaDecoderLayer", "Qwen2ForCausalLM": "Qwen2DecoderLayer"}
@@ -151,8 +132,8 @@ class DirectDecodeStep:
     Two shortcuts, each checked bit for bit against the model's own code
     before use (:attr:`inline_norms`, :attr:`fused_rope`): the RMSNorms'
     arithmetic is done inline, and the query and key heads are rotated in
-    one go. The layers' parts are kept in a list, looked up again after any
-    submodule assignment in the process (docs/benchmarks.md section 12d). Used for
+    one go (docs/benchmarks.md section 12d). Submodules are looked up at
+    every step, so one replaced after the stream was built is the one used. Used for
     one-token steps of the families in :data:`DIRECT_FAMILIES`; anything
     else (VLMs, multimodal RoPE, sliding-window layers, other attention
     implementations) keeps the model's forward: see :meth:`unsupported`.
@@ -168,45 +149,22 @@ class DirectDecodeStep:
         if reason:
             raise ValueError(f"no direct decode step for {type(model).__name__}: {reason}")
         self.model = model
-        _watch_module_registrations()
-        self._generation = -1
-        self._refresh()
-
-    def _refresh(self) -> None:
-        """Look the model's parts up (again): at build time, and after any submodule was assigned anywhere
-        (an adapter injected, a layer swapped: :data:`_module_generation` counts those), so the step never
-        runs a module the model no longer has. Between such changes a step reads its parts from here
-        instead of through ~1,000 ``nn.Module.__getattr__`` calls."""
-        model = self.model
-        # Indexed, not sliced: slicing a ModuleList builds a new one, which registers its modules again.
-        layers = model.model.layers
-        self._layers = [layers[i] for i in range(model.config.num_hidden_layers)]
+        # The decoder layers once: slicing the ModuleList builds a new one (~0.1 ms) at every step.
+        self._layers = list(model.model.layers[: model.config.num_hidden_layers])
+        self._bypassed = [model, model.model,
+                          *(m for layer in self._layers for m in (layer, layer.self_attn, layer.mlp))]
         family = sys.modules[type(self._layers[0].self_attn).__module__]
         self._apply_rope = family.apply_rotary_pos_emb
         self._rotate_half = getattr(family, "rotate_half", None)
         self.fused_rope = self._rope_fuses(self._layers[0].self_attn, model.dtype)
         norms = [model.model.norm, *(n for layer in self._layers for n in (layer.input_layernorm,
                                                                            layer.post_attention_layernorm))]
-        # Each norm object is checked once (the model's forward registers its layers again at every call, so a
-        # refresh follows every chunk; a refresh that finds the same norms only looks them up).
-        checked = self.__dict__.setdefault("_checked_norms", {})  # id -> (the norm, whether it inlines)
-        for norm in norms:
-            if checked.get(id(norm), (None,))[0] is not norm:
-                checked[id(norm)] = (norm, self._norm_inlines(norm, model.dtype))
-        self.inline_norms = all(checked[id(norm)][1] for norm in norms)
+        self.inline_norms = all(self._norm_inlines(norm, model.dtype) for norm in norms)
         # the norm classes' own forward, as checked: a forward replaced later (on the class or on one norm)
         # is called, not bypassed
         self._norm_forwards = {type(norm): type(norm).forward for norm in norms} if self.inline_norms else {}
-        self._final_norm = model.model.norm
-        self._parts = [(layer.input_layernorm, layer.self_attn, (layer.self_attn.q_proj, layer.self_attn.k_proj,
-                        layer.self_attn.v_proj), layer.self_attn.o_proj, layer.post_attention_layernorm,
-                        (layer.mlp.gate_proj, layer.mlp.up_proj), layer.mlp.down_proj, layer.mlp.act_fn)
-                       for layer in self._layers]
-        self._bypassed = [model, model.model,
-                          *(m for layer in self._layers for m in (layer, layer.self_attn, layer.mlp))]
         if self.inline_norms:  # not called as modules any more: a hook on one sends the step to model(...)
             self._bypassed += norms
-        self._generation = _module_generation
 
     @staticmethod
     def unsupported(model: torch.nn.Module) -> Optional[str]:
@@ -240,8 +198,6 @@ class DirectDecodeStep:
         ``model(...)``, which calls them all. Checked at every step, as hooks come and go."""
         if _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks:
             return True
-        if self._generation != _module_generation:
-            self._refresh()
         # Only the modules this step does not call themselves: the others' hooks run (the 4-bit
         # siblings check theirs in Int4Linear.forward_siblings).
         return any(m._forward_hooks or m._forward_pre_hooks for m in self._bypassed)
@@ -256,16 +212,16 @@ class DirectDecodeStep:
         inner = self.model.model
         hidden = inner.embed_tokens(input_ids)
         cos, sin = inner.rotary_emb(hidden, position_ids)
-        if self._generation != _module_generation:
-            self._refresh()
         norm = self._norm
         if self.fused_rope:
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # once, not once per layer
         layers = cache.layers
-        for idx, (in_norm, attn, qkv, o_proj, post_norm, gate_up, down_proj, act_fn) in enumerate(self._parts):
-            x = norm(in_norm, hidden)
+        for idx, layer in enumerate(self._layers):
+            attn = layer.self_attn
+            x = norm(layer.input_layernorm, hidden)
             heads = (*x.shape[:-1], -1, attn.head_dim)
-            query, key, value = (p.view(heads).transpose(1, 2) for p in Int4Linear.forward_siblings(qkv, x))
+            query, key, value = (p.view(heads).transpose(1, 2) for p in
+                                 Int4Linear.forward_siblings((attn.q_proj, attn.k_proj, attn.v_proj), x))
             if self.fused_rope:
                 # The model's own arithmetic, ``t * cos + rotate_half(t) * sin``, on the query and key heads
                 # side by side: element for element the same products and sums, half the calls.
@@ -277,13 +233,14 @@ class DirectDecodeStep:
             key, value = layers[idx].update(key, value)
             out, weights = attn._infmllm_base(attn, query, key, value, None, dropout=0.0, scaling=attn.scaling)
             layers[idx].after_attention(query, attn.scaling, weights)
-            hidden = hidden + o_proj(out.reshape(*x.shape[:-1], -1).contiguous())
-            x = norm(post_norm, hidden)
-            gate, up = Int4Linear.forward_siblings(gate_up, x)
-            hidden = hidden + down_proj(act_fn(gate) * up)
+            hidden = hidden + attn.o_proj(out.reshape(*x.shape[:-1], -1).contiguous())
+            mlp = layer.mlp
+            x = norm(layer.post_attention_layernorm, hidden)
+            gate, up = Int4Linear.forward_siblings((mlp.gate_proj, mlp.up_proj), x)
+            hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
         if not want_logits:
             return None
-        return self.model.lm_head(norm(self._final_norm, hidden))[0]
+        return self.model.lm_head(norm(inner.norm, hidden))[0]
 
     def _norm(self, norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``norm(x)``, its arithmetic done inline when it is the RMSNorm checked at build time (no forward
