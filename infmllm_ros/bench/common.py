@@ -272,22 +272,23 @@ def load_config(command: str, overrides: dict, quick: bool, path: Optional[Path]
     else:
         import yaml
 
+        def mapping(part, where: str) -> dict:
+            if part is None:
+                return {}
+            if not isinstance(part, dict):
+                raise ValueError(f"{path}: {where} must be a mapping of settings, got {type(part).__name__}")
+            return part
+
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = mapping(yaml.safe_load(path.read_text()) or {}, "the config")
         except yaml.YAMLError as exc:
             raise ValueError(f"{path} is not valid YAML: {exc}") from None
-        sections = [data, data.get("common"), data.get(command)] if isinstance(data, dict) else [data]
-        if quick and isinstance(data, dict):
-            quick_part = data.get("quick") or {}
-            sections += [quick_part, quick_part.get("common"), quick_part.get(command)] if isinstance(
-                quick_part, dict) else [quick_part]
-        if not all(isinstance(part, dict) or part is None for part in sections):
-            raise ValueError(f"{path}: the config and each of its sections must be a mapping of settings")
-        values.update(data.get("common") or {})
-        values.update(data.get(command) or {})
+        values.update(mapping(data.get("common"), "common"))
+        values.update(mapping(data.get(command), command))
         if quick:
-            values.update((data.get("quick") or {}).get("common") or {})
-            values.update((data.get("quick") or {}).get(command) or {})
+            quick_part = mapping(data.get("quick"), "quick")
+            values.update(mapping(quick_part.get("common"), "quick.common"))
+            values.update(mapping(quick_part.get(command), f"quick.{command}"))
     values.update({k: v for k, v in overrides.items() if v is not None})
     values["command"], values["quick"] = command, quick
     known = {f.name for f in fields(BenchConfig)}

@@ -296,8 +296,6 @@ def _rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return norm.weight * h.to(x.dtype)
 
 
-
-
 class CompiledDecodeStep:
     """One decode step of ``model`` over ``cache``, compiled once with static shapes.
 

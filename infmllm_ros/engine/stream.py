@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-import numbers
 import operator
 import threading
 import time
@@ -32,7 +31,7 @@ from .decode import (COMPILE_CHOICES, CompiledDecodeStep, DirectDecodeStep, Gene
 from .models import LoadedModel, cache_argument, decoder_attention_modules
 from .policies import POLICIES, make_policy
 from .rope import RopeSpec
-from .types import AppendResult, Answer, Cancelled, Chunk, StreamStats
+from .types import AppendResult, Answer, Cancelled, Chunk, StreamStats, is_finite_number, is_integer
 
 #: ``return_logits``: False (none), "last" (next-token logits only) or True / "all" (every position)
 LogitsRequest = Union[bool, Literal["none", "last", "all"]]
@@ -88,13 +87,11 @@ class StreamConfig:
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("budget_tokens", "budget_bytes", "budget_bytes_per_layer", "sinks", "recent", "max_chunk_tokens",
                      "retrieval_window", "pool"):
-            value = getattr(self, name)
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-                raise ValueError(f"{name} must be an integer, got {value!r}")
+            if not is_integer(getattr(self, name)):
+                raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
         for name in ("bias", "decay", "h2o_recent_ratio", "repetition_penalty"):
-            value = getattr(self, name)
-            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            if not is_finite_number(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"unknown cache policy {self.policy!r}; choose one of {sorted(POLICIES)}")
         for name in ("budget_tokens", "budget_bytes", "budget_bytes_per_layer", "sinks", "recent"):
@@ -329,8 +326,7 @@ class Stream:
         """
         if not isinstance(question, str) or not question.strip():
             return "empty question"
-        if max_new_tokens is not None and (isinstance(max_new_tokens, bool)
-                                           or not isinstance(max_new_tokens, numbers.Integral)):
+        if max_new_tokens is not None and not is_integer(max_new_tokens):
             return f"max_new_tokens must be an integer, got {max_new_tokens!r}"
         answer = self.max_answer_tokens if max_new_tokens is None else int(max_new_tokens)
         if not 1 <= answer <= self.max_answer_tokens:
@@ -393,7 +389,7 @@ class Stream:
         """
         if not isinstance(question, str) or not question.strip():
             raise ValueError("empty question")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
+        if not is_integer(max_new_tokens):
             raise ValueError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
         if not 1 <= max_new_tokens <= self.max_answer_tokens:
             raise ValueError(f"max_new_tokens must be between 1 and {self.max_answer_tokens} "
@@ -466,7 +462,7 @@ class Stream:
         Raises:
             ValueError: ``max_new_tokens`` is not an integer >= 0 (nothing is appended).
         """
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
+        if not is_integer(max_new_tokens) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         penalty = self.config.repetition_penalty if repetition_penalty is None else float(repetition_penalty)
         detok = IncrementalDetokenizer(self.lm.tokenizer)

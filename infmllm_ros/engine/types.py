@@ -13,6 +13,16 @@ from typing import Optional
 
 import torch
 
+def is_integer(value) -> bool:
+    """An integer that is not a bool (Python, numpy): what a count or a length may be."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_finite_number(value) -> bool:
+    """A finite real number that is not a bool (an int is one too)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
 #: Kinds of chunk the stream knows about. ``frame`` chunks carry one camera
 #: frame (visual tokens or an offline text observation); ``question`` and
 #: ``answer`` chunks are the conversation, which stays in the stream.
@@ -47,8 +57,7 @@ class Chunk:
         for name in ("camera", "text"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"a Chunk's {name} must be a string, got {getattr(self, name)!r}")
-        if self.stamp is not None and (isinstance(self.stamp, bool) or not isinstance(self.stamp, numbers.Real)
-                                       or not math.isfinite(self.stamp)):
+        if self.stamp is not None and not is_finite_number(self.stamp):
             raise ValueError(f"a Chunk's stamp must be None or finite seconds, got {self.stamp!r}")
         if self.kind not in CHUNK_KINDS:
             raise ValueError(f"unknown chunk kind {self.kind!r}; expected one of {CHUNK_KINDS}")
