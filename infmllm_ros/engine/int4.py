@@ -1,4 +1,4 @@
-"""4-bit weights on the CPU, in llama.cpp's Q4_1 block format, through torch's int4 kernel.
+"""4-bit weights on the CPU, in llama.cpp's Q4_1 block format, for decode's products.
 
 Decode reads every weight once per token, so on a CPU its speed is the memory
 bandwidth divided by the weight bytes. The ``smollm2`` model ships as a Q4_1
@@ -6,29 +6,42 @@ GGUF (llama.cpp's format: blocks of 32 weights along the input dimension,
 each ``w = d * q + m`` with ``q`` in 0..15 and fp16 ``d``, ``m``;
 ggml-quants.c), which transformers dequantises to float32 on load: 6.4x the
 bytes the file holds (32 bits a weight against 4 + 32 / 32). :class:`Int4Linear` stores a Linear layer the way the file
-does and multiplies with ``torch.ops.aten._weight_int4pack_mm_for_cpu``
-(torch >= 2.6; the kernel torchao's int4 CPU layout uses), whose blocks are
-``w = (q - 8) * scale + zero``: the same grid with ``scale = d`` and
-``zero = m + 8 d``.
+does and multiplies with one of two kernels (``Int4Linear.kernel``):
+
+* ``q4_1``: our own AVX2 kernel (``csrc/blocks_matmul.cpp``, built on first use
+  with torch's C++ extension loader and cached under ``TORCH_EXTENSIONS_DIR``).
+  It reads llama.cpp's own 20-byte ``block_q4_1`` (fp16 ``d`` and ``m``, 16
+  bytes of nibbles), so it multiplies with the file's exact weights, and
+  rounds each block of 32 activations to int16 (at most half of
+  ``max|x| / 32767`` off an element: 256x finer than llama.cpp's int8
+  activations, and finer than bfloat16); the products are integer sums, scaled
+  and added in float32. A row of activations with a non-finite value gives NaN
+  outputs. 1.9-2.0x faster than ``torch`` over SmolLM2's 210 decoder shapes
+  (docs/benchmarks.md section 12e). Needs an x86 CPU with AVX2/FMA/F16C and a
+  C++ compiler (g++ and ninja) the first time.
+* ``torch``: ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (torch >= 2.6; the
+  kernel torchao's int4 CPU layout uses), whose blocks are
+  ``w = (q - 8) * scale + zero``: the same grid with ``scale = d`` and
+  ``zero = m + 8 d``, but with scale and zero in bfloat16 (a weight moves by a
+  fraction of its block's step, at most 4.6% of a step on SmolLM2-135M) and
+  activations and output in bfloat16. The fallback where ``q4_1`` cannot be
+  built or run (other CPUs, no compiler).
 
 :func:`quantize_int4` finds each block's grid from the float weights alone:
 min-max asymmetric rounding over groups of 32, which is how Q4_1 is made. On
 weights dequantised from a Q4_1 file it gives back the file's own integers
 exactly (each block's smallest weight is ``q = 0``, its largest ``q = 15``;
-``Int4Linear.grid_error`` is 0.0). What the kernel multiplies with differs
-from the file in two roundings: it keeps each block's scale and zero in
-bfloat16, which moves a weight by a fraction of its block's step (at most
-4.6% of a step on SmolLM2-135M; ``Int4Linear.max_error``), and it takes the
-activations in bfloat16 and returns bfloat16. Perplexity token by token: +0.02%
-(docs/benchmarks.md section 12). On other float weights it is round-to-nearest
-4-bit quantisation, with the error that brings.
+``Int4Linear.grid_error`` is 0.0), and the file's fp16 ``d`` and ``m`` (so
+``Int4Linear.max_error`` is 0.0 with ``q4_1``). Perplexity token by token:
+docs/benchmarks.md sections 12 and 12e. On other float weights it is
+round-to-nearest 4-bit quantisation, with the error that brings.
 
 The 4-bit blocks serve products of at most :data:`INT4_MAX_ROWS` rows (decode's
 matrix-vector products, bound by reading the weights); longer ones (prefill
-chunks) use the float weights, because the int4 kernel computes in bfloat16
-without a tuned GEMM and ran 2x slower than float32 at 256 rows on the AVX2
-CPUs here (docs/benchmarks.md section 12). So the float weights stay in memory;
-the 4-bit copy adds 5 bits a weight (5/32 of float32 weights, 5/16 of half ones).
+chunks) use the float weights, because float32 GEMM reads the weights once for
+all rows and computes faster (docs/benchmarks.md section 12). So the float
+weights stay in memory; the 4-bit copy adds 5 bits a weight (5/32 of float32
+weights, 5/16 of half ones).
 
 The LM head stays out of the 4-bit blocks (its GGUF type is Q8_0); with a
 float32 model it gets a float16 copy for decode instead (:class:`Float16Head`:
@@ -38,10 +51,19 @@ on SmolLM2-135M), adding 16 bits a weight of the head.
 
 from __future__ import annotations
 
+import logging
+import math
+import os
+import shutil
+import sys
+import threading
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Optional
 
 import torch
+
+_LOG = logging.getLogger(__name__)
 
 #: Weights per block along the input dimension: Q4_1's block size.
 GROUP_SIZE = 32
@@ -59,10 +81,98 @@ MAX_ERROR_STEPS = 0.25
 INT4_MAX_ROWS = 8
 
 
+#: The kernels an Int4Linear can multiply with; ``auto`` takes ``q4_1`` where it builds, else ``torch``.
+INT4_KERNELS = ("auto", "q4_1", "torch")
+
+#: Bytes of one llama.cpp ``block_q4_1``: fp16 d, fp16 m, 16 bytes of nibbles.
+_Q4_1_BLOCK_BYTES = 20
+_Q4_1_SOURCE = Path(__file__).resolve().parent / "csrc" / "blocks_matmul.cpp"
+_q4_1_lock = threading.Lock()
+_q4_1_state: Optional[tuple[bool, str]] = None  # (built, why not) once tried
+
+
+def q4_1_kernel_status() -> tuple[bool, str]:
+    """Whether the ``q4_1`` kernel is usable here, building it on first call; ``(False, reason)`` if not.
+
+    The build (torch's C++ extension loader: g++, ninja, ~20 s) happens once per
+    source version and machine; later processes load the cached library. The
+    environment variable ``INFMLLM_Q4_1_KERNEL=0`` turns the kernel off (the
+    ``torch`` one is used). Never raises: any failure is the reason.
+    """
+    global _q4_1_state
+    with _q4_1_lock:
+        if _q4_1_state is None:
+            _q4_1_state = _build_q4_1()
+            if not _q4_1_state[0]:
+                _LOG.info("int4: the q4_1 kernel is not used (%s); torch's int4 kernel is", _q4_1_state[1])
+        return _q4_1_state
+
+
+def _build_q4_1() -> tuple[bool, str]:
+    if os.environ.get("INFMLLM_Q4_1_KERNEL", "1").strip().lower() in ("0", "false", "off", "no"):
+        return False, "INFMLLM_Q4_1_KERNEL=0"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ("AVX2", "AVX512"):  # AVX2 in torch's sense includes FMA; every AVX2 CPU has F16C
+        return False, f"it needs an x86 CPU with AVX2, this one reports {capability}"
+    if not _Q4_1_SOURCE.is_file():
+        return False, f"its source {_Q4_1_SOURCE} is missing"
+    if hasattr(torch.ops, "infmllm") and hasattr(torch.ops.infmllm, "q8_0_matmul"):
+        return True, ""
+    try:
+        from torch.utils.cpp_extension import load
+
+        venv_bin = str(Path(sys.executable).parent)  # pip's ninja, where the venv is not on PATH
+        if shutil.which("ninja") is None and shutil.which("ninja", path=venv_bin):
+            os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
+
+        _LOG.info("int4: building the q4_1 kernel (once per machine, ~20 s)")
+        load("infmllm_q4_1", [str(_Q4_1_SOURCE)], is_python_module=False, verbose=False,
+             extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], extra_ldflags=["-fopenmp"])
+        for op in ("infmllm::q4_1_matmul", "infmllm::q8_0_matmul"):
+            torch.library.register_fake(op)(lambda x, blocks: x.new_empty(x.shape[0], blocks.shape[0]))
+    except Exception as exc:  # no compiler, no ninja, a read-only cache folder, ...
+        lines = str(exc).strip().splitlines()
+        return False, f"it did not build: {type(exc).__name__}: {lines[-1] if lines else ''}"
+    return True, ""
+
+
+def int4_kernels(model: torch.nn.Module) -> list[str]:
+    """The int4 kernels ``model``'s :class:`Int4Linear` layers use, sorted (``[]``: none is int4)."""
+    return sorted({m.kernel for m in model.modules() if isinstance(m, Int4Linear)})
+
+
+def resolve_int4_kernel(kernel: str = "auto") -> str:
+    """``auto`` -> ``q4_1`` where :func:`q4_1_kernel_status` says it works, else ``torch``.
+
+    Raises:
+        ValueError: an unknown name, or the kernel asked for (or, for ``auto``, both) cannot run here.
+    """
+    if kernel not in INT4_KERNELS:
+        raise ValueError(f"int4 kernel must be one of {INT4_KERNELS}, got {kernel!r}")
+    torch_missing = (f"torch's int4 CPU kernel (_weight_int4pack_mm_for_cpu) needs torch >= 2.6; "
+                     f"this is torch {torch.__version__}")
+    if kernel == "torch":
+        if not _torch_int4_available():
+            raise ValueError(torch_missing)
+        return kernel
+    built, reason = q4_1_kernel_status()
+    if built:
+        return "q4_1"
+    if kernel == "q4_1" or not _torch_int4_available():
+        raise ValueError(f"the q4_1 int4 kernel cannot run here: {reason}"
+                         + ("" if kernel == "q4_1" else f"; and {torch_missing}"))
+    return "torch"
+
+
+def _torch_int4_available() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
+        torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+
+
 def int4_kernel_available(device: Optional[torch.device] = None) -> bool:
-    """Whether this torch has the int4 CPU kernel (and, given a ``device``, whether it is the CPU)."""
-    return (device is None or device.type == "cpu") and hasattr(
-        torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+    """Whether an int4 kernel runs here (and, given a ``device``, whether it is the CPU): torch's, or ours
+    (:func:`q4_1_kernel_status`, tried only where torch's is missing)."""
+    return (device is None or device.type == "cpu") and (_torch_int4_available() or q4_1_kernel_status()[0])
 
 
 class _FewRowCopy(torch.nn.Module):
@@ -87,8 +197,13 @@ class _FewRowCopy(torch.nn.Module):
 
 
 def _bfloat16_rows(x: torch.Tensor) -> torch.Tensor:
-    """``[..., in]`` as the int4 kernel takes it: ``[rows, in]``, contiguous bfloat16."""
+    """``[..., in]`` as torch's int4 kernel takes it: ``[rows, in]``, contiguous bfloat16."""
     return x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+
+
+def _float32_rows(x: torch.Tensor) -> torch.Tensor:
+    """``[..., in]`` as the q4_1 kernel takes it: ``[rows, in]``, contiguous float32."""
+    return x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
 
 
 class Int4Linear(_FewRowCopy):
@@ -100,55 +215,102 @@ class Int4Linear(_FewRowCopy):
     (quantize after loading). For inference (no gradient through the kernel).
     ``forward`` takes ``[..., in_features]`` in the layer's dtype (as
     ``nn.Linear``) and returns ``[..., out_features]`` in that dtype: up to
-    ``max_rows`` rows (:data:`INT4_MAX_ROWS`) through the int4 kernel, in
-    bfloat16 (activations, scale, zero and its output; float accumulation
-    inside), more through the float weight.
+    ``max_rows`` rows (:data:`INT4_MAX_ROWS`) through the 4-bit kernel, more
+    through the float weight.
+
+    Args:
+        linear: the float layer.
+        kernel: ``auto``, ``q4_1`` or ``torch`` (module docstring; :func:`resolve_int4_kernel`).
 
     Attributes:
-        packed: the kernel's packed layout of the ``[out, in]`` integers 0..15.
-        scale_and_zero: ``[in / 32, out, 2]`` bfloat16, per block ``scale`` and
-            ``zero`` so that ``w = (q - 8) * scale + zero``.
+        kernel: the kernel in use, ``q4_1`` or ``torch``.
+        blocks: (``q4_1``) ``[out, in / 32, 20]`` uint8, llama.cpp's ``block_q4_1`` per block.
+        packed, scale_and_zero: (``torch``) the kernel's packed layout of the ``[out, in]``
+            integers 0..15, and ``[in / 32, out, 2]`` bfloat16 ``scale`` and ``zero`` per block
+            so that ``w = (q - 8) * scale + zero``.
         grid_error: largest ``|q * scale + low - w|`` with float32 scales, in the
             weight's units: 0.0 when the weight was already on a Q4_1 grid.
-        max_error: largest ``|(q - 8) * scale + zero - w|`` with the kernel's
-            bfloat16 scale and zero: how far the weights the kernel uses are from
-            the float ones.
+        max_error: largest difference between the weights the kernel multiplies with (fp16 ``d``
+            and ``m`` for ``q4_1``, bfloat16 scale and zero for ``torch``) and the float ones.
         max_error_steps: the same, per block in units of that block's step.
+
+    Raises:
+        ValueError: widths the blocks do not divide; ``kernel`` unknown or ``q4_1`` unavailable.
     """
 
-    def __init__(self, linear: torch.nn.Linear):
+    def __init__(self, linear: torch.nn.Linear, kernel: str = "auto"):
         super().__init__(linear)
         weight = linear.weight.detach().float()
         out_features, in_features = weight.shape
         if in_features % GROUP_SIZE or out_features % OUT_MULTIPLE:
             raise ValueError(f"int4 needs in_features divisible by {GROUP_SIZE} and out_features by "
                              f"{OUT_MULTIPLE}, got {in_features} -> {out_features}")
+        chosen = resolve_int4_kernel(kernel)
         blocks = weight.view(out_features, in_features // GROUP_SIZE, GROUP_SIZE)
         low = blocks.amin(-1)
         scale = (blocks.amax(-1) - low) / 15  # 0 for a constant block: every q is 0, w = zero = low
         divisor = torch.where(scale > 0, scale, 1.0)
         q = torch.round((blocks - low[..., None]) / divisor[..., None]).clamp_(0, 15)
         self.grid_error = float((q * scale[..., None] + low[..., None] - blocks).abs().max())
-        scale_and_zero = torch.stack([scale, low + 8 * scale], -1).to(torch.bfloat16)
-        used = (q - 8) * scale_and_zero[..., :1].float() + scale_and_zero[..., 1:].float()
-        error = (used - blocks).abs().amax(-1)
-        self.max_error = float(error.max())
-        # a constant block has no step: exact (0) or infinitely far
-        self.max_error_steps = float(torch.where(scale > 0, error / divisor,
-                                                 torch.where(error > 0, float("inf"), 0.0)).max())
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-            q.view(out_features, in_features).to(torch.int32), 1))
-        self.register_buffer("scale_and_zero", scale_and_zero.transpose(0, 1).contiguous())
+        # With auto, each layer takes the kernel whose scales hold its weights more exactly: q4_1's fp16
+        # is finer than bfloat16 for weights like a model's, but overflows past 65504 and coarsens
+        # below 6e-5 (subnormal), where bfloat16 keeps float32's range.
+        candidates = [chosen] + (["torch"] if kernel == "auto" and chosen == "q4_1" and _torch_int4_available()
+                                 else [])
+        fits = {name: self._scales(name, q, scale, low, blocks, divisor) for name in candidates}
+        self.kernel = min(candidates, key=lambda name: fits[name][3])  # the first (q4_1) on a tie
+        scales, self.max_error, self.max_error_steps, _ = fits[self.kernel]
+        if not math.isfinite(self.max_error):
+            raise ValueError(f"int4 kernel {self.kernel}: the block scales do not fit its "
+                             f"{'float16' if self.kernel == 'q4_1' else 'bfloat16'} (weights up to "
+                             f"{float(weight.abs().max()):.3g}); use kernel torch or keep this layer float")
+        if self.kernel == "q4_1":
+            nibbles = q.to(torch.uint8)
+            nibbles = nibbles[..., :GROUP_SIZE // 2] | (nibbles[..., GROUP_SIZE // 2:] << 4)
+            self.register_buffer("blocks", torch.cat([scales.view(torch.uint8), nibbles], -1).contiguous())
+        else:
+            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                q.view(out_features, in_features).to(torch.int32), 1))
+            self.register_buffer("scale_and_zero", scales.transpose(0, 1).contiguous())
+
+    @staticmethod
+    def _scales(kernel: str, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, blocks: torch.Tensor,
+                divisor: torch.Tensor) -> tuple[torch.Tensor, float, float, float]:
+        """``kernel``'s per-block scales (``[out, blocks, 2]``: fp16 ``d, m`` for q4_1, bfloat16
+        ``scale, zero`` for torch); the largest error of the weights they give, from the float weights and
+        in units of the block's step; and the largest error in steps that their rounding alone adds (to
+        the grid with float32 scales)."""
+        if kernel == "q4_1":
+            scales = torch.stack([scale, low], -1).to(torch.float16)
+            used = q * scales[..., :1].float() + scales[..., 1:].float()  # inf where float16 overflows
+        else:
+            scales = torch.stack([scale, low + 8 * scale], -1).to(torch.bfloat16)
+            used = (q - 8) * scales[..., :1].float() + scales[..., 1:].float()
+
+        def in_steps(error: torch.Tensor) -> torch.Tensor:
+            error = torch.where(error.isnan(), math.inf, error)  # (nan_to_num would make inf the largest float)
+            # a constant block has no step: exact (0) or infinitely far
+            return error, torch.where(scale > 0, error / divisor, torch.where(error > 0, math.inf, 0.0))
+
+        error, steps = in_steps((used - blocks).abs().amax(-1))
+        _, rounding = in_steps((used - (q * scale[..., None] + low[..., None])).abs().amax(-1))
+        return scales, float(error.max()), float(steps.max()), float(rounding.max())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Called 7 times per layer per decoded token: as few tensor calls as the kernel allows.
         if not self.takes_copy(x):
             return self.float_forward(x)
-        return self._product(_bfloat16_rows(x), x)
+        return self._product(self._rows(x), x)
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        return _float32_rows(x) if self.kernel == "q4_1" else _bfloat16_rows(x)
 
     def _product(self, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The 4-bit product of ``rows`` (``x`` as ``[rows, in]`` bfloat16), shaped and typed as ``x``."""
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP_SIZE, self.scale_and_zero)
+        """The 4-bit product of ``rows`` (``x`` as ``[rows, in]``, :meth:`_rows`), shaped and typed as ``x``."""
+        if self.kernel == "q4_1":
+            y = torch.ops.infmllm.q4_1_matmul.default(rows, self.blocks)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP_SIZE, self.scale_and_zero)
         y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
@@ -156,16 +318,19 @@ class Int4Linear(_FewRowCopy):
 
     @staticmethod
     def forward_siblings(layers: tuple[torch.nn.Module, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """``tuple(layer(x) for layer in layers)``, the same bits, with ``x`` rounded to bfloat16 once.
+        """``tuple(layer(x) for layer in layers)``, the same bits, with ``x`` converted once.
 
         For the projections that read one input (q/k/v; an MLP's gate and up): when every layer is an
-        Int4Linear (its own ``forward``, no forward hooks) that sends ``x`` to its 4-bit copy, the
-        input's conversion is shared; otherwise each layer is called as usual.
+        Int4Linear (its own ``forward``, no forward hooks) on the same kernel that sends ``x`` to its
+        4-bit copy, the input's conversion (to bfloat16 for ``torch``) is shared; otherwise each layer
+        is called as usual.
         """
         if not all(type(layer).forward is Int4Linear.forward and layer.takes_copy(x)
                    and not (layer._forward_hooks or layer._forward_pre_hooks) for layer in layers):
             return tuple(layer(x) for layer in layers)
-        rows = _bfloat16_rows(x)
+        if not layers or len({layer.kernel for layer in layers}) > 1:
+            return tuple(layer(x) for layer in layers)
+        rows = layers[0]._rows(x)
         return tuple(layer._product(rows, x) for layer in layers)
 
     @property
@@ -174,7 +339,8 @@ class Int4Linear(_FewRowCopy):
         return self.grid_error == 0.0 and self.max_error_steps <= MAX_ERROR_STEPS
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={GROUP_SIZE}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={GROUP_SIZE}, "
+                f"kernel={self.kernel}")
 
 
 class Float16Head(_FewRowCopy):
@@ -220,6 +386,57 @@ class Float16Head(_FewRowCopy):
         return f"in_features={self.in_features}, out_features={self.out_features}, float16 for <= {self.max_rows} rows"
 
 
+class Q8_0Head(_FewRowCopy):
+    """The LM head with its weight in llama.cpp's Q8_0 blocks, for few-row products through the q4_1 kernels.
+
+    The ``smollm2`` GGUF stores the head (tied to the embeddings) as Q8_0
+    (ggml-quants.c: blocks of 32 weights along the input dimension, int8 ``q``
+    in -127..127 times an fp16 ``d``), 34 bytes a block against 64 for a float16
+    copy (:class:`Float16Head`). Built only from weights already on such a grid
+    (dequantised from the file): each block's ``d = max|w| / 127`` in fp16 gives
+    back every weight exactly, so its products are the file's weights times the
+    activations rounded to int16 per block (as :class:`Int4Linear`'s q4_1
+    kernel; ``csrc/blocks_matmul.cpp``), summed in float32. Up to ``max_rows``
+    rows (:data:`INT4_MAX_ROWS`) go to the blocks, more to the float weight. A
+    row of activations with a non-finite value gives NaN logits.
+
+    Args:
+        linear: a float ``nn.Linear`` whose weight (and bias) the head shares.
+
+    Raises:
+        ValueError: the kernel cannot run here (:func:`q4_1_kernel_status`), the
+            input width is not a multiple of 32, or the weight is not on a Q8_0 grid.
+    """
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__(linear)
+        built, reason = q4_1_kernel_status()
+        if not built:
+            raise ValueError(f"a Q8_0 head needs the q4_1 kernels: {reason}")
+        if linear.in_features % GROUP_SIZE:
+            raise ValueError(f"a Q8_0 head needs in_features divisible by {GROUP_SIZE}, got {linear.in_features}")
+        weight = linear.weight.detach().float()
+        blocks = weight.view(linear.out_features, -1, GROUP_SIZE)
+        d = (blocks.abs().amax(-1) / 127).to(torch.float16)
+        q = torch.round(blocks / torch.where(d > 0, d, 1).float()[..., None]).clamp_(-127, 127)
+        if not (torch.isfinite(d).all() and torch.equal(q * d.float()[..., None], blocks)):
+            raise ValueError("the LM head's weights are not on a Q8_0 grid (int8 times an fp16 scale per "
+                             "block of 32): only a head dequantised from Q8_0 is kept this way")
+        self.register_buffer("blocks", torch.cat([d[..., None].view(torch.uint8),
+                                                  q.to(torch.int8).view(torch.uint8)], -1).contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.takes_copy(x):
+            return self.float_forward(x)
+        y = torch.ops.infmllm.q8_0_matmul.default(_float32_rows(x), self.blocks).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, Q8_0 for <= {self.max_rows} rows"
+
+
 @contextmanager
 def float_weights(model: torch.nn.Module):
     """Within the block, every :class:`Int4Linear` and :class:`Float16Head` of ``model`` multiplies with
@@ -236,11 +453,14 @@ def float_weights(model: torch.nn.Module):
             m.max_rows = rows
 
 
-def quantize_int4(model: torch.nn.Module, skip=lambda name: False, *, lossless_only: bool = False) -> list[str]:
+def quantize_int4(model: torch.nn.Module, skip=lambda name: False, *, lossless_only: bool = False,
+                  kernel: str = "auto") -> list[str]:
     """Replace the language model's ``nn.Linear`` layers with :class:`Int4Linear`, in place.
 
-    The LM head (tied to the embeddings, Q8_0 in the GGUF) is not made 4-bit:
-    a float32 one becomes a :class:`Float16Head` (once any layer is int4).
+    The LM head (tied to the embeddings, Q8_0 in the GGUF) is not made 4-bit
+    (once any layer is int4): on a Q8_0 grid and unless ``kernel`` is ``torch``,
+    it keeps those blocks (:class:`Q8_0Head`, where the q4_1 kernels run); else
+    a float32 one gets a float16 copy (:class:`Float16Head`).
     Any layer for which ``skip(name)`` is true stays float, as do layers whose
     input width is not a multiple of 32 or output width not a multiple of 16. With
     ``lossless_only``, the model is left as it was (and ``[]`` returned) unless
@@ -250,17 +470,17 @@ def quantize_int4(model: torch.nn.Module, skip=lambda name: False, *, lossless_o
     Returns:
         The qualified names of the replaced layers.
 
+    ``kernel``: ``auto``, ``q4_1`` or ``torch`` (module docstring), the same for every layer.
+
     Raises:
-        ValueError: the model is not on the CPU, this torch has no int4 CPU
-            kernel, or no layer could be replaced.
+        ValueError: the model is not on the CPU, no int4 kernel runs here (or
+            not the one asked for), or no layer could be replaced.
     """
     device = next(model.parameters()).device
     if device.type != "cpu":
         raise ValueError(f"quantize int4 runs on the CPU (torch's int4 CPU kernel); the model is on "
                          f"{device.type}: use quantize none or int8 there")
-    if not int4_kernel_available():
-        raise ValueError(f"quantize int4 needs torch >= 2.6 (_weight_int4pack_mm_for_cpu); "
-                         f"this is torch {torch.__version__}")
+    resolve_int4_kernel(kernel)  # an unknown kernel, or none that runs here, fails before any change
     replaced = []  # (parent, attribute, the float layer, qualified name)
 
     def undo() -> None:
@@ -273,8 +493,13 @@ def quantize_int4(model: torch.nn.Module, skip=lambda name: False, *, lossless_o
                 name = f"{parent_name}.{child_name}" if parent_name else child_name
                 if (type(child) is torch.nn.Linear and child_name != "lm_head" and not skip(name)
                         and child.in_features % GROUP_SIZE == 0 and child.out_features % OUT_MULTIPLE == 0):
-                    int4 = Int4Linear(child)
-                    if lossless_only and not int4.lossless:  # (a NaN weight is not lossless either)
+                    try:
+                        int4 = Int4Linear(child, kernel)
+                    except ValueError:  # scales no kernel holds (a NaN or huge weight): not lossless either
+                        if not lossless_only:
+                            raise
+                        int4 = None
+                    if lossless_only and not (int4 is not None and int4.lossless):
                         undo()
                         return []
                     setattr(parent, child_name, int4)
@@ -284,10 +509,15 @@ def quantize_int4(model: torch.nn.Module, skip=lambda name: False, *, lossless_o
             name = f"{parent_name}.lm_head" if parent_name else "lm_head"
             if type(head) is not torch.nn.Linear or skip(name):
                 continue
-            try:
-                parent.lm_head = Float16Head(head)
-            except ValueError:  # not float32, or beyond float16's range: the head stays as it is
-                continue
+            try:  # the file's Q8_0 blocks where the head is on that grid, else a float16 copy
+                if kernel == "torch":
+                    raise ValueError("torch's int4 kernel asked for: the head takes the float16 copy")
+                parent.lm_head = Q8_0Head(head)
+            except ValueError:
+                try:
+                    parent.lm_head = Float16Head(head)
+                except ValueError:  # not float32, or beyond float16's range: the head stays as it is
+                    continue
             replaced.append((parent, "lm_head", head, name))
     except BaseException:
         undo()

@@ -157,11 +157,14 @@ def quantize_model(model: torch.nn.Module, method: str = "int8") -> torch.nn.Mod
 
     ``int4`` (CPU only): :mod:`~infmllm_ros.engine.int4`, a copy of each weight
     in llama.cpp's Q4_1 blocks of 32 that decode's matrix-vector products read
-    through torch's int4 kernel (6x fewer bytes than float32; prefill chunks
-    keep the float weights); on a model loaded from a Q4_1 GGUF (``smollm2``)
-    these are the file's own integers, with its scales rounded to bfloat16
-    (perplexity +0.02%). Every Linear but the LM head and the vision tower; a
-    float32 LM head gets a float16 copy for decode (:class:`~.int4.Float16Head`).
+    (6x fewer bytes than float32; prefill chunks keep the float weights), through
+    our AVX2 kernel where it builds (the file's own weights, activations rounded
+    to int16 per block) or torch's int4 kernel (scales and activations in
+    bfloat16; perplexity +0.02%); on a model loaded from a Q4_1 GGUF
+    (``smollm2``) these are the file's own integers. Every Linear but the LM
+    head and the vision tower; the LM head keeps the file's Q8_0 blocks where
+    our kernel runs (:class:`~.int4.Q8_0Head`), else a float32 one gets a
+    float16 copy for decode (:class:`~.int4.Float16Head`).
 
     ``int8``:
     CPU: PyTorch's dynamic quantisation (``torch.ao.quantization.quantize_dynamic``,

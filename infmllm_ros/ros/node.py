@@ -195,6 +195,7 @@ class InfMllmNode(Node):
 
     def _start(self, loaded_model) -> None:
         from infmllm_ros.engine import Stream
+        from infmllm_ros.engine.int4 import int4_kernels
 
         s = self.settings
         log = self.get_logger()
@@ -227,6 +228,7 @@ class InfMllmNode(Node):
         log.info(
             f"model '{self.lm.name}' ({self.lm.kind}) on {self.lm.device}, {self.lm.dtype}"
             f", {self.lm.quantize if self.lm.quantize != 'none' else 'float'} weights"
+            f"{' (' + '/'.join(int4_kernels(self.lm.model)) + ' kernel)' if self.lm.quantize == 'int4' else ''}"
             f"{' (model.quantize auto)' if s.model.quantize == 'auto' and loaded_here else ''} ({how}); "
             f"encoder {s.encoder.type}{detector}; cache policy {s.cache.policy}, budget "
             f"{self.stream.budget} tokens, at most {self.stream.capacity or 'unbounded'} held"

@@ -1,4 +1,4 @@
-"""int4 weights (engine/int4.py): the GGUF's own Q4_1 blocks through torch's int4 CPU kernel."""
+"""int4 weights (engine/int4.py): the GGUF's own Q4_1 blocks through our q4_1 kernel or torch's int4 kernel."""
 
 from __future__ import annotations
 
@@ -8,11 +8,38 @@ import pytest
 import torch
 
 from infmllm_ros.engine import Chunk, LoadedModel, Stream, StreamConfig
-from infmllm_ros.engine.int4 import (GROUP_SIZE, INT4_MAX_ROWS, Float16Head, Int4Linear, float_weights,
-                                     int4_kernel_available, quantize_int4)
+from infmllm_ros.engine.int4 import (GROUP_SIZE, INT4_MAX_ROWS, Float16Head, Int4Linear, Q8_0Head, _torch_int4_available,
+                                     float_weights, int4_kernel_available, q4_1_kernel_status, quantize_int4,
+                                     resolve_int4_kernel)
 from infmllm_ros.engine.models import check_quantize, quantize_model
 
-pytestmark = pytest.mark.skipif(not int4_kernel_available(), reason=f"torch {torch.__version__} has no int4 CPU kernel")
+pytestmark = pytest.mark.skipif(not int4_kernel_available(), reason="no int4 kernel runs here")
+
+
+@pytest.fixture(params=["q4_1", "torch"])
+def kernel(request) -> str:
+    """Each int4 kernel in turn, skipped with its reason where it cannot run."""
+    if request.param == "q4_1" and not q4_1_kernel_status()[0]:
+        pytest.skip(f"the q4_1 kernel cannot run here: {q4_1_kernel_status()[1]}")
+    if request.param == "torch" and not _torch_int4_available():
+        pytest.skip(f"torch {torch.__version__} has no int4 CPU kernel")
+    return request.param
+
+
+def _q4_1_reference(linear: torch.nn.Linear, x: torch.Tensor, q8_0: bool = False) -> torch.Tensor:
+    """What the q4_1 kernel computes, in float64, for a weight on a Q4_1 grid (``w = d q + m``, each block's
+    smallest weight ``m``): ``d q`` times the activations with each block of 32 rounded to int16
+    (``x ~= dx * xq``, ``dx = max|x| / 32767``), plus ``m`` times the block's unrounded sum, plus the bias.
+    With ``q8_0`` (``w = d q``, no ``m``), what the q8_0 kernel computes."""
+    weight = linear.weight.detach().double()
+    lows = weight.view(weight.shape[0], -1, GROUP_SIZE).amin(-1, keepdim=True).expand(-1, -1, GROUP_SIZE)
+    lows = lows * (not q8_0)
+    lows = lows.reshape(weight.shape)
+    blocks = x.double().reshape(-1, x.shape[-1] // GROUP_SIZE, GROUP_SIZE)
+    dx = blocks.abs().amax(-1, keepdim=True) / 32767
+    rounded = (torch.round(blocks / torch.where(dx > 0, dx, 1.0)) * dx).reshape(-1, x.shape[-1])
+    y = rounded @ (weight - lows).t() + x.double().reshape(-1, x.shape[-1]) @ lows.t()
+    return (y if linear.bias is None else y + linear.bias.double()).view(*x.shape[:-1], -1)
 
 
 def _q4_1_linear(out_features=96, in_features=128, seed=0) -> tuple[torch.nn.Linear, torch.Tensor]:
@@ -31,28 +58,63 @@ def _q4_1_linear(out_features=96, in_features=128, seed=0) -> tuple[torch.nn.Lin
     return linear, q.view(out_features, in_features)
 
 
-def test_weights_on_a_q4_1_grid_are_kept_exactly_and_multiply_as_the_float_layer():
+def test_weights_on_a_q4_1_grid_are_kept_exactly_and_multiply_as_the_float_layer(kernel):
     linear, _ = _q4_1_linear()
-    int4 = Int4Linear(linear)
-    assert int4.grid_error == 0.0  # the integers and float32 scales rebuild every weight
-    assert 0 < int4.max_error_steps < 0.05 and int4.lossless  # the kernel's bfloat16 scale and zero
+    int4 = Int4Linear(linear, kernel)
+    assert int4.kernel == kernel and int4.grid_error == 0.0  # the integers and float32 scales rebuild every weight
     x = torch.randn(2, INT4_MAX_ROWS // 2, 128)  # few rows: the int4 kernel
-    expected = linear(x.bfloat16().float())  # the kernel reads the activations in bfloat16
     got = int4(x)
     assert got.shape == (2, INT4_MAX_ROWS // 2, 96) and got.dtype == torch.float32
-    # bfloat16 per-block scale and zero: within a percent of the float product
-    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+    if kernel == "q4_1":
+        # the file's fp16 d and m: the very weights; only the activations' int16 rounding is left
+        assert int4.max_error == int4.max_error_steps == 0.0 and int4.lossless
+        torch.testing.assert_close(got.double(), _q4_1_reference(linear, x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, linear(x), rtol=1e-4, atol=1e-4)  # (torch's kernel is ~1e-2 off)
+    else:
+        assert 0 < int4.max_error_steps < 0.05 and int4.lossless  # the kernel's bfloat16 scale and zero
+        # bfloat16 activations, per-block scale and zero: within a percent of the float product
+        torch.testing.assert_close(got, linear(x.bfloat16().float()), rtol=2e-2, atol=2e-2)
 
 
-def test_more_rows_than_decode_uses_go_through_the_float_weight():
+def test_the_q4_1_kernel_is_finer_than_torchs_and_auto_takes_it():
+    if not (q4_1_kernel_status()[0] and _torch_int4_available()):
+        pytest.skip("needs both kernels")
+    assert resolve_int4_kernel("auto") == "q4_1" and Int4Linear(torch.nn.Linear(64, 16)).kernel == "q4_1"
+    linear, _ = _q4_1_linear(out_features=256, in_features=576)
+    x = torch.randn(1, 576)
+    exact = linear(x).double()
+    ours = (Int4Linear(linear, "q4_1")(x).double() - exact).abs().max()
+    theirs = (Int4Linear(linear, "torch")(x).double() - exact).abs().max()
+    assert ours * 50 < theirs, (float(ours), float(theirs))
+
+
+def test_the_q4_1_kernel_refuses_bad_tensors_and_gives_nan_for_non_finite_rows():
+    if not q4_1_kernel_status()[0]:
+        pytest.skip(f"the q4_1 kernel cannot run here: {q4_1_kernel_status()[1]}")
     linear, _ = _q4_1_linear()
-    int4 = Int4Linear(linear)
-    x = torch.randn(INT4_MAX_ROWS + 1, 128)
-    torch.testing.assert_close(int4(x), linear(x), rtol=0, atol=0)  # prefill chunks: the float product
-    assert not torch.equal(int4(x[:1]), linear(x[:1]))  # one row (decode): the 4-bit kernel
-    with float_weights(int4):  # the float model, for comparisons
-        torch.testing.assert_close(int4(x[:1]), linear(x[:1]), rtol=0, atol=0)
-    assert not torch.equal(int4(x[:1]), linear(x[:1]))  # and back
+    int4 = Int4Linear(linear, "q4_1")
+    op = torch.ops.infmllm.q4_1_matmul
+    x = torch.randn(3, 128)
+    with pytest.raises(RuntimeError, match="float32"):
+        op(x.double(), int4.blocks)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        op(torch.randn(128, 3).t(), int4.blocks)
+    with pytest.raises(RuntimeError, match="the blocks cover 128"):
+        op(torch.randn(3, 96), int4.blocks)
+    with pytest.raises(RuntimeError, match="uint8"):
+        op(x, int4.blocks.float())
+    assert op(torch.empty(0, 128), int4.blocks).shape == (0, 96)
+    x[1, 5], x[2, 100] = float("nan"), float("inf")
+    y = int4(x)
+    assert torch.isnan(y[1:]).all()  # not a silently finite answer from a NaN/inf activation
+    torch.testing.assert_close(y[0].double(), _q4_1_reference(linear, x[:1])[0], rtol=1e-5, atol=1e-5)
+    unbiased = torch.nn.Linear(128, 96, bias=False)
+    with torch.no_grad():
+        unbiased.weight.copy_(linear.weight)
+    tiny = torch.randn(1, 128) * 1e-36  # 32767 / max|x| overflows float32 (the kernel scales in double);
+    # the products are float32 subnormals, which hold fewer bits
+    torch.testing.assert_close(Int4Linear(unbiased, "q4_1")(tiny), unbiased(tiny), rtol=1e-2, atol=1e-38)
+    torch.library.opcheck(op, (torch.randn(2, 128), int4.blocks))  # what torch.compile is told matches the op
 
 
 def test_weights_off_the_grid_are_rounded_to_within_half_a_step():
@@ -72,30 +134,60 @@ def test_a_width_the_blocks_do_not_divide_is_refused_and_skipped():
     assert quantize_int4(net) == ["0"]  # the others stay float
 
 
-def test_a_constant_block_and_a_block_far_from_zero():
-    """What bfloat16 scale and zero cannot hold: ``auto`` (lossless_only) leaves such a model alone."""
+def test_a_constant_block_and_a_block_far_from_zero(kernel):
+    """What the kernel's scales cannot hold: ``auto`` (lossless_only) leaves such a model alone."""
     constant = torch.nn.Linear(64, 16, bias=False)
     with torch.no_grad():
         constant.weight.fill_(0.01)
-    int4 = Int4Linear(constant)
+    int4 = Int4Linear(constant, kernel)
     x = torch.ones(1, 64)
     torch.testing.assert_close(int4(x), constant(x), rtol=1e-2, atol=0)  # was 0.0 with a unit scale
-    assert int4.grid_error == 0.0 and not int4.lossless  # 0.01 is not a bfloat16 number
+    assert int4.grid_error == 0.0 and not int4.lossless  # 0.01 is neither a bfloat16 nor a float16 number
     zero = torch.nn.Linear(64, 16, bias=False)
     with torch.no_grad():
         zero.weight.zero_()  # pruned weights: exact in any precision
-    int4 = Int4Linear(zero)
+    int4 = Int4Linear(zero, kernel)
     assert int4.max_error_steps == 0.0 and int4.lossless and not int4(x).any()
     far = torch.nn.Linear(64, 16, bias=False)
     with torch.no_grad():  # an exact Q4_1 grid: fp16 d = 0.001, m = 0.3
         q = torch.randint(0, 16, (16, 2, GROUP_SIZE)).float()
         q[..., 0], q[..., 1] = 0, 15
         far.weight.copy_((q * torch.tensor(0.001).half().float() + torch.tensor(0.3).half().float()).view(16, 64))
-    int4 = Int4Linear(far)
-    assert int4.grid_error < 1e-6 and int4.max_error_steps > 0.25 and not int4.lossless
-    model = torch.nn.Sequential(_q4_1_linear()[0], far)
-    assert quantize_int4(model, lossless_only=True) == []
+    int4 = Int4Linear(far, kernel)
+    assert int4.grid_error < 1e-6
+    if kernel == "torch":  # bfloat16's 8 bits cannot hold m + 8 d that far from zero
+        assert int4.max_error_steps > 0.25 and not int4.lossless
+        model = torch.nn.Sequential(_q4_1_linear()[0], far)
+        assert quantize_int4(model, lossless_only=True, kernel="torch") == []
+        assert [type(m) for m in model] == [torch.nn.Linear, torch.nn.Linear]
+    else:  # the file's fp16 d and m are q4_1's own
+        assert int4.max_error_steps == 0.0 and int4.lossless
+    huge = torch.nn.Linear(64, 16, bias=False)
+    with torch.no_grad():  # float16 overflows past 65504
+        huge.weight.copy_(far.weight * 1e6)
+    if kernel == "q4_1":
+        with pytest.raises(ValueError, match="do not fit its float16"):
+            Int4Linear(huge, "q4_1")
+    model = torch.nn.Sequential(_q4_1_linear()[0], huge)
+    assert quantize_int4(model, lossless_only=True, kernel=kernel) == []
     assert [type(m) for m in model] == [torch.nn.Linear, torch.nn.Linear]
+
+
+def test_auto_takes_for_each_layer_the_kernel_that_holds_its_weights():
+    if not (q4_1_kernel_status()[0] and _torch_int4_available()):
+        pytest.skip("needs both kernels")
+    huge = torch.nn.Linear(64, 16)
+    with torch.no_grad():
+        huge.weight.mul_(1e6)  # beyond float16: bfloat16 scales (torch's kernel), not inf
+    int4 = Int4Linear(huge)
+    assert int4.kernel == "torch" and torch.isfinite(int4(torch.randn(1, 64))).all()
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), huge)
+    quantize_int4(model)
+    assert [m.kernel for m in model] == ["q4_1", "torch"]
+    x = torch.randn(1, 64)
+    assert all(torch.equal(a, b) for a, b in zip(Int4Linear.forward_siblings(tuple(model), x), (model[0](x), model[1](x))))
+    with pytest.raises(ValueError, match="one of"):
+        Int4Linear(torch.nn.Linear(64, 16), "int3")
 
 
 def _failing_at(layer: str):
@@ -115,12 +207,12 @@ def test_a_failure_halfway_leaves_the_model_as_it_was():
     assert list(model) == before
 
 
-def test_inputs_as_nn_linear_takes_them():
+def test_inputs_as_nn_linear_takes_them(kernel):
     linear = torch.nn.Linear(64, 32)
-    int4 = Int4Linear(linear)
+    int4 = Int4Linear(linear, kernel)
     strided = torch.randn(64, 3).t()  # not contiguous
     torch.testing.assert_close(int4(strided), int4(strided.contiguous()), rtol=0, atol=0)
-    half = Int4Linear(torch.nn.Linear(64, 32).half())
+    half = Int4Linear(torch.nn.Linear(64, 32).half(), kernel)
     assert half(torch.randn(2, 64).half()).dtype == torch.float16
 
 
@@ -203,11 +295,15 @@ def test_smollm2_keeps_its_gguf_blocks_and_its_perplexity(smollm2, emma_ids):
     the float32 model does."""
     model = quantize_model(copy.deepcopy(smollm2.model), "auto")
     int4_layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
-    # q, k, v, o, gate, up, down per layer; the LM head (Q8_0 in the file) gets a float16 copy
+    # q, k, v, o, gate, up, down per layer
     assert len(int4_layers) == 7 * smollm2.model.config.num_hidden_layers
-    assert isinstance(model.lm_head, Float16Head) and model.lm_head.weight is model.model.embed_tokens.weight
+    # the LM head (Q8_0 in the file) keeps its blocks where the q4_1 kernels run, else a float16 copy
+    assert isinstance(model.lm_head, Q8_0Head if q4_1_kernel_status()[0] else Float16Head)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
     assert max(m.grid_error for m in int4_layers) == 0.0  # the file's own integers
-    assert max(m.max_error_steps for m in int4_layers) < 0.1  # bfloat16 scales: 0.046 of a step at most
+    if all(m.kernel == "q4_1" for m in int4_layers):
+        assert max(m.max_error_steps for m in int4_layers) == 0.0  # the file's fp16 d and m as well
+    assert max(m.max_error_steps for m in int4_layers) < 0.1  # torch's bfloat16 scales: 0.046 of a step at most
     quantized = LoadedModel(model=model, tokenizer=smollm2.tokenizer, name=smollm2.name, quantize="int4")
 
     ids, step = emma_ids[:, :320], INT4_MAX_ROWS
@@ -248,3 +344,43 @@ def test_quantize_model_int4_leaves_the_vision_tower_float_and_auto_leaves_rando
         expected = tiny_idefics3.model(input_ids=ids).logits
         got = model(input_ids=ids).logits
     assert got.shape == expected.shape and torch.isfinite(got).all()
+
+
+def _q8_0_linear(out_features=64, in_features=128, seed=0) -> torch.nn.Linear:
+    """A bias-free Linear whose weight lies on a Q8_0 grid as llama.cpp makes it: int8 q, fp16 d per block."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.randn(out_features, in_features // GROUP_SIZE, GROUP_SIZE, generator=g) * 0.05
+    d = (blocks.abs().amax(-1, keepdim=True) / 127).half().float()
+    linear = torch.nn.Linear(in_features, out_features, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_((torch.round(blocks / d).clamp(-127, 127) * d).view(out_features, in_features))
+    return linear
+
+
+def test_a_head_on_a_q8_0_grid_keeps_its_blocks_and_other_heads_take_float16():
+    if not q4_1_kernel_status()[0]:
+        pytest.skip(f"the q4_1 kernels cannot run here: {q4_1_kernel_status()[1]}")
+    linear = _q8_0_linear()
+    head = Q8_0Head(linear)
+    assert head.weight is linear.weight and head.blocks.shape == (64, 4, 34)
+    x = torch.randn(3, 128)
+    torch.testing.assert_close(head(x).double(), _q4_1_reference(linear, x, q8_0=True), rtol=1e-5, atol=1e-5)
+    many = torch.randn(INT4_MAX_ROWS + 1, 128)
+    torch.testing.assert_close(head(many), linear(many), rtol=0, atol=0)  # a whole chunk: the float weight
+    bad = x.clone()
+    bad[1, 3] = float("nan")
+    assert torch.isnan(head(bad)[1]).all() and torch.isfinite(head(bad)[[0, 2]]).all()
+    with pytest.raises(ValueError, match="not on a Q8_0 grid"):
+        Q8_0Head(torch.nn.Linear(128, 64))
+    with pytest.raises(RuntimeError, match="34\\] uint8"):
+        torch.ops.infmllm.q8_0_matmul(x, head.blocks[..., :20].contiguous())
+    model = _TinyLM()
+    with torch.no_grad():
+        model.lm_head.weight.copy_(_q8_0_linear(48, 64).weight)  # tied: the embeddings too
+    assert quantize_int4(model) == ["layers.0", "layers.1", "lm_head"] and isinstance(model.lm_head, Q8_0Head)
+    model = _TinyLM()
+    with torch.no_grad():
+        model.lm_head.weight.copy_(_q8_0_linear(48, 64).weight)
+    quantize_int4(model, kernel="torch")  # torch's kernel asked for: the float16 copy, as before
+    assert isinstance(model.lm_head, Float16Head)
+    torch.library.opcheck(torch.ops.infmllm.q8_0_matmul, (x, head.blocks))
