@@ -175,10 +175,10 @@ colcon build \
   --build-base "$ROOT/build" --install-base "$ROOT/install" \
   --cmake-args -DPython3_EXECUTABLE="$VPY" -DBUILD_TESTING=ON
 echo "$build_mode" > "$BUILD_MODE_FILE"
-# The q4_1 int4 kernel (engine/int4.py) is built on first use and cached by torch (TORCH_EXTENSIONS_DIR):
-# build it now, so that the first node start or test does not wait for the compiler. Never fatal: where it
-# cannot build, int4 falls back to torch's own kernel and this says why.
-log "q4_1 int4 kernel: $(PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PATH="$VENV/bin:$PATH" "$VPY" -c \
-  'from infmllm_ros.engine.int4 import q4_1_kernel_status as s; ok, why = s(); print("ready" if ok else "not used: " + why)' \
+# Our CPU kernels (engine/kernels.py: int4 products, decode attention) are built on first use and cached by
+# torch (TORCH_EXTENSIONS_DIR): build them now, so that the first node start or test does not wait for the
+# compiler. Never fatal: where they cannot build, the engine uses torch's own kernels and this says why.
+log "CPU kernels: $(PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PATH="$VENV/bin:$PATH" "$VPY" -c \
+  'from infmllm_ros.engine.kernels import cpu_kernels_status as s; ok, why = s(); print("ready" if ok else "not used: " + why)' \
   2>&1 | tail -1)"
 log "done. Use it with: source scripts/env.sh"

@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from .cache import CappedCache
+from .kernels import cpu_kernels_status
 
 _ACTIVE: contextvars.ContextVar[Optional[CappedCache]] = contextvars.ContextVar("infmllm_active_cache", default=None)
 _PREFIX = "infmllm_"
@@ -43,6 +44,33 @@ def _base_function(module: torch.nn.Module, base: str) -> Callable:
     if fn is None:
         raise RuntimeError(f"no eager_attention_forward next to {type(module).__name__}")
     return fn
+
+
+def _decode_kernel_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
+                           kwargs: dict) -> bool:
+    """Whether ``infmllm::decode_attention`` computes what sdpa would here: one float32 query token on the
+    CPU over every cached key (no mask, dropout, sliding window, softcap or attention sinks), head_dim 64,
+    inside a stream's step (not a plain model call, not a compiled graph)."""
+    return (attention_mask is None and query.shape[2] == 1 and query.shape[3] == 64
+            and query.dtype == key.dtype == value.dtype == torch.float32 and query.device.type == "cpu"
+            and not kwargs.get("dropout") and kwargs.get("sliding_window") is None
+            and kwargs.get("softcap") is None and kwargs.get("s_aux") is None
+            and query.stride(-1) == key.stride(-1) == value.stride(-1) == 1
+            and _ACTIVE.get() is not None and not torch.compiler.is_compiling())
+
+
+def _with_decode_kernel(base_fn: Callable) -> Callable:
+    """``base_fn`` (sdpa), with decode steps inside a stream sent to our kernel (:func:`_decode_kernel_applies`)."""
+    def sdpa_or_decode_kernel(module, query, key, value, attention_mask, **kwargs):
+        if _decode_kernel_applies(query, key, value, attention_mask, kwargs):
+            scaling = kwargs.get("scaling")
+            if scaling is None:
+                scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
+            return torch.ops.infmllm.decode_attention.default(query, key, value, scaling), None
+        return base_fn(module, query, key, value, attention_mask, **kwargs)
+
+    sdpa_or_decode_kernel.base = base_fn
+    return sdpa_or_decode_kernel
 
 
 def _make_hook(base: str) -> Callable:
@@ -94,9 +122,13 @@ def install(model: torch.nn.Module, decoder_attention: list[torch.nn.Module]) ->
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping["eager"])
     for config in configs.values():
         config._attn_implementation_internal = name
+    on_cpu = all(p.device.type == "cpu" for m in decoder_attention for p in m.parameters())
+    decode_kernel = base == "sdpa" and on_cpu and cpu_kernels_status()[0]
     for idx, module in enumerate(decoder_attention):
         module._infmllm_layer = idx
-        module._infmllm_base = _base_function(module, base)  # resolved once, outside any compiled graph
+        # Resolved once, outside any compiled graph.
+        module._infmllm_base = (_with_decode_kernel(_base_function(module, base)) if decode_kernel
+                                else _base_function(module, base))
         # Several streams may share one model: count them, so closing one keeps the hook for the others.
         module._infmllm_users = getattr(module, "_infmllm_users", 0) + 1
     return base

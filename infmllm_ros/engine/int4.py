@@ -9,7 +9,7 @@ bytes the file holds (32 bits a weight against 4 + 32 / 32). :class:`Int4Linear`
 does and multiplies with one of two kernels (``Int4Linear.kernel``):
 
 * ``q4_1``: our own AVX2 kernel (``csrc/blocks_matmul.cpp``, built on first use
-  with torch's C++ extension loader and cached under ``TORCH_EXTENSIONS_DIR``).
+  with torch's C++ extension loader: :mod:`.kernels`).
   It reads llama.cpp's own 20-byte ``block_q4_1`` (fp16 ``d`` and ``m``, 16
   bytes of nibbles), so it multiplies with the file's exact weights, and
   rounds each block of 32 activations to int16 (at most half of
@@ -18,7 +18,7 @@ does and multiplies with one of two kernels (``Int4Linear.kernel``):
   and added in float32. A row of activations with a non-finite value gives NaN
   outputs. 1.9-2.0x faster than ``torch`` over SmolLM2's 210 decoder shapes
   (docs/benchmarks.md section 12e). Needs an x86 CPU with AVX2/FMA/F16C and a
-  C++ compiler (g++ and ninja) the first time.
+  C++ compiler (g++ and ninja) the first time; ``INFMLLM_CPU_KERNELS=0`` turns it off.
 * ``torch``: ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (torch >= 2.6; the
   kernel torchao's int4 CPU layout uses), whose blocks are
   ``w = (q - 8) * scale + zero``: the same grid with ``scale = d`` and
@@ -51,19 +51,13 @@ on SmolLM2-135M), adding 16 bits a weight of the head.
 
 from __future__ import annotations
 
-import logging
 import math
-import os
-import shutil
-import sys
-import threading
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Optional
 
 import torch
 
-_LOG = logging.getLogger(__name__)
+from .kernels import cpu_kernels_status
 
 #: Weights per block along the input dimension: Q4_1's block size.
 GROUP_SIZE = 32
@@ -84,65 +78,13 @@ INT4_MAX_ROWS = 8
 #: The kernels an Int4Linear can multiply with; ``auto`` takes ``q4_1`` where it builds, else ``torch``.
 INT4_KERNELS = ("auto", "q4_1", "torch")
 
-#: Bytes of one llama.cpp ``block_q4_1``: fp16 d, fp16 m, 16 bytes of nibbles.
-_Q4_1_BLOCK_BYTES = 20
-_Q4_1_SOURCE = Path(__file__).resolve().parent / "csrc" / "blocks_matmul.cpp"
-_q4_1_lock = threading.Lock()
-_q4_1_state: Optional[tuple[bool, str]] = None  # (built, why not) once tried
-
-
-def q4_1_kernel_status() -> tuple[bool, str]:
-    """Whether the ``q4_1`` kernel is usable here, building it on first call; ``(False, reason)`` if not.
-
-    The build (torch's C++ extension loader: g++, ninja, ~20 s) happens once per
-    source version and machine; later processes load the cached library. The
-    environment variable ``INFMLLM_Q4_1_KERNEL=0`` turns the kernel off (the
-    ``torch`` one is used). Never raises: any failure is the reason.
-    """
-    global _q4_1_state
-    with _q4_1_lock:
-        if _q4_1_state is None:
-            _q4_1_state = _build_q4_1()
-            if not _q4_1_state[0]:
-                _LOG.info("int4: the q4_1 kernel is not used (%s); torch's int4 kernel is", _q4_1_state[1])
-        return _q4_1_state
-
-
-def _build_q4_1() -> tuple[bool, str]:
-    if os.environ.get("INFMLLM_Q4_1_KERNEL", "1").strip().lower() in ("0", "false", "off", "no"):
-        return False, "INFMLLM_Q4_1_KERNEL=0"
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability not in ("AVX2", "AVX512"):  # AVX2 in torch's sense includes FMA; every AVX2 CPU has F16C
-        return False, f"it needs an x86 CPU with AVX2, this one reports {capability}"
-    if not _Q4_1_SOURCE.is_file():
-        return False, f"its source {_Q4_1_SOURCE} is missing"
-    if hasattr(torch.ops, "infmllm") and hasattr(torch.ops.infmllm, "q8_0_matmul"):
-        return True, ""
-    try:
-        from torch.utils.cpp_extension import load
-
-        venv_bin = str(Path(sys.executable).parent)  # pip's ninja, where the venv is not on PATH
-        if shutil.which("ninja") is None and shutil.which("ninja", path=venv_bin):
-            os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
-
-        _LOG.info("int4: building the q4_1 kernel (once per machine, ~20 s)")
-        load("infmllm_q4_1", [str(_Q4_1_SOURCE)], is_python_module=False, verbose=False,
-             extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], extra_ldflags=["-fopenmp"])
-        for op in ("infmllm::q4_1_matmul", "infmllm::q8_0_matmul"):
-            torch.library.register_fake(op)(lambda x, blocks: x.new_empty(x.shape[0], blocks.shape[0]))
-    except Exception as exc:  # no compiler, no ninja, a read-only cache folder, ...
-        lines = str(exc).strip().splitlines()
-        return False, f"it did not build: {type(exc).__name__}: {lines[-1] if lines else ''}"
-    return True, ""
-
-
 def int4_kernels(model: torch.nn.Module) -> list[str]:
     """The int4 kernels ``model``'s :class:`Int4Linear` layers use, sorted (``[]``: none is int4)."""
     return sorted({m.kernel for m in model.modules() if isinstance(m, Int4Linear)})
 
 
 def resolve_int4_kernel(kernel: str = "auto") -> str:
-    """``auto`` -> ``q4_1`` where :func:`q4_1_kernel_status` says it works, else ``torch``.
+    """``auto`` -> ``q4_1`` where :func:`~.kernels.cpu_kernels_status` says it works, else ``torch``.
 
     Raises:
         ValueError: an unknown name, or the kernel asked for (or, for ``auto``, both) cannot run here.
@@ -155,7 +97,7 @@ def resolve_int4_kernel(kernel: str = "auto") -> str:
         if not _torch_int4_available():
             raise ValueError(torch_missing)
         return kernel
-    built, reason = q4_1_kernel_status()
+    built, reason = cpu_kernels_status()
     if built:
         return "q4_1"
     if kernel == "q4_1" or not _torch_int4_available():
@@ -171,8 +113,8 @@ def _torch_int4_available() -> bool:
 
 def int4_kernel_available(device: Optional[torch.device] = None) -> bool:
     """Whether an int4 kernel runs here (and, given a ``device``, whether it is the CPU): torch's, or ours
-    (:func:`q4_1_kernel_status`, tried only where torch's is missing)."""
-    return (device is None or device.type == "cpu") and (_torch_int4_available() or q4_1_kernel_status()[0])
+    (:func:`~.kernels.cpu_kernels_status`, tried only where torch's is missing)."""
+    return (device is None or device.type == "cpu") and (_torch_int4_available() or cpu_kernels_status()[0])
 
 
 class _FewRowCopy(torch.nn.Module):
@@ -404,13 +346,13 @@ class Q8_0Head(_FewRowCopy):
         linear: a float ``nn.Linear`` whose weight (and bias) the head shares.
 
     Raises:
-        ValueError: the kernel cannot run here (:func:`q4_1_kernel_status`), the
+        ValueError: the kernel cannot run here (:func:`~.kernels.cpu_kernels_status`), the
             input width is not a multiple of 32, or the weight is not on a Q8_0 grid.
     """
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__(linear)
-        built, reason = q4_1_kernel_status()
+        built, reason = cpu_kernels_status()
         if not built:
             raise ValueError(f"a Q8_0 head needs the q4_1 kernels: {reason}")
         if linear.in_features % GROUP_SIZE:

@@ -1042,10 +1042,10 @@ class Stream:
             values = {CappedCache.SOURCE: torch.full((new,), source, dtype=torch.long, device=device)}
         self.cache.begin_step(cache_positions, values, continues=continues)
         try:
-            if direct:
-                out = self._direct(self.cache, kwargs["input_ids"], position_ids, want_logits=logits != "none")
-            else:
-                with attention.active(self.cache):
+            with attention.active(self.cache):
+                if direct:
+                    out = self._direct(self.cache, kwargs["input_ids"], position_ids, want_logits=logits != "none")
+                else:
                     out = self.lm.model(**kwargs).logits[0]
             self.cache.end_step(span)
         except BaseException:

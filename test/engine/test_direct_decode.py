@@ -25,15 +25,18 @@ def _tiny(family: str, attn: str, vocab: int, **extra):
     import transformers
 
     config_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                             "llama64": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
                              "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[family]
     torch.manual_seed(0)
-    config = config_cls(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    # llama64: head_dim 64, where a float32 decode step's attention goes to our kernel (test_kernels.py)
+    hidden = 256 if family == "llama64" else 64
+    config = config_cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                         attn_implementation=attn, **extra)
     return model_cls(config).eval()
 
 
-@pytest.fixture(scope="module", params=[("llama", "sdpa", "none"), ("llama", "eager", "none"),
+@pytest.fixture(scope="module", params=[("llama", "sdpa", "none"), ("llama", "eager", "none"), ("llama64", "sdpa", "none"),
                                         ("qwen2", "sdpa", "none"), ("llama", "sdpa", "int4"),
                                         ("qwen2", "sdpa", "int4")],
                 ids=lambda p: "-".join(p))

@@ -9,8 +9,9 @@ import torch
 
 from infmllm_ros.engine import Chunk, LoadedModel, Stream, StreamConfig
 from infmllm_ros.engine.int4 import (GROUP_SIZE, INT4_MAX_ROWS, Float16Head, Int4Linear, Q8_0Head, _torch_int4_available,
-                                     float_weights, int4_kernel_available, q4_1_kernel_status, quantize_int4,
+                                     float_weights, int4_kernel_available, quantize_int4,
                                      resolve_int4_kernel)
+from infmllm_ros.engine.kernels import cpu_kernels_status
 from infmllm_ros.engine.models import check_quantize, quantize_model
 
 pytestmark = pytest.mark.skipif(not int4_kernel_available(), reason="no int4 kernel runs here")
@@ -19,8 +20,8 @@ pytestmark = pytest.mark.skipif(not int4_kernel_available(), reason="no int4 ker
 @pytest.fixture(params=["q4_1", "torch"])
 def kernel(request) -> str:
     """Each int4 kernel in turn, skipped with its reason where it cannot run."""
-    if request.param == "q4_1" and not q4_1_kernel_status()[0]:
-        pytest.skip(f"the q4_1 kernel cannot run here: {q4_1_kernel_status()[1]}")
+    if request.param == "q4_1" and not cpu_kernels_status()[0]:
+        pytest.skip(f"the q4_1 kernel cannot run here: {cpu_kernels_status()[1]}")
     if request.param == "torch" and not _torch_int4_available():
         pytest.skip(f"torch {torch.__version__} has no int4 CPU kernel")
     return request.param
@@ -77,7 +78,7 @@ def test_weights_on_a_q4_1_grid_are_kept_exactly_and_multiply_as_the_float_layer
 
 
 def test_the_q4_1_kernel_is_finer_than_torchs_and_auto_takes_it():
-    if not (q4_1_kernel_status()[0] and _torch_int4_available()):
+    if not (cpu_kernels_status()[0] and _torch_int4_available()):
         pytest.skip("needs both kernels")
     assert resolve_int4_kernel("auto") == "q4_1" and Int4Linear(torch.nn.Linear(64, 16)).kernel == "q4_1"
     linear, _ = _q4_1_linear(out_features=256, in_features=576)
@@ -89,8 +90,8 @@ def test_the_q4_1_kernel_is_finer_than_torchs_and_auto_takes_it():
 
 
 def test_the_q4_1_kernel_refuses_bad_tensors_and_gives_nan_for_non_finite_rows():
-    if not q4_1_kernel_status()[0]:
-        pytest.skip(f"the q4_1 kernel cannot run here: {q4_1_kernel_status()[1]}")
+    if not cpu_kernels_status()[0]:
+        pytest.skip(f"the q4_1 kernel cannot run here: {cpu_kernels_status()[1]}")
     linear, _ = _q4_1_linear()
     int4 = Int4Linear(linear, "q4_1")
     op = torch.ops.infmllm.q4_1_matmul
@@ -174,7 +175,7 @@ def test_a_constant_block_and_a_block_far_from_zero(kernel):
 
 
 def test_auto_takes_for_each_layer_the_kernel_that_holds_its_weights():
-    if not (q4_1_kernel_status()[0] and _torch_int4_available()):
+    if not (cpu_kernels_status()[0] and _torch_int4_available()):
         pytest.skip("needs both kernels")
     huge = torch.nn.Linear(64, 16)
     with torch.no_grad():
@@ -298,7 +299,7 @@ def test_smollm2_keeps_its_gguf_blocks_and_its_perplexity(smollm2, emma_ids):
     # q, k, v, o, gate, up, down per layer
     assert len(int4_layers) == 7 * smollm2.model.config.num_hidden_layers
     # the LM head (Q8_0 in the file) keeps its blocks where the q4_1 kernels run, else a float16 copy
-    assert isinstance(model.lm_head, Q8_0Head if q4_1_kernel_status()[0] else Float16Head)
+    assert isinstance(model.lm_head, Q8_0Head if cpu_kernels_status()[0] else Float16Head)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert max(m.grid_error for m in int4_layers) == 0.0  # the file's own integers
     if all(m.kernel == "q4_1" for m in int4_layers):
@@ -358,8 +359,8 @@ def _q8_0_linear(out_features=64, in_features=128, seed=0) -> torch.nn.Linear:
 
 
 def test_a_head_on_a_q8_0_grid_keeps_its_blocks_and_other_heads_take_float16():
-    if not q4_1_kernel_status()[0]:
-        pytest.skip(f"the q4_1 kernels cannot run here: {q4_1_kernel_status()[1]}")
+    if not cpu_kernels_status()[0]:
+        pytest.skip(f"the q4_1 kernels cannot run here: {cpu_kernels_status()[1]}")
     linear = _q8_0_linear()
     head = Q8_0Head(linear)
     assert head.weight is linear.weight and head.blocks.shape == (64, 4, 34)

@@ -1,0 +1,108 @@
+"""Our CPU kernels (engine/kernels.py, csrc/): the decode attention op and where the hook uses it.
+
+(The int4 product ops are tested in test_int4.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from infmllm_ros.engine import Chunk, StreamConfig, attention
+from infmllm_ros.engine.kernels import cpu_kernels_status
+
+pytestmark = pytest.mark.skipif(not cpu_kernels_status()[0],
+                                reason=f"our CPU kernels cannot run here: {cpu_kernels_status()[1]}")
+
+
+def _sdpa(q, k, v, scale):
+    """transformers' sdpa attention output for one query token: ``[B, 1, Hq, D]``."""
+    return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True).transpose(1, 2)
+
+
+@pytest.mark.parametrize("batch,q_heads,kv_heads,tokens", [(1, 9, 3, 1096), (2, 4, 4, 7), (1, 8, 2, 8), (1, 3, 3, 1),
+                                                         (1, 15, 5, 33)])
+def test_decode_attention_is_sdpa_to_float32_rounding(batch, q_heads, kv_heads, tokens):
+    torch.manual_seed(0)
+    q = torch.randn(batch, q_heads, 1, 64) * 3
+    # views into a larger cache, as the capped cache hands them over: rows strided by the capacity
+    k = torch.randn(batch, kv_heads, tokens + 40, 64)[:, :, :tokens]
+    v = torch.randn(batch, kv_heads, tokens + 40, 64)[:, :, :tokens]
+    got = torch.ops.infmllm.decode_attention(q, k, v, 0.125)
+    assert got.shape == (batch, 1, q_heads, 64)
+    exact = _sdpa(q.double(), k.double(), v.double(), 0.125)
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, _sdpa(q, k, v, 0.125), rtol=1e-5, atol=1e-6)
+
+
+def test_decode_attention_refuses_what_it_does_not_compute_and_keeps_nan():
+    op = torch.ops.infmllm.decode_attention
+    q, k = torch.randn(1, 6, 1, 64), torch.randn(1, 3, 10, 64)
+    with pytest.raises(RuntimeError, match="float32"):
+        op(q.double(), k.double(), k.double(), 0.1)
+    with pytest.raises(RuntimeError, match="one query token"):
+        op(torch.randn(1, 6, 2, 64), k, k, 0.1)
+    with pytest.raises(RuntimeError, match="head_dim must be 64"):
+        op(torch.randn(1, 6, 1, 32), k[..., :32], k[..., :32], 0.1)
+    with pytest.raises(RuntimeError, match="multiple of Hkv"):
+        op(torch.randn(1, 4, 1, 64), k, k, 0.1)
+    with pytest.raises(RuntimeError, match="L >= 1"):
+        op(q, k[:, :, :0], k[:, :, :0], 0.1)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        op(q, k.transpose(2, 3).contiguous().transpose(2, 3), k, 0.1)
+    bad = k.clone()
+    bad[0, 1, 4, 0] = float("nan")  # one key of the second KV head: its two query heads get NaN, as in sdpa
+    out = op(q, bad, k, 0.1)
+    assert torch.isnan(out[0, 0, 2:4]).all() and torch.isfinite(out[0, 0, :2]).all() and torch.isfinite(out[0, 0, 4:]).all()
+    assert torch.isnan(_sdpa(q, bad, k, 0.1)[0, 0, 2:4]).all()
+    torch.library.opcheck(op, (q, k, k, 0.1))
+
+
+@pytest.fixture(scope="module")
+def llama64(smollm2):
+    """A random-weight Llama with head_dim 64 (4 heads of 256), 2 KV heads."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from infmllm_ros.engine import LoadedModel
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=int(smollm2.text_config.vocab_size), hidden_size=256, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, attn_implementation="sdpa")
+    return LoadedModel(model=LlamaForCausalLM(config).eval(), tokenizer=smollm2.tokenizer, name="tiny-llama64")
+
+
+@pytest.mark.model
+def test_a_stream_decodes_with_the_kernel_and_a_plain_call_keeps_sdpa(llama64):
+    """Inside a stream's decode step the hook sends sdpa to the kernel; the same model called outside a
+    stream step keeps torch's sdpa. The stream's logits stay those of the model with sdpa, to rounding."""
+    from infmllm_ros.bench.common import raw_stream
+
+    stream = raw_stream(llama64, StreamConfig(policy="full", budget_tokens=256))
+    attn0 = llama64.model.model.layers[0].self_attn
+    base = attn0._infmllm_base
+    try:
+        assert base.base is not None  # sdpa, wrapped
+        calls = []
+
+        def spy(*args, **kwargs):
+            calls.append(attention._decode_kernel_applies(*args[1:5], kwargs))
+            return base(*args, **kwargs)
+
+        attn0._infmllm_base = spy
+        torch.manual_seed(2)
+        ids = torch.randint(100, 40000, (1, 12))
+        stream.append_chunk(Chunk(input_ids=ids[:, :11]))  # a chunk: sdpa
+        stream.cache.decoding = True
+        logits = stream._decode_one(int(ids[0, 11]))  # a decode step: the kernel
+        stream.cache.decoding = False
+        assert calls == [False, True]
+        with torch.no_grad():
+            plain = llama64.model(input_ids=ids).logits[0, -1]  # outside a stream step: sdpa
+        assert calls[2:] == [False]  # the plain call: through the hook, but no stream step is active
+        torch.testing.assert_close(logits.flatten().float(), plain.float(), rtol=1e-4, atol=1e-4)
+        assert not attention._decode_kernel_applies(torch.zeros(1, 4, 1, 64), torch.zeros(1, 4, 3, 64),
+                                                    torch.zeros(1, 4, 3, 64), None, {})  # no stream step active
+    finally:
+        attn0._infmllm_base = base
+        stream.close()
