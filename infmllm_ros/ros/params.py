@@ -125,13 +125,12 @@ STATIC_SPECS: Tuple[ParamSpec, ...] = (
        "($TORCHINDUCTOR_CACHE_DIR, default ~/.cache/infmllm_ros/torchinductor) for the next start.",
        read_only=True, choices=COMPILE_MODES),
     _s("model.quantize", "auto", "Store the Linear weights in fewer bits, so decode reads fewer bytes "
-       "per token: 'int4' (CPU only: decode reads a copy in llama.cpp's Q4_1 blocks through torch's "
-       "int4 kernel, prefill keeps the float weights), 'int8' (CPU: PyTorch dynamic quantisation, "
+       "per token: 'int4' (CPU only: decode reads a copy in llama.cpp's Q4_1 blocks through our AVX2 "
+       "kernel, or torch's int4 kernel where ours cannot be built; prefill keeps the float weights), 'int8' (CPU: PyTorch dynamic quantisation, "
        "needs model.dtype float32 or auto, +16% perplexity on SmolLM2; CUDA: needs torchao), 'none', "
        "or 'auto': int4 where the weights are already on Q4_1 grids (on the CPU, a Q4_1 GGUF such as "
-       "smollm2: the file's own 4-bit integers, with a float16 copy of the LM head: decode 1.42x "
-       "float32's at one thread, perplexity "
-       "+0.02%), none elsewhere. Speeds in docs/benchmarks.md.",
+       "smollm2: the file's own 4-bit blocks, and the LM head's Q8_0 ones), none elsewhere. Speeds "
+       "and perplexity in docs/benchmarks.md sections 12-12e.",
        read_only=True, choices=QUANTIZE_METHODS),
     _s("encoder.type", "offline", "How a frame becomes tokens: 'offline' (object detector + tracker "
        "-> one line of text -> the language model) or 'vlm' (the model's own vision tower).",
