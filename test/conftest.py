@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,6 +47,33 @@ def smollm2():
     from infmllm_ros.engine import load_model
 
     return load_model("smollm2", device="cpu", dtype="float32")
+
+
+def random_causal_lm(vocab: int, family: str = "llama", attn: str = "sdpa", hidden_size: int = 64, **extra):
+    """A random-weight 2-layer Llama or Qwen2 (4 query heads, 2 KV heads; head_dim ``hidden_size / 4``) of the
+    real transformers class, seeded, in eval mode: for tests of the decode paths without real weights."""
+    import transformers
+
+    config_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[family]
+    torch.manual_seed(0)
+    config = config_cls(vocab_size=vocab, hidden_size=hidden_size, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                        attn_implementation=attn, **extra)
+    return model_cls(config).eval()
+
+
+@pytest.fixture(scope="session")
+def make_random_lm(smollm2):
+    """``make_random_lm(family, attn, hidden_size, **config)``: :func:`random_causal_lm` with SmolLM2's
+    vocabulary, as a LoadedModel with its tokenizer."""
+    from infmllm_ros.engine import LoadedModel
+
+    def make(family: str = "llama", attn: str = "sdpa", hidden_size: int = 64, **extra) -> LoadedModel:
+        model = random_causal_lm(int(smollm2.text_config.vocab_size), family, attn, hidden_size, **extra)
+        return LoadedModel(model=model, tokenizer=smollm2.tokenizer, name=f"tiny-{family}-{hidden_size}")
+
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -10,21 +10,14 @@ import pytest
 import torch
 
 from infmllm_ros.bench.common import raw_stream
-from infmllm_ros.engine import Chunk, LoadedModel, StreamConfig
+from infmllm_ros.engine import Chunk, StreamConfig
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(smollm2):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=int(smollm2.text_config.vocab_size), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=1024, attn_implementation="sdpa")
-    model = LlamaForCausalLM(config).eval()
-    return LoadedModel(model=model, tokenizer=smollm2.tokenizer, name="tiny-llama")
+def tiny_llama(make_random_lm):
+    return make_random_lm("llama", "sdpa")
 
 
 def _stream(lm, compile_mode, **extra):

@@ -21,34 +21,21 @@ from infmllm_ros.engine.policies import POLICIES
 pytestmark = [pytest.mark.model]
 
 
-def _tiny(family: str, attn: str, vocab: int, **extra):
-    import transformers
-
-    config_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-                             "llama64": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-                             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[family]
-    torch.manual_seed(0)
-    # llama64: head_dim 64, where a float32 decode step's attention goes to our kernel (test_kernels.py)
-    hidden = 256 if family == "llama64" else 64
-    config = config_cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                        attn_implementation=attn, **extra)
-    return model_cls(config).eval()
-
-
 @pytest.fixture(scope="module", params=[("llama", "sdpa", "none"), ("llama", "eager", "none"), ("llama64", "sdpa", "none"),
                                         ("qwen2", "sdpa", "none"), ("llama", "sdpa", "int4"),
                                         ("qwen2", "sdpa", "int4")],
                 ids=lambda p: "-".join(p))
-def tiny_lm(request, smollm2):
+def tiny_lm(request, make_random_lm):
     family, attn, quantize = request.param
-    model = _tiny(family, attn, int(smollm2.text_config.vocab_size))
+    # llama64: head_dim 64, where a float32 decode step's attention goes to our kernel (test_kernels.py)
+    lm = make_random_lm("llama" if family == "llama64" else family, attn, 256 if family == "llama64" else 64)
+    model = lm.model
     if quantize != "none":
         if not int4_kernel_available(torch.device("cpu")):
             pytest.skip("this torch has no int4 CPU kernel")
         quantize_model(model, quantize)
         assert any(isinstance(m, Int4Linear) for m in model.modules())
-    return LoadedModel(model=model, tokenizer=smollm2.tokenizer, name=f"tiny-{family}", quantize=quantize)
+    return LoadedModel(model=model, tokenizer=lm.tokenizer, name=f"tiny-{family}", quantize=quantize)
 
 
 def _pair(lm, policy, make=raw_stream, **settings):
@@ -113,14 +100,13 @@ def test_direct_decode_answers_like_the_model_on_real_weights(smollm2, emma_ids)
             s.close()
 
 
-def test_models_the_direct_step_cannot_walk_keep_their_forward(smollm2, tiny_qwen25vl, tiny_idefics3):
-    vocab = int(smollm2.text_config.vocab_size)
-    sliding = _tiny("qwen2", "sdpa", vocab, use_sliding_window=True, sliding_window=32, max_window_layers=0)
+def test_models_the_direct_step_cannot_walk_keep_their_forward(make_random_lm, tiny_qwen25vl, tiny_idefics3):
+    sliding = make_random_lm("qwen2", "sdpa", use_sliding_window=True, sliding_window=32, max_window_layers=0).model
     assert "sliding-window" in DirectDecodeStep.unsupported(sliding)
     with pytest.raises(ValueError, match="no direct decode step"):
         DirectDecodeStep(sliding)
     # Before a stream installs its attention hook, the step has no attention function to call.
-    assert "hook" in DirectDecodeStep.unsupported(_tiny("llama", "sdpa", vocab))
+    assert "hook" in DirectDecodeStep.unsupported(make_random_lm().model)
     for vlm in (tiny_qwen25vl, tiny_idefics3):
         s = Stream(vlm, StreamConfig(policy="infmllm", budget_tokens=512))
         try:

@@ -59,17 +59,9 @@ def test_decode_attention_refuses_what_it_does_not_compute_and_keeps_nan():
 
 
 @pytest.fixture(scope="module")
-def llama64(smollm2):
+def llama64(make_random_lm):
     """A random-weight Llama with head_dim 64 (4 heads of 256), 2 KV heads."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from infmllm_ros.engine import LoadedModel
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=int(smollm2.text_config.vocab_size), hidden_size=256, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=1024, attn_implementation="sdpa")
-    return LoadedModel(model=LlamaForCausalLM(config).eval(), tokenizer=smollm2.tokenizer, name="tiny-llama64")
+    return make_random_lm("llama", "sdpa", hidden_size=256)
 
 
 @pytest.mark.model
