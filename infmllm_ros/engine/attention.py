@@ -46,15 +46,23 @@ def _base_function(module: torch.nn.Module, base: str) -> Callable:
     return fn
 
 
+# Keyword arguments transformers passes to an attention function that do not change sdpa's result for one
+# query token with no mask; any other one that is set (a position bias, sinks, a softcap, ...) keeps sdpa.
+_KWARGS_THE_KERNEL_HONOURS = frozenset({"dropout", "scaling", "position_ids", "use_cache", "cache_position",
+                                        "output_attentions", "is_causal", "past_key_values", "past_key_value"})
+
+
 def _decode_kernel_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
                            kwargs: dict) -> bool:
     """Whether ``infmllm::decode_attention`` computes what sdpa would here: one float32 query token on the
-    CPU over every cached key (no mask, dropout, sliding window, softcap or attention sinks), head_dim 64,
-    inside a stream's step (not a plain model call, not a compiled graph)."""
-    return (attention_mask is None and query.shape[2] == 1 and query.shape[3] == 64
+    CPU over every cached key (no mask, no dropout, no other set keyword than those it honours), head_dim
+    64 everywhere, shapes the kernel takes, inside a stream's step (not a plain model call, not a compiled
+    graph)."""
+    return (attention_mask is None and query.shape[2] == 1 and not kwargs.get("dropout")
+            and all(v is None or name in _KWARGS_THE_KERNEL_HONOURS for name, v in kwargs.items())
             and query.dtype == key.dtype == value.dtype == torch.float32 and query.device.type == "cpu"
-            and not kwargs.get("dropout") and kwargs.get("sliding_window") is None
-            and kwargs.get("softcap") is None and kwargs.get("s_aux") is None
+            and query.shape[3] == 64 and key.shape == value.shape and key.shape[3] == 64 and key.shape[2] >= 1
+            and query.shape[0] == key.shape[0] and key.shape[1] > 0 and query.shape[1] % key.shape[1] == 0
             and query.stride(-1) == key.stride(-1) == value.stride(-1) == 1
             and _ACTIVE.get() is not None and not torch.compiler.is_compiling())
 

@@ -200,12 +200,16 @@ class Int4Linear(_FewRowCopy):
         candidates = [chosen] + (["torch"] if kernel == "auto" and chosen == "q4_1" and _torch_int4_available()
                                  else [])
         fits = {name: self._scales(name, q, scale, low, blocks, divisor) for name in candidates}
-        self.kernel = min(candidates, key=lambda name: fits[name][3])  # the first (q4_1) on a tie
-        scales, self.max_error, self.max_error_steps, _ = fits[self.kernel]
-        if not math.isfinite(self.max_error):
+        # the first (q4_1) on a tie; one whose scales cannot hold the weights only if no other can
+        held = [name for name in candidates if fits[name][4]] or candidates
+        self.kernel = min(held, key=lambda name: fits[name][3])
+        scales, self.max_error, self.max_error_steps, _, holds = fits[self.kernel]
+        if not holds:
             raise ValueError(f"int4 kernel {self.kernel}: the block scales do not fit its "
-                             f"{'float16' if self.kernel == 'q4_1' else 'bfloat16'} (weights up to "
-                             f"{float(weight.abs().max()):.3g}); use kernel torch or keep this layer float")
+                             f"{'float16' if self.kernel == 'q4_1' else 'bfloat16'} (weights "
+                             f"{float(weight.abs().min()):.3g} to {float(weight.abs().max()):.3g} in size: beyond "
+                             f"its range, or block steps below float16's normal range); use kernel auto or torch, "
+                             f"or keep this layer float")
         if self.kernel == "q4_1":
             nibbles = q.to(torch.uint8)
             nibbles = nibbles[..., :GROUP_SIZE // 2] | (nibbles[..., GROUP_SIZE // 2:] << 4)
@@ -217,11 +221,13 @@ class Int4Linear(_FewRowCopy):
 
     @staticmethod
     def _scales(kernel: str, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, blocks: torch.Tensor,
-                divisor: torch.Tensor) -> tuple[torch.Tensor, float, float, float]:
+                divisor: torch.Tensor) -> tuple[torch.Tensor, float, float, float, bool]:
         """``kernel``'s per-block scales (``[out, blocks, 2]``: fp16 ``d, m`` for q4_1, bfloat16
         ``scale, zero`` for torch); the largest error of the weights they give, from the float weights and
-        in units of the block's step; and the largest error in steps that their rounding alone adds (to
-        the grid with float32 scales)."""
+        in units of the block's step; the largest error in steps that their rounding alone adds (to the
+        grid with float32 scales); and whether they hold the weights at all: finite, and for q4_1 no
+        nonzero step below float16's smallest normal number (2^-14) that float16 does not hold exactly
+        (there it keeps too few bits)."""
         if kernel == "q4_1":
             scales = torch.stack([scale, low], -1).to(torch.float16)
             used = q * scales[..., :1].float() + scales[..., 1:].float()  # inf where float16 overflows
@@ -236,7 +242,11 @@ class Int4Linear(_FewRowCopy):
 
         error, steps = in_steps((used - blocks).abs().amax(-1))
         _, rounding = in_steps((used - (q * scale[..., None] + low[..., None])).abs().amax(-1))
-        return scales, float(error.max()), float(steps.max()), float(rounding.max())
+        holds = math.isfinite(float(error.max()))
+        if kernel == "q4_1":
+            coarse = (scale > 0) & (scale < 2.0 ** -14) & (scales[..., 0].float() != scale)  # (a file's own are exact)
+            holds = holds and not bool(coarse.any())
+        return scales, float(error.max()), float(steps.max()), float(rounding.max()), holds
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Called 7 times per layer per decoded token: as few tensor calls as the kernel allows.

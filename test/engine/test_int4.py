@@ -105,6 +105,10 @@ def test_the_q4_1_kernel_refuses_bad_tensors_and_gives_nan_for_non_finite_rows()
     with pytest.raises(RuntimeError, match="uint8"):
         op(x, int4.blocks.float())
     assert op(torch.empty(0, 128), int4.blocks).shape == (0, 96)
+    huge = torch.full((1, 128), 3e38)  # finite, with a block sum beyond float32: a finite (or inf) product, not NaN
+    assert not torch.isnan(int4(huge)).any()
+    zero_block = torch.cat([torch.full((1, 32), 3e38), torch.zeros(1, 96)], 1)
+    assert not torch.isnan(int4(zero_block)).any()
     x[1, 5], x[2, 100] = float("nan"), float("inf")
     y = int4(x)
     assert torch.isnan(y[1:]).all()  # not a silently finite answer from a NaN/inf activation
@@ -189,6 +193,12 @@ def test_auto_takes_for_each_layer_the_kernel_that_holds_its_weights():
     assert all(torch.equal(a, b) for a, b in zip(Int4Linear.forward_siblings(tuple(model), x), (model[0](x), model[1](x))))
     with pytest.raises(ValueError, match="one of"):
         Int4Linear(torch.nn.Linear(64, 16), "int3")
+    tiny = torch.nn.Linear(64, 16)
+    with torch.no_grad():
+        tiny.weight.mul_(1e-5)  # float16 scales go subnormal: they would move weights by steps
+    assert Int4Linear(tiny).kernel == "torch"
+    with pytest.raises(ValueError, match="do not fit its float16"):
+        Int4Linear(tiny, "q4_1")
 
 
 def _failing_at(layer: str):

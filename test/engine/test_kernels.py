@@ -98,3 +98,46 @@ def test_a_stream_decodes_with_the_kernel_and_a_plain_call_keeps_sdpa(llama64):
     finally:
         attn0._infmllm_base = base
         stream.close()
+
+
+def test_decode_attention_gives_a_minus_infinite_score_no_weight_as_sdpa():
+    q = torch.zeros(1, 1, 1, 64)
+    q[..., 0] = 1e20
+    k = torch.randn(1, 1, 5, 64)
+    k[..., 0] = 0
+    k[0, 0, 3, 0] = -1e20  # its score overflows to -inf: weight 0, the others as usual
+    v = torch.randn(1, 1, 5, 64)
+    torch.testing.assert_close(torch.ops.infmllm.decode_attention(q, k, v, 1.0), _sdpa(q, k, v, 1.0))
+    k[0, 0, :, 0] = -1e20  # every score -inf: zeros, as torch's CPU sdpa gives
+    assert torch.equal(_sdpa(q, k, v, 1.0), torch.zeros(1, 1, 1, 64))
+    assert torch.equal(torch.ops.infmllm.decode_attention(q, k, v, 1.0), torch.zeros(1, 1, 1, 64))
+
+
+def test_the_hook_keeps_sdpa_for_what_the_kernel_does_not_compute():
+    q, k = torch.randn(1, 4, 1, 64), torch.randn(1, 2, 9, 64)
+    token = attention._ACTIVE.set(object())  # as inside a stream's step
+    try:
+        assert attention._decode_kernel_applies(q, k, k, None, {"dropout": 0.0, "scaling": 0.125,
+                                                                "position_ids": None, "use_cache": True})
+        for kwargs in ({"position_bias": torch.zeros(1, 4, 1, 9)}, {"softcap": 30.0}, {"sliding_window": 4},
+                       {"s_aux": torch.zeros(4)}, {"dropout": 0.1}):
+            assert not attention._decode_kernel_applies(q, k, k, None, kwargs), kwargs
+        assert not attention._decode_kernel_applies(q, k, k, torch.zeros(1, 1, 1, 9), {})  # a mask
+        assert not attention._decode_kernel_applies(q, k, torch.randn(1, 2, 9, 32), None, {})  # value head_dim
+        assert not attention._decode_kernel_applies(q, torch.randn(2, 2, 9, 64), torch.randn(2, 2, 9, 64), None, {})
+        assert not attention._decode_kernel_applies(q.half(), k.half(), k.half(), None, {})
+        assert not attention._decode_kernel_applies(torch.randn(1, 4, 2, 64), k, k, None, {})  # a chunk
+    finally:
+        attention._ACTIVE.reset(token)
+
+
+def test_the_kernels_refuse_a_backward_instead_of_a_silent_none():
+    from infmllm_ros.engine.int4 import Int4Linear
+
+    layer = Int4Linear(torch.nn.Linear(64, 16), "q4_1")
+    x = torch.randn(1, 64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="no derivative"):
+        layer(x).sum().backward()
+    q = torch.randn(1, 2, 1, 64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="no derivative"):
+        torch.ops.infmllm.decode_attention(q, torch.randn(1, 2, 3, 64), torch.randn(1, 2, 3, 64), 0.1).sum().backward()

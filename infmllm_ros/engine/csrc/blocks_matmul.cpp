@@ -7,7 +7,7 @@
 // (x ~= dx * xq, dx = max|x| / 32767: at most dx / 2 off per element), so a
 // block's dot product is exact integer arithmetic:
 //   sum_j w[j] x[j] ~= d * dx * sum_j q[j] xq[j] + m * sum_j x[j]
-// (the second sum in float32, from the unrounded x). llama.cpp rounds the
+// (the second sum in double, from the unrounded x). llama.cpp rounds the
 // activations to int8 instead (block_q8_1); int16 keeps them 256x finer at the
 // same speed here, finer than the bfloat16 that torch's int4 kernel takes.
 //
@@ -24,6 +24,7 @@
 #include <torch/library.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -52,11 +53,13 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// The activations, each block of 32 of each row rounded to int16, with its scale and its float sum.
+// The activations, each block of 32 of each row rounded to int16, with its scale and its sum (in double:
+// a float sum of finite values can overflow).
 struct RoundedRows {
   int64_t rows, in, nblocks;
   std::vector<int16_t> q;
-  std::vector<float> scale, sum;
+  std::vector<float> scale;
+  std::vector<double> sum;
   std::vector<char> finite;
 
   explicit RoundedRows(const at::Tensor& x)
@@ -66,26 +69,38 @@ struct RoundedRows {
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t b = 0; b < nblocks; ++b) {
         const float* xb = xp + r * in + b * kGroup;
-        float amax = 0.f, total = 0.f;
+        int16_t* qb = q.data() + r * in + b * kGroup;
+        float amax = 0.f;
+        double total = 0.0;
+        bool block_finite = true;
         for (int64_t j = 0; j < kGroup; ++j) {
+          block_finite = block_finite && std::isfinite(xb[j]);
           amax = std::max(amax, std::fabs(xb[j]));
           total += xb[j];
         }
-        if (!std::isfinite(amax) || !std::isfinite(total)) {  // NaN fails max() silently: the sum catches it
+        if (!block_finite) {  // the whole row's outputs become NaN; nothing to round
           finite[r] = 0;
-          amax = 0.f;
+          std::fill(qb, qb + kGroup, int16_t{0});
+          scale[r * nblocks + b] = 0.f;
+          sum[r * nblocks + b] = 0.0;
+          continue;
         }
         // In double: 32767 / amax overflows float32 for amax below ~1e-34.
         const double inv = amax > 0.f ? 32767.0 / amax : 0.0;
-        for (int64_t j = 0; j < kGroup; ++j) {
-          q[r * in + b * kGroup + j] = static_cast<int16_t>(std::nearbyint(xb[j] * inv));
-        }
+        for (int64_t j = 0; j < kGroup; ++j) qb[j] = static_cast<int16_t>(std::nearbyint(xb[j] * inv));
         scale[r * nblocks + b] = amax / 32767.f;
         sum[r * nblocks + b] = total;
       }
     }
   }
 };
+
+// A block's float factor d * dx, held at float32's largest magnitude: an all-zero block then adds 0
+// (not 0 * inf = NaN), and any other block still overflows the result to inf as the true product does.
+inline float block_factor(float d, float dx) {
+  const float f = d * dx;
+  return std::isinf(f) ? std::copysign(std::numeric_limits<float>::max(), f) : f;
+}
 
 void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& blocks, int64_t block_bytes) {
   TORCH_CHECK(x.device().is_cpu() && blocks.device().is_cpu(), op, " runs on the CPU");
@@ -119,8 +134,8 @@ inline __m256i block_dot(const BlockQ8_0& w, const int16_t* xq) {
 }
 
 // Q4_1's m times the block's activation sum; Q8_0 has no offset.
-inline float block_offset(const BlockQ4_1& w, float sum) { return _cvtsh_ss(w.m) * sum; }
-inline float block_offset(const BlockQ8_0&, float) { return 0.f; }
+inline double block_offset(const BlockQ4_1& w, double sum) { return _cvtsh_ss(w.m) * sum; }
+inline double block_offset(const BlockQ8_0&, double) { return 0.0; }
 
 template <typename Block>
 at::Tensor blocks_matmul(const char* op, const at::Tensor& x, const at::Tensor& blocks) {
@@ -138,15 +153,16 @@ at::Tensor blocks_matmul(const char* op, const at::Tensor& x, const at::Tensor& 
       for (int64_t r = 0; r < a.rows; ++r) {
         const int16_t* xr = a.q.data() + r * a.in;
         const float* scale = a.scale.data() + r * a.nblocks;
-        const float* sum = a.sum.data() + r * a.nblocks;
+        const double* sum = a.sum.data() + r * a.nblocks;
         __m256 acc = _mm256_setzero_ps();
-        float offsets = 0.f;
+        double offsets = 0.0;
         for (int64_t b = 0; b < a.nblocks; ++b) {
           acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(wn[b], xr + b * kGroup)),
-                                _mm256_set1_ps(_cvtsh_ss(wn[b].d) * scale[b]), acc);
+                                _mm256_set1_ps(block_factor(_cvtsh_ss(wn[b].d), scale[b])), acc);
           offsets += block_offset(wn[b], sum[b]);
         }
-        yp[r * out + n] = a.finite[r] ? horizontal_sum(acc) + offsets : std::numeric_limits<float>::quiet_NaN();
+        yp[r * out + n] = a.finite[r] ? static_cast<float>(horizontal_sum(acc) + offsets)
+                                      : std::numeric_limits<float>::quiet_NaN();
       }
     }
   });

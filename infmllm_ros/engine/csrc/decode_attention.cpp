@@ -14,7 +14,8 @@
 //   q: [B, Hq, 1, 64] float32; k, v: [B, Hkv, L, 64] float32 (views into a larger
 //   cache are fine: the last dimension must be contiguous); Hq a multiple of Hkv; L >= 1.
 //   returns [B, 1, Hq, 64] float32 (sdpa's output, transposed as transformers returns it).
-//   A head whose scores are not all finite gets NaN (as sdpa gives).
+//   A head with a NaN or +inf score gets NaN, a -inf score weight 0, only -inf scores zeros (as torch's
+//   CPU sdpa gives).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -58,12 +59,14 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// Softmax weights of one query head over L keys, written to p; false if a score is not finite.
+// Softmax weights of one query head over L keys, written to p. False (the head's output becomes NaN, as
+// sdpa's) if a score is NaN or +inf; a -inf score gets weight 0, and all of them -inf give zeros, as in
+// torch's CPU sdpa.
 bool score_head(const float* q, float scale, const float* keys, int64_t key_stride, int64_t L, float* p) {
   __m256 qs[8];
   for (int j = 0; j < 8; ++j) qs[j] = _mm256_mul_ps(_mm256_loadu_ps(q + 8 * j), _mm256_set1_ps(scale));
   float top = -std::numeric_limits<float>::infinity();
-  bool finite = true;
+  bool usable = true;
   for (int64_t t = 0; t < L; ++t) {
     const float* k = keys + t * key_stride;
     __m256 a = _mm256_mul_ps(qs[0], _mm256_loadu_ps(k));
@@ -73,11 +76,15 @@ bool score_head(const float* q, float scale, const float* keys, int64_t key_stri
       b = _mm256_fmadd_ps(qs[j + 1], _mm256_loadu_ps(k + 8 * j + 8), b);
     }
     const float s = horizontal_sum(_mm256_add_ps(a, b));
-    finite = finite && std::isfinite(s);
+    usable = usable && !std::isnan(s) && s != std::numeric_limits<float>::infinity();
     top = std::max(top, s);
     p[t] = s;
   }
-  if (!finite) return false;
+  if (!usable) return false;
+  if (top == -std::numeric_limits<float>::infinity()) {  // every key hidden: zeros, as torch's CPU sdpa gives
+    std::fill(p, p + L, 0.f);
+    return true;
+  }
   const __m256 shift = _mm256_set1_ps(top);
   __m256 sums = _mm256_setzero_ps();
   int64_t t = 0;
