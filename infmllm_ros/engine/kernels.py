@@ -50,13 +50,6 @@ def cpu_kernels_status() -> tuple[bool, str]:
         return _state
 
 
-def _no_derivative(op: str):
-    """A backward that refuses: the kernels are for inference, and a gradient must not come back as None."""
-    def backward(ctx, *grads):
-        raise RuntimeError(f"{op} has no derivative: our CPU kernels are for inference only")
-    return backward
-
-
 def _build() -> tuple[bool, str]:
     if os.environ.get("INFMLLM_CPU_KERNELS", "1").strip().lower() in ("0", "false", "off", "no"):
         return False, "INFMLLM_CPU_KERNELS=0"
@@ -82,8 +75,6 @@ def _build() -> tuple[bool, str]:
             torch.library.register_fake(op)(lambda x, blocks: x.new_empty(x.shape[0], blocks.shape[0]))
         torch.library.register_fake("infmllm::decode_attention")(
             lambda q, k, v, scale: q.new_empty(q.shape[0], 1, q.shape[1], q.shape[3]))
-        for op in ("infmllm::q4_1_matmul", "infmllm::q8_0_matmul", "infmllm::decode_attention"):
-            torch.library.register_autograd(op, _no_derivative(op))
     except Exception as exc:  # no compiler, no ninja, a read-only cache folder, ...
         lines = str(exc).strip().splitlines()
         return False, f"they did not build: {type(exc).__name__}: {lines[-1] if lines else ''}"

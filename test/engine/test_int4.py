@@ -109,6 +109,8 @@ def test_the_q4_1_kernel_refuses_bad_tensors_and_gives_nan_for_non_finite_rows()
     assert not torch.isnan(int4(huge)).any()
     zero_block = torch.cat([torch.full((1, 32), 3e38), torch.zeros(1, 96)], 1)
     assert not torch.isnan(int4(zero_block)).any()
+    large = torch.randn(2, 128) * 1e30  # past 1e20 a row is summed in double: still the product, to rounding
+    torch.testing.assert_close(int4(large).double(), _q4_1_reference(linear, large), rtol=1e-4, atol=0)
     x[1, 5], x[2, 100] = float("nan"), float("inf")
     y = int4(x)
     assert torch.isnan(y[1:]).all()  # not a silently finite answer from a NaN/inf activation

@@ -136,8 +136,8 @@ def test_the_kernels_refuse_a_backward_instead_of_a_silent_none():
 
     layer = Int4Linear(torch.nn.Linear(64, 16), "q4_1")
     x = torch.randn(1, 64, requires_grad=True)
-    with pytest.raises(RuntimeError, match="no derivative"):
+    with pytest.raises(RuntimeError, match="not implemented"):
         layer(x).sum().backward()
     q = torch.randn(1, 2, 1, 64, requires_grad=True)
-    with pytest.raises(RuntimeError, match="no derivative"):
+    with pytest.raises(RuntimeError, match="not implemented"):
         torch.ops.infmllm.decode_attention(q, torch.randn(1, 2, 3, 64), torch.randn(1, 2, 3, 64), 0.1).sum().backward()

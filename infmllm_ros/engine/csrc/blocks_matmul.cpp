@@ -7,7 +7,7 @@
 // (x ~= dx * xq, dx = max|x| / 32767: at most dx / 2 off per element), so a
 // block's dot product is exact integer arithmetic:
 //   sum_j w[j] x[j] ~= d * dx * sum_j q[j] xq[j] + m * sum_j x[j]
-// (the second sum in double, from the unrounded x). llama.cpp rounds the
+// (the second sum from the unrounded x, added in double). llama.cpp rounds the
 // activations to int8 instead (block_q8_1); int16 keeps them 256x finer at the
 // same speed here, finer than the bfloat16 that torch's int4 kernel takes.
 //
@@ -21,6 +21,7 @@
 // float32. A row of x with a non-finite value gives NaN in every output of that row.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 #include <immintrin.h>
 
@@ -53,54 +54,55 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// The activations, each block of 32 of each row rounded to int16, with its scale and its sum (in double:
-// a float sum of finite values can overflow).
+// The activations, each block of 32 of each row rounded to int16, with its scale and its sum (added in
+// double; a float32 copy for the usual rows). A row whose products or sums could overflow float32 is
+// "huge" and takes the double loop (row_dot_double).
 struct RoundedRows {
   int64_t rows, in, nblocks;
   std::vector<int16_t> q;
-  std::vector<float> scale;
-  std::vector<double> sum;
-  std::vector<char> finite;
+  std::vector<float> scale, sum;
+  std::vector<double> exact_sum;
+  std::vector<char> finite, huge;
 
   explicit RoundedRows(const at::Tensor& x)
       : rows(x.size(0)), in(x.size(1)), nblocks(x.size(1) / kGroup), q(rows * in), scale(rows * nblocks),
-        sum(rows * nblocks), finite(rows, 1) {
+        sum(rows * nblocks), exact_sum(rows * nblocks), finite(rows, 1), huge(rows, 0) {
     const float* xp = x.data_ptr<float>();
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t b = 0; b < nblocks; ++b) {
+        const int64_t i = r * nblocks + b;
         const float* xb = xp + r * in + b * kGroup;
         int16_t* qb = q.data() + r * in + b * kGroup;
-        float amax = 0.f;
-        double total = 0.0;
-        bool block_finite = true;
+        float amax = 0.f, fast_total = 0.f;
         for (int64_t j = 0; j < kGroup; ++j) {
-          block_finite = block_finite && std::isfinite(xb[j]);
-          amax = std::max(amax, std::fabs(xb[j]));
-          total += xb[j];
+          amax = std::max(amax, std::fabs(xb[j]));  // (skips a NaN: the sum keeps it)
+          fast_total += xb[j];
         }
-        if (!block_finite) {  // the whole row's outputs become NaN; nothing to round
+        double total = fast_total;
+        if (!std::isfinite(fast_total) || amax > 1e20f) {
+          total = 0.0;  // finite exactly when every element is: 32 floats cannot overflow a double
+          for (int64_t j = 0; j < kGroup; ++j) total += xb[j];
+        }
+        if (!std::isfinite(total)) {  // the whole row's outputs become NaN; nothing to round
           finite[r] = 0;
           std::fill(qb, qb + kGroup, int16_t{0});
-          scale[r * nblocks + b] = 0.f;
-          sum[r * nblocks + b] = 0.0;
+          scale[i] = sum[i] = 0.f;
+          exact_sum[i] = 0.0;
           continue;
         }
         // In double: 32767 / amax overflows float32 for amax below ~1e-34.
         const double inv = amax > 0.f ? 32767.0 / amax : 0.0;
         for (int64_t j = 0; j < kGroup; ++j) qb[j] = static_cast<int16_t>(std::nearbyint(xb[j] * inv));
-        scale[r * nblocks + b] = amax / 32767.f;
-        sum[r * nblocks + b] = total;
+        scale[i] = amax / 32767.f;
+        exact_sum[i] = total;
+        sum[i] = static_cast<float>(total);
+        // |d|, |m| <= 65504 (float16) and |q| <= 127: with activations below 1e20 no float32 factor, block
+        // product or sum of up to 2^20 blocks can overflow; past that the row takes the double loop.
+        huge[r] = huge[r] || amax > 1e20f;
       }
     }
   }
 };
-
-// A block's float factor d * dx, held at float32's largest magnitude: an all-zero block then adds 0
-// (not 0 * inf = NaN), and any other block still overflows the result to inf as the true product does.
-inline float block_factor(float d, float dx) {
-  const float f = d * dx;
-  return std::isinf(f) ? std::copysign(std::numeric_limits<float>::max(), f) : f;
-}
 
 void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& blocks, int64_t block_bytes) {
   TORCH_CHECK(x.device().is_cpu() && blocks.device().is_cpu(), op, " runs on the CPU");
@@ -134,8 +136,27 @@ inline __m256i block_dot(const BlockQ8_0& w, const int16_t* xq) {
 }
 
 // Q4_1's m times the block's activation sum; Q8_0 has no offset.
+inline float block_offset(const BlockQ4_1& w, float sum) { return _cvtsh_ss(w.m) * sum; }
+inline float block_offset(const BlockQ8_0&, float) { return 0.f; }
 inline double block_offset(const BlockQ4_1& w, double sum) { return _cvtsh_ss(w.m) * sum; }
 inline double block_offset(const BlockQ8_0&, double) { return 0.0; }
+
+// One output of a huge row, accumulated in double (each block's integer dot product is exact in int32):
+// it overflows to inf where the true result does, never to inf - inf = NaN.
+template <typename Block>
+inline float row_dot_double(const Block* wn, const int16_t* xr, const float* scale, const double* exact_sum,
+                            int64_t nblocks) {
+  double total = 0.0;
+  for (int64_t b = 0; b < nblocks; ++b) {
+    alignas(32) int32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), block_dot(wn[b], xr + b * kGroup));
+    int64_t dot = 0;
+    for (int32_t lane : lanes) dot += lane;
+    total += static_cast<double>(_cvtsh_ss(wn[b].d)) * scale[b] * static_cast<double>(dot) +
+             block_offset(wn[b], exact_sum[b]);
+  }
+  return static_cast<float>(total);
+}
 
 template <typename Block>
 at::Tensor blocks_matmul(const char* op, const at::Tensor& x, const at::Tensor& blocks) {
@@ -153,16 +174,21 @@ at::Tensor blocks_matmul(const char* op, const at::Tensor& x, const at::Tensor& 
       for (int64_t r = 0; r < a.rows; ++r) {
         const int16_t* xr = a.q.data() + r * a.in;
         const float* scale = a.scale.data() + r * a.nblocks;
-        const double* sum = a.sum.data() + r * a.nblocks;
-        __m256 acc = _mm256_setzero_ps();
-        double offsets = 0.0;
-        for (int64_t b = 0; b < a.nblocks; ++b) {
-          acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(wn[b], xr + b * kGroup)),
-                                _mm256_set1_ps(block_factor(_cvtsh_ss(wn[b].d), scale[b])), acc);
-          offsets += block_offset(wn[b], sum[b]);
+        const float* sum = a.sum.data() + r * a.nblocks;
+        if (!a.finite[r]) {
+          yp[r * out + n] = std::numeric_limits<float>::quiet_NaN();
+        } else if (a.huge[r]) {
+          yp[r * out + n] = row_dot_double(wn, xr, scale, a.exact_sum.data() + r * a.nblocks, a.nblocks);
+        } else {
+          __m256 acc = _mm256_setzero_ps();
+          float offsets = 0.f;
+          for (int64_t b = 0; b < a.nblocks; ++b) {
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(wn[b], xr + b * kGroup)),
+                                  _mm256_set1_ps(_cvtsh_ss(wn[b].d) * scale[b]), acc);
+            offsets += block_offset(wn[b], sum[b]);
+          }
+          yp[r * out + n] = horizontal_sum(acc) + offsets;
         }
-        yp[r * out + n] = a.finite[r] ? static_cast<float>(horizontal_sum(acc) + offsets)
-                                      : std::numeric_limits<float>::quiet_NaN();
       }
     }
   });
@@ -186,4 +212,10 @@ TORCH_LIBRARY(infmllm, m) {
 TORCH_LIBRARY_IMPL(infmllm, CPU, m) {
   m.impl("q4_1_matmul", &q4_1_matmul);
   m.impl("q8_0_matmul", &q8_0_matmul);
+}
+// Inference only: a backward through these ops raises instead of giving a silent None gradient (registered
+// in C++: a Python autograd registration would cost ~7 us a call, even under inference_mode).
+TORCH_LIBRARY_IMPL(infmllm, Autograd, m) {
+  m.impl("q4_1_matmul", torch::autograd::autogradNotImplementedFallback());
+  m.impl("q8_0_matmul", torch::autograd::autogradNotImplementedFallback());
 }

@@ -18,6 +18,7 @@
 //   CPU sdpa gives).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 #include <immintrin.h>
 
@@ -171,3 +172,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 
 TORCH_LIBRARY_FRAGMENT(infmllm, m) { m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor"); }
 TORCH_LIBRARY_IMPL(infmllm, CPU, m) { m.impl("decode_attention", &decode_attention); }
+// Inference only: a backward through these ops raises instead of giving a silent None gradient (registered
+// in C++: a Python autograd registration would cost ~7 us a call, even under inference_mode).
+TORCH_LIBRARY_IMPL(infmllm, Autograd, m) {
+  m.impl("decode_attention", torch::autograd::autogradNotImplementedFallback());
+}
