@@ -134,9 +134,8 @@ def install(model: torch.nn.Module, decoder_attention: list[torch.nn.Module]) ->
     decode_kernel = base == "sdpa" and on_cpu and cpu_kernels_status()[0]
     for idx, module in enumerate(decoder_attention):
         module._infmllm_layer = idx
-        # Resolved once, outside any compiled graph.
-        module._infmllm_base = (_with_decode_kernel(_base_function(module, base)) if decode_kernel
-                                else _base_function(module, base))
+        base_fn = _base_function(module, base)  # resolved once, outside any compiled graph
+        module._infmllm_base = _with_decode_kernel(base_fn) if decode_kernel else base_fn
         # Several streams may share one model: count them, so closing one keeps the hook for the others.
         module._infmllm_users = getattr(module, "_infmllm_users", 0) + 1
     return base

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -77,6 +77,7 @@ INT4_MAX_ROWS = 8
 
 #: The kernels an Int4Linear can multiply with; ``auto`` takes ``q4_1`` where it builds, else ``torch``.
 INT4_KERNELS = ("auto", "q4_1", "torch")
+
 
 def int4_kernels(model: torch.nn.Module) -> list[str]:
     """The int4 kernels ``model``'s :class:`Int4Linear` layers use, sorted (``[]``: none is int4)."""
@@ -137,15 +138,29 @@ class _FewRowCopy(torch.nn.Module):
     def float_forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
+    def _as_output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """A kernel's ``[rows, out]`` product of ``x`` as ``nn.Linear`` returns it: ``x``'s dtype and leading
+        shape, the bias added."""
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
 
-def _bfloat16_rows(x: torch.Tensor) -> torch.Tensor:
-    """``[..., in]`` as torch's int4 kernel takes it: ``[rows, in]``, contiguous bfloat16."""
-    return x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+
+def _kernel_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[..., in]`` as a kernel takes it: ``[rows, in]``, contiguous, in ``dtype`` (bfloat16 for torch's
+    int4 kernel, float32 for ours)."""
+    return x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
 
 
-def _float32_rows(x: torch.Tensor) -> torch.Tensor:
-    """``[..., in]`` as the q4_1 kernel takes it: ``[rows, in]``, contiguous float32."""
-    return x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
+class _Fit(NamedTuple):
+    """How one kernel's block scales hold a layer's weights (:meth:`Int4Linear._scales`)."""
+
+    scales: torch.Tensor  # [out, blocks, 2]: fp16 d, m (q4_1) or bfloat16 scale, zero (torch)
+    max_error: float  # largest |weight used - float weight|
+    max_error_steps: float  # the same, per block in units of its step
+    rounding_steps: float  # the part the scales' own rounding adds, in steps
+    holds: bool  # finite, and (q4_1) no step float16 keeps too few bits of
 
 
 class Int4Linear(_FewRowCopy):
@@ -201,10 +216,11 @@ class Int4Linear(_FewRowCopy):
                                  else [])
         fits = {name: self._scales(name, q, scale, low, blocks, divisor) for name in candidates}
         # the first (q4_1) on a tie; one whose scales cannot hold the weights only if no other can
-        held = [name for name in candidates if fits[name][4]] or candidates
-        self.kernel = min(held, key=lambda name: fits[name][3])
-        scales, self.max_error, self.max_error_steps, _, holds = fits[self.kernel]
-        if not holds:
+        held = [name for name in candidates if fits[name].holds] or candidates
+        self.kernel = min(held, key=lambda name: fits[name].rounding_steps)
+        fit = fits[self.kernel]
+        self.max_error, self.max_error_steps = fit.max_error, fit.max_error_steps
+        if not fit.holds:
             raise ValueError(f"int4 kernel {self.kernel}: the block scales do not fit its "
                              f"{'float16' if self.kernel == 'q4_1' else 'bfloat16'} (weights "
                              f"{float(weight.abs().min()):.3g} to {float(weight.abs().max()):.3g} in size: beyond "
@@ -213,21 +229,20 @@ class Int4Linear(_FewRowCopy):
         if self.kernel == "q4_1":
             nibbles = q.to(torch.uint8)
             nibbles = nibbles[..., :GROUP_SIZE // 2] | (nibbles[..., GROUP_SIZE // 2:] << 4)
-            self.register_buffer("blocks", torch.cat([scales.view(torch.uint8), nibbles], -1).contiguous())
+            self.register_buffer("blocks", torch.cat([fit.scales.view(torch.uint8), nibbles], -1).contiguous())
         else:
             self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
                 q.view(out_features, in_features).to(torch.int32), 1))
-            self.register_buffer("scale_and_zero", scales.transpose(0, 1).contiguous())
+            self.register_buffer("scale_and_zero", fit.scales.transpose(0, 1).contiguous())
 
     @staticmethod
     def _scales(kernel: str, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, blocks: torch.Tensor,
-                divisor: torch.Tensor) -> tuple[torch.Tensor, float, float, float, bool]:
-        """``kernel``'s per-block scales (``[out, blocks, 2]``: fp16 ``d, m`` for q4_1, bfloat16
-        ``scale, zero`` for torch); the largest error of the weights they give, from the float weights and
-        in units of the block's step; the largest error in steps that their rounding alone adds (to the
-        grid with float32 scales); and whether they hold the weights at all: finite, and for q4_1 no
-        nonzero step below float16's smallest normal number (2^-14) that float16 does not hold exactly
-        (there it keeps too few bits)."""
+                divisor: torch.Tensor) -> _Fit:
+        """``kernel``'s per-block scales (fp16 ``d, m`` for q4_1, bfloat16 ``scale, zero`` for torch); the
+        largest error of the weights they give, from the float weights and in units of the block's step;
+        the largest error in steps that their rounding alone adds (to the grid with float32 scales); and
+        whether they hold the weights at all: finite, and for q4_1 no nonzero step below float16's
+        smallest normal number (2^-14) that float16 does not hold exactly (there it keeps too few bits)."""
         if kernel == "q4_1":
             scales = torch.stack([scale, low], -1).to(torch.float16)
             used = q * scales[..., :1].float() + scales[..., 1:].float()  # inf where float16 overflows
@@ -235,7 +250,7 @@ class Int4Linear(_FewRowCopy):
             scales = torch.stack([scale, low + 8 * scale], -1).to(torch.bfloat16)
             used = (q - 8) * scales[..., :1].float() + scales[..., 1:].float()
 
-        def in_steps(error: torch.Tensor) -> torch.Tensor:
+        def in_steps(error: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             error = torch.where(error.isnan(), math.inf, error)  # (nan_to_num would make inf the largest float)
             # a constant block has no step: exact (0) or infinitely far
             return error, torch.where(scale > 0, error / divisor, torch.where(error > 0, math.inf, 0.0))
@@ -246,7 +261,7 @@ class Int4Linear(_FewRowCopy):
         if kernel == "q4_1":
             coarse = (scale > 0) & (scale < 2.0 ** -14) & (scales[..., 0].float() != scale)  # (a file's own are exact)
             holds = holds and not bool(coarse.any())
-        return scales, float(error.max()), float(steps.max()), float(rounding.max()), holds
+        return _Fit(scales, float(error.max()), float(steps.max()), float(rounding.max()), holds)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Called 7 times per layer per decoded token: as few tensor calls as the kernel allows.
@@ -255,7 +270,7 @@ class Int4Linear(_FewRowCopy):
         return self._product(self._rows(x), x)
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        return _float32_rows(x) if self.kernel == "q4_1" else _bfloat16_rows(x)
+        return _kernel_rows(x, torch.float32 if self.kernel == "q4_1" else torch.bfloat16)
 
     def _product(self, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The 4-bit product of ``rows`` (``x`` as ``[rows, in]``, :meth:`_rows`), shaped and typed as ``x``."""
@@ -263,10 +278,7 @@ class Int4Linear(_FewRowCopy):
             y = torch.ops.infmllm.q4_1_matmul.default(rows, self.blocks)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP_SIZE, self.scale_and_zero)
-        y = y.to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        return y.view(*x.shape[:-1], self.out_features)
+        return self._as_output(y, x)
 
     @staticmethod
     def forward_siblings(layers: tuple[torch.nn.Module, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -277,10 +289,9 @@ class Int4Linear(_FewRowCopy):
         4-bit copy, the input's conversion (to bfloat16 for ``torch``) is shared; otherwise each layer
         is called as usual.
         """
-        if not all(type(layer).forward is Int4Linear.forward and layer.takes_copy(x)
-                   and not (layer._forward_hooks or layer._forward_pre_hooks) for layer in layers):
-            return tuple(layer(x) for layer in layers)
-        if not layers or len({layer.kernel for layer in layers}) > 1:
+        if (not layers or len({getattr(layer, "kernel", None) for layer in layers}) > 1
+                or not all(type(layer).forward is Int4Linear.forward and layer.takes_copy(x)
+                           and not (layer._forward_hooks or layer._forward_pre_hooks) for layer in layers)):
             return tuple(layer(x) for layer in layers)
         rows = layers[0]._rows(x)
         return tuple(layer._product(rows, x) for layer in layers)
@@ -380,10 +391,7 @@ class Q8_0Head(_FewRowCopy):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.takes_copy(x):
             return self.float_forward(x)
-        y = torch.ops.infmllm.q8_0_matmul.default(_float32_rows(x), self.blocks).to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        return y.view(*x.shape[:-1], self.out_features)
+        return self._as_output(torch.ops.infmllm.q8_0_matmul.default(_kernel_rows(x, torch.float32), self.blocks), x)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, Q8_0 for <= {self.max_rows} rows"
@@ -391,7 +399,7 @@ class Q8_0Head(_FewRowCopy):
 
 @contextmanager
 def float_weights(model: torch.nn.Module):
-    """Within the block, every :class:`Int4Linear` and :class:`Float16Head` of ``model`` multiplies with
+    """Within the block, every :class:`Int4Linear`, :class:`Q8_0Head` and :class:`Float16Head` of ``model`` multiplies with
     its float weight: the float model, for comparisons, without a second copy of the weights. It changes
     the shared modules: no other thread may run the model meanwhile."""
     layers = [m for m in model.modules() if isinstance(m, _FewRowCopy)]
@@ -461,16 +469,15 @@ def quantize_int4(model: torch.nn.Module, skip=lambda name: False, *, lossless_o
             name = f"{parent_name}.lm_head" if parent_name else "lm_head"
             if type(head) is not torch.nn.Linear or skip(name):
                 continue
-            try:  # the file's Q8_0 blocks where the head is on that grid, else a float16 copy
-                if kernel == "torch":
-                    raise ValueError("torch's int4 kernel asked for: the head takes the float16 copy")
-                parent.lm_head = Q8_0Head(head)
-            except ValueError:
+            # The file's Q8_0 blocks where the head is on that grid (not with torch's kernel asked for), else a
+            # float16 copy; a head neither takes (not float32, beyond float16's range) stays as it is.
+            for copy_class in ((Float16Head,) if kernel == "torch" else (Q8_0Head, Float16Head)):
                 try:
-                    parent.lm_head = Float16Head(head)
-                except ValueError:  # not float32, or beyond float16's range: the head stays as it is
+                    parent.lm_head = copy_class(head)
+                except ValueError:
                     continue
-            replaced.append((parent, "lm_head", head, name))
+                replaced.append((parent, "lm_head", head, name))
+                break
     except BaseException:
         undo()
         raise

@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+
 def is_integer(value) -> bool:
     """An integer that is not a bool (Python, numpy): what a count or a length may be."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
