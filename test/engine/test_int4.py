@@ -124,6 +124,31 @@ def test_the_q4_1_kernel_refuses_bad_tensors_and_gives_nan_for_non_finite_rows()
     torch.library.opcheck(op, (torch.randn(2, 128), int4.blocks))  # what torch.compile is told matches the op
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_block_kernels_give_each_output_the_same_bits_however_many_rows_share_a_pass(threads):
+    """The kernels take four weight rows a pass (and prefetch the next four): each output must still be the
+    one-row sum, in the same order, for any output count (tails of 1-3 rows), row kind and thread split."""
+    if not cpu_kernels_status()[0]:
+        pytest.skip(f"the block kernels cannot run here: {cpu_kernels_status()[1]}")
+    linear, _ = _q4_1_linear(out_features=96, in_features=160, seed=3)
+    blocks = Int4Linear(linear, "q4_1").blocks[:93]  # the ops take any row count
+    x = torch.randn(4, 160, generator=torch.Generator().manual_seed(4))
+    x[1] *= 1e25  # a huge row: summed in double
+    x[2, 7] = float("nan")
+    head = torch.randint(-127, 128, (37, 5, 34), dtype=torch.int16).to(torch.uint8)  # int8 q as bytes
+    head[..., :2] = torch.tensor([0x00, 0x2C], dtype=torch.uint8)  # fp16 d = 0.0625
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for op, weights in ((torch.ops.infmllm.q4_1_matmul, blocks), (torch.ops.infmllm.q8_0_matmul, head)):
+            together = op(x, weights)
+            one_by_one = torch.cat([op(x, weights[n:n + 1]) for n in range(weights.shape[0])], 1)
+            torch.testing.assert_close(together, one_by_one, rtol=0, atol=0, equal_nan=True)
+            assert torch.isnan(together[2]).all() and torch.isfinite(together[[0, 1, 3]]).all()
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_weights_off_the_grid_are_rounded_to_within_half_a_step():
     linear = torch.nn.Linear(64, 32, bias=False)
     int4 = Int4Linear(linear)

@@ -21,7 +21,7 @@ def _sdpa(q, k, v, scale):
 
 
 @pytest.mark.parametrize("batch,q_heads,kv_heads,tokens", [(1, 9, 3, 1096), (2, 4, 4, 7), (1, 8, 2, 8), (1, 3, 3, 1),
-                                                         (1, 15, 5, 33)])
+                                                         (1, 15, 5, 33), (1, 14, 2, 515)])  # G = 3, 1, 4, 1, 3, 7; L % 4 = 0-3
 def test_decode_attention_is_sdpa_to_float32_rounding(batch, q_heads, kv_heads, tokens):
     torch.manual_seed(0)
     q = torch.randn(batch, q_heads, 1, 64) * 3

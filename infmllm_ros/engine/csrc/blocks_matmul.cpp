@@ -158,6 +158,35 @@ inline float row_dot_double(const Block* wn, const int16_t* xr, const float* sca
   return static_cast<float>(total);
 }
 
+// N outputs of one (finite, not huge) activation row: weight rows wn[0], wn[nblocks], ... Each output's
+// sums run over the blocks in order, exactly as one row alone would (the same bits for any N); N rows at a
+// time share each block's activation loads and keep N independent dependency chains in flight, which a
+// single row's one accumulator (an FMA's latency a block) does not.
+template <typename Block, int N>
+inline void rows_dot(const Block* wn, int64_t nblocks, const int16_t* xr, const float* scale, const float* sum,
+                     float* y) {
+  __m256 acc[N];
+  float offsets[N];
+  for (int i = 0; i < N; ++i) {
+    acc[i] = _mm256_setzero_ps();
+    offsets[i] = 0.f;
+  }
+  // The next N rows, a block's worth of each per step: the hardware prefetcher alone leaves the loop waiting.
+  const char* ahead = reinterpret_cast<const char*>(wn + N * nblocks);
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const int16_t* xb = xr + b * kGroup;
+    _mm_prefetch(ahead + b * N * sizeof(Block), _MM_HINT_T0);
+    _mm_prefetch(ahead + b * N * sizeof(Block) + 64, _MM_HINT_T0);
+    for (int i = 0; i < N; ++i) {
+      const Block& w = wn[i * nblocks + b];
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(w, xb)), _mm256_set1_ps(_cvtsh_ss(w.d) * scale[b]),
+                               acc[i]);
+      offsets[i] += block_offset(w, sum[b]);
+    }
+  }
+  for (int i = 0; i < N; ++i) y[i] = horizontal_sum(acc[i]) + offsets[i];
+}
+
 template <typename Block>
 at::Tensor blocks_matmul(const char* op, const at::Tensor& x, const at::Tensor& blocks) {
   check_inputs(op, x, blocks, sizeof(Block));
@@ -167,27 +196,27 @@ at::Tensor blocks_matmul(const char* op, const at::Tensor& x, const at::Tensor& 
   const int64_t out = blocks.size(0);
   const auto* w = reinterpret_cast<const Block*>(blocks.data_ptr<uint8_t>());
   float* yp = y.data_ptr<float>();
+  constexpr int64_t kRowsAtOnce = 4;
   // At least 32 output rows a task: a smaller grain costs more in thread hand-offs than it saves.
   at::parallel_for(0, out, 32, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const Block* wn = w + n * a.nblocks;
+    for (int64_t n0 = begin; n0 < end; n0 += kRowsAtOnce) {
+      const int64_t count = std::min(kRowsAtOnce, end - n0);
+      const Block* wn = w + n0 * a.nblocks;
       for (int64_t r = 0; r < a.rows; ++r) {
         const int16_t* xr = a.q.data() + r * a.in;
         const float* scale = a.scale.data() + r * a.nblocks;
         const float* sum = a.sum.data() + r * a.nblocks;
+        float* yr = yp + r * out + n0;
         if (!a.finite[r]) {
-          yp[r * out + n] = std::numeric_limits<float>::quiet_NaN();
+          std::fill(yr, yr + count, std::numeric_limits<float>::quiet_NaN());
         } else if (a.huge[r]) {
-          yp[r * out + n] = row_dot_double(wn, xr, scale, a.exact_sum.data() + r * a.nblocks, a.nblocks);
-        } else {
-          __m256 acc = _mm256_setzero_ps();
-          float offsets = 0.f;
-          for (int64_t b = 0; b < a.nblocks; ++b) {
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(wn[b], xr + b * kGroup)),
-                                  _mm256_set1_ps(_cvtsh_ss(wn[b].d) * scale[b]), acc);
-            offsets += block_offset(wn[b], sum[b]);
+          for (int64_t i = 0; i < count; ++i) {
+            yr[i] = row_dot_double(wn + i * a.nblocks, xr, scale, a.exact_sum.data() + r * a.nblocks, a.nblocks);
           }
-          yp[r * out + n] = horizontal_sum(acc) + offsets;
+        } else if (count == kRowsAtOnce) {
+          rows_dot<Block, kRowsAtOnce>(wn, a.nblocks, xr, scale, sum, yr);
+        } else {
+          for (int64_t i = 0; i < count; ++i) rows_dot<Block, 1>(wn + i * a.nblocks, a.nblocks, xr, scale, sum, yr + i);
         }
       }
     }

@@ -60,26 +60,77 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// Softmax weights of one query head over L keys, written to p. False (the head's output becomes NaN, as
-// sdpa's) if a score is NaN or +inf; a -inf score gets weight 0, and all of them -inf give zeros, as in
-// torch's CPU sdpa.
-bool score_head(const float* q, float scale, const float* keys, int64_t key_stride, int64_t L, float* p) {
-  __m256 qs[8];
-  for (int j = 0; j < 8; ++j) qs[j] = _mm256_mul_ps(_mm256_loadu_ps(q + 8 * j), _mm256_set1_ps(scale));
-  float top = -std::numeric_limits<float>::infinity();
-  bool usable = true;
-  for (int64_t t = 0; t < L; ++t) {
+// q . k over the 64 dimensions, two accumulators (even and odd eighths), then halves, quarters and lanes
+// folded: the order of every sum is fixed, so a score has the same bits whichever path computes it.
+inline __m128 fold_halves(__m256 a, __m256 b) {
+  const __m256 s = _mm256_add_ps(a, b);
+  return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));  // [y0, y1, y2, y3]
+}
+
+inline float key_score(const __m256* qs, const float* k) {
+  __m256 a = _mm256_mul_ps(qs[0], _mm256_loadu_ps(k));
+  __m256 b = _mm256_mul_ps(qs[1], _mm256_loadu_ps(k + 8));
+  for (int j = 2; j < 8; j += 2) {
+    a = _mm256_fmadd_ps(qs[j], _mm256_loadu_ps(k + 8 * j), a);
+    b = _mm256_fmadd_ps(qs[j + 1], _mm256_loadu_ps(k + 8 * j + 8), b);
+  }
+  __m128 y = fold_halves(a, b);
+  y = _mm_add_ps(y, _mm_movehl_ps(y, y));              // [y0 + y2, y1 + y3, ...]
+  return _mm_cvtss_f32(_mm_add_ss(y, _mm_movehdup_ps(y)));  // (y0 + y2) + (y1 + y3)
+}
+
+// Raw scores of G query heads (qs: G x 8 registers, already scaled) over L keys, p[g * L + t]. Four keys
+// at a time for all G heads, so each key row is read from memory once and then from L1, and four
+// independent sums are in flight; the sums are key_score's, in the same order (the same bits).
+void score_keys(const __m256* qs, int64_t G, const float* keys, int64_t key_stride, int64_t L, float* p) {
+  int64_t t = 0;
+  for (; t + 4 <= L; t += 4) {
     const float* k = keys + t * key_stride;
-    __m256 a = _mm256_mul_ps(qs[0], _mm256_loadu_ps(k));
-    __m256 b = _mm256_mul_ps(qs[1], _mm256_loadu_ps(k + 8));
-    for (int j = 2; j < 8; j += 2) {
-      a = _mm256_fmadd_ps(qs[j], _mm256_loadu_ps(k + 8 * j), a);
-      b = _mm256_fmadd_ps(qs[j + 1], _mm256_loadu_ps(k + 8 * j + 8), b);
+    // The rows a few steps ahead: the hardware prefetcher alone leaves this loop waiting on memory.
+    for (int i = 0; i < 4; ++i) {
+      _mm_prefetch(reinterpret_cast<const char*>(k + (16 + i) * key_stride), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(k + (16 + i) * key_stride + 32), _MM_HINT_T0);
     }
-    const float s = horizontal_sum(_mm256_add_ps(a, b));
-    usable = usable && !std::isnan(s) && s != std::numeric_limits<float>::infinity();
-    top = std::max(top, s);
-    p[t] = s;
+    for (int64_t g = 0; g < G; ++g) {
+      const __m256* qg = qs + 8 * g;
+      __m128 y[4];
+      for (int i = 0; i < 4; ++i) {
+        const float* ki = k + i * key_stride;
+        __m256 a = _mm256_mul_ps(qg[0], _mm256_loadu_ps(ki));
+        __m256 b = _mm256_mul_ps(qg[1], _mm256_loadu_ps(ki + 8));
+        for (int j = 2; j < 8; j += 2) {
+          a = _mm256_fmadd_ps(qg[j], _mm256_loadu_ps(ki + 8 * j), a);
+          b = _mm256_fmadd_ps(qg[j + 1], _mm256_loadu_ps(ki + 8 * j + 8), b);
+        }
+        y[i] = fold_halves(a, b);
+      }
+      _MM_TRANSPOSE4_PS(y[0], y[1], y[2], y[3]);  // y[c] = lane c of the four keys
+      _mm_storeu_ps(p + g * L + t, _mm_add_ps(_mm_add_ps(y[0], y[2]), _mm_add_ps(y[1], y[3])));
+    }
+  }
+  for (; t < L; ++t) {
+    for (int64_t g = 0; g < G; ++g) p[g * L + t] = key_score(qs + 8 * g, keys + t * key_stride);
+  }
+}
+
+// Softmax in place over one head's L raw scores. False (the head's output becomes NaN, as sdpa's) if a
+// score is NaN or +inf; a -inf score gets weight 0, and all of them -inf give zeros, as in torch's CPU sdpa.
+bool softmax_head(float* p, int64_t L) {
+  const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  __m256 top8 = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), bad = _mm256_setzero_ps();
+  int64_t t = 0;
+  for (; t + 8 <= L; t += 8) {
+    const __m256 x = _mm256_loadu_ps(p + t);
+    bad = _mm256_or_ps(bad, _mm256_or_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q), _mm256_cmp_ps(x, inf, _CMP_EQ_OQ)));
+    top8 = _mm256_max_ps(top8, x);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, top8);
+  float top = *std::max_element(lanes, lanes + 8);
+  bool usable = _mm256_movemask_ps(bad) == 0;
+  for (; t < L; ++t) {
+    usable = usable && !std::isnan(p[t]) && p[t] != std::numeric_limits<float>::infinity();
+    top = std::max(top, p[t]);
   }
   if (!usable) return false;
   if (top == -std::numeric_limits<float>::infinity()) {  // every key hidden: zeros, as torch's CPU sdpa gives
@@ -88,8 +139,7 @@ bool score_head(const float* q, float scale, const float* keys, int64_t key_stri
   }
   const __m256 shift = _mm256_set1_ps(top);
   __m256 sums = _mm256_setzero_ps();
-  int64_t t = 0;
-  for (; t + 8 <= L; t += 8) {
+  for (t = 0; t + 8 <= L; t += 8) {
     const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + t), shift));
     _mm256_storeu_ps(p + t, e);
     sums = _mm256_add_ps(sums, e);
@@ -102,6 +152,33 @@ bool score_head(const float* q, float scale, const float* keys, int64_t key_stri
   const float inv = 1.f / total;  // total >= 1: the maximum's own term
   for (t = 0; t < L; ++t) p[t] *= inv;
   return true;
+}
+
+// out[i] = sum_t w[i * L + t] values[t] for H query heads i (out: H rows of 64, stride 64): half the head
+// dimension at a time, so that H x 4 accumulators (H <= 3) and 4 value registers fit AVX2's sixteen; H is a
+// template parameter so that the accumulators stay in registers.
+template <int H>
+void weigh_values(const float* w, int64_t L, const float* values, int64_t stride, float* out) {
+  for (int64_t half = 0; half < 2; ++half) {
+    __m256 acc[H][4];
+    for (auto& row : acc) for (auto& a : row) a = _mm256_setzero_ps();
+    for (int64_t t = 0; t < L; ++t) {
+      const float* vt = values + t * stride + half * 32;
+      if (half == 0) _mm_prefetch(reinterpret_cast<const char*>(vt + 16 * stride), _MM_HINT_T0);
+      const __m256 v0 = _mm256_loadu_ps(vt), v1 = _mm256_loadu_ps(vt + 8), v2 = _mm256_loadu_ps(vt + 16),
+                   v3 = _mm256_loadu_ps(vt + 24);
+      for (int i = 0; i < H; ++i) {
+        const __m256 wi = _mm256_set1_ps(w[i * L + t]);
+        acc[i][0] = _mm256_fmadd_ps(wi, v0, acc[i][0]);
+        acc[i][1] = _mm256_fmadd_ps(wi, v1, acc[i][1]);
+        acc[i][2] = _mm256_fmadd_ps(wi, v2, acc[i][2]);
+        acc[i][3] = _mm256_fmadd_ps(wi, v3, acc[i][3]);
+      }
+    }
+    for (int i = 0; i < H; ++i) {
+      for (int j = 0; j < 4; ++j) _mm256_storeu_ps(out + i * kHeadDim + half * 32 + 8 * j, acc[i][j]);
+    }
+  }
 }
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
@@ -127,40 +204,30 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> weights(G * L);
     std::vector<char> head_ok(G);
+    std::vector<__m256> qs(8 * G);
+    const float fscale = static_cast<float>(scale);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / Hkv, h = bh % Hkv;
       const float* keys = kp + b * k.stride(0) + h * k.stride(1);
       const float* values = vp + b * v.stride(0) + h * v.stride(1);
+      const int64_t value_stride = v.stride(2);
       for (int64_t g = 0; g < G; ++g) {
-        head_ok[g] = score_head(qp + b * q.stride(0) + (h * G + g) * q.stride(1), static_cast<float>(scale), keys,
-                                k.stride(2), L, weights.data() + g * L);
+        const float* qg = qp + b * q.stride(0) + (h * G + g) * q.stride(1);
+        for (int j = 0; j < 8; ++j) qs[8 * g + j] = _mm256_mul_ps(_mm256_loadu_ps(qg + 8 * j), _mm256_set1_ps(fscale));
       }
-      // Values read once for up to three query heads at a time, a half of the head dimension at a time, so
-      // that 3 x 4 accumulators and 4 value registers fit AVX2's sixteen.
+      score_keys(qs.data(), G, keys, k.stride(2), L, weights.data());
+      for (int64_t g = 0; g < G; ++g) head_ok[g] = softmax_head(weights.data() + g * L, L);
+      // Values read once for up to three query heads at a time (the rest from cache for the second half).
       for (int64_t g0 = 0; g0 < G; g0 += 3) {
-        const int64_t heads = std::min<int64_t>(3, G - g0);
-        for (int64_t half = 0; half < 2; ++half) {
-          __m256 acc[3][4];
-          for (auto& row : acc) for (auto& a : row) a = _mm256_setzero_ps();
-          for (int64_t t = 0; t < L; ++t) {
-            const float* vt = values + t * v.stride(2) + half * 32;
-            const __m256 v0 = _mm256_loadu_ps(vt), v1 = _mm256_loadu_ps(vt + 8), v2 = _mm256_loadu_ps(vt + 16),
-                         v3 = _mm256_loadu_ps(vt + 24);
-            for (int64_t i = 0; i < heads; ++i) {
-              const __m256 w = _mm256_set1_ps(weights[(g0 + i) * L + t]);
-              acc[i][0] = _mm256_fmadd_ps(w, v0, acc[i][0]);
-              acc[i][1] = _mm256_fmadd_ps(w, v1, acc[i][1]);
-              acc[i][2] = _mm256_fmadd_ps(w, v2, acc[i][2]);
-              acc[i][3] = _mm256_fmadd_ps(w, v3, acc[i][3]);
-            }
-          }
-          for (int64_t i = 0; i < heads; ++i) {
-            float* o = op + (b * Hq + h * G + g0 + i) * kHeadDim + half * 32;
-            for (int j = 0; j < 4; ++j) {
-              _mm256_storeu_ps(o + 8 * j, head_ok[g0 + i] ? acc[i][j]
-                                                          : _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()));
-            }
-          }
+        const float* w = weights.data() + g0 * L;
+        float* o = op + (b * Hq + h * G + g0) * kHeadDim;
+        switch (std::min<int64_t>(3, G - g0)) {
+          case 3: weigh_values<3>(w, L, values, value_stride, o); break;
+          case 2: weigh_values<2>(w, L, values, value_stride, o); break;
+          default: weigh_values<1>(w, L, values, value_stride, o); break;
+        }
+        for (int64_t i = 0; i < std::min<int64_t>(3, G - g0); ++i) {
+          if (!head_ok[g0 + i]) std::fill(o + i * kHeadDim, o + (i + 1) * kHeadDim, std::numeric_limits<float>::quiet_NaN());
         }
       }
     }
