@@ -141,7 +141,8 @@ class _FewRowCopy(torch.nn.Module):
     def _as_output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """A kernel's ``[rows, out]`` product of ``x`` as ``nn.Linear`` returns it: ``x``'s dtype and leading
         shape, the bias added."""
-        y = y.to(x.dtype)
+        if y.dtype != x.dtype:  # (a no-op conversion still costs a dispatch, 7 products a layer)
+            y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.view(*x.shape[:-1], self.out_features)
@@ -150,6 +151,8 @@ class _FewRowCopy(torch.nn.Module):
 def _kernel_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``[..., in]`` as a kernel takes it: ``[rows, in]``, contiguous, in ``dtype`` (bfloat16 for torch's
     int4 kernel, float32 for ours)."""
+    if x.dtype == dtype and x.is_contiguous():  # decode's usual case: one view, no no-op calls
+        return x.view(-1, x.shape[-1])
     return x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
 
 
