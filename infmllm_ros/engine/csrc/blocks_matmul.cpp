@@ -29,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -159,29 +160,33 @@ inline float row_dot_double(const Block* wn, const int16_t* xr, const float* sca
 }
 
 // N outputs of one (finite, not huge) activation row: weight rows wn[0], wn[nblocks], ... Each output's
-// sums run over the blocks in order, exactly as one row alone would (the same bits for any N); N rows at a
+// sums run over the blocks in order, exactly as one row alone would (the same bits for any N; the offset's
+// multiply-add is an explicit fma so that no compiler contracts one path and not the other); N rows at a
 // time share each block's activation loads and keep N independent dependency chains in flight, which a
-// single row's one accumulator (an FMA's latency a block) does not.
+// single row's one accumulator (an FMA's latency a block) does not. `next`: the next N rows' blocks, if
+// any, prefetched a block's worth per step (the hardware prefetcher alone leaves this loop waiting).
 template <typename Block, int N>
 inline void rows_dot(const Block* wn, int64_t nblocks, const int16_t* xr, const float* scale, const float* sum,
-                     float* y) {
+                     float* y, const Block* next) {
   __m256 acc[N];
   float offsets[N];
   for (int i = 0; i < N; ++i) {
     acc[i] = _mm256_setzero_ps();
     offsets[i] = 0.f;
   }
-  // The next N rows, a block's worth of each per step: the hardware prefetcher alone leaves the loop waiting.
-  const char* ahead = reinterpret_cast<const char*>(wn + N * nblocks);
+  const char* ahead = reinterpret_cast<const char*>(next);
   for (int64_t b = 0; b < nblocks; ++b) {
     const int16_t* xb = xr + b * kGroup;
-    _mm_prefetch(ahead + b * N * sizeof(Block), _MM_HINT_T0);
-    _mm_prefetch(ahead + b * N * sizeof(Block) + 64, _MM_HINT_T0);
+    if (ahead != nullptr) {
+      // bytes [b, b + 1) x N blocks of the next rows: inside them for every b (the last line starts < N blocks
+      // before their end)
+      for (size_t line = 0; line < N * sizeof(Block); line += 64) _mm_prefetch(ahead + b * N * sizeof(Block) + line, _MM_HINT_T0);
+    }
     for (int i = 0; i < N; ++i) {
       const Block& w = wn[i * nblocks + b];
       acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(w, xb)), _mm256_set1_ps(_cvtsh_ss(w.d) * scale[b]),
                                acc[i]);
-      offsets[i] += block_offset(w, sum[b]);
+      if constexpr (std::is_same_v<Block, BlockQ4_1>) offsets[i] = std::fma(_cvtsh_ss(w.m), sum[b], offsets[i]);
     }
   }
   for (int i = 0; i < N; ++i) y[i] = horizontal_sum(acc[i]) + offsets[i];
@@ -214,9 +219,12 @@ at::Tensor blocks_matmul(const char* op, const at::Tensor& x, const at::Tensor& 
             yr[i] = row_dot_double(wn + i * a.nblocks, xr, scale, a.exact_sum.data() + r * a.nblocks, a.nblocks);
           }
         } else if (count == kRowsAtOnce) {
-          rows_dot<Block, kRowsAtOnce>(wn, a.nblocks, xr, scale, sum, yr);
+          const Block* next = n0 + 2 * kRowsAtOnce <= out ? wn + kRowsAtOnce * a.nblocks : nullptr;
+          rows_dot<Block, kRowsAtOnce>(wn, a.nblocks, xr, scale, sum, yr, next);
         } else {
-          for (int64_t i = 0; i < count; ++i) rows_dot<Block, 1>(wn + i * a.nblocks, a.nblocks, xr, scale, sum, yr + i);
+          for (int64_t i = 0; i < count; ++i) {
+            rows_dot<Block, 1>(wn + i * a.nblocks, a.nblocks, xr, scale, sum, yr + i, nullptr);
+          }
         }
       }
     }

@@ -86,10 +86,13 @@ void score_keys(const __m256* qs, int64_t G, const float* keys, int64_t key_stri
   int64_t t = 0;
   for (; t + 4 <= L; t += 4) {
     const float* k = keys + t * key_stride;
-    // The rows a few steps ahead: the hardware prefetcher alone leaves this loop waiting on memory.
-    for (int i = 0; i < 4; ++i) {
-      _mm_prefetch(reinterpret_cast<const char*>(k + (16 + i) * key_stride), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(k + (16 + i) * key_stride + 32), _MM_HINT_T0);
+    // The rows 16 ahead (only rows of the view: no address past it is formed): the hardware prefetcher
+    // alone leaves this loop waiting on memory.
+    if (t + 20 <= L) {
+      for (int i = 0; i < 4; ++i) {
+        const char* row = reinterpret_cast<const char*>(k + (16 + i) * key_stride);
+        for (int line = 0; line < 4; ++line) _mm_prefetch(row + 64 * line, _MM_HINT_T0);
+      }
     }
     for (int64_t g = 0; g < G; ++g) {
       const __m256* qg = qs + 8 * g;
@@ -164,7 +167,10 @@ void weigh_values(const float* w, int64_t L, const float* values, int64_t stride
     for (auto& row : acc) for (auto& a : row) a = _mm256_setzero_ps();
     for (int64_t t = 0; t < L; ++t) {
       const float* vt = values + t * stride + half * 32;
-      if (half == 0) _mm_prefetch(reinterpret_cast<const char*>(vt + 16 * stride), _MM_HINT_T0);
+      if (half == 0 && t + 16 < L) {  // this half's two lines of the row 16 ahead (the other half: from L2)
+        _mm_prefetch(reinterpret_cast<const char*>(vt + 16 * stride), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(vt + 16 * stride + 16), _MM_HINT_T0);
+      }
       const __m256 v0 = _mm256_loadu_ps(vt), v1 = _mm256_loadu_ps(vt + 8), v2 = _mm256_loadu_ps(vt + 16),
                    v3 = _mm256_loadu_ps(vt + 24);
       for (int i = 0; i < H; ++i) {
