@@ -178,9 +178,11 @@ inline void rows_dot(const Block* wn, int64_t nblocks, const int16_t* xr, const 
   for (int64_t b = 0; b < nblocks; ++b) {
     const int16_t* xb = xr + b * kGroup;
     if (ahead != nullptr) {
-      // bytes [b, b + 1) x N blocks of the next rows: inside them for every b (the last line starts < N blocks
-      // before their end)
-      for (size_t line = 0; line < N * sizeof(Block); line += 64) _mm_prefetch(ahead + b * N * sizeof(Block) + line, _MM_HINT_T0);
+      // N blocks' worth of the next rows per step, one cache line at a time; every address lies inside them
+      // (the last step starts N blocks before their end, its last line less than N blocks after that).
+      for (size_t line = 0; line < N * sizeof(Block); line += 64) {
+        _mm_prefetch(ahead + b * N * sizeof(Block) + line, _MM_HINT_T0);
+      }
     }
     for (int i = 0; i < N; ++i) {
       const Block& w = wn[i * nblocks + b];

@@ -31,6 +31,7 @@
 namespace {
 
 constexpr int64_t kHeadDim = 64;
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 // e^x for x <= 0 (scores minus their maximum): 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2; below
 // -87.3 the result is 0 (float32's smallest normal is e^-87.3).
@@ -227,13 +228,14 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
       for (int64_t g0 = 0; g0 < G; g0 += 3) {
         const float* w = weights.data() + g0 * L;
         float* o = op + (b * Hq + h * G + g0) * kHeadDim;
-        switch (std::min<int64_t>(3, G - g0)) {
+        const int64_t heads = std::min<int64_t>(3, G - g0);
+        switch (heads) {
           case 3: weigh_values<3>(w, L, values, value_stride, o); break;
           case 2: weigh_values<2>(w, L, values, value_stride, o); break;
           default: weigh_values<1>(w, L, values, value_stride, o); break;
         }
-        for (int64_t i = 0; i < std::min<int64_t>(3, G - g0); ++i) {
-          if (!head_ok[g0 + i]) std::fill(o + i * kHeadDim, o + (i + 1) * kHeadDim, std::numeric_limits<float>::quiet_NaN());
+        for (int64_t i = 0; i < heads; ++i) {  // a NaN or +inf score: the head's output is NaN, as sdpa's
+          if (!head_ok[g0 + i]) std::fill(o + i * kHeadDim, o + (i + 1) * kHeadDim, kNaN);
         }
       }
     }
