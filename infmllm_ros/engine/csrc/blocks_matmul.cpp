@@ -136,11 +136,10 @@ inline __m256i block_dot(const BlockQ8_0& w, const int16_t* xq) {
       _mm256_madd_epi16(_mm256_cvtepi8_epi16(hi), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 16))));
 }
 
-// Q4_1's m times the block's activation sum (float32, or double in a huge row); Q8_0 has no offset.
-template <typename T>
-inline T block_offset(const BlockQ4_1& w, T sum) { return _cvtsh_ss(w.m) * sum; }
-template <typename T>
-inline T block_offset(const BlockQ8_0&, T) { return T(0); }
+// Q4_1's m times the block's activation sum, in double (a huge row); Q8_0 has no offset. (rows_dot's float
+// path writes its fma inline.)
+inline double block_offset(const BlockQ4_1& w, double sum) { return _cvtsh_ss(w.m) * sum; }
+inline double block_offset(const BlockQ8_0&, double) { return 0.0; }
 
 // One output of a huge row, accumulated in double (each block's integer dot product is exact in int32):
 // it overflows to inf where the true result does, never to inf - inf = NaN.

@@ -68,14 +68,19 @@ inline __m128 fold_halves(__m256 a, __m256 b) {
   return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));  // [y0, y1, y2, y3]
 }
 
-inline float key_score(const __m256* qs, const float* k) {
+// One key's four partial sums [y0, y1, y2, y3] (key_score folds them; score_keys folds four keys' at once).
+inline __m128 key_partials(const __m256* qs, const float* k) {
   __m256 a = _mm256_mul_ps(qs[0], _mm256_loadu_ps(k));
   __m256 b = _mm256_mul_ps(qs[1], _mm256_loadu_ps(k + 8));
   for (int j = 2; j < 8; j += 2) {
     a = _mm256_fmadd_ps(qs[j], _mm256_loadu_ps(k + 8 * j), a);
     b = _mm256_fmadd_ps(qs[j + 1], _mm256_loadu_ps(k + 8 * j + 8), b);
   }
-  __m128 y = fold_halves(a, b);
+  return fold_halves(a, b);
+}
+
+inline float key_score(const __m256* qs, const float* k) {
+  __m128 y = key_partials(qs, k);
   y = _mm_add_ps(y, _mm_movehl_ps(y, y));              // [y0 + y2, y1 + y3, ...]
   return _mm_cvtss_f32(_mm_add_ss(y, _mm_movehdup_ps(y)));  // (y0 + y2) + (y1 + y3)
 }
@@ -98,16 +103,7 @@ void score_keys(const __m256* qs, int64_t G, const float* keys, int64_t key_stri
     for (int64_t g = 0; g < G; ++g) {
       const __m256* qg = qs + 8 * g;
       __m128 y[4];
-      for (int i = 0; i < 4; ++i) {
-        const float* ki = k + i * key_stride;
-        __m256 a = _mm256_mul_ps(qg[0], _mm256_loadu_ps(ki));
-        __m256 b = _mm256_mul_ps(qg[1], _mm256_loadu_ps(ki + 8));
-        for (int j = 2; j < 8; j += 2) {
-          a = _mm256_fmadd_ps(qg[j], _mm256_loadu_ps(ki + 8 * j), a);
-          b = _mm256_fmadd_ps(qg[j + 1], _mm256_loadu_ps(ki + 8 * j + 8), b);
-        }
-        y[i] = fold_halves(a, b);
-      }
+      for (int i = 0; i < 4; ++i) y[i] = key_partials(qg, k + i * key_stride);
       _MM_TRANSPOSE4_PS(y[0], y[1], y[2], y[3]);  // y[c] = lane c of the four keys
       _mm_storeu_ps(p + g * L + t, _mm_add_ps(_mm_add_ps(y[0], y[2]), _mm_add_ps(y[1], y[3])));
     }
