@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch.nn.modules import module as _nn_module
@@ -112,6 +112,21 @@ DIRECT_FAMILIES = {"LlamaForCausalLM": "LlamaDecoderLayer", "Qwen2ForCausalLM": 
 DIRECT_MLPS = ("LlamaMLP", "Qwen2MLP")
 
 
+class _JoinedLayer(NamedTuple):
+    """One decoder layer as ``infmllm::decode_qkv`` / ``decode_mlp`` take it (csrc/decode_layer.cpp), and the
+    module attributes it was read from, each checked at every step (:meth:`DirectDecodeStep._joined_layer`)."""
+
+    watched: tuple  # (a module's ``_modules`` / ``_buffers`` / ``_parameters`` dict, key, the object it held)
+    projections: tuple  # the seven Int4Linear layers: q, k, v, o, gate, up, down
+    norms: tuple  # input_layernorm, post_attention_layernorm
+    qkv_blocks: torch.Tensor  # q, k and v's blocks joined (Int4Linear.joined_blocks)
+    gate_up_blocks: torch.Tensor
+    o_blocks: torch.Tensor
+    down_blocks: torch.Tensor
+    q_heads: int
+    kv_heads: int
+
+
 class DirectDecodeStep:
     """One decode token through the decoder layers called directly: the model's own forward, minus its plumbing.
 
@@ -133,7 +148,13 @@ class DirectDecodeStep:
     Two shortcuts, each checked bit for bit against the model's own code
     before use (:attr:`inline_norms`, :attr:`fused_rope`): the RMSNorms'
     arithmetic is done inline, and the query and key heads are rotated in
-    one go (docs/benchmarks.md section 12d). Submodules are looked up at
+    one go (docs/benchmarks.md section 12d). Where a layer is all 4-bit on
+    the ``q4_1`` kernel (no biases, a SiLU MLP, float32), its arithmetic
+    around the cache and the attention runs in two C++ calls with the same
+    operations in the same order (``infmllm::decode_qkv`` and
+    ``decode_mlp``, csrc/decode_layer.cpp; :attr:`joined`, checked bit for
+    bit against this Python path before use; 1.45x faster decode on
+    SmolLM2-135M, docs/benchmarks.md section 12g). Submodules are looked up at
     every step, so one replaced after the stream was built is the one used. Used for
     one-token steps of the families in :data:`DIRECT_FAMILIES`; anything
     else (VLMs, multimodal RoPE, sliding-window layers, other attention
@@ -166,6 +187,11 @@ class DirectDecodeStep:
         self._norm_forwards = {type(norm): type(norm).forward for norm in norms} if self.inline_norms else {}
         if self.inline_norms:  # not called as modules any more: a hook on one sends the step to model(...)
             self._bypassed += norms
+        #: per layer, the plan of the two C++ calls that do its work around the attention (None: that layer
+        #: walks in Python); empty where the ops are missing or did not give the Python path's bits
+        self.joined: list[Optional[_JoinedLayer]] = self._join_layers()
+        if any(self.joined):  # their projections and activations are not called as modules either
+            self._bypassed += [m for plan in self.joined if plan for m in (*plan.projections, plan.watched[-1][2])]
 
     @staticmethod
     def unsupported(model: torch.nn.Module) -> Optional[str]:
@@ -200,7 +226,8 @@ class DirectDecodeStep:
         if _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks:
             return True
         # Only the modules this step does not call themselves: the others' hooks run (the 4-bit
-        # siblings check theirs in Int4Linear.forward_siblings).
+        # siblings check theirs in Int4Linear.forward_siblings; the C++ calls bypass the projections
+        # and the activation, which are listed here then).
         return any(m._forward_hooks or m._forward_pre_hooks for m in self._bypassed)
 
     def __call__(self, cache, input_ids: torch.Tensor, position_ids: torch.Tensor,
@@ -217,8 +244,22 @@ class DirectDecodeStep:
         if self.fused_rope:
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # once, not once per layer
         layers = cache.layers
+        joined = self.joined if self.fused_rope and cos.dtype == torch.float32 else ()
         for idx, layer in enumerate(self._layers):
             attn = layer.self_attn
+            plan = joined[idx] if joined and hidden.dtype == torch.float32 else None
+            if plan is not None and self._joined_layer(plan):
+                norm1, norm2 = plan.norms
+                query, key, value = torch.ops.infmllm.decode_qkv.default(
+                    hidden, norm1.weight, norm1.variance_epsilon, plan.qkv_blocks, plan.q_heads, plan.kv_heads,
+                    cos, sin)
+                key, value = layers[idx].update(key, value)
+                out, weights = attn._infmllm_base(attn, query, key, value, None, dropout=0.0, scaling=attn.scaling)
+                layers[idx].after_attention(query, attn.scaling, weights)
+                hidden = torch.ops.infmllm.decode_mlp.default(hidden, out, plan.o_blocks, norm2.weight,
+                                                              norm2.variance_epsilon, plan.gate_up_blocks,
+                                                              plan.down_blocks)
+                continue
             x = norm(layer.input_layernorm, hidden)
             heads = (*x.shape[:-1], -1, attn.head_dim)
             query, key, value = (p.view(heads).transpose(1, 2) for p in
@@ -242,6 +283,98 @@ class DirectDecodeStep:
         if not want_logits:
             return None
         return self.model.lm_head(norm(inner.norm, hidden))[0]
+
+    def _joined_layer(self, plan: _JoinedLayer) -> bool:
+        """Whether ``plan`` still describes its layer: the same modules, blocks and norm weights (none
+        replaced since it was made), no norm forward replaced (on its class or instance), and every
+        projection still taking its 4-bit copy (:func:`~.int4.float_weights` sets ``max_rows`` to 0)."""
+        return (all(owner.get(key) is held for owner, key, held in plan.watched)
+                and all(p.max_rows >= 1 for p in plan.projections)
+                and all(self._norm_forwards.get(type(norm)) is type(norm).forward and "forward" not in vars(norm)
+                        for norm in plan.norms))
+
+    def _join_layers(self) -> list[Optional[_JoinedLayer]]:
+        """The plan of each layer the C++ calls can take (see :class:`_JoinedLayer`), or ``[]`` if none can.
+
+        A layer qualifies when its seven projections are :class:`~.int4.Int4Linear` on the ``q4_1`` kernel
+        without biases (Qwen2's q/k/v biases keep the Python path), its MLP's activation is SiLU, the
+        model is float32 and the norms and RoPE are the inlined ones. The ops must then give this Python
+        path's bits on random rows for the first such layer (a norm, rotation or activation that differs
+        from what they compute keeps the Python path)."""
+        ops = getattr(torch.ops, "infmllm", None)
+        if (ops is None or not hasattr(ops, "decode_mlp") or not self.inline_norms or not self.fused_rope
+                or self.model.dtype != torch.float32):
+            return []
+        plans = [self._plan(layer) for layer in self._layers]
+        first = next((i for i, plan in enumerate(plans) if plan is not None), None)
+        if first is None or not self._same_bits(self._layers[first], plans[first]):
+            return []
+        return plans
+
+    @staticmethod
+    def _plan(layer: torch.nn.Module) -> Optional[_JoinedLayer]:
+        attn, mlp = layer.self_attn, layer.mlp
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        if not all(type(p) is Int4Linear and p.kernel == "q4_1" and p.bias is None for p in projections):
+            return None
+        act = mlp.act_fn
+        # torch's SiLU or transformers' (``SiLUActivation``, ``F.silu``), with its class's own forward; the bits
+        # are checked in _same_bits, a forward replaced later is seen in ``watched``
+        act_forward = vars(type(act)).get("forward")
+        if (type(act) is not torch.nn.SiLU and type(act).__name__ != "SiLUActivation") or act_forward is None \
+                or "forward" in vars(act):
+            return None
+        dim = attn.head_dim
+        q, k, v, o, gate, up, down = projections
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        width = norms[0].weight.numel()
+        # the shapes the C++ calls take (a model whose shapes differ keeps the Python path, never an error)
+        if (q.out_features % dim or k.out_features % dim or v.out_features != k.out_features
+                or norms[1].weight.numel() != width or any(p.in_features != width for p in (q, k, v, gate, up))
+                or o.in_features != q.out_features or o.out_features != width or gate.out_features != up.out_features
+                or down.in_features != gate.out_features or down.out_features != width):
+            return None
+        qkv_blocks = Int4Linear.joined_blocks((q, k, v))
+        gate_up_blocks = Int4Linear.joined_blocks((mlp.gate_proj, mlp.up_proj))
+        watched = [(layer._modules, "self_attn", attn), (layer._modules, "mlp", mlp),
+                   (layer._modules, "input_layernorm", norms[0]),
+                   (layer._modules, "post_attention_layernorm", norms[1])]
+        watched += [(norm._parameters, "weight", norm.weight) for norm in norms]
+        watched += [(owner._modules, name, getattr(owner, name)) for owner, names in
+                    ((attn, ("q_proj", "k_proj", "v_proj", "o_proj")), (mlp, ("gate_proj", "up_proj", "down_proj")))
+                    for name in names]
+        watched += [(p._buffers, "blocks", p.blocks) for p in projections]
+        watched += [(vars(type(act)), "forward", act_forward), (vars(act), "forward", None)]
+        watched.append((mlp._modules, "act_fn", act))  # last: DirectDecodeStep.__init__ reads it from there
+        return _JoinedLayer(tuple(watched), projections, norms, qkv_blocks, gate_up_blocks, projections[3].blocks,
+                            projections[6].blocks, q.out_features // dim, k.out_features // dim)
+
+    def _same_bits(self, layer: torch.nn.Module, plan: _JoinedLayer) -> bool:
+        """Whether the C++ calls give ``layer``'s Python arithmetic bit for bit on a random row and rotation."""
+        attn, mlp = layer.self_attn, layer.mlp
+        width, dim = plan.norms[0].weight.shape[-1], attn.head_dim
+        generator = torch.Generator().manual_seed(0)
+        hidden, out = (torch.randn(1, 1, n, generator=generator) for n in (width, plan.q_heads * dim))
+        cos, sin = (torch.randn(1, 1, 1, dim, generator=generator) for _ in range(2))
+        try:
+            with torch.no_grad():
+                got = torch.ops.infmllm.decode_qkv.default(hidden, plan.norms[0].weight,
+                                                           plan.norms[0].variance_epsilon, plan.qkv_blocks,
+                                                           plan.q_heads, plan.kv_heads, cos, sin)
+                x = _rms_norm(plan.norms[0], hidden)
+                query, key, value = (p(x).view(1, 1, -1, dim).transpose(1, 2) for p in plan.projections[:3])
+                both = torch.cat((query, key), 1)
+                both = both * cos + self._rotate_half(both) * sin
+                want = (both[:, :plan.q_heads], both[:, plan.q_heads:], value)
+                mixed = hidden + attn.o_proj(out)
+                x = _rms_norm(plan.norms[1], mixed)
+                want_hidden = mixed + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+                got_hidden = torch.ops.infmllm.decode_mlp.default(hidden, out, plan.o_blocks, plan.norms[1].weight,
+                                                                  plan.norms[1].variance_epsilon,
+                                                                  plan.gate_up_blocks, plan.down_blocks)
+        except Exception:  # noqa: BLE001 - any failure means: walk the layer in Python
+            return False
+        return all(torch.equal(a, b) for a, b in zip((*got, got_hidden), (*want, want_hidden)))
 
     def _norm(self, norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``norm(x)``, its arithmetic done inline when it is the RMSNorm checked at build time (no forward

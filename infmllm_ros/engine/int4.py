@@ -299,6 +299,42 @@ class Int4Linear(_FewRowCopy):
         rows = layers[0]._rows(x)
         return tuple(layer._product(rows, x) for layer in layers)
 
+    @staticmethod
+    def joined_blocks(layers: tuple["Int4Linear", ...]) -> torch.Tensor:
+        """The ``q4_1`` blocks of ``layers`` as one ``[sum of out, in / 32, 20]`` tensor whose consecutive row
+        ranges are each layer's own ``blocks``, in order: one kernel call then computes all their products
+        (each output row exactly as its layer alone computes it), as the projections that read one input
+        (q/k/v; gate and up) do in a decode step (``csrc/decode_layer.cpp``).
+
+        The first call moves the layers' blocks into one tensor and makes each layer's ``blocks`` buffer a
+        view of its rows (the same bytes, no second copy); later calls find them joined and return that
+        memory again.
+
+        Raises:
+            ValueError: a layer is not on the ``q4_1`` kernel, or the layers' inputs differ.
+        """
+        if not layers or any(getattr(layer, "kernel", None) != "q4_1" for layer in layers):
+            raise ValueError("joined blocks need Int4Linear layers on the q4_1 kernel")
+        blocks = [layer.blocks for layer in layers]
+        if len({b.shape[1:] for b in blocks}) != 1:
+            raise ValueError(f"the layers read different inputs: {[tuple(b.shape) for b in blocks]}")
+        first, rows = blocks[0], sum(b.shape[0] for b in blocks)
+        offset = first.storage_offset()
+        joined = all(b.is_contiguous() for b in blocks)
+        for b in blocks:
+            joined = joined and b.untyped_storage().data_ptr() == first.untyped_storage().data_ptr() \
+                and b.storage_offset() == offset
+            offset += b.numel()
+        if joined:
+            return first.as_strided((rows, *first.shape[1:]), first.stride())
+        with torch.inference_mode(False):  # plain tensors, usable outside inference mode like the ones they replace
+            together = torch.cat(blocks)
+        start = 0
+        for layer, b in zip(layers, blocks):
+            layer.blocks = together[start:start + b.shape[0]]
+            start += b.shape[0]
+        return together
+
     @property
     def lossless(self) -> bool:
         """The file's own integers (``grid_error`` 0) and the kernel within :data:`MAX_ERROR_STEPS` of them."""

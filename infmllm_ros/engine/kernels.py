@@ -1,6 +1,6 @@
 """Our CPU kernels (``csrc/``): built once per machine, used where they run, never required.
 
-Three ops, in one library that torch's C++ extension loader builds on first
+Five ops, in one library that torch's C++ extension loader builds on first
 use (g++ and ninja, ~30 s; cached under ``TORCH_EXTENSIONS_DIR``, and built by
 ``scripts/setup.sh`` so that the first node start does not wait):
 
@@ -10,6 +10,10 @@ use (g++ and ninja, ~30 s; cached under ``TORCH_EXTENSIONS_DIR``, and built by
 * ``infmllm::decode_attention`` (``csrc/decode_attention.cpp``): one query
   token's attention over a float32 KV cache, for the attention hook
   (:mod:`.attention`).
+* ``infmllm::decode_qkv`` and ``infmllm::decode_mlp`` (``csrc/decode_layer.cpp``):
+  the rest of one decode token's decoder layer (the norms, the 4-bit products,
+  RoPE, the residual sums and the gated MLP) in two calls, with the model's own
+  arithmetic, for :class:`~.decode.DirectDecodeStep`.
 
 They need an x86 CPU with AVX2 (with FMA and F16C, which every AVX2 CPU has).
 Where they cannot be built or loaded, or with ``INFMLLM_CPU_KERNELS=0``, the
@@ -30,7 +34,7 @@ import torch
 
 _LOG = logging.getLogger(__name__)
 _CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = (_CSRC / "blocks_matmul.cpp", _CSRC / "decode_attention.cpp")
+SOURCES = (_CSRC / "blocks_matmul.cpp", _CSRC / "decode_attention.cpp", _CSRC / "decode_layer.cpp")
 _lock = threading.Lock()
 _state: Optional[tuple[bool, str]] = None  # (built, why not) once tried
 
@@ -59,7 +63,7 @@ def _build() -> tuple[bool, str]:
     missing = [str(p) for p in SOURCES if not p.is_file()]
     if missing:
         return False, f"their sources are missing: {', '.join(missing)}"
-    if hasattr(torch.ops, "infmllm") and hasattr(torch.ops.infmllm, "decode_attention"):
+    if hasattr(torch.ops, "infmllm") and hasattr(torch.ops.infmllm, "decode_mlp"):
         return True, ""  # loaded already in this process
     try:
         from torch.utils.cpp_extension import load

@@ -15,6 +15,7 @@ from infmllm_ros.bench.common import raw_stream
 from infmllm_ros.engine import Chunk, LoadedModel, Stream, StreamConfig
 from infmllm_ros.engine.decode import DirectDecodeStep
 from infmllm_ros.engine.int4 import Int4Linear, int4_kernel_available
+from infmllm_ros.engine.kernels import cpu_kernels_status
 from infmllm_ros.engine.models import quantize_model
 from infmllm_ros.engine.policies import POLICIES
 
@@ -44,6 +45,11 @@ def _pair(lm, policy, make=raw_stream, **settings):
     assert direct.decode_path == "direct", direct.direct_decode_unsupported
     # the step's shortcuts (norms inline, query and key rotated together) are what these tests compare
     assert direct._direct.inline_norms and direct._direct.fused_rope
+    # and the C++ calls for a layer's arithmetic (csrc/decode_layer.cpp), where every projection is 4-bit
+    # without biases (Llama in int4; Qwen2's q/k/v biases keep the Python path)
+    joinable = lm.quantize == "int4" and "qwen2" not in lm.name and cpu_kernels_status()[0]
+    assert [plan is not None for plan in direct._direct.joined] == ([True] * len(direct._direct.joined) if joinable
+                                                                   else [False] * len(direct._direct.joined))
     through_model._direct = None
     assert through_model.decode_path == "model"
     return direct, through_model
@@ -229,3 +235,55 @@ def test_int4_siblings_give_each_layers_own_result(smollm2):
         assert torch.equal(Int4Linear.forward_siblings((q, k), x)[1], k(x))
     finally:
         hook.remove()
+
+
+def test_the_layer_calls_follow_replaced_projections_float_weights_and_hooks(make_random_lm):
+    # The C++ calls (csrc/decode_layer.cpp) take a layer's modules as planned when the stream was built; a
+    # projection replaced since, float weights asked for, or a hook on a projection must still give the
+    # model's bits (the plan is checked at every step).
+    if not cpu_kernels_status()[0]:
+        pytest.skip(f"our CPU kernels cannot run here: {cpu_kernels_status()[1]}")
+    from infmllm_ros.engine.int4 import float_weights
+
+    random_lm = make_random_lm("llama", "sdpa", 256)
+    quantize_model(random_lm.model, "int4")
+    lm = LoadedModel(model=random_lm.model, tokenizer=random_lm.tokenizer, name="tiny-llama-int4", quantize="int4")
+    streams = _pair(lm, "infmllm", budget_tokens=48, max_chunk_tokens=16, recent=8, retrieval_window=8)
+    attn = lm.model.model.layers[1].self_attn
+    q_proj = attn.q_proj
+    try:
+        torch.manual_seed(2)
+        ids = torch.randint(100, 40000, (1, 32))
+        for s in streams:
+            s.append_chunk(Chunk(input_ids=ids[:, :16]))
+            s.append_chunk(Chunk(input_ids=ids[:, 16:]))
+        snapshots = [s.snapshot() for s in streams]
+
+        def step(token=300):
+            for s, snap in zip(streams, snapshots):
+                s.restore(snap)
+            got, expected = (s._decode_one(token) for s in streams)
+            assert torch.equal(got, expected), f"max diff {(got - expected).abs().max()}"
+            return got
+
+        planned = step()
+        scaled = torch.nn.Linear(q_proj.in_features, q_proj.out_features, bias=False)
+        with torch.no_grad():
+            scaled.weight.copy_(q_proj.weight * 1.1)
+        attn.q_proj = Int4Linear(scaled, "q4_1")
+        assert not torch.equal(step(), planned)
+        attn.q_proj = q_proj
+        assert torch.equal(step(), planned)  # the planned layer again
+        with float_weights(lm.model):
+            assert not torch.equal(step(), planned)
+        calls = []
+        hook = lm.model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: calls.append(1) or o * 0.5)
+        try:
+            assert not torch.equal(step(), planned) and len(calls) == 2
+        finally:
+            hook.remove()
+        assert torch.equal(step(), planned)
+    finally:
+        attn.q_proj = q_proj
+        for s in streams:
+            s.close()

@@ -422,3 +422,31 @@ def test_a_head_on_a_q8_0_grid_keeps_its_blocks_and_other_heads_take_float16():
     quantize_int4(model, kernel="torch")  # torch's kernel asked for: the float16 copy, as before
     assert isinstance(model.lm_head, Float16Head)
     torch.library.opcheck(torch.ops.infmllm.q8_0_matmul, (x, head.blocks))
+
+
+def test_joined_blocks_are_each_layers_own_rows_in_one_tensor_without_a_copy():
+    if not cpu_kernels_status()[0]:
+        pytest.skip(f"the q4_1 kernel cannot run here: {cpu_kernels_status()[1]}")
+    torch.manual_seed(0)
+    layers = [Int4Linear(torch.nn.Linear(64, n), "q4_1") for n in (32, 16, 48)]
+    x = torch.randn(1, 64)
+    alone = [layer(x) for layer in layers]
+    before = [layer.blocks.clone() for layer in layers]
+    joined = Int4Linear.joined_blocks(layers)
+    assert joined.shape == (96, 2, 20) and torch.equal(joined, torch.cat(before))
+    start = 0
+    for layer, blocks in zip(layers, before):  # each layer's blocks are now its rows of the one tensor
+        assert torch.equal(layer.blocks, blocks)
+        assert layer.blocks.data_ptr() == joined.data_ptr() + start * 2 * 20
+        start += blocks.shape[0]
+    # one product over the joined rows gives each layer's outputs, bit for bit (biases aside: none here)
+    together = torch.ops.infmllm.q4_1_matmul(x, joined)
+    bias = torch.cat([layer.bias for layer in layers])
+    assert torch.equal(together + bias, torch.cat(alone, -1))
+    again = Int4Linear.joined_blocks(layers)  # found joined: the same memory, nothing moved
+    assert again.data_ptr() == joined.data_ptr() and torch.equal(again, joined)
+    assert all(torch.equal(layer(x), y) for layer, y in zip(layers, alone))
+    with pytest.raises(ValueError, match="read different inputs"):
+        Int4Linear.joined_blocks((layers[0], Int4Linear(torch.nn.Linear(32, 16), "q4_1")))
+    with pytest.raises(ValueError, match="q4_1 kernel"):
+        Int4Linear.joined_blocks(())

@@ -141,3 +141,54 @@ def test_the_kernels_refuse_a_backward_instead_of_a_silent_none():
     q = torch.randn(1, 2, 1, 64, requires_grad=True)
     with pytest.raises(RuntimeError, match="not implemented"):
         torch.ops.infmllm.decode_attention(q, torch.randn(1, 2, 3, 64), torch.randn(1, 2, 3, 64), 0.1).sum().backward()
+
+
+def _layer_inputs(width=64, heads=(4, 2), dim=16, inner=96):
+    """Inputs of ``infmllm::decode_qkv`` / ``decode_mlp`` for a random layer (blocks joined as the step does)."""
+    from infmllm_ros.engine.int4 import Int4Linear
+
+    q_heads, kv_heads = heads
+    torch.manual_seed(0)
+    qkv = [Int4Linear(torch.nn.Linear(width, n * dim, bias=False), "q4_1") for n in (q_heads, kv_heads, kv_heads)]
+    gate_up = [Int4Linear(torch.nn.Linear(width, inner, bias=False), "q4_1") for _ in range(2)]
+    o = Int4Linear(torch.nn.Linear(q_heads * dim, width, bias=False), "q4_1")
+    down = Int4Linear(torch.nn.Linear(inner, width, bias=False), "q4_1")
+    return dict(hidden=torch.randn(1, 1, width), weight=torch.rand(width) + 0.5, qkv=Int4Linear.joined_blocks(qkv),
+                gate_up=Int4Linear.joined_blocks(gate_up), o=o.blocks, down=down.blocks,
+                cos=torch.randn(1, 1, 1, dim), sin=torch.randn(1, 1, 1, dim), heads=heads,
+                attention=torch.randn(1, 1, q_heads, dim))
+
+
+def test_the_layer_ops_refuse_what_they_do_not_compute_with_the_reason():
+    qkv_op, mlp_op = torch.ops.infmllm.decode_qkv, torch.ops.infmllm.decode_mlp
+    a = _layer_inputs()
+
+    def qkv(**change):
+        b = {**a, **change}
+        return qkv_op(b["hidden"], b["weight"], 1e-5, b["qkv"], *b["heads"], b["cos"], b["sin"])
+
+    def mlp(**change):
+        b = {**a, **change}
+        return mlp_op(b["hidden"], b["attention"], b["o"], b["weight"], 1e-5, b["gate_up"], b["down"])
+
+    query, key, value = qkv()
+    assert (query.shape, key.shape, value.shape) == ((1, 4, 1, 16), (1, 2, 1, 16), (1, 2, 1, 16))
+    assert mlp().shape == (1, 1, 64) and torch.isfinite(mlp()).all()
+    with pytest.raises(RuntimeError, match="hidden must be one contiguous float32 row of 64"):
+        qkv(hidden=a["hidden"].double())
+    with pytest.raises(RuntimeError, match=r"hidden must be \[1, 1, hidden\]"):
+        mlp(hidden=torch.randn(1, 64))
+    with pytest.raises(RuntimeError, match="norm_weight must be one contiguous float32 row of 64"):
+        qkv(weight=torch.rand(32))
+    with pytest.raises(RuntimeError, match="must be even"):
+        qkv(cos=torch.randn(1, 1, 1, 15), sin=torch.randn(1, 1, 1, 15))
+    with pytest.raises(RuntimeError, match=r"qkv_blocks must be \[96, 2, 20\] q4_1 blocks"):
+        qkv(heads=(4, 1))
+    with pytest.raises(RuntimeError, match="head counts must be positive"):
+        qkv(heads=(0, 2))
+    with pytest.raises(RuntimeError, match="o_blocks must be"):
+        mlp(attention=torch.randn(1, 1, 2, 16))
+    with pytest.raises(RuntimeError, match="down_blocks must be"):
+        mlp(down=a["o"])
+    with pytest.raises(RuntimeError, match="not implemented"):
+        mlp(hidden=a["hidden"].clone().requires_grad_()).sum().backward()
