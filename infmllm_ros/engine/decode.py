@@ -114,10 +114,12 @@ DIRECT_MLPS = ("LlamaMLP", "Qwen2MLP")
 
 class _JoinedLayer(NamedTuple):
     """One decoder layer as ``infmllm::decode_qkv`` / ``decode_mlp`` take it (csrc/decode_layer.cpp), and the
-    module attributes it was read from, each checked at every step (:meth:`DirectDecodeStep._joined_layer`)."""
+    module attributes it was read from, each checked at every step (:meth:`DirectDecodeStep._plan_holds`)."""
 
-    watched: tuple  # (a module's ``_modules`` / ``_buffers`` / ``_parameters`` dict, key, the object it held)
+    watched: tuple  # (a dict: a module's ``_modules`` / ``_buffers`` / ``_parameters`` / ``vars``, key, what it held)
     projections: tuple  # the seven Int4Linear layers: q, k, v, o, gate, up, down
+    addresses: tuple  # where each projection's blocks were (data_ptr): ``blocks.data = ...`` moves them
+    act: torch.nn.Module  # the MLP's SiLU
     norms: tuple  # input_layernorm, post_attention_layernorm
     qkv_blocks: torch.Tensor  # q, k and v's blocks joined (Int4Linear.joined_blocks)
     gate_up_blocks: torch.Tensor
@@ -190,8 +192,6 @@ class DirectDecodeStep:
         #: per layer, the plan of the two C++ calls that do its work around the attention (None: that layer
         #: walks in Python); empty where the ops are missing or did not give the Python path's bits
         self.joined: list[Optional[_JoinedLayer]] = self._join_layers()
-        if any(self.joined):  # their projections and activations are not called as modules either
-            self._bypassed += [m for plan in self.joined if plan for m in (*plan.projections, plan.watched[-1][2])]
 
     @staticmethod
     def unsupported(model: torch.nn.Module) -> Optional[str]:
@@ -228,7 +228,8 @@ class DirectDecodeStep:
         # Only the modules this step does not call themselves: the others' hooks run (the 4-bit
         # siblings check theirs in Int4Linear.forward_siblings; the C++ calls bypass the projections
         # and the activation, which are listed here then).
-        return any(m._forward_hooks or m._forward_pre_hooks for m in self._bypassed)
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self._bypassed) or any(
+            m._forward_hooks or m._forward_pre_hooks for plan in self.joined if plan for m in (*plan.projections, plan.act))
 
     def __call__(self, cache, input_ids: torch.Tensor, position_ids: torch.Tensor,
                  want_logits: bool = True) -> Optional[torch.Tensor]:
@@ -248,7 +249,15 @@ class DirectDecodeStep:
         for idx, layer in enumerate(self._layers):
             attn = layer.self_attn
             plan = joined[idx] if joined and hidden.dtype == torch.float32 else None
-            if plan is not None and self._joined_layer(plan):
+            if plan is not None and not self._plan_holds(plan):
+                # A module, weight or forward replaced since: plan the layer again (the old plan's joined
+                # blocks go). While it does not qualify (a bias added, a forward replaced) it walks in Python
+                # and the old plan stays, to be tried again at the next step.
+                fresh = self._plan(layer)
+                if fresh is not None:
+                    joined[idx] = fresh if self._same_bits(layer, fresh) else None
+                plan = joined[idx] if fresh is not None else None
+            if plan is not None and self._plan_usable(plan):
                 norm1, norm2 = plan.norms
                 query, key, value = torch.ops.infmllm.decode_qkv.default(
                     hidden, norm1.weight, norm1.variance_epsilon, plan.qkv_blocks, plan.q_heads, plan.kv_heads,
@@ -284,14 +293,23 @@ class DirectDecodeStep:
             return None
         return self.model.lm_head(norm(inner.norm, hidden))[0]
 
-    def _joined_layer(self, plan: _JoinedLayer) -> bool:
-        """Whether ``plan`` still describes its layer: the same modules, blocks and norm weights (none
-        replaced since it was made), no norm forward replaced (on its class or instance), and every
-        projection still taking its 4-bit copy (:func:`~.int4.float_weights` sets ``max_rows`` to 0)."""
+    @staticmethod
+    def _plan_holds(plan: _JoinedLayer) -> bool:
+        """Whether ``plan`` still describes its layer: the same modules, blocks (in the same memory), norm
+        weights, no bias added and no forward replaced (on a projection, the activation or their classes)
+        since it was made."""
         return (all(owner.get(key) is held for owner, key, held in plan.watched)
-                and all(p.max_rows >= 1 for p in plan.projections)
+                and all(p._buffers["blocks"].data_ptr() == address for p, address in zip(plan.projections,
+                                                                                         plan.addresses)))
+
+    def _plan_usable(self, plan: _JoinedLayer) -> bool:
+        """Whether the C++ calls may take this step's layer: every projection takes its 4-bit copy
+        (:func:`~.int4.float_weights` sets ``max_rows`` to 0), the norms' forwards are the checked ones
+        (none replaced on their class or instance) and their weights contiguous float32."""
+        return (all(p.max_rows >= 1 for p in plan.projections)
                 and all(self._norm_forwards.get(type(norm)) is type(norm).forward and "forward" not in vars(norm)
-                        for norm in plan.norms))
+                        and norm._parameters["weight"].dtype == torch.float32
+                        and norm._parameters["weight"].is_contiguous() for norm in plan.norms))
 
     def _join_layers(self) -> list[Optional[_JoinedLayer]]:
         """The plan of each layer the C++ calls can take (see :class:`_JoinedLayer`), or ``[]`` if none can.
@@ -315,7 +333,8 @@ class DirectDecodeStep:
     def _plan(layer: torch.nn.Module) -> Optional[_JoinedLayer]:
         attn, mlp = layer.self_attn, layer.mlp
         projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-        if not all(type(p) is Int4Linear and p.kernel == "q4_1" and p.bias is None for p in projections):
+        if not all(type(p) is Int4Linear and p.kernel == "q4_1" and p.bias is None and "forward" not in vars(p)
+                   for p in projections):
             return None
         act = mlp.act_fn
         # torch's SiLU or transformers' (``SiLUActivation``, ``F.silu``), with its class's own forward; the bits
@@ -344,10 +363,15 @@ class DirectDecodeStep:
                     ((attn, ("q_proj", "k_proj", "v_proj", "o_proj")), (mlp, ("gate_proj", "up_proj", "down_proj")))
                     for name in names]
         watched += [(p._buffers, "blocks", p.blocks) for p in projections]
-        watched += [(vars(type(act)), "forward", act_forward), (vars(act), "forward", None)]
-        watched.append((mlp._modules, "act_fn", act))  # last: DirectDecodeStep.__init__ reads it from there
-        return _JoinedLayer(tuple(watched), projections, norms, qkv_blocks, gate_up_blocks, projections[3].blocks,
-                            projections[6].blocks, q.out_features // dim, k.out_features // dim)
+        # no forward replaced on a projection or its class, no bias added (as a parameter or a plain tensor)
+        watched += [(vars(p), name, None) for p in projections for name in ("forward", "bias")]
+        watched += [(p._parameters, "bias", None) for p in projections]
+        watched.append((vars(Int4Linear), "forward", vars(Int4Linear)["forward"]))
+        watched += [(vars(type(act)), "forward", act_forward), (vars(act), "forward", None),
+                    (mlp._modules, "act_fn", act)]
+        return _JoinedLayer(tuple(watched), projections, tuple(p.blocks.data_ptr() for p in projections), act, norms,
+                            qkv_blocks, gate_up_blocks, projections[3].blocks, projections[6].blocks,
+                            q.out_features // dim, k.out_features // dim)
 
     def _same_bits(self, layer: torch.nn.Module, plan: _JoinedLayer) -> bool:
         """Whether the C++ calls give ``layer``'s Python arithmetic bit for bit on a random row and rotation."""

@@ -52,12 +52,15 @@ on SmolLM2-135M), adding 16 bits a weight of the head.
 from __future__ import annotations
 
 import math
+import threading
 from contextlib import contextmanager
 from typing import NamedTuple, Optional
 
 import torch
 
 from .kernels import cpu_kernels_status
+
+_JOIN_LOCK = threading.Lock()
 
 #: Weights per block along the input dimension: Q4_1's block size.
 GROUP_SIZE = 32
@@ -293,7 +296,7 @@ class Int4Linear(_FewRowCopy):
         is called as usual.
         """
         if (not layers or len({getattr(layer, "kernel", None) for layer in layers}) > 1
-                or not all(type(layer).forward is Int4Linear.forward and layer.takes_copy(x)
+                or not all(type(layer).forward is _INT4_FORWARD and "forward" not in vars(layer) and layer.takes_copy(x)
                            and not (layer._forward_hooks or layer._forward_pre_hooks) for layer in layers)):
             return tuple(layer(x) for layer in layers)
         rows = layers[0]._rows(x)
@@ -315,6 +318,11 @@ class Int4Linear(_FewRowCopy):
         """
         if not layers or any(getattr(layer, "kernel", None) != "q4_1" for layer in layers):
             raise ValueError("joined blocks need Int4Linear layers on the q4_1 kernel")
+        with _JOIN_LOCK:  # two streams built at once on one model must not each re-home the same blocks
+            return Int4Linear._join(layers)
+
+    @staticmethod
+    def _join(layers: tuple["Int4Linear", ...]) -> torch.Tensor:
         blocks = [layer.blocks for layer in layers]
         if len({b.shape[1:] for b in blocks}) != 1:
             raise ValueError(f"the layers read different inputs: {[tuple(b.shape) for b in blocks]}")
@@ -343,6 +351,11 @@ class Int4Linear(_FewRowCopy):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={GROUP_SIZE}, "
                 f"kernel={self.kernel}")
+
+
+#: Int4Linear's own forward, as defined here: one replaced since (on the class or an instance) is called, not
+#: bypassed by :meth:`Int4Linear.forward_siblings`
+_INT4_FORWARD = Int4Linear.forward
 
 
 class Float16Head(_FewRowCopy):

@@ -79,6 +79,10 @@ def _build() -> tuple[bool, str]:
             torch.library.register_fake(op)(lambda x, blocks: x.new_empty(x.shape[0], blocks.shape[0]))
         torch.library.register_fake("infmllm::decode_attention")(
             lambda q, k, v, scale: q.new_empty(q.shape[0], 1, q.shape[1], q.shape[3]))
+        torch.library.register_fake("infmllm::decode_qkv")(
+            lambda hidden, weight, eps, blocks, q_heads, kv_heads, cos, sin: tuple(
+                hidden.new_empty(1, heads, 1, cos.shape[-1]) for heads in (q_heads, kv_heads, kv_heads)))
+        torch.library.register_fake("infmllm::decode_mlp")(lambda hidden, *rest: hidden.new_empty(hidden.shape))
     except Exception as exc:  # no compiler, no ninja, a read-only cache folder, ...
         lines = str(exc).strip().splitlines()
         return False, f"they did not build: {type(exc).__name__}: {lines[-1] if lines else ''}"

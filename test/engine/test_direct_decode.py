@@ -235,6 +235,12 @@ def test_int4_siblings_give_each_layers_own_result(smollm2):
         assert torch.equal(Int4Linear.forward_siblings((q, k), x)[1], k(x))
     finally:
         hook.remove()
+    # a forward replaced on an instance is called too (found by a review: it was bypassed)
+    k.forward = lambda x, _f=k.forward: _f(x) + 1
+    try:
+        assert torch.equal(Int4Linear.forward_siblings((q, k), x)[1], k(x))
+    finally:
+        del k.forward
 
 
 def test_the_layer_calls_follow_replaced_projections_float_weights_and_hooks(make_random_lm):
@@ -283,6 +289,26 @@ def test_the_layer_calls_follow_replaced_projections_float_weights_and_hooks(mak
         finally:
             hook.remove()
         assert torch.equal(step(), planned)
+        # Found by a review: a forward replaced on one projection, a bias added, a norm made float16, blocks
+        # moved under the same buffer (``.data``) were not seen by the plan.
+        o_proj, norm = attn.o_proj, lm.model.model.layers[0].input_layernorm
+        o_proj.forward = lambda x, _f=o_proj.forward: _f(x) * 1.5
+        assert not torch.equal(step(), planned)
+        del o_proj.forward
+        o_proj.bias = torch.nn.Parameter(torch.full((o_proj.out_features,), 0.25))
+        assert not torch.equal(step(), planned)
+        del o_proj.bias
+        o_proj.bias = None
+        norm.half()
+        step()  # float16 norm weights (a random Llama's are ones): no error, the model's bits
+        norm.float()
+        kept = q_proj.blocks.data
+        q_proj.blocks.data = kept.clone()
+        q_proj.blocks.data[..., 4:] = 0  # every q weight now its block's m: another product
+        assert not torch.equal(step(), planned)
+        q_proj.blocks.data = kept
+        assert torch.equal(step(), planned)
+        assert all(streams[0]._direct.joined)  # planned again, every layer on the C++ calls
     finally:
         attn.q_proj = q_proj
         for s in streams:

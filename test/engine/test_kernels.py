@@ -184,7 +184,7 @@ def test_the_layer_ops_refuse_what_they_do_not_compute_with_the_reason():
         qkv(cos=torch.randn(1, 1, 1, 15), sin=torch.randn(1, 1, 1, 15))
     with pytest.raises(RuntimeError, match=r"qkv_blocks must be \[96, 2, 20\] q4_1 blocks"):
         qkv(heads=(4, 1))
-    with pytest.raises(RuntimeError, match="head counts must be positive"):
+    with pytest.raises(RuntimeError, match="head counts must be positive and at most"):
         qkv(heads=(0, 2))
     with pytest.raises(RuntimeError, match="o_blocks must be"):
         mlp(attention=torch.randn(1, 1, 2, 16))

@@ -43,7 +43,7 @@ at::Tensor q4_1_matmul(const at::Tensor& x, const at::Tensor& blocks) {
 
 void check_row(const char* op, const char* name, const at::Tensor& t, int64_t width) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == width &&
-                  t.size(-1) == width,
+                  t.dim() >= 1 && t.size(-1) == width,
               op, ": ", name, " must be one contiguous float32 row of ", width, " on the CPU, got ", t.sizes(), " ",
               t.scalar_type());
 }
@@ -51,6 +51,15 @@ void check_row(const char* op, const char* name, const at::Tensor& t, int64_t wi
 void check_blocks(const char* op, const char* name, const at::Tensor& blocks, int64_t out, int64_t in) {
   TORCH_CHECK(blocks.dim() == 3 && blocks.size(0) == out && blocks.size(1) * 32 == in, op, ": ", name,
               " must be [", out, ", ", in / 32, ", 20] q4_1 blocks, got ", blocks.sizes());
+}
+
+// hidden [1, 1, H] and its norm's weight [H], as both ops take them: returns H.
+int64_t check_hidden(const char* op, const at::Tensor& hidden, const at::Tensor& norm_weight) {
+  TORCH_CHECK(hidden.dim() == 3, op, ": hidden must be [1, 1, hidden], got ", hidden.sizes());
+  const int64_t width = hidden.size(-1);
+  check_row(op, "hidden", hidden, width);
+  check_row(op, "norm_weight", norm_weight, width);
+  return width;
 }
 
 // Llama's RMSNorm of one row [1, 1, H], as LlamaRMSNorm.forward computes it for float32.
@@ -80,11 +89,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_qkv(const at::Tensor& hidd
                                                           int64_t kv_heads, const at::Tensor& cos,
                                                           const at::Tensor& sin) {
   constexpr const char* op = "decode_qkv";
-  const int64_t width = hidden.size(-1);
-  TORCH_CHECK(hidden.dim() == 3, op, ": hidden must be [1, 1, hidden], got ", hidden.sizes());
-  check_row(op, "hidden", hidden, width);
-  check_row(op, "norm_weight", norm_weight, width);
-  TORCH_CHECK(q_heads > 0 && kv_heads > 0, op, ": head counts must be positive, got ", q_heads, " and ", kv_heads);
+  const int64_t width = check_hidden(op, hidden, norm_weight);
+  TORCH_CHECK(qkv_blocks.dim() == 3, op, ": qkv_blocks must be [out, in / 32, 20] q4_1 blocks, got ", qkv_blocks.sizes());
+  TORCH_CHECK(q_heads > 0 && kv_heads > 0 && q_heads <= qkv_blocks.size(0) && kv_heads <= qkv_blocks.size(0), op,
+              ": head counts must be positive and at most the blocks' rows, got ", q_heads, " and ", kv_heads);
+  TORCH_CHECK(cos.dim() >= 1, op, ": cos must be [..., head_dim], got ", cos.sizes());
   const int64_t dim = cos.size(-1), half = dim / 2;
   TORCH_CHECK(dim % 2 == 0, op, ": the head dimension must be even, got ", dim);
   check_row(op, "cos", cos, dim);
@@ -117,10 +126,7 @@ at::Tensor decode_mlp(const at::Tensor& hidden, const at::Tensor& attention, con
                       const at::Tensor& norm_weight, double eps, const at::Tensor& gate_up_blocks,
                       const at::Tensor& down_blocks) {
   constexpr const char* op = "decode_mlp";
-  const int64_t width = hidden.size(-1);
-  TORCH_CHECK(hidden.dim() == 3, op, ": hidden must be [1, 1, hidden], got ", hidden.sizes());
-  check_row(op, "hidden", hidden, width);
-  check_row(op, "norm_weight", norm_weight, width);
+  const int64_t width = check_hidden(op, hidden, norm_weight);
   TORCH_CHECK(attention.device().is_cpu() && attention.scalar_type() == at::kFloat, op,
               ": attention must be float32 on the CPU, got ", attention.scalar_type());
   const int64_t heads_width = attention.numel();
