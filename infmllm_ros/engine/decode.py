@@ -155,7 +155,7 @@ class DirectDecodeStep:
     around the cache and the attention runs in two C++ calls with the same
     operations in the same order (``infmllm::decode_qkv`` and
     ``decode_mlp``, csrc/decode_layer.cpp; :attr:`joined`, checked bit for
-    bit against this Python path before use; 1.45x faster decode on
+    bit against this Python path before use; 1.08-1.39x faster decode on
     SmolLM2-135M, docs/benchmarks.md section 12g). Submodules are looked up at
     every step, so one replaced after the stream was built is the one used. Used for
     one-token steps of the families in :data:`DIRECT_FAMILIES`; anything
@@ -307,8 +307,7 @@ class DirectDecodeStep:
         (:func:`~.int4.float_weights` sets ``max_rows`` to 0), the norms' forwards are the checked ones
         (none replaced on their class or instance) and their weights contiguous float32."""
         return (all(p.max_rows >= 1 for p in plan.projections)
-                and all(self._norm_forwards.get(type(norm)) is type(norm).forward and "forward" not in vars(norm)
-                        and norm._parameters["weight"].dtype == torch.float32
+                and all(self._inlines(norm) and norm._parameters["weight"].dtype == torch.float32
                         and norm._parameters["weight"].is_contiguous() for norm in plan.norms))
 
     def _join_layers(self) -> list[Optional[_JoinedLayer]]:
@@ -354,7 +353,7 @@ class DirectDecodeStep:
                 or down.in_features != gate.out_features or down.out_features != width):
             return None
         qkv_blocks = Int4Linear.joined_blocks((q, k, v))
-        gate_up_blocks = Int4Linear.joined_blocks((mlp.gate_proj, mlp.up_proj))
+        gate_up_blocks = Int4Linear.joined_blocks((gate, up))
         watched = [(layer._modules, "self_attn", attn), (layer._modules, "mlp", mlp),
                    (layer._modules, "input_layernorm", norms[0]),
                    (layer._modules, "post_attention_layernorm", norms[1])]
@@ -403,9 +402,11 @@ class DirectDecodeStep:
     def _norm(self, norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``norm(x)``, its arithmetic done inline when it is the RMSNorm checked at build time (no forward
         replaced since on its class or on it: two dictionary lookups a call)."""
-        if self._norm_forwards.get(type(norm)) is type(norm).forward and "forward" not in norm.__dict__:
-            return _rms_norm(norm, x)
-        return norm(x)
+        return _rms_norm(norm, x) if self._inlines(norm) else norm(x)
+
+    def _inlines(self, norm: torch.nn.Module) -> bool:
+        """Whether ``norm`` is still the RMSNorm checked at build time: no forward replaced on its class or on it."""
+        return self._norm_forwards.get(type(norm)) is type(norm).forward and "forward" not in norm.__dict__
 
     def _rope_fuses(self, attn: torch.nn.Module, dtype: torch.dtype) -> bool:
         """Whether the model file's ``apply_rotary_pos_emb`` is the plain ``t * cos + rotate_half(t) * sin``
