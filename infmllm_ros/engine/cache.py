@@ -63,8 +63,9 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .kernels import cpu_kernels_status
 from .policies import Policy, ScoreView, TokenBuffer
-from .rope import RopeSpec, rerotate
+from .rope import RopeSpec, RotationTable, rerotate
 
 # Queries are scored in blocks so that the float32 attention probabilities of a
 # long chunk against a long cache never need more than this many elements.
@@ -87,8 +88,16 @@ def column_attention(
 
     Returns:
         ``[batch, kv_heads, tokens]`` float32 column sums.
+
+    On a CPU with our kernels (:mod:`.kernels`) and float32 inputs, ``infmllm::window_column_sums`` computes
+    the same sums without keeping every head's probabilities (the same scores by torch's GEMM; its own exp,
+    relative error ~2e-7, and summation order); elsewhere the torch ops below.
     """
     batch, q_heads, rows, dim = query.shape
+    if (query.device.type == "cpu" and key.device.type == "cpu" and query.dtype == key.dtype == torch.float32
+            and key.stride(-1) == 1 and q_heads == key.shape[1] * kv_groups and not _tracing()
+            and cpu_kernels_status()[0]):
+        return torch.ops.infmllm.window_column_sums.default(query, key, float(scaling), int(causal_offset))
     kv_heads, tokens = key.shape[1], key.shape[2]
     k = key.to(torch.float32)
     columns = torch.arange(tokens, device=key.device)
@@ -428,8 +437,11 @@ class CappedLayer(CacheLayerMixin):
 
     # -- contiguous positions ---------------------------------------------------------------------------------
 
-    def compact(self) -> Optional[torch.Tensor]:
-        """Close the position gaps left by evictions; returns the new extent (as a tensor) or None if empty."""
+    def compact(self, table: Optional[RotationTable] = None) -> Optional[torch.Tensor]:
+        """Close the position gaps left by evictions; returns the new extent (as a tensor) or None if empty.
+
+        ``table``: the rotation angles of every shift the compaction can need (see :meth:`CappedCache.make_room`).
+        """
         stored = self.owner.length
         if not self.is_initialized or stored == 0:
             return None
@@ -442,7 +454,7 @@ class CappedLayer(CacheLayerMixin):
             new_start = _close_gaps(start, positions.to(torch.long).amax(dim=-1) - start + 1)
         delta = new_start - start
         keys = self.held("keys")
-        keys.copy_(rerotate(keys, delta, self.owner.rope.inv_freq))
+        keys.copy_(rerotate(keys, delta, self.owner.rope.inv_freq, table))
         positions.add_(delta.unsqueeze(-1).to(positions.dtype))
         return positions.amax() + 1
 
@@ -751,7 +763,10 @@ class CappedCache(Cache):
             return
         if self.next_position + new_tokens <= self.budget + self.max_chunk:
             return
-        extents = [e for e in (layer.compact() for layer in self.layers) if e is not None]
+        first = next((layer for layer in self.layers if layer.is_initialized), None)
+        # Every held position is below next_position, so no key moves by more than that: one table for all layers.
+        table = None if first is None else RotationTable.build(self.rope.inv_freq, self.next_position, first.keys.device)
+        extents = [e for e in (layer.compact(table) for layer in self.layers) if e is not None]
         if not extents:
             return
         if self.rope.components == 1:

@@ -1,6 +1,6 @@
 """Our CPU kernels (``csrc/``): built once per machine, used where they run, never required.
 
-Five ops, in one library that torch's C++ extension loader builds on first
+Six ops, in one library that torch's C++ extension loader builds on first
 use (g++ and ninja, ~30 s; cached under ``TORCH_EXTENSIONS_DIR``, and built by
 ``scripts/setup.sh`` so that the first node start does not wait):
 
@@ -10,6 +10,9 @@ use (g++ and ninja, ~30 s; cached under ``TORCH_EXTENSIONS_DIR``, and built by
 * ``infmllm::decode_attention`` (``csrc/decode_attention.cpp``): one query
   token's attention over a float32 KV cache, for the attention hook
   (:mod:`.attention`).
+* ``infmllm::window_column_sums`` (``csrc/decode_attention.cpp``): a chunk's
+  queries' attention probabilities over the cached keys, summed per key, for
+  the policies' scoring (:func:`.cache.column_attention`).
 * ``infmllm::decode_qkv`` and ``infmllm::decode_mlp`` (``csrc/decode_layer.cpp``):
   the rest of one decode token's decoder layer (the norms, the 4-bit products,
   RoPE, the residual sums and the gated MLP) in two calls, with the model's own
@@ -63,7 +66,7 @@ def _build() -> tuple[bool, str]:
     missing = [str(p) for p in SOURCES if not p.is_file()]
     if missing:
         return False, f"their sources are missing: {', '.join(missing)}"
-    if hasattr(torch.ops, "infmllm") and hasattr(torch.ops.infmllm, "decode_mlp"):
+    if hasattr(torch.ops, "infmllm") and hasattr(torch.ops.infmllm, "window_column_sums"):
         return True, ""  # loaded already in this process
     try:
         from torch.utils.cpp_extension import load
@@ -83,6 +86,8 @@ def _build() -> tuple[bool, str]:
             lambda hidden, weight, eps, blocks, q_heads, kv_heads, cos, sin: tuple(
                 hidden.new_empty(1, heads, 1, cos.shape[-1]) for heads in (q_heads, kv_heads, kv_heads)))
         torch.library.register_fake("infmllm::decode_mlp")(lambda hidden, *rest: hidden.new_empty(hidden.shape))
+        torch.library.register_fake("infmllm::window_column_sums")(
+            lambda q, k, scale, offset: k.new_empty(k.shape[0], k.shape[1], k.shape[2]))
     except Exception as exc:  # no compiler, no ninja, a read-only cache folder, ...
         lines = str(exc).strip().splitlines()
         return False, f"they did not build: {type(exc).__name__}: {lines[-1] if lines else ''}"

@@ -141,6 +141,9 @@ def test_the_kernels_refuse_a_backward_instead_of_a_silent_none():
     q = torch.randn(1, 2, 1, 64, requires_grad=True)
     with pytest.raises(RuntimeError, match="not implemented"):
         torch.ops.infmllm.decode_attention(q, torch.randn(1, 2, 3, 64), torch.randn(1, 2, 3, 64), 0.1).sum().backward()
+    with pytest.raises(RuntimeError, match="not implemented"):
+        torch.ops.infmllm.window_column_sums(torch.randn(1, 2, 3, 64, requires_grad=True), torch.randn(1, 2, 3, 64),
+                                             0.1, 0).sum().backward()
 
 
 def _layer_inputs(width=64, heads=(4, 2), dim=16, inner=96):
@@ -192,3 +195,59 @@ def test_the_layer_ops_refuse_what_they_do_not_compute_with_the_reason():
         mlp(down=a["o"])
     with pytest.raises(RuntimeError, match="not implemented"):
         mlp(hidden=a["hidden"].clone().requires_grad_()).sum().backward()
+
+
+def _column_sums_torch(query, key, scaling, kv_groups, causal_offset):
+    """What ``column_attention`` computes with torch's ops (float64): the reference for the kernel."""
+    batch, q_heads, rows, _ = query.shape
+    logits = torch.einsum("bhgnd,bhtd->bhgnt", (query.double() * scaling).view(batch, key.shape[1], kv_groups, rows, -1),
+                          key.double())
+    hidden = torch.arange(key.shape[2]).view(1, -1) > (causal_offset + torch.arange(rows)).view(-1, 1)
+    return logits.masked_fill(hidden, float("-inf")).softmax(-1).sum(dim=(2, 3))
+
+
+@pytest.mark.parametrize("rows,tokens,offset,heads", [(64, 1280, 1216, (9, 3)), (256, 300, 44, (9, 3)), (1, 9, 8, (4, 4)),
+                                                      (7, 13, 2, (8, 2)), (5, 3, 0, (2, 1)), (33, 70, 100, (6, 3))])
+def test_window_column_sums_is_the_softmax_summed_per_key(rows, tokens, offset, heads):
+    """The scoring kernel gives each key the attention the queries pay it (causal: row i sees keys up to
+    offset + i), summed over the rows and each KV head's query heads, to float32 rounding; a window at the
+    end of the cache (Inf-MLLM), a whole chunk (H2O), one token, odd lengths, an offset past the keys."""
+    from infmllm_ros.engine.cache import column_attention
+
+    torch.manual_seed(0)
+    q_heads, kv_heads = heads
+    query = (torch.randn(1, q_heads, rows + 3, 64) * 3)[:, :, 3:]  # a view, as the window's queries are
+    key = (torch.randn(1, kv_heads, tokens + 40, 64) * 3)[:, :, :tokens]  # rows strided by the capacity
+    got = torch.ops.infmllm.window_column_sums(query, key, 0.125, offset)
+    exact = _column_sums_torch(query, key, 0.125, q_heads // kv_heads, offset)
+    assert got.shape == (1, kv_heads, tokens) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(column_attention(query, key, 0.125, q_heads // kv_heads, offset), got)
+    # every row's probabilities sum to one: the sums of one KV head add up to its rows times its query heads
+    torch.testing.assert_close(got.sum(-1), torch.full((1, kv_heads), float(rows * q_heads // kv_heads)))
+
+
+def test_window_column_sums_refuses_what_it_does_not_compute_and_keeps_nan():
+    op = torch.ops.infmllm.window_column_sums
+    q, k = torch.randn(1, 6, 4, 64), torch.randn(1, 3, 10, 64)
+    with pytest.raises(RuntimeError, match="float32"):
+        op(q.double(), k.double(), 0.1, 6)
+    with pytest.raises(RuntimeError, match="4-D"):
+        op(q[0], k, 0.1, 6)
+    with pytest.raises(RuntimeError, match="multiple of Hkv"):
+        op(torch.randn(1, 4, 4, 64), k, 0.1, 6)
+    with pytest.raises(RuntimeError, match="L >= 1"):
+        op(q, k[:, :, :0], 0.1, 6)
+    with pytest.raises(RuntimeError, match="q's B and d"):
+        op(q, k[..., :32], 0.1, 6)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        op(q, k.transpose(2, 3).contiguous().transpose(2, 3), 0.1, 6)
+    with pytest.raises(RuntimeError, match="causal_offset must be >= 0"):
+        op(q, k, 0.1, -1)
+    assert op(q[:, :, :0], k, 0.1, 6).eq(0).all()  # no rows: nothing paid
+    bad = k.clone()
+    bad[0, 1, 4, 0] = float("nan")  # one key of the second KV head: its sums are NaN (as a softmax's), the others not
+    out = op(q, bad, 0.1, 6)
+    assert torch.isnan(out[0, 1]).all() and torch.isfinite(out[0, 0]).all() and torch.isfinite(out[0, 2]).all()
+    assert torch.isnan(_column_sums_torch(q, bad, 0.1, 2, 6)[0, 1]).all()
+    torch.library.opcheck(op, (q, k, 0.1, 6))

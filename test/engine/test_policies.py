@@ -475,3 +475,28 @@ def test_the_pieces_of_a_split_chunk_share_its_chunk_number():
         layer.after_attention(_background(n).unsqueeze(0), scaling=1.0, attn_weights=None)
         cache.end_step(n)
     assert layer.held(CappedCache.CHUNK)[0, 0].tolist() == [0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2]
+
+
+def test_rerotation_by_the_shared_angle_table_is_rotation_by_the_shift():
+    """Keys rotated by RoPE at positions p and re-rotated by delta through the table one compaction shares
+    are the keys rotated at p + delta (to float32 rounding), for shifts in both directions; a shift past
+    the table's span is refused (it would read another shift's angles)."""
+    from infmllm_ros.engine.rope import RotationTable, rerotate
+
+    torch.manual_seed(0)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64))
+    raw = torch.randn(1, 3, 50, 64, dtype=torch.float64)
+    old = torch.randint(0, 400, (1, 3, 50))
+    delta = torch.randint(-200, 60, (1, 3, 50))
+
+    def rope_at(x, positions):
+        angles = positions.double().unsqueeze(-1) * inv_freq.double()
+        cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+        return x * cos + torch.cat((-x[..., 32:], x[..., :32]), -1) * sin
+
+    table = RotationTable.build(inv_freq, 400, torch.device("cpu"))
+    got = rerotate(rope_at(raw, old).float(), delta, inv_freq, table)
+    torch.testing.assert_close(got.double(), rope_at(raw, old + delta), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(rerotate(rope_at(raw, old).float(), delta, inv_freq), got)  # its own table
+    with pytest.raises(IndexError):
+        rerotate(rope_at(raw, old).float(), delta, inv_freq, RotationTable.build(inv_freq, 100, torch.device("cpu")))

@@ -58,6 +58,15 @@ class Camera:
         self._thread.join(5.0)
 
 
+def _node_state(h) -> str:
+    """What the node is doing, for a failure message: whether a missing response is the worker's
+    (still answering, questions waiting) or the delivery's (answered, callbacks returned)."""
+    w = h.node.worker
+    return (f"worker {w.activity!r}, {w.latency.count} answered, {h.node.jobs.pending()} waiting, "
+            f"running: {h.node.jobs.busy}, ~/query callbacks in progress: {h.node._calls.value}, "
+            f"frames encoded: {h.node.slots.totals().encoded}, timing: {w.timing}")
+
+
 @pytest.mark.slow
 def test_every_one_of_many_simultaneous_queries_gets_exactly_one_response(harness, frames):
     """40 clients call ~/query at once while frames stream at 5 Hz: each call gets one
@@ -83,7 +92,7 @@ def test_every_one_of_many_simultaneous_queries_gets_exactly_one_response(harnes
         while time.monotonic() < end and not all(f.done() for f in futures):
             time.sleep(0.1)
         missing = [i for i, f in enumerate(futures) if not f.done()]
-        assert not missing, f"{len(missing)} of {n} calls got no response: {missing}"
+        assert not missing, f"{len(missing)} of {n} calls got no response: {missing}; node: {_node_state(h)}"
         res = [f.result() for f in futures]
         answered = [r for r in res if r.success]
         refused = [r for r in res if not r.success]

@@ -1,4 +1,5 @@
-// One query token's attention over a float32 KV cache on AVX2 CPUs: a decode step's attention.
+// One query token's attention over a float32 KV cache on AVX2 CPUs: a decode step's attention; and the
+// attention a chunk's queries pay to each cached key, summed (the cache policies' scoring, at the end).
 //
 //   out[b, 0, h, :] = sum_t softmax_t(scale * q[b, h] . k[b, h / G, t]) v[b, h / G, t]
 //
@@ -239,12 +240,109 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
+// Adds one row's attention probabilities over its first `visible` scores (raw, in p) to acc, using p as
+// scratch: the maximum subtracted, exp, then acc[t] += e[t] / sum (the softmax's own division folded into
+// the sum). A row with a NaN or infinite score (only non-finite inputs give one) adds NaN to all L columns,
+// as a softmax of it would.
+void add_row_probabilities(float* p, int64_t visible, int64_t L, float* acc) {
+  const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  __m256 top8 = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), bad = _mm256_setzero_ps();
+  int64_t t = 0;
+  for (; t + 8 <= visible; t += 8) {
+    const __m256 x = _mm256_loadu_ps(p + t);
+    bad = _mm256_or_ps(bad, _mm256_or_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q),
+                                         _mm256_cmp_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.f), x), inf, _CMP_EQ_OQ)));
+    top8 = _mm256_max_ps(top8, x);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, top8);
+  float top = *std::max_element(lanes, lanes + 8);
+  bool usable = _mm256_movemask_ps(bad) == 0;
+  for (; t < visible; ++t) {
+    usable = usable && std::isfinite(p[t]);
+    top = std::max(top, p[t]);
+  }
+  if (!usable) {
+    for (t = 0; t < L; ++t) acc[t] = kNaN;
+    return;
+  }
+  const __m256 shift = _mm256_set1_ps(top);
+  __m256 sums = _mm256_setzero_ps();
+  for (t = 0; t + 8 <= visible; t += 8) {
+    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + t), shift));
+    _mm256_storeu_ps(p + t, e);
+    sums = _mm256_add_ps(sums, e);
+  }
+  float total = horizontal_sum(sums);
+  for (; t < visible; ++t) {
+    p[t] = std::exp(p[t] - top);
+    total += p[t];
+  }
+  const float inv = 1.f / total;  // total >= 1: the maximum's own term
+  const __m256 inv8 = _mm256_set1_ps(inv);
+  for (t = 0; t + 8 <= visible; t += 8) {
+    _mm256_storeu_ps(acc + t, _mm256_fmadd_ps(_mm256_loadu_ps(p + t), inv8, _mm256_loadu_ps(acc + t)));
+  }
+  for (; t < visible; ++t) acc[t] += p[t] * inv;
+}
+
+// Queries' attention probabilities over the cached keys, summed over the query rows and the query heads of
+// each KV head: the statistic the window scoring of Inf-MLLM (and H2O's accumulation) needs, without
+// materialising the probabilities of every head at once (scores by torch's GEMM, the rest in one pass per
+// row). q: [B, Hq, n, d] float32 (RoPE applied); k: [B, Hkv, L, d] float32 (a view with a contiguous last
+// dimension); row i sees columns t <= causal_offset + i. Returns [B, Hkv, L] float32.
+at::Tensor window_column_sums(const at::Tensor& q, const at::Tensor& k, double scale, int64_t causal_offset) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu(), "window_column_sums runs on the CPU");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat,
+              "window_column_sums: q and k must be float32");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4, "window_column_sums: q and k must be 4-D, got q ", q.sizes(),
+              ", k ", k.sizes());
+  const int64_t B = q.size(0), Hq = q.size(1), n = q.size(2), d = q.size(3), Hkv = k.size(1), L = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == d && d > 0 && Hkv > 0 && Hq % Hkv == 0 && L >= 1,
+              "window_column_sums: k must be [B, Hkv, L >= 1, d] with q's B and d and Hq a multiple of Hkv, got q ",
+              q.sizes(), ", k ", k.sizes());
+  TORCH_CHECK(k.stride(3) == 1, "window_column_sums: the last dimension of k must be contiguous");
+  TORCH_CHECK(causal_offset >= 0, "window_column_sums: causal_offset must be >= 0, got ", causal_offset);
+  const int64_t G = Hq / Hkv;
+  at::Tensor out = at::zeros({B, Hkv, L}, k.options());
+  if (n == 0 || B == 0) return out;
+  // Rows in blocks, so that one block's scores never take more than 2^24 floats (64 MiB).
+  const int64_t block = std::max<int64_t>(1, (int64_t(1) << 24) / std::max<int64_t>(1, B * Hq * L));
+  const at::Tensor kt = k.transpose(2, 3);
+  float* acc_all = out.data_ptr<float>();
+  for (int64_t start = 0; start < n; start += block) {
+    const int64_t nb = std::min(block, n - start);
+    // Scaled before the product, as the Python path does (the queries are a twentieth of the scores' size).
+    const at::Tensor qb = q.narrow(2, start, nb).mul(scale).contiguous().view({B, Hkv, G * nb, d});
+    at::Tensor scores = at::matmul(qb, kt).contiguous();  // [B, Hkv, G * nb, L]; row g * nb + i
+    float* sp = scores.data_ptr<float>();
+    at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) {
+        float* acc = acc_all + bh * L;
+        for (int64_t r = 0; r < G * nb; ++r) {
+          const int64_t i = start + r % nb;
+          const int64_t visible = std::min(L, causal_offset + i + 1);
+          add_row_probabilities(sp + (bh * G * nb + r) * L, visible, L, acc);
+        }
+      }
+    });
+  }
+  return out;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(infmllm, m) { m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor"); }
-TORCH_LIBRARY_IMPL(infmllm, CPU, m) { m.impl("decode_attention", &decode_attention); }
+TORCH_LIBRARY_FRAGMENT(infmllm, m) {
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
+  m.def("window_column_sums(Tensor q, Tensor k, float scale, int causal_offset) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(infmllm, CPU, m) {
+  m.impl("decode_attention", &decode_attention);
+  m.impl("window_column_sums", &window_column_sums);
+}
 // Inference only: a backward through these ops raises instead of giving a silent None gradient (registered
 // in C++: a Python autograd registration would cost ~7 us a call, even under inference_mode).
 TORCH_LIBRARY_IMPL(infmllm, Autograd, m) {
   m.impl("decode_attention", torch::autograd::autogradNotImplementedFallback());
+  m.impl("window_column_sums", torch::autograd::autogradNotImplementedFallback());
 }
