@@ -114,9 +114,8 @@ void score_keys(const __m256* qs, int64_t G, const float* keys, int64_t key_stri
   }
 }
 
-// Softmax in place over one head's L raw scores. False (the head's output becomes NaN, as sdpa's) if a
-// score is NaN or +inf; a -inf score gets weight 0, and all of them -inf give zeros, as in torch's CPU sdpa.
-bool softmax_head(float* p, int64_t L) {
+// The largest of L raw scores into *top; false if a score is NaN or +inf (nothing then is usable).
+bool scan_scores(const float* p, int64_t L, float* top) {
   const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
   __m256 top8 = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), bad = _mm256_setzero_ps();
   int64_t t = 0;
@@ -127,20 +126,23 @@ bool softmax_head(float* p, int64_t L) {
   }
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, top8);
-  float top = *std::max_element(lanes, lanes + 8);
+  float best = *std::max_element(lanes, lanes + 8);
   bool usable = _mm256_movemask_ps(bad) == 0;
   for (; t < L; ++t) {
     usable = usable && !std::isnan(p[t]) && p[t] != std::numeric_limits<float>::infinity();
-    top = std::max(top, p[t]);
+    best = std::max(best, p[t]);
   }
-  if (!usable) return false;
-  if (top == -std::numeric_limits<float>::infinity()) {  // every key hidden: zeros, as torch's CPU sdpa gives
-    std::fill(p, p + L, 0.f);
-    return true;
-  }
+  *top = best;
+  return usable;
+}
+
+// p[t] = e^(p[t] - top) in place over L scores (top their finite maximum); returns their sum (>= 1: the
+// maximum's own term).
+float exp_shifted(float* p, int64_t L, float top) {
   const __m256 shift = _mm256_set1_ps(top);
   __m256 sums = _mm256_setzero_ps();
-  for (t = 0; t + 8 <= L; t += 8) {
+  int64_t t = 0;
+  for (; t + 8 <= L; t += 8) {
     const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + t), shift));
     _mm256_storeu_ps(p + t, e);
     sums = _mm256_add_ps(sums, e);
@@ -150,8 +152,20 @@ bool softmax_head(float* p, int64_t L) {
     p[t] = std::exp(p[t] - top);
     total += p[t];
   }
-  const float inv = 1.f / total;  // total >= 1: the maximum's own term
-  for (t = 0; t < L; ++t) p[t] *= inv;
+  return total;
+}
+
+// Softmax in place over one head's L raw scores. False (the head's output becomes NaN, as sdpa's) if a
+// score is NaN or +inf; a -inf score gets weight 0, and all of them -inf give zeros, as in torch's CPU sdpa.
+bool softmax_head(float* p, int64_t L) {
+  float top;
+  if (!scan_scores(p, L, &top)) return false;
+  if (top == -std::numeric_limits<float>::infinity()) {  // every key hidden: zeros, as torch's CPU sdpa gives
+    std::fill(p, p + L, 0.f);
+    return true;
+  }
+  const float inv = 1.f / exp_shifted(p, L, top);
+  for (int64_t t = 0; t < L; ++t) p[t] *= inv;
   return true;
 }
 
@@ -241,48 +255,22 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 }
 
 // Adds one row's attention probabilities over its first `visible` scores (raw, in p) to acc, using p as
-// scratch: the maximum subtracted, exp, then acc[t] += e[t] / sum (the softmax's own division folded into
-// the sum). A row with a NaN or infinite score (only non-finite inputs give one) adds NaN to all L columns,
-// as a softmax of it would.
+// scratch: acc[t] += e[t] / sum (the softmax's own division folded into the sum). The decode attention's
+// rules (softmax_head): a row with a NaN or +inf score adds NaN to all L columns, a -inf score gets weight
+// 0, and a row whose visible scores are all -inf adds nothing.
 void add_row_probabilities(float* p, int64_t visible, int64_t L, float* acc) {
-  const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
-  __m256 top8 = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), bad = _mm256_setzero_ps();
-  int64_t t = 0;
-  for (; t + 8 <= visible; t += 8) {
-    const __m256 x = _mm256_loadu_ps(p + t);
-    bad = _mm256_or_ps(bad, _mm256_or_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q),
-                                         _mm256_cmp_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.f), x), inf, _CMP_EQ_OQ)));
-    top8 = _mm256_max_ps(top8, x);
-  }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, top8);
-  float top = *std::max_element(lanes, lanes + 8);
-  bool usable = _mm256_movemask_ps(bad) == 0;
-  for (; t < visible; ++t) {
-    usable = usable && std::isfinite(p[t]);
-    top = std::max(top, p[t]);
-  }
-  if (!usable) {
-    for (t = 0; t < L; ++t) acc[t] = kNaN;
+  float top;
+  if (!scan_scores(p, visible, &top)) {
+    std::fill(acc, acc + L, kNaN);
     return;
   }
-  const __m256 shift = _mm256_set1_ps(top);
-  __m256 sums = _mm256_setzero_ps();
-  for (t = 0; t + 8 <= visible; t += 8) {
-    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + t), shift));
-    _mm256_storeu_ps(p + t, e);
-    sums = _mm256_add_ps(sums, e);
-  }
-  float total = horizontal_sum(sums);
-  for (; t < visible; ++t) {
-    p[t] = std::exp(p[t] - top);
-    total += p[t];
-  }
-  const float inv = 1.f / total;  // total >= 1: the maximum's own term
-  const __m256 inv8 = _mm256_set1_ps(inv);
-  for (t = 0; t + 8 <= visible; t += 8) {
+  if (top == -std::numeric_limits<float>::infinity()) return;
+  const __m256 inv8 = _mm256_set1_ps(1.f / exp_shifted(p, visible, top));
+  int64_t t = 0;
+  for (; t + 8 <= visible; t += 8) {
     _mm256_storeu_ps(acc + t, _mm256_fmadd_ps(_mm256_loadu_ps(p + t), inv8, _mm256_loadu_ps(acc + t)));
   }
+  const float inv = _mm256_cvtss_f32(inv8);
   for (; t < visible; ++t) acc[t] += p[t] * inv;
 }
 
