@@ -250,4 +250,14 @@ def test_window_column_sums_refuses_what_it_does_not_compute_and_keeps_nan():
     out = op(q, bad, 0.1, 6)
     assert torch.isnan(out[0, 1]).all() and torch.isfinite(out[0, 0]).all() and torch.isfinite(out[0, 2]).all()
     assert torch.isnan(_column_sums_torch(q, bad, 0.1, 2, 6)[0, 1]).all()
+    # -inf scores, as torch's softmax takes them: one gets weight 0; a row whose visible scores are all -inf is NaN
+    q1, k1 = torch.zeros(1, 1, 2, 4), torch.randn(1, 1, 6, 4)
+    q1[..., 0] = 1.0
+    k1[0, 0, 1, 0] = float("-inf")  # row 0 sees columns 0-1 (one -inf), row 1 columns 0-2
+    torch.testing.assert_close(op(q1, k1, 1.0, 1), _column_sums_torch(q1, k1, 1.0, 1, 1).float())
+    assert op(q1, k1, 1.0, 1)[0, 0, 1] == 0
+    k1[0, 0, 0, 0] = float("-inf")  # now row 0 sees only -inf scores
+    assert torch.isnan(op(q1, k1, 1.0, 0)).all() and torch.isnan(_column_sums_torch(q1, k1, 1.0, 1, 0)).all()
+    # an offset past the keys shows them all, however large
+    torch.testing.assert_close(op(q, k, 0.1, 2 ** 63 - 1), op(q, k, 0.1, 10))
     torch.library.opcheck(op, (q, k, 0.1, 6))

@@ -255,16 +255,15 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 }
 
 // Adds one row's attention probabilities over its first `visible` scores (raw, in p) to acc, using p as
-// scratch: acc[t] += e[t] / sum (the softmax's own division folded into the sum). The decode attention's
-// rules (softmax_head): a row with a NaN or +inf score adds NaN to all L columns, a -inf score gets weight
-// 0, and a row whose visible scores are all -inf adds nothing.
+// scratch: acc[t] += e[t] / sum (the softmax's own division folded into the sum). As a softmax of the row
+// gives: a -inf score gets weight 0, and a row with a NaN or +inf score, or whose visible scores are all
+// -inf, adds NaN to all L columns (only non-finite inputs, or scores past float32's range, give these).
 void add_row_probabilities(float* p, int64_t visible, int64_t L, float* acc) {
   float top;
-  if (!scan_scores(p, visible, &top)) {
+  if (!scan_scores(p, visible, &top) || top == -std::numeric_limits<float>::infinity()) {
     std::fill(acc, acc + L, kNaN);
     return;
   }
-  if (top == -std::numeric_limits<float>::infinity()) return;
   const __m256 inv8 = _mm256_set1_ps(1.f / exp_shifted(p, visible, top));
   int64_t t = 0;
   for (; t + 8 <= visible; t += 8) {
@@ -309,7 +308,8 @@ at::Tensor window_column_sums(const at::Tensor& q, const at::Tensor& k, double s
         float* acc = acc_all + bh * L;
         for (int64_t r = 0; r < G * nb; ++r) {
           const int64_t i = start + r % nb;
-          const int64_t visible = std::min(L, causal_offset + i + 1);
+          // (an offset past the keys shows them all; compared first, so that a huge offset cannot overflow)
+          const int64_t visible = causal_offset >= L ? L : std::min(L, causal_offset + i + 1);
           add_row_probabilities(sp + (bh * G * nb + r) * L, visible, L, acc);
         }
       }
