@@ -15,6 +15,7 @@ time, so ``compile="auto"`` compiles on CUDA only.
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import time
@@ -228,8 +229,8 @@ class DirectDecodeStep:
         # Only the modules this step does not call themselves: the others' hooks run (the 4-bit
         # siblings check theirs in Int4Linear.forward_siblings; the C++ calls bypass the projections
         # and the activation, which are listed here then).
-        return any(m._forward_hooks or m._forward_pre_hooks for m in self._bypassed) or any(
-            m._forward_hooks or m._forward_pre_hooks for plan in self.joined if plan for m in (*plan.projections, plan.act))
+        planned = (m for plan in self.joined if plan for m in (*plan.projections, plan.act))
+        return any(m._forward_hooks or m._forward_pre_hooks for m in itertools.chain(self._bypassed, planned))
 
     def __call__(self, cache, input_ids: torch.Tensor, position_ids: torch.Tensor,
                  want_logits: bool = True) -> Optional[torch.Tensor]:

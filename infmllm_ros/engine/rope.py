@@ -22,12 +22,6 @@ from typing import Optional
 import torch
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """The half-split rotation used by Llama, Qwen2 and their relatives."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 @dataclass
 class RotationTable:
     """``cos`` and ``sin`` of ``d * inv_freq`` for every integer shift ``d`` in ``[-span, span]``.
