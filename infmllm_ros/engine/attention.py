@@ -52,7 +52,7 @@ _KWARGS_THE_KERNEL_HONOURS = frozenset({"dropout", "scaling", "position_ids", "u
                                         "output_attentions", "is_causal", "past_key_values", "past_key_value"})
 
 
-def _decode_kernel_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
+def decode_kernel_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
                            kwargs: dict) -> bool:
     """Whether ``infmllm::decode_attention`` computes what sdpa would here: one float32 query token on the
     CPU over every cached key (no mask, no dropout, no other set keyword than those it honours), head_dim
@@ -68,9 +68,9 @@ def _decode_kernel_applies(query: torch.Tensor, key: torch.Tensor, value: torch.
 
 
 def _with_decode_kernel(base_fn: Callable) -> Callable:
-    """``base_fn`` (sdpa), with decode steps inside a stream sent to our kernel (:func:`_decode_kernel_applies`)."""
+    """``base_fn`` (sdpa), with decode steps inside a stream sent to our kernel (:func:`decode_kernel_applies`)."""
     def sdpa_or_decode_kernel(module, query, key, value, attention_mask, **kwargs):
-        if _decode_kernel_applies(query, key, value, attention_mask, kwargs):
+        if decode_kernel_applies(query, key, value, attention_mask, kwargs):
             scaling = kwargs.get("scaling")
             if scaling is None:
                 scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
@@ -78,6 +78,7 @@ def _with_decode_kernel(base_fn: Callable) -> Callable:
         return base_fn(module, query, key, value, attention_mask, **kwargs)
 
     sdpa_or_decode_kernel.base = base_fn
+    sdpa_or_decode_kernel.decode_kernel = True  # what DirectDecodeStep looks for to call the kernel itself
     return sdpa_or_decode_kernel
 
 

@@ -286,16 +286,17 @@ class CappedLayer(CacheLayerMixin):
         start = owner.length
         self.ensure_rows(start + new)
         end = start + new
-        self.keys[:, :, start:end] = key_states
-        self.values[:, :, start:end] = value_states
-        batch, heads = key_states.shape[:2]
+        # narrow + copy_ (copy_ broadcasts a step value over batch and heads): the same copies as slice
+        # assignment, a third of the calls (a decode step makes these for every layer)
+        self.keys.narrow(2, start, new).copy_(key_states)
+        self.values.narrow(2, start, new).copy_(value_states)
         for name, spec in owner.token_buffers.items():
             value = step.values.get(name)
-            target = self.buffers[name][:, :, start:end]
+            target = self.buffers[name].narrow(2, start, new)
             if value is None:
                 target.fill_(spec.fill)
             else:
-                target.copy_(value.expand(batch, heads, *value.shape))
+                target.copy_(value)
         return self.keys[:, :, :end], self.values[:, :, :end]
 
     def get_mask_sizes(self, query: Union[int, torch.Tensor] = 0, *args) -> tuple[int, int]:
@@ -347,6 +348,8 @@ class CappedLayer(CacheLayerMixin):
     def after_attention(self, query: torch.Tensor, scaling: float, attn_weights: Optional[torch.Tensor]) -> None:
         """Collect this step's statistics (nothing held changes until the step is committed)."""
         owner, policy = self.owner, self.owner.policy
+        if not owner.wants_statistics():
+            return
         stored = owner.length + owner.incoming
         new = owner.incoming
         kv_groups = query.shape[1] // self.keys.shape[1]
@@ -606,6 +609,13 @@ class CappedCache(Cache):
             # grows into its answer room (one chunk), and evicts only once that is used up.
             return False
         return True
+
+    def wants_statistics(self) -> bool:
+        """Whether the step in flight collects attention statistics (:meth:`CappedLayer.after_attention` does
+        anything): always for a policy that accumulates them (H2O), for Inf-MLLM's window only when the step
+        ends with an eviction; never for the others."""
+        needs = self.policy.needs
+        return needs == "accumulated" or (needs == "window" and self.will_evict(self.length + self.incoming))
 
     def forced_rows(self, seen: torch.Tensor, new: int) -> tuple[torch.Tensor, int]:
         """Rows an eviction keeps whatever the policy scores, and the room left beside them for pins.

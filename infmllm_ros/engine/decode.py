@@ -16,6 +16,7 @@ time, so ``compile="auto"`` compiles on CUDA only.
 from __future__ import annotations
 
 import itertools
+import operator
 import os
 import sys
 import time
@@ -26,9 +27,11 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch.nn.modules import module as _nn_module
 
+from .attention import decode_kernel_applies
 from .int4 import Int4Linear
 
 COMPILE_CHOICES = ("auto", "on", "off")
+_MAX_ROWS = operator.attrgetter("max_rows")
 
 
 def compile_wanted(setting: str, device: torch.device) -> bool:
@@ -193,6 +196,7 @@ class DirectDecodeStep:
         #: per layer, the plan of the two C++ calls that do its work around the attention (None: that layer
         #: walks in Python); empty where the ops are missing or did not give the Python path's bits
         self.joined: list[Optional[_JoinedLayer]] = self._join_layers()
+        self._flat_checks: Optional[tuple] = None  # (the plans' ids, their checks as flat tuples): _plans_hold
 
     @staticmethod
     def unsupported(model: torch.nn.Module) -> Optional[str]:
@@ -247,10 +251,15 @@ class DirectDecodeStep:
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # once, not once per layer
         layers = cache.layers
         joined = self.joined if self.fused_rope and cos.dtype == torch.float32 else ()
+        # One pass over every plan's checks (C-level loops); only where one fails are the layers checked
+        # (and planned again) one by one.
+        all_hold = bool(joined) and hidden.dtype == torch.float32 and self._plans_hold(joined)
+        statistics = cache.wants_statistics()
+        kernel_shapes, kernel_applies = None, False
         for idx, layer in enumerate(self._layers):
             attn = layer.self_attn
             plan = joined[idx] if joined and hidden.dtype == torch.float32 else None
-            if plan is not None and not self._plan_holds(plan):
+            if not all_hold and plan is not None and not self._plan_holds(plan):
                 # A module, weight or forward replaced since: plan the layer again (the old plan's joined
                 # blocks go). While it does not qualify (a bias added, a forward replaced) it walks in Python
                 # and the old plan stays, to be tried again at the next step.
@@ -258,14 +267,29 @@ class DirectDecodeStep:
                 if fresh is not None:
                     joined[idx] = fresh if self._same_bits(layer, fresh) else None
                 plan = joined[idx] if fresh is not None else None
-            if plan is not None and self._plan_usable(plan):
+            if plan is not None and (all_hold or self._plan_usable(plan)):
                 norm1, norm2 = plan.norms
                 query, key, value = torch.ops.infmllm.decode_qkv.default(
                     hidden, norm1.weight, norm1.variance_epsilon, plan.qkv_blocks, plan.q_heads, plan.kv_heads,
                     cos, sin)
                 key, value = layers[idx].update(key, value)
-                out, weights = attn._infmllm_base(attn, query, key, value, None, dropout=0.0, scaling=attn.scaling)
-                layers[idx].after_attention(query, attn.scaling, weights)
+                base = attn._infmllm_base
+                kernel = getattr(base, "decode_kernel", False) and attn.scaling is not None
+                if kernel:
+                    # The hook's sdpa wrapper would send this step to our decode kernel or not after the same
+                    # test for every layer of the same shapes: make it once a step and call the kernel here.
+                    shapes = (query.shape, key.shape, value.shape, query.dtype, key.dtype, value.dtype,
+                              query.stride(-1), key.stride(-1), value.stride(-1))
+                    if shapes != kernel_shapes:
+                        kernel_shapes, kernel_applies = shapes, decode_kernel_applies(
+                            query, key, value, None, {"dropout": 0.0, "scaling": attn.scaling})
+                    kernel = kernel_applies
+                if kernel:
+                    out, weights = torch.ops.infmllm.decode_attention.default(query, key, value, attn.scaling), None
+                else:
+                    out, weights = base(attn, query, key, value, None, dropout=0.0, scaling=attn.scaling)
+                if statistics:
+                    layers[idx].after_attention(query, attn.scaling, weights)
                 hidden = torch.ops.infmllm.decode_mlp.default(hidden, out, plan.o_blocks, norm2.weight,
                                                               norm2.variance_epsilon, plan.gate_up_blocks,
                                                               plan.down_blocks)
@@ -293,6 +317,36 @@ class DirectDecodeStep:
         if not want_logits:
             return None
         return self.model.lm_head(norm(inner.norm, hidden))[0]
+
+    def _plans_hold(self, joined: list) -> bool:
+        """Whether every layer has a plan and each still holds and is usable (:meth:`_plan_holds` and
+        :meth:`_plan_usable` for all layers at once: the same tests, run as C-level loops over flat lists
+        made once per set of plans; ~1350 identity checks a step for a 30-layer model)."""
+        ids = tuple(map(id, joined))
+        if self._flat_checks is None or self._flat_checks[0] != ids:
+            if not all(joined):
+                self._flat_checks = (ids, None)
+            else:
+                watched = [w for plan in joined for w in plan.watched]
+                in_dicts = [w for w in watched if type(w[0]) is dict]
+                others = tuple(w for w in watched if type(w[0]) is not dict)
+                projections = tuple(p for plan in joined for p in plan.projections)
+                norms = tuple(n for plan in joined for n in plan.norms)
+                self._flat_checks = (ids, (tuple(w[0] for w in in_dicts), tuple(w[1] for w in in_dicts),
+                                           tuple(w[2] for w in in_dicts), others, projections,
+                                           tuple(p.blocks for p in projections),
+                                           tuple(a for plan in joined for a in plan.addresses), norms))
+        flat = self._flat_checks[1]
+        if flat is None:
+            return False
+        owners, keys, held, others, projections, blocks, addresses, norms = flat
+        return (all(map(operator.is_, map(dict.get, owners, keys), held))
+                and all(owner.get(key) is value for owner, key, value in others)
+                and tuple(map(torch.Tensor.data_ptr, blocks)) == addresses
+                and min(map(_MAX_ROWS, projections)) >= 1
+                and all(map(self._inlines, norms))
+                and all(n._parameters["weight"].dtype == torch.float32 and n._parameters["weight"].is_contiguous()
+                        for n in norms))
 
     @staticmethod
     def _plan_holds(plan: _JoinedLayer) -> bool:

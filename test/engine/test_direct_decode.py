@@ -24,11 +24,12 @@ pytestmark = [pytest.mark.model]
 
 @pytest.fixture(scope="module", params=[("llama", "sdpa", "none"), ("llama", "eager", "none"), ("llama64", "sdpa", "none"),
                                         ("qwen2", "sdpa", "none"), ("llama", "sdpa", "int4"),
-                                        ("qwen2", "sdpa", "int4")],
+                                        ("llama64", "sdpa", "int4"), ("qwen2", "sdpa", "int4")],
                 ids=lambda p: "-".join(p))
 def tiny_lm(request, make_random_lm):
     family, attn, quantize = request.param
-    # llama64: head_dim 64, where a float32 decode step's attention goes to our kernel (test_kernels.py)
+    # llama64: head_dim 64, where a float32 decode step's attention goes to our kernel (test_kernels.py); in
+    # int4 the direct step's C++ layer calls then call that kernel themselves
     lm = make_random_lm("llama" if family == "llama64" else family, attn, 256 if family == "llama64" else 64)
     model = lm.model
     if quantize != "none":
@@ -307,6 +308,16 @@ def test_the_layer_calls_follow_replaced_projections_float_weights_and_hooks(mak
         q_proj.blocks.data[..., 4:] = 0  # every q weight now its block's m: another product
         assert not torch.equal(step(), planned)
         q_proj.blocks.data = kept
+        assert torch.equal(step(), planned)
+        # The step calls the decode kernel itself only while the layer's attention function is the hook's
+        # own sdpa wrapper; one replaced since is called.
+        wrapper = attn._infmllm_base
+        assert wrapper.decode_kernel
+        attn._infmllm_base = lambda *args, **kwargs: calls.append(2) or (wrapper(*args, **kwargs)[0] * 0.5, None)
+        try:
+            assert not torch.equal(step(), planned) and calls.count(2) == 2
+        finally:
+            attn._infmllm_base = wrapper
         assert torch.equal(step(), planned)
         assert all(streams[0]._direct.joined)  # planned again, every layer on the C++ calls
     finally:

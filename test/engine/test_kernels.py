@@ -78,7 +78,7 @@ def test_a_stream_decodes_with_the_kernel_and_a_plain_call_keeps_sdpa(llama64):
         calls = []
 
         def spy(*args, **kwargs):
-            calls.append(attention._decode_kernel_applies(*args[1:5], kwargs))
+            calls.append(attention.decode_kernel_applies(*args[1:5], kwargs))
             return base(*args, **kwargs)
 
         attn0._infmllm_base = spy
@@ -93,7 +93,7 @@ def test_a_stream_decodes_with_the_kernel_and_a_plain_call_keeps_sdpa(llama64):
             plain = llama64.model(input_ids=ids).logits[0, -1]  # outside a stream step: sdpa
         assert calls[2:] == [False]  # the plain call: through the hook, but no stream step is active
         torch.testing.assert_close(logits.flatten().float(), plain.float(), rtol=1e-4, atol=1e-4)
-        assert not attention._decode_kernel_applies(torch.zeros(1, 4, 1, 64), torch.zeros(1, 4, 3, 64),
+        assert not attention.decode_kernel_applies(torch.zeros(1, 4, 1, 64), torch.zeros(1, 4, 3, 64),
                                                     torch.zeros(1, 4, 3, 64), None, {})  # no stream step active
     finally:
         attn0._infmllm_base = base
@@ -117,16 +117,16 @@ def test_the_hook_keeps_sdpa_for_what_the_kernel_does_not_compute():
     q, k = torch.randn(1, 4, 1, 64), torch.randn(1, 2, 9, 64)
     token = attention._ACTIVE.set(object())  # as inside a stream's step
     try:
-        assert attention._decode_kernel_applies(q, k, k, None, {"dropout": 0.0, "scaling": 0.125,
+        assert attention.decode_kernel_applies(q, k, k, None, {"dropout": 0.0, "scaling": 0.125,
                                                                 "position_ids": None, "use_cache": True})
         for kwargs in ({"position_bias": torch.zeros(1, 4, 1, 9)}, {"softcap": 30.0}, {"sliding_window": 4},
                        {"s_aux": torch.zeros(4)}, {"dropout": 0.1}):
-            assert not attention._decode_kernel_applies(q, k, k, None, kwargs), kwargs
-        assert not attention._decode_kernel_applies(q, k, k, torch.zeros(1, 1, 1, 9), {})  # a mask
-        assert not attention._decode_kernel_applies(q, k, torch.randn(1, 2, 9, 32), None, {})  # value head_dim
-        assert not attention._decode_kernel_applies(q, torch.randn(2, 2, 9, 64), torch.randn(2, 2, 9, 64), None, {})
-        assert not attention._decode_kernel_applies(q.half(), k.half(), k.half(), None, {})
-        assert not attention._decode_kernel_applies(torch.randn(1, 4, 2, 64), k, k, None, {})  # a chunk
+            assert not attention.decode_kernel_applies(q, k, k, None, kwargs), kwargs
+        assert not attention.decode_kernel_applies(q, k, k, torch.zeros(1, 1, 1, 9), {})  # a mask
+        assert not attention.decode_kernel_applies(q, k, torch.randn(1, 2, 9, 32), None, {})  # value head_dim
+        assert not attention.decode_kernel_applies(q, torch.randn(2, 2, 9, 64), torch.randn(2, 2, 9, 64), None, {})
+        assert not attention.decode_kernel_applies(q.half(), k.half(), k.half(), None, {})
+        assert not attention.decode_kernel_applies(torch.randn(1, 4, 2, 64), k, k, None, {})  # a chunk
     finally:
         attention._ACTIVE.reset(token)
 

@@ -500,3 +500,29 @@ def test_rerotation_by_the_shared_angle_table_is_rotation_by_the_shift():
     torch.testing.assert_close(rerotate(rope_at(raw, old).float(), delta, inv_freq), got)  # its own table
     with pytest.raises(IndexError):
         rerotate(rope_at(raw, old).float(), delta, inv_freq, RotationTable.build(inv_freq, 100, torch.device("cpu")))
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_a_step_wants_statistics_exactly_when_its_layers_collect_them(name):
+    # The direct decode step skips after_attention where the cache says the step wants no statistics
+    # (CappedCache.wants_statistics): it may say so only where after_attention would collect nothing.
+    policy = make_policy(name, sinks=1, recent=2)
+    cache = _cache(policy, budget=64 if name == "full" else 8, max_chunk=4)
+    layer, seen = cache.layers[0], []
+    for step in range(14):
+        decoding = step >= 6  # six chunks of four tokens, then an answer of eight tokens
+        n = 1 if decoding else 4
+        cache.decoding = decoding
+        cache.make_room(n)
+        cache.begin_step(torch.arange(cache.next_position, cache.next_position + n).unsqueeze(-1))
+        keys = _background(n)
+        layer.update(keys.unsqueeze(0), keys.unsqueeze(0).clone())
+        wanted = cache.wants_statistics()
+        layer.after_attention(torch.randn(1, 1, n, DIM), scaling=1.0, attn_weights=None)
+        assert wanted == bool(layer._stats), (step, wanted, layer._stats.keys())
+        seen.append(wanted)
+        cache.end_step(n)
+    # H2O accumulates at every step; Inf-MLLM scores only the chunks that evict (not the answer, which grows
+    # into its room); the others never score
+    expected = {"h2o": {True}, "infmllm": {True, False}}.get(name, {False})
+    assert set(seen) == expected, seen

@@ -29,6 +29,7 @@
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdint>
 #include <tuple>
 
@@ -62,12 +63,21 @@ int64_t check_hidden(const char* op, const at::Tensor& hidden, const at::Tensor&
   return width;
 }
 
-// Llama's RMSNorm of one row [1, 1, H], as LlamaRMSNorm.forward computes it for float32.
+// Llama's RMSNorm of one row [1, 1, H], as LlamaRMSNorm.forward computes it for float32:
+// rsqrt(mean(x^2) + eps). Only the sum goes to ATen (its reduction order sets the bits); the rest is what
+// ATen computes for it, one scalar at a time: pow(x, 2) is x * x, mean is that sum divided by H (sum, then
+// div_), the eps is added in float32, and rsqrt of one element is 1 / sqrt (both correctly rounded).
+// (Four ATen calls fewer per norm; the direct step checks these bits against the Python path before use.)
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  const at::Tensor inv = at::rsqrt(at::add(at::mean(at::pow(x, 2), {-1}, /*keepdim=*/true), eps));
-  at::Tensor out = at::empty_like(x);
-  const float r = inv.item<float>();
+  const int64_t width = x.numel();
   const float* xp = x.data_ptr<float>();
+  at::Tensor squares = at::empty_like(x);
+  float* sp = squares.data_ptr<float>();
+  for (int64_t i = 0; i < width; ++i) sp[i] = xp[i] * xp[i];
+  const float total = at::sum(squares, {-1}).item<float>();
+  const float variance = total / static_cast<float>(width) + static_cast<float>(eps);
+  const float r = 1.0f / std::sqrt(variance);
+  at::Tensor out = at::empty_like(x);
   const float* wp = weight.data_ptr<float>();
   float* op = out.data_ptr<float>();
   for (int64_t i = 0; i < x.numel(); ++i) op[i] = wp[i] * (xp[i] * r);
