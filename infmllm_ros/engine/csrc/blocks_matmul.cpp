@@ -62,14 +62,14 @@ inline float horizontal_sum(__m256 v) {
 struct RoundedRows {
   int64_t rows, in, nblocks;
   std::vector<int16_t> q;
-  std::vector<float> scale, sum;
-  std::vector<float> scale_sum;  // (scale, sum) of each block side by side: one 8-byte load a block (Q4_1)
+  std::vector<float> scale;
+  std::vector<float> scale_sum;  // (scale, float32 sum) of each block side by side: one 8-byte load (Q4_1)
   std::vector<double> exact_sum;
   std::vector<char> finite, huge;
 
   explicit RoundedRows(const at::Tensor& x)
       : rows(x.size(0)), in(x.size(1)), nblocks(x.size(1) / kGroup), q(rows * in), scale(rows * nblocks),
-        sum(rows * nblocks), scale_sum(2 * rows * nblocks), exact_sum(rows * nblocks), finite(rows, 1), huge(rows, 0) {
+        scale_sum(2 * rows * nblocks), exact_sum(rows * nblocks), finite(rows, 1), huge(rows, 0) {
     const float* xp = x.data_ptr<float>();
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t b = 0; b < nblocks; ++b) {
@@ -89,7 +89,7 @@ struct RoundedRows {
         if (!std::isfinite(total)) {  // the whole row's outputs become NaN; nothing to round
           finite[r] = 0;
           std::fill(qb, qb + kGroup, int16_t{0});
-          scale[i] = sum[i] = scale_sum[2 * i] = scale_sum[2 * i + 1] = 0.f;
+          scale[i] = scale_sum[2 * i] = scale_sum[2 * i + 1] = 0.f;
           exact_sum[i] = 0.0;
           continue;
         }
@@ -98,9 +98,8 @@ struct RoundedRows {
         for (int64_t j = 0; j < kGroup; ++j) qb[j] = static_cast<int16_t>(std::nearbyint(xb[j] * inv));
         scale[i] = amax / 32767.f;
         exact_sum[i] = total;
-        sum[i] = static_cast<float>(total);
         scale_sum[2 * i] = scale[i];
-        scale_sum[2 * i + 1] = sum[i];
+        scale_sum[2 * i + 1] = static_cast<float>(total);
         // |d|, |m| <= 65504 (float16) and |q| <= 127: with activations below 1e20 no float32 factor, block
         // product or sum of up to 2^20 blocks can overflow; past that the row takes the double loop.
         huge[r] = huge[r] || amax > 1e20f;
@@ -140,8 +139,8 @@ inline __m256i block_dot(const BlockQ8_0& w, const int16_t* xq) {
       _mm256_madd_epi16(_mm256_cvtepi8_epi16(hi), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 16))));
 }
 
-// Q4_1's m times the block's activation sum, in double (a huge row); Q8_0 has no offset. (rows_dot's float
-// path writes its fma inline.)
+// Q4_1's m times the block's activation sum, in double (a huge row); Q8_0 has no offset. (rows_dot_q4_1's
+// float path has its own fma.)
 inline double block_offset(const BlockQ4_1& w, double sum) { return _cvtsh_ss(w.m) * sum; }
 inline double block_offset(const BlockQ8_0&, double) { return 0.0; }
 
@@ -162,46 +161,45 @@ inline float row_dot_double(const Block* wn, const int16_t* xr, const float* sca
   return static_cast<float>(total);
 }
 
+// `next`'s blocks, N a step, into the caches while the rows before them are multiplied.
+template <typename Block, int N>
+inline void prefetch_ahead(const Block* next, int64_t b) {
+  if (next == nullptr) return;
+  // N blocks' worth of the next rows per step, one cache line at a time; every address lies inside them
+  // (the last step starts N blocks before their end, its last line less than N blocks after that).
+  const char* ahead = reinterpret_cast<const char*>(next) + b * N * sizeof(Block);
+  for (size_t line = 0; line < N * sizeof(Block); line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+}
+
 // N outputs of one (finite, not huge) activation row: weight rows wn[0], wn[nblocks], ... Each output's
-// sums run over the blocks in order, exactly as one row alone would (the same bits for any N; the offset's
-// multiply-add is an explicit fma so that no compiler contracts one path and not the other); N rows at a
+// sums run over the blocks in order, exactly as one row alone would (the same bits for any N); N rows at a
 // time share each block's activation loads and keep N independent dependency chains in flight, which a
 // single row's one accumulator (an FMA's latency a block) does not. `next`: the next N rows' blocks, if
 // any, prefetched a block's worth per step (the hardware prefetcher alone leaves this loop waiting).
+// (Q8_0, which has no offset; Q4_1 takes rows_dot_q4_1 below.)
 template <typename Block, int N>
-inline void rows_dot(const Block* wn, int64_t nblocks, const int16_t* xr, const float* scale, const float* sum,
-                     float* y, const Block* next) {
+inline void rows_dot(const Block* wn, int64_t nblocks, const int16_t* xr, const float* scale, float* y,
+                     const Block* next) {
+  static_assert(std::is_same_v<Block, BlockQ8_0>, "Q4_1 rows take rows_dot_q4_1");
   __m256 acc[N];
-  float offsets[N];
-  for (int i = 0; i < N; ++i) {
-    acc[i] = _mm256_setzero_ps();
-    offsets[i] = 0.f;
-  }
-  const char* ahead = reinterpret_cast<const char*>(next);
+  for (int i = 0; i < N; ++i) acc[i] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nblocks; ++b) {
     const int16_t* xb = xr + b * kGroup;
-    if (ahead != nullptr) {
-      // N blocks' worth of the next rows per step, one cache line at a time; every address lies inside them
-      // (the last step starts N blocks before their end, its last line less than N blocks after that).
-      for (size_t line = 0; line < N * sizeof(Block); line += 64) {
-        _mm_prefetch(ahead + b * N * sizeof(Block) + line, _MM_HINT_T0);
-      }
-    }
+    prefetch_ahead<Block, N>(next, b);
     for (int i = 0; i < N; ++i) {
       const Block& w = wn[i * nblocks + b];
       acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(w, xb)), _mm256_set1_ps(_cvtsh_ss(w.d) * scale[b]),
                                acc[i]);
-      if constexpr (std::is_same_v<Block, BlockQ4_1>) offsets[i] = std::fma(_cvtsh_ss(w.m), sum[b], offsets[i]);
     }
   }
-  for (int i = 0; i < N; ++i) y[i] = horizontal_sum(acc[i]) + offsets[i];
+  for (int i = 0; i < N; ++i) y[i] = horizontal_sum(acc[i]);
 }
 
 // rows_dot for Q4_1 with fewer instructions a block, the same bits: the weights' bytes are widened to 16 bits
 // straight from memory and split into nibbles there (low: & 0x0F, high: >> 4, the same q[j] and q[j + 16]
 // lanes as block_dot), and d and m, side by side in the block, are converted together by one vcvtph2ps
 // and met by the block's (scale, sum) pair: lane 0 the product d * scale, lane 1 the offset's
-// fma(m, sum, offset), each the scalar operation rows_dot does. (Measured: the products were bound by
+// fma(m, sum, offset), the scalar operations rows_dot did for Q4_1 before. (Measured: the products were bound by
 // instructions, not memory; docs/benchmarks.md section 12i.)
 template <int N>
 inline void rows_dot_q4_1(const BlockQ4_1* wn, int64_t nblocks, const int16_t* xr, const float* scale_sum,
@@ -213,14 +211,9 @@ inline void rows_dot_q4_1(const BlockQ4_1* wn, int64_t nblocks, const int16_t* x
     offsets[i] = _mm_setzero_ps();
   }
   const __m256i low_nibble = _mm256_set1_epi16(0x0F);
-  const char* ahead = reinterpret_cast<const char*>(next);
   for (int64_t b = 0; b < nblocks; ++b) {
     const int16_t* xb = xr + b * kGroup;
-    if (ahead != nullptr) {
-      for (size_t line = 0; line < N * sizeof(BlockQ4_1); line += 64) {
-        _mm_prefetch(ahead + b * N * sizeof(BlockQ4_1) + line, _MM_HINT_T0);
-      }
-    }
+    prefetch_ahead<BlockQ4_1, N>(next, b);
     const __m256i x_low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb));
     const __m256i x_high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 16));
     const __m128 pair = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(scale_sum + 2 * b)));
@@ -257,7 +250,6 @@ at::Tensor blocks_matmul(const char* op, const at::Tensor& x, const at::Tensor& 
       for (int64_t r = 0; r < a.rows; ++r) {
         const int16_t* xr = a.q.data() + r * a.in;
         const float* scale = a.scale.data() + r * a.nblocks;
-        const float* sum = a.sum.data() + r * a.nblocks;
         float* yr = yp + r * out + n0;
         if (!a.finite[r]) {
           std::fill(yr, yr + count, std::numeric_limits<float>::quiet_NaN());
@@ -275,10 +267,10 @@ at::Tensor blocks_matmul(const char* op, const at::Tensor& x, const at::Tensor& 
           }
         } else if (count == kRowsAtOnce) {
           const Block* next = n0 + 2 * kRowsAtOnce <= out ? wn + kRowsAtOnce * a.nblocks : nullptr;
-          rows_dot<Block, kRowsAtOnce>(wn, a.nblocks, xr, scale, sum, yr, next);
+          rows_dot<Block, kRowsAtOnce>(wn, a.nblocks, xr, scale, yr, next);
         } else {
           for (int64_t i = 0; i < count; ++i) {
-            rows_dot<Block, 1>(wn + i * a.nblocks, a.nblocks, xr, scale, sum, yr + i, nullptr);
+            rows_dot<Block, 1>(wn + i * a.nblocks, a.nblocks, xr, scale, yr + i, nullptr);
           }
         }
       }
