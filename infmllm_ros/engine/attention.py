@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import sys
+import weakref
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -78,8 +79,22 @@ def _with_decode_kernel(base_fn: Callable) -> Callable:
         return base_fn(module, query, key, value, attention_mask, **kwargs)
 
     sdpa_or_decode_kernel.base = base_fn
-    sdpa_or_decode_kernel.decode_kernel = True  # what DirectDecodeStep looks for to call the kernel itself
+    _DECODE_KERNEL_WRAPPERS.add(sdpa_or_decode_kernel)
     return sdpa_or_decode_kernel
+
+
+# The wrappers themselves, not an attribute: ``functools.wraps`` copies a function's ``__dict__`` to the
+# function wrapping it, which must still be called.
+_DECODE_KERNEL_WRAPPERS: "weakref.WeakSet[Callable]" = weakref.WeakSet()
+
+
+def is_decode_kernel_wrapper(fn: Callable) -> bool:
+    """Whether ``fn`` is one of the hook's own sdpa wrappers (:func:`_with_decode_kernel`), which send a decode
+    step to our kernel exactly when :func:`decode_kernel_applies`; a function wrapping or replacing one is not."""
+    try:
+        return fn in _DECODE_KERNEL_WRAPPERS
+    except TypeError:  # not weakly referenceable: not ours
+        return False
 
 
 def _make_hook(base: str) -> Callable:

@@ -27,7 +27,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch.nn.modules import module as _nn_module
 
-from .attention import decode_kernel_applies
+from .attention import decode_kernel_applies, is_decode_kernel_wrapper
 from .int4 import Int4Linear
 
 COMPILE_CHOICES = ("auto", "on", "off")
@@ -274,7 +274,7 @@ class DirectDecodeStep:
                     cos, sin)
                 key, value = layers[idx].update(key, value)
                 base = attn._infmllm_base
-                kernel = getattr(base, "decode_kernel", False) and attn.scaling is not None
+                kernel = attn.scaling is not None and is_decode_kernel_wrapper(base)
                 if kernel:
                     # The hook's sdpa wrapper would send this step to our decode kernel or not after the same
                     # test for every layer of the same shapes: make it once a step and call the kernel here.
@@ -343,7 +343,7 @@ class DirectDecodeStep:
         return (all(map(operator.is_, map(dict.get, owners, keys), held))
                 and all(owner.get(key) is value for owner, key, value in others)
                 and tuple(map(torch.Tensor.data_ptr, blocks)) == addresses
-                and min(map(_MAX_ROWS, projections)) >= 1
+                and all(map(operator.le, itertools.repeat(1), map(_MAX_ROWS, projections)))  # (NaN: False)
                 and all(map(self._inlines, norms))
                 and all(n._parameters["weight"].dtype == torch.float32 and n._parameters["weight"].is_contiguous()
                         for n in norms))

@@ -8,6 +8,8 @@ one decodes through ``model(...)``, the other walks the layers directly.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -311,13 +313,34 @@ def test_the_layer_calls_follow_replaced_projections_float_weights_and_hooks(mak
         assert torch.equal(step(), planned)
         # The step calls the decode kernel itself only while the layer's attention function is the hook's
         # own sdpa wrapper; one replaced since is called.
+        from infmllm_ros.engine.attention import is_decode_kernel_wrapper
+
         wrapper = attn._infmllm_base
-        assert wrapper.decode_kernel
-        attn._infmllm_base = lambda *args, **kwargs: calls.append(2) or (wrapper(*args, **kwargs)[0] * 0.5, None)
-        try:
-            assert not torch.equal(step(), planned) and calls.count(2) == 2
-        finally:
-            attn._infmllm_base = wrapper
+        assert is_decode_kernel_wrapper(wrapper)
+
+        @functools.wraps(wrapper)  # (copies the wrapper's attributes: found by a review)
+        def halved(*args, **kwargs):
+            calls.append(2)
+            return wrapper(*args, **kwargs)[0] * 0.5, None
+
+        for replacement in (halved, lambda *args, **kwargs: halved(*args, **kwargs)):
+            attn._infmllm_base = replacement
+            try:
+                assert not torch.equal(step(), planned) and calls.count(2) == 2
+            finally:
+                attn._infmllm_base = wrapper
+                calls.clear()
+        assert torch.equal(step(), planned)
+        # A projection sent to its float weight by a max_rows below 1 (NaN included: found by a review) in any
+        # layer, not only the first checked
+        down = lm.model.model.layers[1].mlp.down_proj
+        kept_rows = down.max_rows
+        for rows in (0, float("nan")):
+            down.max_rows = rows
+            try:
+                step()  # the model's bits (asserted in step)
+            finally:
+                down.max_rows = kept_rows
         assert torch.equal(step(), planned)
         assert all(streams[0]._direct.joined)  # planned again, every layer on the C++ calls
     finally:
