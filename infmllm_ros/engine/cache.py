@@ -355,7 +355,7 @@ class CappedLayer(CacheLayerMixin):
         kv_groups = query.shape[1] // self.keys.shape[1]
         if policy.needs == "accumulated":
             self._stats["accumulated"] = self._column_sums(query, scaling, attn_weights, kv_groups, new, stored)
-        if policy.needs == "window" and owner.will_evict(stored):
+        if policy.needs == "window":  # (it evicts: wants_statistics)
             rows = min(new, getattr(policy, "retrieval_window", new))
             sums = self._column_sums(query[:, :, new - rows:], scaling, None, kv_groups, rows, stored)
             # Causal-mask normalisation: column t is visible to min(rows, stored - t) window queries.

@@ -133,6 +133,18 @@ class _JoinedLayer(NamedTuple):
     kv_heads: int
 
 
+class _PlanChecks(NamedTuple):
+    """What :meth:`DirectDecodeStep._holds` and ``_usable`` check for some plans, as flat tuples."""
+
+    owners: tuple  # the watched entries held in plain dicts: owner, key, what it held
+    keys: tuple
+    held: tuple
+    others: tuple  # the other watched entries (class dicts: mappingproxy), as (owner, key, held)
+    projections: tuple
+    addresses: tuple  # each projection's planned blocks' data_ptr
+    norms: tuple
+
+
 class DirectDecodeStep:
     """One decode token through the decoder layers called directly: the model's own forward, minus its plumbing.
 
@@ -320,50 +332,51 @@ class DirectDecodeStep:
 
     def _plans_hold(self, joined: list) -> bool:
         """Whether every layer has a plan and each still holds and is usable (:meth:`_plan_holds` and
-        :meth:`_plan_usable` for all layers at once: the same tests, run as C-level loops over flat lists
-        made once per set of plans; ~1350 identity checks a step for a 30-layer model)."""
+        :meth:`_plan_usable` for all layers at once, their checks made once per set of plans; ~1350 identity
+        checks a step for a 30-layer model, as C-level loops)."""
         ids = tuple(map(id, joined))
         if self._flat_checks is None or self._flat_checks[0] != ids:
-            if not all(joined):
-                self._flat_checks = (ids, None)
-            else:
-                watched = [w for plan in joined for w in plan.watched]
-                in_dicts = [w for w in watched if type(w[0]) is dict]
-                others = tuple(w for w in watched if type(w[0]) is not dict)
-                projections = tuple(p for plan in joined for p in plan.projections)
-                norms = tuple(n for plan in joined for n in plan.norms)
-                self._flat_checks = (ids, (tuple(w[0] for w in in_dicts), tuple(w[1] for w in in_dicts),
-                                           tuple(w[2] for w in in_dicts), others, projections,
-                                           tuple(p.blocks for p in projections),
-                                           tuple(a for plan in joined for a in plan.addresses), norms))
-        flat = self._flat_checks[1]
-        if flat is None:
-            return False
-        owners, keys, held, others, projections, blocks, addresses, norms = flat
-        return (all(map(operator.is_, map(dict.get, owners, keys), held))
-                and all(owner.get(key) is value for owner, key, value in others)
-                and tuple(map(torch.Tensor.data_ptr, blocks)) == addresses
-                and all(map(operator.le, itertools.repeat(1), map(_MAX_ROWS, projections)))  # (NaN: False)
-                and all(map(self._inlines, norms))
-                and all(n._parameters["weight"].dtype == torch.float32 and n._parameters["weight"].is_contiguous()
-                        for n in norms))
+            self._flat_checks = (ids, self._checks_of(joined) if all(joined) else None)
+        checks = self._flat_checks[1]
+        return checks is not None and self._holds(checks) and self._usable(checks)
 
     @staticmethod
     def _plan_holds(plan: _JoinedLayer) -> bool:
         """Whether ``plan`` still describes its layer: the same modules, blocks (in the same memory), norm
         weights, no bias added and no forward replaced (on a projection, the activation or their classes)
         since it was made."""
-        return (all(owner.get(key) is held for owner, key, held in plan.watched)
-                and all(p._buffers["blocks"].data_ptr() == address for p, address in zip(plan.projections,
-                                                                                         plan.addresses)))
+        return DirectDecodeStep._holds(DirectDecodeStep._checks_of((plan,)))
 
     def _plan_usable(self, plan: _JoinedLayer) -> bool:
         """Whether the C++ calls may take this step's layer: every projection takes its 4-bit copy
         (:func:`~.int4.float_weights` sets ``max_rows`` to 0), the norms' forwards are the checked ones
         (none replaced on their class or instance) and their weights contiguous float32."""
-        return (all(p.max_rows >= 1 for p in plan.projections)
-                and all(self._inlines(norm) and norm._parameters["weight"].dtype == torch.float32
-                        and norm._parameters["weight"].is_contiguous() for norm in plan.norms))
+        return self._usable(self._checks_of((plan,)))
+
+    @staticmethod
+    def _checks_of(plans) -> _PlanChecks:
+        """The checks of ``plans`` as flat tuples (the watched entries held in plain dicts apart, for
+        ``map(dict.get, ...)``)."""
+        watched = [w for plan in plans for w in plan.watched]
+        in_dicts = [w for w in watched if type(w[0]) is dict]
+        return _PlanChecks(tuple(w[0] for w in in_dicts), tuple(w[1] for w in in_dicts), tuple(w[2] for w in in_dicts),
+                           tuple(w for w in watched if type(w[0]) is not dict),
+                           tuple(p for plan in plans for p in plan.projections),
+                           tuple(a for plan in plans for a in plan.addresses),
+                           tuple(n for plan in plans for n in plan.norms))
+
+    @staticmethod
+    def _holds(checks: _PlanChecks) -> bool:
+        # the watched entries first: they make sure each projection's ``blocks`` is the planned tensor
+        return (all(map(operator.is_, map(dict.get, checks.owners, checks.keys), checks.held))
+                and all(owner.get(key) is value for owner, key, value in checks.others)
+                and tuple(p._buffers["blocks"].data_ptr() for p in checks.projections) == checks.addresses)
+
+    def _usable(self, checks: _PlanChecks) -> bool:
+        return (all(map(operator.le, itertools.repeat(1), map(_MAX_ROWS, checks.projections)))  # (NaN: False)
+                and all(map(self._inlines, checks.norms))
+                and all(n._parameters["weight"].dtype == torch.float32 and n._parameters["weight"].is_contiguous()
+                        for n in checks.norms))
 
     def _join_layers(self) -> list[Optional[_JoinedLayer]]:
         """The plan of each layer the C++ calls can take (see :class:`_JoinedLayer`), or ``[]`` if none can.

@@ -62,13 +62,12 @@ inline float horizontal_sum(__m256 v) {
 struct RoundedRows {
   int64_t rows, in, nblocks;
   std::vector<int16_t> q;
-  std::vector<float> scale;
-  std::vector<float> scale_sum;  // (scale, float32 sum) of each block side by side: one 8-byte load (Q4_1)
+  std::vector<float> scale_sum;  // (scale, float32 sum) of each block side by side: Q4_1 loads both at once
   std::vector<double> exact_sum;
   std::vector<char> finite, huge;
 
   explicit RoundedRows(const at::Tensor& x)
-      : rows(x.size(0)), in(x.size(1)), nblocks(x.size(1) / kGroup), q(rows * in), scale(rows * nblocks),
+      : rows(x.size(0)), in(x.size(1)), nblocks(x.size(1) / kGroup), q(rows * in),
         scale_sum(2 * rows * nblocks), exact_sum(rows * nblocks), finite(rows, 1), huge(rows, 0) {
     const float* xp = x.data_ptr<float>();
     for (int64_t r = 0; r < rows; ++r) {
@@ -89,16 +88,15 @@ struct RoundedRows {
         if (!std::isfinite(total)) {  // the whole row's outputs become NaN; nothing to round
           finite[r] = 0;
           std::fill(qb, qb + kGroup, int16_t{0});
-          scale[i] = scale_sum[2 * i] = scale_sum[2 * i + 1] = 0.f;
+          scale_sum[2 * i] = scale_sum[2 * i + 1] = 0.f;
           exact_sum[i] = 0.0;
           continue;
         }
         // In double: 32767 / amax overflows float32 for amax below ~1e-34.
         const double inv = amax > 0.f ? 32767.0 / amax : 0.0;
         for (int64_t j = 0; j < kGroup; ++j) qb[j] = static_cast<int16_t>(std::nearbyint(xb[j] * inv));
-        scale[i] = amax / 32767.f;
         exact_sum[i] = total;
-        scale_sum[2 * i] = scale[i];
+        scale_sum[2 * i] = amax / 32767.f;
         scale_sum[2 * i + 1] = static_cast<float>(total);
         // |d|, |m| <= 65504 (float16) and |q| <= 127: with activations below 1e20 no float32 factor, block
         // product or sum of up to 2^20 blocks can overflow; past that the row takes the double loop.
@@ -147,7 +145,7 @@ inline double block_offset(const BlockQ8_0&, double) { return 0.0; }
 // One output of a huge row, accumulated in double (each block's integer dot product is exact in int32):
 // it overflows to inf where the true result does, never to inf - inf = NaN.
 template <typename Block>
-inline float row_dot_double(const Block* wn, const int16_t* xr, const float* scale, const double* exact_sum,
+inline float row_dot_double(const Block* wn, const int16_t* xr, const float* scale_sum, const double* exact_sum,
                             int64_t nblocks) {
   double total = 0.0;
   for (int64_t b = 0; b < nblocks; ++b) {
@@ -155,7 +153,7 @@ inline float row_dot_double(const Block* wn, const int16_t* xr, const float* sca
     _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), block_dot(wn[b], xr + b * kGroup));
     int64_t dot = 0;
     for (int32_t lane : lanes) dot += lane;
-    total += static_cast<double>(_cvtsh_ss(wn[b].d)) * scale[b] * static_cast<double>(dot) +
+    total += static_cast<double>(_cvtsh_ss(wn[b].d)) * scale_sum[2 * b] * static_cast<double>(dot) +
              block_offset(wn[b], exact_sum[b]);
   }
   return static_cast<float>(total);
@@ -178,7 +176,7 @@ inline void prefetch_ahead(const Block* next, int64_t b) {
 // any, prefetched a block's worth per step (the hardware prefetcher alone leaves this loop waiting).
 // (Q8_0, which has no offset; Q4_1 takes rows_dot_q4_1 below.)
 template <typename Block, int N>
-inline void rows_dot(const Block* wn, int64_t nblocks, const int16_t* xr, const float* scale, float* y,
+inline void rows_dot(const Block* wn, int64_t nblocks, const int16_t* xr, const float* scale_sum, float* y,
                      const Block* next) {
   static_assert(std::is_same_v<Block, BlockQ8_0>, "Q4_1 rows take rows_dot_q4_1");
   __m256 acc[N];
@@ -188,7 +186,7 @@ inline void rows_dot(const Block* wn, int64_t nblocks, const int16_t* xr, const 
     prefetch_ahead<Block, N>(next, b);
     for (int i = 0; i < N; ++i) {
       const Block& w = wn[i * nblocks + b];
-      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(w, xb)), _mm256_set1_ps(_cvtsh_ss(w.d) * scale[b]),
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(w, xb)), _mm256_set1_ps(_cvtsh_ss(w.d) * scale_sum[2 * b]),
                                acc[i]);
     }
   }
@@ -247,30 +245,28 @@ at::Tensor blocks_matmul(const char* op, const at::Tensor& x, const at::Tensor& 
     for (int64_t n0 = begin; n0 < end; n0 += kRowsAtOnce) {
       const int64_t count = std::min(kRowsAtOnce, end - n0);
       const Block* wn = w + n0 * a.nblocks;
+      const Block* next = n0 + 2 * kRowsAtOnce <= out ? wn + kRowsAtOnce * a.nblocks : nullptr;  // prefetched
       for (int64_t r = 0; r < a.rows; ++r) {
         const int16_t* xr = a.q.data() + r * a.in;
-        const float* scale = a.scale.data() + r * a.nblocks;
+        const float* pairs = a.scale_sum.data() + 2 * r * a.nblocks;  // (scale, sum) of each block
         float* yr = yp + r * out + n0;
         if (!a.finite[r]) {
           std::fill(yr, yr + count, std::numeric_limits<float>::quiet_NaN());
         } else if (a.huge[r]) {
           for (int64_t i = 0; i < count; ++i) {
-            yr[i] = row_dot_double(wn + i * a.nblocks, xr, scale, a.exact_sum.data() + r * a.nblocks, a.nblocks);
+            yr[i] = row_dot_double(wn + i * a.nblocks, xr, pairs, a.exact_sum.data() + r * a.nblocks, a.nblocks);
           }
         } else if constexpr (std::is_same_v<Block, BlockQ4_1>) {
-          const float* pairs = a.scale_sum.data() + 2 * r * a.nblocks;
           if (count == kRowsAtOnce) {
-            const Block* next = n0 + 2 * kRowsAtOnce <= out ? wn + kRowsAtOnce * a.nblocks : nullptr;
             rows_dot_q4_1<kRowsAtOnce>(wn, a.nblocks, xr, pairs, yr, next);
           } else {
             for (int64_t i = 0; i < count; ++i) rows_dot_q4_1<1>(wn + i * a.nblocks, a.nblocks, xr, pairs, yr + i, nullptr);
           }
         } else if (count == kRowsAtOnce) {
-          const Block* next = n0 + 2 * kRowsAtOnce <= out ? wn + kRowsAtOnce * a.nblocks : nullptr;
-          rows_dot<Block, kRowsAtOnce>(wn, a.nblocks, xr, scale, yr, next);
+          rows_dot<Block, kRowsAtOnce>(wn, a.nblocks, xr, pairs, yr, next);
         } else {
           for (int64_t i = 0; i < count; ++i) {
-            rows_dot<Block, 1>(wn + i * a.nblocks, a.nblocks, xr, scale, yr + i, nullptr);
+            rows_dot<Block, 1>(wn + i * a.nblocks, a.nblocks, xr, pairs, yr + i, nullptr);
           }
         }
       }

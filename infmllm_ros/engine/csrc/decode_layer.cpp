@@ -80,7 +80,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   at::Tensor out = at::empty_like(x);
   const float* wp = weight.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  for (int64_t i = 0; i < x.numel(); ++i) op[i] = wp[i] * (xp[i] * r);
+  for (int64_t i = 0; i < width; ++i) op[i] = wp[i] * (xp[i] * r);
   return out;
 }
 
