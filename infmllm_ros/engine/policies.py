@@ -211,13 +211,19 @@ class InfMLLM(Policy):
       then each token loses ``bias * age / budget`` (``age`` in stream tokens
       since it arrived): the cache follows newer content. (This additive,
       budget-scaled form is our reading of the paper's bias.)
+    * ``bias_frames = False`` (ours, not the paper's): the bias applies to the
+      conversation only (system prompt, questions, answers, text), scored by
+      the newest chunk's look; frame tokens (camera observations, which a
+      question may ask about at any age) rank by their carried scores
+      (``decay``), each normalised by its own mean, without the age penalty.
+      A stream without frames is ranked exactly as with the default.
     """
 
     name: ClassVar[str] = "infmllm"
     needs: ClassVar[str] = "window"
     evicts_every_step: ClassVar[bool] = False
     knobs: ClassVar[tuple[str, ...]] = ("sinks", "recent", "retrieval_window", "bias", "per_head", "pool", "decay",
-                                        "carry", "granularity")
+                                        "carry", "granularity", "bias_frames")
     sinks: int = 4
     recent: int = 64
     retrieval_window: int = 64
@@ -228,6 +234,7 @@ class InfMLLM(Policy):
     decay: float = 0.0
     carry: str = "sum"
     granularity: str = "token"
+    bias_frames: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -256,24 +263,44 @@ class InfMLLM(Policy):
         if self.granularity == "chunk":
             # filled by the cache with the token's chunk number (see CappedCache.CHUNK)
             buffers["chunk"] = TokenBuffer(torch.long, fill=-1)
+        if not self.bias_frames:
+            # 1 on a frame chunk's tokens; the stream fills it (0: every other kind, a decoded answer included)
+            buffers[FRAME] = TokenBuffer(torch.bool)
         return buffers
 
     def score(self, view: ScoreView) -> torch.Tensor:
-        scores = view.window_attention
+        look = view.window_attention
         if self.pool > 1:
-            scores = F.avg_pool1d(scores, self.pool, stride=1, padding=self.pool // 2, count_include_pad=False)
+            look = F.avg_pool1d(look, self.pool, stride=1, padding=self.pool // 2, count_include_pad=False)
+        scores = look
         if self.decay > 0.0:
             carried = self.decay * view.buffers["carried"]
             scores = scores + carried if self.carry == "sum" else torch.maximum(scores, carried)
             view.updates["carried"] = scores
         if self.granularity == "chunk":
             scores = group_mean(scores, view.buffers["chunk"])
+            if not self.bias_frames:
+                look = group_mean(look, view.buffers["chunk"])
         if self.bias == 0.0:
             return scores
-        mean = scores.mean(dim=-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
+        if self.bias_frames:
+            return self._aged(scores, view)
+        return torch.where(view.buffers[FRAME], _normalised(scores), self._aged(look, view))
+
+    def _aged(self, scores: torch.Tensor, view: ScoreView) -> torch.Tensor:
+        """The bias: normalised scores less ``bias * age / budget``."""
         newest = view.seen.amax(dim=-1, keepdim=True)
         age = (newest - view.seen).to(scores.dtype)
-        return scores / mean - self.bias * age / float(view.budget)
+        return _normalised(scores) - self.bias * age / float(view.budget)
+
+
+#: per-token buffer name of the frame flag (``InfMLLM.bias_frames = False``); the stream fills it
+FRAME = "frame"
+
+
+def _normalised(scores: torch.Tensor) -> torch.Tensor:
+    """``scores`` over their mean along the tokens (a mean of 0 counts as the smallest normal float)."""
+    return scores / scores.mean(dim=-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
 
 
 def group_mean(values: torch.Tensor, group: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from .cache import CappedCache, answer_room
 from .decode import (COMPILE_CHOICES, CompiledDecodeStep, DirectDecodeStep, Generation, IncrementalDetokenizer,
                      compile_wanted)
 from .models import LoadedModel, cache_argument, decoder_attention_modules
-from .policies import POLICIES, make_policy
+from .policies import FRAME, POLICIES, make_policy
 from .rope import RopeSpec
 from .types import AppendResult, Answer, Cancelled, Chunk, StreamStats, is_finite_number, is_integer
 
@@ -39,6 +39,9 @@ _STATE_FORMAT = 2
 #: what a saved stream holds (see Stream.save)
 _STATE_KEYS = ("model", "num_layers", "config", "layers", "cache", "records", "frames_seen", "chunks_seen", "cameras",
                "started", "in_user_turn")
+
+#: settings that decide only future evictions: a state saved with other values loads (see _comparable_config)
+_FUTURE_ONLY = ("compile", "keep_latest_per_camera", "decay", "bias_frames")
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are the visual memory of a robot. Timestamped observations from its cameras follow, one per line. "
@@ -64,6 +67,9 @@ class StreamConfig:
     decay: float = 0.0  # infmllm: share of a token's score carried to the next eviction (0: off)
     carry: str = "sum"  # infmllm, with decay: "sum" adds the carried score, "max" keeps the larger
     granularity: str = "token"  # infmllm: "chunk" keeps or drops a chunk (a frame's line) whole
+    #: infmllm: false ranks frame tokens by their carried scores (decay) without the age penalty, the bias
+    #: then applies to the conversation only (docs/benchmarks.md section 11b); true: to every token (the paper)
+    bias_frames: bool = True
     #: every policy: each camera's newest frame chunk is kept through evictions (below sinks and the
     #: recent tail, above every score; see cache.py), so a rarely reporting camera's last observation
     #: is not pushed out by a busy one. Off here (the baselines as their papers describe them); the
@@ -82,7 +88,7 @@ class StreamConfig:
         for name in ("policy", "carry", "granularity", "system_prompt", "compile"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
-        for name in ("per_head", "keep_latest_per_camera", "rerotate"):
+        for name in ("per_head", "keep_latest_per_camera", "rerotate", "bias_frames"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("budget_tokens", "budget_bytes", "budget_bytes_per_layer", "sinks", "recent", "max_chunk_tokens",
@@ -221,6 +227,7 @@ class Stream:
             decay=config.decay,
             carry=config.carry,
             granularity=config.granularity,
+            bias_frames=config.bias_frames,
             recent_ratio=config.h2o_recent_ratio,
         )
         self.budget, self.capacity = self._budgets()
@@ -767,18 +774,21 @@ class Stream:
 
     @staticmethod
     def _comparable_config(config: dict) -> dict:
-        # How the decode step runs does not change what the cache holds, and keep_latest_per_camera only
-        # decides future evictions (a state saved without it loads with no chunk kept yet: see
-        # _checked_layers). A setting added after a state was saved reads as its default there.
+        # How the decode step runs does not change what the cache holds, and keep_latest_per_camera, decay
+        # and bias_frames only decide future evictions (a state saved without them loads with no chunk kept
+        # yet, no score carried and no token known as a frame's: see _checked_layers); the node's defaults
+        # changed in those, and its state file must not be set aside for that. A setting added after a
+        # state was saved reads as its default there.
         return {k: v for k, v in {**asdict(StreamConfig()), **config}.items()
-                if k not in ("compile", "keep_latest_per_camera")}
+                if k not in _FUTURE_ONLY}
 
     def _checked_layers(self, path, layers: list) -> list:
         """The saved layers, checked against this model and budget (and their dtype noted)."""
         if len(layers) != self.num_layers:
             raise ValueError(f"{path} holds {len(layers)} layers, the model has {self.num_layers}")
         names = {"keys", "values", *self.cache.token_buffers}
-        optional = self.cache.latest_buffers  # a state saved without keep_latest_per_camera lacks them
+        # a state saved without keep_latest_per_camera, decay or bias_frames lacks these
+        optional = self.cache.latest_buffers | {"carried", FRAME}
         lengths = set()
         dtypes = set()
         for i, saved in enumerate(layers):
@@ -943,6 +953,7 @@ class Stream:
             self._in_user_turn = False
         limit = self.config.max_chunk_tokens
         source = self._source_id(chunk)
+        frame = chunk.kind == "frame" and FRAME in self.cache.token_buffers
         total, pieces, evicted, kept_logits = len(chunk), 0, 0, []
         for start in range(0, total, limit):
             if should_stop is not None and should_stop():
@@ -954,7 +965,8 @@ class Stream:
             last_piece = start + limit >= total
             want = logits if logits == "all" or (logits == "last" and last_piece) else "none"
             before = self.cache.evictions
-            out = self._forward(piece_ids, piece_embeds, rel, want, source=source, continues=start > 0)
+            out = self._forward(piece_ids, piece_embeds, rel, want, source=source, frame=frame,
+                                continues=start > 0)
             evicted += self.cache.evictions - before
             if out is not None:
                 kept_logits.append(out)
@@ -1002,10 +1014,12 @@ class Stream:
 
     @torch.inference_mode()
     def _forward(self, input_ids, inputs_embeds, rel_positions, logits: str,
-                 source: Optional[int] = None, continues: bool = False) -> Optional[torch.Tensor]:
+                 source: Optional[int] = None, frame: bool = False,
+                 continues: bool = False) -> Optional[torch.Tensor]:
         """One forward pass over a piece; returns float32 logits ``[q or 1, vocab]`` per ``logits``, or None.
 
-        ``source``: the frame's camera id for the cache (``_source_id``); ``continues``: a further piece of
+        ``source``: the frame's camera id for the cache (``_source_id``); ``frame``: mark the tokens as a
+        frame's in the policy's frame flag (``InfMLLM.bias_frames``); ``continues``: a further piece of
         the chunk the previous piece began.
         """
         self._check_open()
@@ -1037,9 +1051,11 @@ class Stream:
             kwargs["inputs_embeds"] = inputs_embeds.to(device=device, dtype=self.lm.dtype)
         # Hooks a user put on the model after this stream was built run only inside model(...).
         direct = self._direct is not None and input_ids is not None and new == 1 and not self._direct.hooked()
-        values = None
+        values = {}
         if source is not None:
-            values = {CappedCache.SOURCE: torch.full((new,), source, dtype=torch.long, device=device)}
+            values[CappedCache.SOURCE] = torch.full((new,), source, dtype=torch.long, device=device)
+        if frame:
+            values[FRAME] = torch.ones(new, dtype=torch.bool, device=device)
         self.cache.begin_step(cache_positions, values, continues=continues)
         try:
             with attention.active(self.cache):

@@ -189,7 +189,8 @@ STATIC_SPECS: Tuple[ParamSpec, ...] = (
        read_only=True, lo=1, hi=255),
     _s("cache.decay", 0.0, "infmllm policy: share of a token's score carried over to the next "
        "eviction (0: off), so a saddle that several chunks attended to is not dropped the moment "
-       "one chunk looks elsewhere.", read_only=True, lo=0.0, hi=0.999),
+       "one chunk looks elsewhere. With cache.bias_frames false it applies to the frames' tokens "
+       "only.", read_only=True, lo=0.0, hi=0.999),
     _s("cache.carry", "sum", "infmllm policy, with cache.decay: 'sum' adds the carried score to the "
        "new one; 'max' keeps the larger, so one strong look (a question finding its fact) is "
        "remembered without steady attention to repeated text adding up.",
@@ -197,6 +198,11 @@ STATIC_SPECS: Tuple[ParamSpec, ...] = (
     _s("cache.granularity", "token", "infmllm policy: 'token' scores tokens one by one; 'chunk' "
        "keeps or drops each chunk (a frame's line, a question with its answer) whole.",
        read_only=True, choices=("token", "chunk")),
+    _s("cache.bias_frames", True, "infmllm policy: true applies cache.bias to every token, as in the "
+       "paper; false ranks the frames' tokens (camera observations, asked about at any age) by their "
+       "carried attention (cache.decay) without the age penalty, and ages the conversation only: "
+       "better recall of old observations, worse free-form answers with a small model "
+       "(docs/benchmarks.md section 11b).", read_only=True),
     _s("cache.keep_latest_per_camera", True, "Every policy: each camera's newest frame line is kept "
        "through evictions (after the sinks and the recent tokens, before any score), so a camera "
        "that reports rarely still has its last observation in memory while busy cameras stream. "
@@ -349,6 +355,7 @@ class CacheSettings:
     decay: float = 0.0
     carry: str = "sum"
     granularity: str = "token"
+    bias_frames: bool = True
     keep_latest_per_camera: bool = True
     h2o_recent_ratio: float = 0.5
     repetition_penalty: float = 1.1

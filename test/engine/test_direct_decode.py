@@ -67,17 +67,21 @@ def _assert_same_cache(a, b):
             assert torch.equal(la.held(name), lb.held(name)), name
 
 
-@pytest.mark.parametrize("policy", sorted(POLICIES))
+@pytest.mark.parametrize("policy", [*sorted(POLICIES), "infmllm-frames"])
 def test_direct_decode_gives_the_models_bits_for_every_policy(tiny_lm, policy):
     torch.manual_seed(1)
     ids = torch.randint(100, 40000, (1, 160))
     budget = 512 if policy == "full" else 48  # full's budget is its capacity
-    streams = _pair(tiny_lm, policy, budget_tokens=budget, max_chunk_tokens=16, recent=8, retrieval_window=8)
+    # infmllm-frames: the node's setting, frames ranked by carried scores (a bool frame flag beside the keys)
+    frames = policy == "infmllm-frames"
+    knobs = {"policy": "infmllm", "decay": 0.97, "bias_frames": False} if frames else {"policy": policy}
+    streams = _pair(tiny_lm, budget_tokens=budget, max_chunk_tokens=16, recent=8, retrieval_window=8, **knobs)
     try:
         for round_ in range(2):
             for s in streams:
                 for start in range(0, 64, 16):
-                    s.append_chunk(Chunk(input_ids=ids[:, 64 * round_ + start:64 * round_ + start + 16]))
+                    kind = "frame" if frames and start % 32 == 0 else "text"
+                    s.append_chunk(Chunk(input_ids=ids[:, 64 * round_ + start:64 * round_ + start + 16], kind=kind))
                 s.cache.decoding = True
             # Forced tokens, so both see the same inputs whatever they would pick; 20 steps pass the
             # answer room (16), so Inf-MLLM evicts mid-answer too, and H2O/StreamingLLM at every step.
@@ -89,6 +93,9 @@ def test_direct_decode_gives_the_models_bits_for_every_policy(tiny_lm, policy):
                 s.cache.decoding = False
             _assert_same_cache(*streams)
         assert streams[0].cache.evictions > 0 or policy == "full"
+        if frames:
+            flags = streams[0].cache.layers[0].held("frame")
+            assert flags.any() and not flags.all()
     finally:
         for s in streams:
             s.close()

@@ -235,6 +235,54 @@ def test_infmllm_max_carry_remembers_a_question_finding_its_fact_over_a_template
     assert held_fact("max") == [16, 16, 16, 16]
 
 
+def _append_kind(cache, keys, query, frame):
+    """``_append`` for a chunk that is (``frame``) or is not a camera frame: the stream's frame flag set."""
+    n = keys.shape[1]
+    cache.make_room(n)
+    values = {"frame": torch.full((n,), frame)} if "frame" in cache.token_buffers else None
+    cache.begin_step(torch.arange(cache.next_position, cache.next_position + n).unsqueeze(-1), values)
+    cache.decoding = False
+    cache.layers[0].update(keys.unsqueeze(0), keys.unsqueeze(0).clone())
+    cache.layers[0].after_attention(query.unsqueeze(0), scaling=1.0, attn_weights=None)
+    return cache.end_step(n)
+
+
+def test_infmllm_unbiased_frames_keep_an_old_observation_a_question_found_while_the_talk_ages():
+    u, w = _unit(0), _unit(1)
+
+    def kept(bias_frames):
+        cache = _cache(InfMLLM(sinks=1, recent=0, retrieval_window=2, per_head=False, bias=1.0, decay=0.9,
+                               bias_frames=bias_frames), 4, 2, False)
+        _append_kind(cache, _background(2), _background(2), frame=False)  # the system prompt
+        _append_kind(cache, _keys(2, {0: 8.0 * u}), _background(2), frame=True)  # token 2: an observation
+        _append_kind(cache, _background(2), u.expand(1, 2, DIM).clone(), frame=False)  # a question finds it
+        held = []
+        for _ in range(5):  # the talk goes on, looking at nothing in particular
+            _append_kind(cache, _background(2), w.expand(1, 2, DIM).clone(), frame=False)
+            held.append(_kept(cache)[1])
+        return held
+
+    # the paper's bias ages every token alike: the observation goes once its age outweighs what it was found for
+    assert kept(True) == [2, 2, 2, 11, 13]
+    # frames rank by their carried scores, not their age: the observation stays while the talk moves on
+    assert kept(False) == [2, 2, 2, 2, 2]
+
+
+def test_infmllm_unbiased_frames_change_nothing_in_a_stream_without_frames():
+    """Text, questions and answers keep the bias rule exactly: same rows kept as the default policy's."""
+    torch.manual_seed(3)
+    caches = [_cache(InfMLLM(sinks=2, recent=3, retrieval_window=4, bias=1.0, pool=3, **knobs), 16, 6)
+              for knobs in ({}, {"decay": 0.9, "bias_frames": False})]
+    heads = 2
+    for step in range(12):
+        n = 1 + step % 6
+        keys, query = torch.randn(heads, n, DIM), torch.randn(heads, n, DIM)
+        for cache in caches:
+            _append_kind(cache, keys, query, frame=False)
+        assert _kept(caches[0], 0) == _kept(caches[1], 0) and _kept(caches[0], 1) == _kept(caches[1], 1), step
+    assert caches[0].evictions > 5
+
+
 def test_infmllm_chunk_granularity_keeps_or_drops_a_chunk_whole():
     u = _unit(0)
 

@@ -129,6 +129,44 @@ def test_keep_latest_per_camera_holds_a_quiet_cameras_last_line_while_a_busy_one
         again.close()
 
 
+def test_unbiased_frames_mark_the_frames_tokens_through_evictions_answers_and_an_older_saved_state(smollm2, tmp_path):
+    """``bias_frames=False``: the frame flag is set on frame lines only (not the system prompt, a question or
+    the decoded answer), moves with its rows through evictions, and a memory saved with the paper's settings
+    (no flag, no carried scores) loads into such a stream and goes on."""
+    settings = dict(policy="infmllm", budget_tokens=192, max_chunk_tokens=48)
+    plain = Stream(smollm2, StreamConfig(**settings))
+    try:
+        _door_then_front(plain, lines=4)
+        plain.save(tmp_path / "plain.pt")
+    finally:
+        plain.close()
+    stream = Stream(smollm2, StreamConfig(**settings, decay=0.97, bias_frames=False))
+    try:
+        stream.load(tmp_path / "plain.pt")
+        layer = stream.cache.layers[0]
+        assert not layer.held("frame").any()  # nothing known as a frame's in the old memory
+        seen = stream.stats().tokens_seen
+        spans = []  # the frame lines' stream indices
+        for i in range(16):
+            before = stream.stats().tokens_seen
+            stream.append_text(f"12:01:{i:02d} front: {i % 5} people in black (centre)", kind="frame",
+                               camera="front")
+            spans.append((before, stream.stats().tokens_seen))
+        assert stream.cache.evictions > 0
+        stream.ask("What did camera front see?", max_new_tokens=4)
+        for layer in stream.cache.layers:
+            held_seen, flag = layer.seen, layer.held("frame")
+            in_a_line = torch.zeros_like(flag)
+            for start, end in spans:
+                in_a_line |= (held_seen >= start) & (held_seen < end)
+            # every new token held is flagged exactly when it belongs to a frame line
+            new = held_seen >= seen
+            assert torch.equal(flag[new], in_a_line[new])
+            assert flag[new].any() and not flag[new].all()  # frames and the question with its answer
+    finally:
+        stream.close()
+
+
 def test_keep_latest_per_camera_with_odd_names_and_across_saves_without_it(smollm2, tmp_path):
     settings = dict(policy="streamingllm", budget_tokens=192, max_chunk_tokens=48)
     stream = Stream(smollm2, StreamConfig(**settings, keep_latest_per_camera=True))

@@ -114,21 +114,27 @@ def test_cache_settings_map_onto_the_engine_config():
     # The node keeps each camera's newest line (the engine, whose baselines follow their papers, does not).
     assert NodeSettings.from_values({}).stream_config().keep_latest_per_camera is True
     assert engine.StreamConfig().keep_latest_per_camera is False
+    cfg = NodeSettings.from_values({"cache.bias_frames": False, "cache.decay": 0.97}).stream_config()
+    assert (cfg.bias_frames, cfg.decay) == (False, 0.97)
     cfg = NodeSettings.from_values({"cache.keep_latest_per_camera": False}).stream_config()
     assert cfg.keep_latest_per_camera is False
 
 
 def test_the_cache_defaults_are_the_engines_measured_ones():
     """The node, every preset and the engine use the setting docs/benchmarks.md section 11 chose (bias 1:
-    multi-round recall and perplexity), with the refinements off."""
+    multi-round recall and perplexity), with the refinements off (section 11b: unbiased frames cost the
+    demo's free-form answers)."""
     engine = pytest.importorskip("infmllm_ros.engine")
     ours = NodeSettings.from_values({}).stream_config()
     theirs = engine.StreamConfig(budget_tokens=1024)
-    for name in ("policy", "bias", "sinks", "recent", "retrieval_window", "pool", "decay", "carry", "granularity"):
+    for name in ("policy", "bias", "sinks", "recent", "retrieval_window", "pool", "decay", "carry", "granularity",
+                 "bias_frames"):
         assert getattr(ours, name) == getattr(theirs, name), name
     assert (ours.policy, ours.bias) == ("infmllm", 1.0)
     for preset in sorted((REPO / "config" / "models").glob("*.yaml")):
-        assert preset_defaults(str(preset)).get("cache.bias", ours.bias) == ours.bias, preset.name
+        values = preset_defaults(str(preset))
+        for name in ("bias", "decay", "bias_frames"):
+            assert values.get(f"cache.{name}", getattr(ours, name)) == getattr(ours, name), (preset.name, name)
 
 
 @pytest.mark.parametrize("values, words", [
