@@ -215,8 +215,9 @@ class InfMLLM(Policy):
       conversation only (system prompt, questions, answers, text), scored by
       the newest chunk's look; frame tokens (camera observations, which a
       question may ask about at any age) rank by their carried scores
-      (``decay``), each normalised by its own mean, without the age penalty.
-      A stream without frames is ranked exactly as with the default.
+      (``decay``, which must be > 0 and then applies to frames only) over the
+      mean of every token's carried score, without the age penalty. A stream
+      without frames is ranked exactly as with ``decay = 0`` and the default.
     """
 
     name: ClassVar[str] = "infmllm"
@@ -252,6 +253,10 @@ class InfMLLM(Policy):
             raise ValueError("InfMLLM.carry 'max' needs decay > 0 (with decay 0 nothing is carried)")
         if self.granularity not in ("token", "chunk"):
             raise ValueError(f"InfMLLM.granularity must be 'token' or 'chunk', got {self.granularity!r}")
+        if not isinstance(self.bias_frames, bool):
+            raise ValueError(f"InfMLLM.bias_frames must be True or False, got {self.bias_frames!r}")
+        if not self.bias_frames and self.decay == 0.0:
+            raise ValueError("InfMLLM.bias_frames False needs decay > 0 (frames rank by their carried scores)")
 
     @property
     def token_buffers(self) -> dict[str, TokenBuffer]:  # type: ignore[override]
@@ -281,10 +286,8 @@ class InfMLLM(Policy):
             scores = group_mean(scores, view.buffers["chunk"])
             if not self.bias_frames:
                 look = group_mean(look, view.buffers["chunk"])
-        if self.bias == 0.0:
-            return scores
         if self.bias_frames:
-            return self._aged(scores, view)
+            return scores if self.bias == 0.0 else self._aged(scores, view)
         return torch.where(view.buffers[FRAME], _normalised(scores), self._aged(look, view))
 
     def _aged(self, scores: torch.Tensor, view: ScoreView) -> torch.Tensor:

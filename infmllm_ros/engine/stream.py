@@ -41,7 +41,7 @@ _STATE_KEYS = ("model", "num_layers", "config", "layers", "cache", "records", "f
                "started", "in_user_turn")
 
 #: settings that decide only future evictions: a state saved with other values loads (see _comparable_config)
-_FUTURE_ONLY = ("compile", "keep_latest_per_camera", "decay", "bias_frames")
+_FUTURE_ONLY = ("compile", "keep_latest_per_camera", "decay", "carry", "bias_frames")
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are the visual memory of a robot. Timestamped observations from its cameras follow, one per line. "
@@ -120,6 +120,8 @@ class StreamConfig:
         if self.carry == "max" and self.decay == 0:
             raise ValueError("carry 'max' needs decay > 0 (it says how carried scores combine; with decay 0 "
                              "nothing is carried)")
+        if not self.bias_frames and self.decay == 0:
+            raise ValueError("bias_frames false needs decay > 0 (frames rank by their carried scores)")
         if not 0 <= self.h2o_recent_ratio < 1:
             raise ValueError(f"h2o_recent_ratio must be in [0, 1), got {self.h2o_recent_ratio}")
         if not self.repetition_penalty >= 1.0:
@@ -774,8 +776,8 @@ class Stream:
 
     @staticmethod
     def _comparable_config(config: dict) -> dict:
-        # How the decode step runs does not change what the cache holds, and keep_latest_per_camera, decay
-        # and bias_frames only decide future evictions (a state saved without them loads with no chunk kept
+        # How the decode step runs does not change what the cache holds, and keep_latest_per_camera, decay,
+        # carry and bias_frames only decide future evictions (a state saved without them loads with no chunk kept
         # yet, no score carried and no token known as a frame's: see _checked_layers); the node's defaults
         # changed in those, and its state file must not be set aside for that. A setting added after a
         # state was saved reads as its default there.

@@ -190,7 +190,7 @@ STATIC_SPECS: Tuple[ParamSpec, ...] = (
     _s("cache.decay", 0.0, "infmllm policy: share of a token's score carried over to the next "
        "eviction (0: off), so a saddle that several chunks attended to is not dropped the moment "
        "one chunk looks elsewhere. With cache.bias_frames false it applies to the frames' tokens "
-       "only.", read_only=True, lo=0.0, hi=0.999),
+       "only (and must be > 0).", read_only=True, lo=0.0, hi=0.999),
     _s("cache.carry", "sum", "infmllm policy, with cache.decay: 'sum' adds the carried score to the "
        "new one; 'max' keeps the larger, so one strong look (a question finding its fact) is "
        "remembered without steady attention to repeated text adding up.",

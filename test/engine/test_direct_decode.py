@@ -72,7 +72,7 @@ def test_direct_decode_gives_the_models_bits_for_every_policy(tiny_lm, policy):
     torch.manual_seed(1)
     ids = torch.randint(100, 40000, (1, 160))
     budget = 512 if policy == "full" else 48  # full's budget is its capacity
-    # infmllm-frames: the node's setting, frames ranked by carried scores (a bool frame flag beside the keys)
+    # infmllm-frames: frames ranked by carried scores (bias_frames=False: a bool frame flag beside the keys)
     frames = policy == "infmllm-frames"
     knobs = {"policy": "infmllm", "decay": 0.97, "bias_frames": False} if frames else {"policy": policy}
     streams = _pair(tiny_lm, budget_tokens=budget, max_chunk_tokens=16, recent=8, retrieval_window=8, **knobs)

@@ -310,6 +310,10 @@ def test_infmllm_refinements_refuse_bad_values():
         InfMLLM(carry="mean")
     with pytest.raises(ValueError, match="needs decay"):  # it would silently change nothing
         InfMLLM(carry="max")
+    with pytest.raises(ValueError, match="bias_frames False needs decay"):  # frames rank by carried scores
+        InfMLLM(bias_frames=False)
+    with pytest.raises(ValueError, match="bias_frames must be True or False"):
+        make_policy("infmllm", bias_frames="false", decay=0.9)
 
 
 def test_a_policy_asks_for_its_own_per_token_buffer_and_the_cache_keeps_it_in_step():

@@ -129,18 +129,24 @@ def test_keep_latest_per_camera_holds_a_quiet_cameras_last_line_while_a_busy_one
         again.close()
 
 
+def _save_a_short_memory(lm, config, path):
+    """Four front lines after the door's, saved to ``path`` by a stream with ``config``."""
+    plain = Stream(lm, config)
+    try:
+        _door_then_front(plain, lines=4)
+        plain.save(path)
+    finally:
+        plain.close()
+
+
 def test_unbiased_frames_mark_the_frames_tokens_through_evictions_answers_and_an_older_saved_state(smollm2, tmp_path):
     """``bias_frames=False``: the frame flag is set on frame lines only (not the system prompt, a question or
     the decoded answer), moves with its rows through evictions, and a memory saved with the paper's settings
     (no flag, no carried scores) loads into such a stream and goes on."""
     settings = dict(policy="infmllm", budget_tokens=192, max_chunk_tokens=48)
-    plain = Stream(smollm2, StreamConfig(**settings))
-    try:
-        _door_then_front(plain, lines=4)
-        plain.save(tmp_path / "plain.pt")
-    finally:
-        plain.close()
-    stream = Stream(smollm2, StreamConfig(**settings, decay=0.97, bias_frames=False))
+    _save_a_short_memory(smollm2, StreamConfig(**settings), tmp_path / "plain.pt")
+    # (carry too decides only future evictions: a memory saved with the default "sum" loads)
+    stream = Stream(smollm2, StreamConfig(**settings, decay=0.97, carry="max", bias_frames=False))
     try:
         stream.load(tmp_path / "plain.pt")
         layer = stream.cache.layers[0]
@@ -184,12 +190,7 @@ def test_keep_latest_per_camera_with_odd_names_and_across_saves_without_it(smoll
         stream.close()
     # A memory saved without the option (an older release, or the engine's default) loads into a stream
     # with it: the node's default changed, and its state file must not be set aside for that.
-    plain = Stream(smollm2, StreamConfig(**settings))
-    try:
-        _door_then_front(plain, lines=4)
-        plain.save(tmp_path / "plain.pt")
-    finally:
-        plain.close()
+    _save_a_short_memory(smollm2, StreamConfig(**settings), tmp_path / "plain.pt")
     state = torch.load(tmp_path / "plain.pt", weights_only=True)
     state["config"].pop("keep_latest_per_camera", None)  # as an older release wrote it
     torch.save(state, tmp_path / "old.pt")

@@ -155,6 +155,7 @@ def test_the_cache_defaults_are_the_engines_measured_ones():
     ({"cache.granularity": "frame"}, "cache.granularity must be one of"),
     ({"cache.decay": 1.0}, "cache.decay must be <="),
     ({"cache.carry": "max"}, "cache.carry 'max' needs cache.decay > 0"),
+    ({"cache.bias_frames": False}, "cache.bias_frames false needs cache.decay > 0"),
     ({"encoder.detector.model": "/no/such/model.onnx", "encoder.detector.names": "/no/such.names"},
      "'/no/such/model.onnx' does not exist"),
     # a model file that is there, without its names file
