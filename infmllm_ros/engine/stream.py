@@ -778,9 +778,8 @@ class Stream:
     def _comparable_config(config: dict) -> dict:
         # How the decode step runs does not change what the cache holds, and keep_latest_per_camera, decay,
         # carry and bias_frames only decide future evictions (a state saved without them loads with no chunk kept
-        # yet, no score carried and no token known as a frame's: see _checked_layers); the node's defaults
-        # changed in those, and its state file must not be set aside for that. A setting added after a
-        # state was saved reads as its default there.
+        # yet, no score carried and no token known as a frame's: see _checked_layers), so switching them
+        # never sets a state file aside. A setting added after a state was saved reads as its default there.
         return {k: v for k, v in {**asdict(StreamConfig()), **config}.items()
                 if k not in _FUTURE_ONLY}
 
