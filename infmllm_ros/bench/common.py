@@ -547,11 +547,22 @@ def greedy_decode(stream, logits, steps: int, append_last: bool = True) -> list[
     return stream.generate(logits, steps, repetition_penalty=1.0, stop_at_eos=False, append_last=append_last).tokens
 
 
+#: the StreamConfig fields that decide what a policy keeps, written out in full with every result (a label
+#: names only the knobs given, and the defaults behind it change as measurements choose new ones)
+EVICTION_SETTINGS = ("sinks", "recent", "retrieval_window", "bias", "per_head", "pool", "decay", "carry", "granularity",
+                     "bias_frames", "keep_latest_per_camera", "h2o_recent_ratio", "rerotate")
+
+
 def record(cfg: BenchConfig, lm, variant: Variant, **figures) -> dict:
     """One result line: who/what/where, then the figures."""
+    from infmllm_ros.engine.policies import POLICIES
+
+    # a peer (plain transformers, llama.cpp) has no cache policy and no settings
+    settings = variant.stream_config(cfg) if variant.policy in POLICIES else None
     return {
         "bench": cfg.command, "policy": variant.label, "base_policy": variant.policy, "budget": variant.budget,
-        "bias": variant.bias, "rerotate": variant.rerotate, "knobs": dict(variant.knobs), "chunk": cfg.chunk,
+        "bias": variant.bias, "rerotate": variant.rerotate, "knobs": dict(variant.knobs),
+        "settings": settings and {name: getattr(settings, name) for name in EVICTION_SETTINGS}, "chunk": cfg.chunk,
         "model": lm.name, "device": str(lm.device), "dtype": dtype_name(lm),
         "quantize": getattr(lm, "quantize", "none"), "compile": cfg.compile,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(),

@@ -26,7 +26,11 @@ The node's own workload, end to end, without ROS:
   "the pair was Anna"): a 135M model can then copy the fact that followed that
   head in the stream, if the cache still holds it. Then the model answers
   free-form (greedy, ``free_form_tokens``), committed as ``ask`` does;
-  ``free_form_rate`` is the share of answers whose first word is the truth.
+  ``free_form_rate`` is the share of answers whose first word naming a
+  candidate (:func:`free_form_answer`: "The camera saw 5 people" names ``5``)
+  is the truth. Without ``commit_questions`` the answer is one token (the
+  question is probed on a snapshot); with it and ``answer_cue: none`` the
+  rate is the node's own free-form answering, every answer kept in the stream.
 * **Report.** Accuracy overall and by lag bucket with Wilson 95% intervals,
   per question type, and the accuracy of the best answer without memory
   (``prior``: the most frequent answer for that camera and question type over
@@ -53,6 +57,7 @@ import random
 import re
 import time
 from dataclasses import dataclass, field, replace
+from typing import Optional
 
 import torch
 
@@ -90,6 +95,10 @@ def observation_facts(obs) -> dict[str, str]:
 
 #: How a line states an answer where the line cue leads to it: zero people is "nothing detected".
 LINE_WORDS = {"no": "nothing"}
+
+#: Other words a free-form answer may name a candidate with ("five people", "nobody", "No one").
+ANSWER_WORDS = {"zero": "no", "none": "no", "nobody": "no", "nothing": "no", "one": "1", "two": "2", "three": "3",
+                "four": "4", "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9"}
 
 
 @dataclass(frozen=True)
@@ -337,6 +346,22 @@ class _Tally:
 
 _WORD = re.compile(r"[a-z0-9]+")
 
+
+def free_form_answer(text: str, candidates) -> Optional[str]:
+    """The candidate a free-form answer names first, or None.
+
+    Words are read in order (lower case); a word counts if it is a candidate
+    or names one (:data:`ANSWER_WORDS`): "The camera saw 5 people and 1 car"
+    -> ``"5"``, "Nobody was there" -> ``"no"``, "Yes." -> ``"yes"``; "I do
+    not know" names none (words are whole: "not" is not "no").
+    """
+    wanted = set(candidates)
+    for word in _WORD.findall(text.lower()):
+        for name in (word, ANSWER_WORDS.get(word)):
+            if name in wanted:
+                return name
+    return None
+
 #: A question's line counts as kept when the cache holds at least this share of its tokens over all
 #: layers and heads (``Stream.held_fraction`` at the moment of the question).
 KEPT_SHARE = 0.5
@@ -399,8 +424,7 @@ def run_variant(cfg: BenchConfig, lm, variant, lines, questions, prior, bar) -> 
                 logp = torch.log_softmax(answer.first_logits.float(), dim=-1)
                 scores = {w: float(logp[t]) for w, t in tokens[(q.kind, bool(q.cue))].items()}
                 rank = 1 + sum(1 for w, s in scores.items() if w != q.right and s > scores[q.right])
-                words = _WORD.findall(answer.text.lower())
-                free = bool(words) and words[0] in {q.right, LINE_WORDS.get(q.right, q.right) if q.cue else q.right}
+                free = free_form_answer(answer.text, q.candidates) == q.right
                 guess = prior[(q.camera, QUESTION_TYPES[q.kind].fact)] == q.right
                 for slot in slots:
                     slot.add(rank == 1, free, guess, rank, q.lag_s, distance, share)

@@ -115,6 +115,23 @@ def test_no_memory_baseline_is_the_most_frequent_answer(lines):
     assert prior[("hall", "people")] == max(set(hall), key=hall.count)
 
 
+def test_free_form_answers_are_read_by_the_first_candidate_they_name():
+    people = sceneqa.QUESTION_TYPES["people"].candidates
+    yes_no = sceneqa.QUESTION_TYPES["anyone_left"].candidates
+    # the node's own answer style, which the first-word rule read as wrong whatever the count
+    assert sceneqa.free_form_answer("The camera saw 5 people and 1 cyan car (right).", people) == "5"
+    assert sceneqa.free_form_answer("5 people in black (left, 4 right)", people) == "5"  # after the line cue
+    assert sceneqa.free_form_answer("Five people, then two.", people) == "5"
+    assert sceneqa.free_form_answer("Nothing detected", people) == "no"
+    assert sceneqa.free_form_answer("Nobody.", people) == "no"
+    assert sceneqa.free_form_answer("No, the left was empty.", yes_no) == "no"
+    assert sceneqa.free_form_answer("Yes: person 3 was there.", yes_no) == "yes"
+    # words are whole, and a count is not a yes/no answer
+    assert sceneqa.free_form_answer("I do not know.", yes_no) is None
+    assert sceneqa.free_form_answer("There were 2 people.", yes_no) is None
+    assert sceneqa.free_form_answer("", people) is None
+
+
 def test_wilson_interval():
     low, high = wilson(30, 100)
     assert low == pytest.approx(0.2189, abs=1e-3) and high == pytest.approx(0.3958, abs=1e-3)
