@@ -211,12 +211,16 @@ class InfMLLM(Policy):
       then each token loses ``bias * age / budget`` (``age`` in stream tokens
       since it arrived): the cache follows newer content. (This additive,
       budget-scaled form is our reading of the paper's bias.)
-    * ``bias_frames = False`` (ours, not the paper's): the bias applies to the
-      conversation only (system prompt, questions, answers, text), scored by
-      the newest chunk's look; frame tokens (camera observations, which a
-      question may ask about at any age) rank by their carried scores
-      (``decay``, which must be > 0 and then applies to frames only) over the
-      mean of every token's carried score, without the age penalty. A stream
+    * ``bias_frames = False`` (ours, not the paper's): frames do not count on
+      the bias's clock. A token's age is the number of conversation tokens
+      (system prompt, questions, answers, text) that arrived after it
+      (:func:`conversation_clock`), so an hour of camera frames ages nothing
+      while the talk does: the cache follows the conversation, as the bias
+      is meant to, and an answer the node gave some frames ago stays as
+      young as the talk since. Frame tokens rank by their carried scores
+      (``decay``, which must be > 0 and then applies to frames only) over
+      the mean of every token's carried score, the conversation by the
+      newest chunk's look; both lose ``bias * age / budget``. A stream
       without frames is ranked exactly as with ``decay = 0`` and the default.
     """
 
@@ -271,6 +275,8 @@ class InfMLLM(Policy):
         if not self.bias_frames:
             # 1 on a frame chunk's tokens; the stream fills it (0: every other kind, a decoded answer included)
             buffers[FRAME] = TokenBuffer(torch.bool)
+            # conversation tokens before the token (see conversation_clock); -1 until its first eviction
+            buffers[TALK] = TokenBuffer(torch.long, fill=-1)
         return buffers
 
     def score(self, view: ScoreView) -> torch.Tensor:
@@ -287,18 +293,55 @@ class InfMLLM(Policy):
             if not self.bias_frames:
                 look = group_mean(look, view.buffers["chunk"])
         if self.bias_frames:
-            return scores if self.bias == 0.0 else self._aged(scores, view)
-        return torch.where(view.buffers[FRAME], _normalised(scores), self._aged(look, view))
+            return scores if self.bias == 0.0 else self._aged(scores, view.seen, view.budget)
+        frame = view.buffers[FRAME]
+        talk = conversation_clock(view.buffers[TALK], frame)
+        view.updates[TALK] = talk
+        return torch.where(frame, self._aged(scores, talk, view.budget), self._aged(look, talk, view.budget))
 
-    def _aged(self, scores: torch.Tensor, view: ScoreView) -> torch.Tensor:
-        """The bias: normalised scores less ``bias * age / budget``."""
-        newest = view.seen.amax(dim=-1, keepdim=True)
-        age = (newest - view.seen).to(scores.dtype)
-        return _normalised(scores) - self.bias * age / float(view.budget)
+    def _aged(self, scores: torch.Tensor, clock: torch.Tensor, budget: int) -> torch.Tensor:
+        """The bias: normalised scores less ``bias * age / budget``, the age read on ``clock`` (rows' arrival)."""
+        age = (clock.amax(dim=-1, keepdim=True) - clock).to(scores.dtype)
+        return _normalised(scores) - self.bias * age / float(budget)
 
 
 #: per-token buffer name of the frame flag (``InfMLLM.bias_frames = False``); the stream fills it
 FRAME = "frame"
+#: per-token buffer name of the conversation clock (``InfMLLM.bias_frames = False``); see conversation_clock
+TALK = "talk"
+
+
+def conversation_clock(talk: torch.Tensor, frame: torch.Tensor) -> torch.Tensor:
+    """Every held row's conversation clock: how many conversation (non-frame) tokens arrived before it.
+
+    Rows that have one keep it; rows still at the buffer's fill (-1: they
+    arrived since the last eviction) get theirs counted on from the newest row
+    that has one, in row order. That is exact because the rows are held in
+    arrival order and nothing leaves between two evictions of a policy that
+    evicts only when a chunk arrives, which always keeps that newest row
+    (the chunk it came in, the recent tail). With no such row (the first
+    eviction, or a memory saved before the clock existed) the count starts at
+    0 on the rows held. In a stream without frames the clock is the stream
+    index (``seen``), so ages read on it are the default rule's.
+
+    Args:
+        talk: ``[batch, heads, rows]`` long, the clock so far (-1: not yet counted).
+        frame: ``[batch, heads, rows]`` bool, the frame flag.
+
+    Returns:
+        ``[batch, heads, rows]`` long, every row counted.
+    """
+    talking = (~frame).to(torch.long)
+    new = talk < 0
+    counted = ~new
+    # The newest counted row is the last counted one (arrival order): the clock goes on after it.
+    rows = torch.arange(talk.shape[-1], device=talk.device)
+    last = torch.where(counted, rows, -1).amax(dim=-1, keepdim=True)
+    after_last = (talk + talking).gather(-1, last.clamp_min(0))
+    base = torch.where(last >= 0, after_last, torch.zeros_like(after_last))
+    before = torch.cumsum(talking * new, dim=-1) - talking * new  # conversation among the new rows before each
+    return torch.where(new, base + before, talk)
+
 
 
 def _normalised(scores: torch.Tensor) -> torch.Tensor:

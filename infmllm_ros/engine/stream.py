@@ -29,7 +29,7 @@ from .cache import CappedCache, answer_room
 from .decode import (COMPILE_CHOICES, CompiledDecodeStep, DirectDecodeStep, Generation, IncrementalDetokenizer,
                      compile_wanted)
 from .models import LoadedModel, cache_argument, decoder_attention_modules
-from .policies import FRAME, POLICIES, make_policy
+from .policies import FRAME, POLICIES, TALK, make_policy
 from .rope import RopeSpec
 from .types import AppendResult, Answer, Cancelled, Chunk, StreamStats, is_finite_number, is_integer
 
@@ -67,8 +67,9 @@ class StreamConfig:
     decay: float = 0.0  # infmllm: share of a token's score carried to the next eviction (0: off)
     carry: str = "sum"  # infmllm, with decay: "sum" adds the carried score, "max" keeps the larger
     granularity: str = "token"  # infmllm: "chunk" keeps or drops a chunk (a frame's line) whole
-    #: infmllm: false ranks frame tokens by their carried scores (decay) without the age penalty, the bias
-    #: then applies to the conversation only (docs/benchmarks.md section 11b); true: to every token (the paper)
+    #: infmllm: false takes frames off the bias's clock (a token's age is the conversation tokens after it) and
+    #: ranks them by their carried scores (decay); text streams rank exactly as with true, the paper's rule
+    #: (docs/benchmarks.md section 11c: better scene-memory recall, worse free-form answers with SmolLM2)
     bias_frames: bool = True
     #: every policy: each camera's newest frame chunk is kept through evictions (below sinks and the
     #: recent tail, above every score; see cache.py), so a rarely reporting camera's last observation
@@ -789,7 +790,7 @@ class Stream:
             raise ValueError(f"{path} holds {len(layers)} layers, the model has {self.num_layers}")
         names = {"keys", "values", *self.cache.token_buffers}
         # a state saved without keep_latest_per_camera, decay or bias_frames lacks these
-        optional = self.cache.latest_buffers | {"carried", FRAME}
+        optional = self.cache.latest_buffers | {"carried", FRAME, TALK}
         lengths = set()
         dtypes = set()
         for i, saved in enumerate(layers):

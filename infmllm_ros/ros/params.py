@@ -198,11 +198,11 @@ STATIC_SPECS: Tuple[ParamSpec, ...] = (
     _s("cache.granularity", "token", "infmllm policy: 'token' scores tokens one by one; 'chunk' "
        "keeps or drops each chunk (a frame's line, a question with its answer) whole.",
        read_only=True, choices=("token", "chunk")),
-    _s("cache.bias_frames", True, "infmllm policy: true applies cache.bias to every token, as in the "
-       "paper; false ranks the frames' tokens (camera observations, asked about at any age) by their "
-       "carried attention (cache.decay) without the age penalty, and ages the conversation only: "
-       "better recall of old observations, worse free-form answers with a small model "
-       "(docs/benchmarks.md section 11b).", read_only=True),
+    _s("cache.bias_frames", True, "infmllm policy: true ages every token by the stream tokens after it, "
+       "as in the paper; false takes frames off the bias's clock (a token's age is the conversation "
+       "tokens after it: prompt, questions, answers) and ranks the frames' tokens by their carried "
+       "attention (cache.decay, > 0); text ranks as with true. False: better recall of old "
+       "observations, worse free-form answers with a small model (docs/benchmarks.md section 11c).", read_only=True),
     _s("cache.keep_latest_per_camera", True, "Every policy: each camera's newest frame line is kept "
        "through evictions (after the sinks and the recent tokens, before any score), so a camera "
        "that reports rarely still has its last observation in memory while busy cameras stream. "

@@ -247,25 +247,63 @@ def _append_kind(cache, keys, query, frame):
     return cache.end_step(n)
 
 
-def test_infmllm_unbiased_frames_keep_an_old_observation_a_question_found_while_the_talk_ages():
+def test_infmllm_unbiased_frames_keep_an_old_observation_a_question_found_while_the_cameras_go_on():
     u, w = _unit(0), _unit(1)
 
-    def kept(bias_frames):
+    def kept(bias_frames, frames_after):
         cache = _cache(InfMLLM(sinks=1, recent=0, retrieval_window=2, per_head=False, bias=1.0, decay=0.9,
                                bias_frames=bias_frames), 4, 2, False)
         _append_kind(cache, _background(2), _background(2), frame=False)  # the system prompt
         _append_kind(cache, _keys(2, {0: 8.0 * u}), _background(2), frame=True)  # token 2: an observation
         _append_kind(cache, _background(2), u.expand(1, 2, DIM).clone(), frame=False)  # a question finds it
         held = []
-        for _ in range(5):  # the talk goes on, looking at nothing in particular
-            _append_kind(cache, _background(2), w.expand(1, 2, DIM).clone(), frame=False)
+        for _ in range(5):  # more frames (or more talk), looking at nothing in particular
+            _append_kind(cache, _background(2), w.expand(1, 2, DIM).clone(), frame=frames_after)
             held.append(_kept(cache)[1])
         return held
 
     # the paper's bias ages every token alike: the observation goes once its age outweighs what it was found for
-    assert kept(True) == [2, 2, 2, 11, 13]
-    # frames rank by their carried scores, not their age: the observation stays while the talk moves on
-    assert kept(False) == [2, 2, 2, 2, 2]
+    assert kept(True, True) == [2, 2, 2, 11, 13]
+    # frames count on no clock: the observation stays while the cameras go on
+    assert kept(False, True) == [2, 2, 2, 2, 2]
+    # the talk ages it as it ages everything
+    assert kept(False, False) == [2, 2, 2, 11, 13]
+
+
+def test_infmllm_unbiased_frames_age_the_conversation_by_the_talk_only():
+    """An answer the node gave stays as young as the conversation after it, however many frames came since."""
+    w = _unit(1)
+    cache = _cache(InfMLLM(sinks=1, recent=0, retrieval_window=2, per_head=False, bias=1.0, decay=0.9,
+                           bias_frames=False), 6, 2, False)
+    _append_kind(cache, _background(1), _background(1), frame=False)  # the system prompt
+    _append_kind(cache, _keys(2, {0: 3.0 * w, 1: 3.0 * w}), _background(2), frame=False)  # tokens 1-2: an answer
+    held = []
+    for _ in range(FRAMES):  # frames, each looking back at the answer (the model's example of how to answer)
+        _append_kind(cache, _background(2), w.expand(1, 2, DIM).clone(), frame=True)
+        held.append(_kept(cache)[:3])
+    # read on the stream's clock the answer would be up to 2 * FRAMES tokens old, 4 times the budget of 6,
+    # and gone; read on the talk's it has not aged at all
+    assert held == [[0, 1, 2]] * FRAMES and cache.evictions > FRAMES
+    assert cache.layers[0].held("talk")[0, 0].tolist() == [0, 1, 2] + [3] * (len(_kept(cache)) - 3)
+
+
+FRAMES = 12
+
+
+def test_the_conversation_clock_counts_talk_not_frames_and_goes_on_from_the_newest_counted_row():
+    from infmllm_ros.engine.policies import conversation_clock
+
+    frame = torch.tensor([[[False, False, True, True, False, True, False]]])
+    fresh = torch.full((1, 1, 7), -1)
+    assert conversation_clock(fresh, frame).tolist() == [[[0, 1, 2, 2, 2, 3, 3]]]
+    # rows 0-3 were counted at an earlier eviction (rows in between it let go: 5 and 9 are not consecutive)
+    talk = torch.tensor([[[0, 5, 9, 9, -1, -1, -1]]])
+    assert conversation_clock(talk, frame).tolist() == [[[0, 5, 9, 9, 9, 10, 10]]]
+    # the newest counted row was conversation: the count goes on one past it
+    talk = torch.tensor([[[0, 5, -1, -1, -1, -1, -1]]])
+    assert conversation_clock(talk, frame).tolist() == [[[0, 5, 6, 6, 6, 7, 7]]]
+    # without frames the clock is the row index from the first eviction on: the stream's own ages
+    assert conversation_clock(fresh, torch.zeros_like(frame)).tolist() == [[list(range(7))]]
 
 
 def test_infmllm_unbiased_frames_change_nothing_in_a_stream_without_frames():

@@ -142,15 +142,17 @@ def _save_a_short_memory(lm, config, path):
 def test_unbiased_frames_mark_the_frames_tokens_through_evictions_answers_and_an_older_saved_state(smollm2, tmp_path):
     """``bias_frames=False``: the frame flag is set on frame lines only (not the system prompt, a question or
     the decoded answer), moves with its rows through evictions, and a memory saved with the paper's settings
-    (no flag, no carried scores) loads into such a stream and goes on."""
+    (the defaults before docs section 11c: no flag, no carried scores, no conversation clock) loads into such a
+    stream and goes on, the clock counted from the rows it holds."""
     settings = dict(policy="infmllm", budget_tokens=192, max_chunk_tokens=48)
-    _save_a_short_memory(smollm2, StreamConfig(**settings), tmp_path / "plain.pt")
+    _save_a_short_memory(smollm2, StreamConfig(**settings, bias_frames=True, decay=0.0), tmp_path / "plain.pt")
     # (carry too decides only future evictions: a memory saved with the default "sum" loads)
     stream = Stream(smollm2, StreamConfig(**settings, decay=0.97, carry="max", bias_frames=False))
     try:
         stream.load(tmp_path / "plain.pt")
         layer = stream.cache.layers[0]
         assert not layer.held("frame").any()  # nothing known as a frame's in the old memory
+        assert (layer.held("talk") == -1).all()  # and no token's clock yet
         seen = stream.stats().tokens_seen
         spans = []  # the frame lines' stream indices
         for i in range(16):
@@ -169,6 +171,12 @@ def test_unbiased_frames_mark_the_frames_tokens_through_evictions_answers_and_an
             new = held_seen >= seen
             assert torch.equal(flag[new], in_a_line[new])
             assert flag[new].any() and not flag[new].all()  # frames and the question with its answer
+            # the conversation clock, counted at the last eviction, never runs backwards along a head's rows
+            # (arrival order); the rows that came after it (the question, the answer) wait for the next one
+            talk = layer.held("talk")
+            for head in talk.flatten(0, 1):
+                counted = head[head >= 0]
+                assert counted.numel() > 0 and (counted.diff() >= 0).all()
     finally:
         stream.close()
 

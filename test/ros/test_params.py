@@ -122,8 +122,8 @@ def test_cache_settings_map_onto_the_engine_config():
 
 def test_the_cache_defaults_are_the_engines_measured_ones():
     """The node, every preset and the engine use the setting docs/benchmarks.md section 11 chose (bias 1:
-    multi-round recall and perplexity), with the refinements off (section 11b: unbiased frames cost the
-    demo's free-form answers)."""
+    multi-round recall and perplexity), with the refinements off (section 11c: frames off the bias's clock
+    cost free-form answers)."""
     engine = pytest.importorskip("infmllm_ros.engine")
     ours = NodeSettings.from_values({}).stream_config()
     theirs = engine.StreamConfig(budget_tokens=1024)
