@@ -97,8 +97,12 @@ def observation_facts(obs) -> dict[str, str]:
 LINE_WORDS = {"no": "nothing"}
 
 #: Other words a free-form answer may name a candidate with ("five people", "nobody", "No one").
-ANSWER_WORDS = {"zero": "no", "none": "no", "nobody": "no", "nothing": "no", "one": "1", "two": "2", "three": "3",
-                "four": "4", "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9"}
+ANSWER_WORDS = {"0": "no", "zero": "no", "none": "no", "nobody": "no", "nothing": "no", "one": "1", "two": "2",
+                "three": "3", "four": "4", "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9"}
+
+#: "no" names the answer only as an answer's first word or before these ("no one", "no people"); elsewhere
+#: it is a refusal or an aside ("I have no record", "there were no cars but 3 people")
+NO_BEFORE = {"one", "people", "person", "body"}
 
 
 @dataclass(frozen=True)
@@ -353,14 +357,19 @@ def free_form_answer(text: str, candidates) -> Optional[str]:
     Words are read in order (lower case); a word counts if it is a candidate
     or names one (:data:`ANSWER_WORDS`): "The camera saw 5 people and 1 car"
     -> ``"5"``, "Nobody was there" -> ``"no"``, "Yes." -> ``"yes"``; "I do
-    not know" names none (words are whole: "not" is not "no").
+    not know" and "I have no record" name none (words are whole: "not" is
+    not "no"; a later "no" counts only before :data:`NO_BEFORE`).
     """
     wanted = set(candidates)
-    for word in _WORD.findall(text.lower()):
+    words = _WORD.findall(text.lower())
+    for i, word in enumerate(words):
+        if word == "no" and i > 0 and (i + 1 == len(words) or words[i + 1] not in NO_BEFORE):
+            continue
         for name in (word, ANSWER_WORDS.get(word)):
             if name in wanted:
                 return name
     return None
+
 
 #: A question's line counts as kept when the cache holds at least this share of its tokens over all
 #: layers and heads (``Stream.held_fraction`` at the moment of the question).

@@ -261,6 +261,9 @@ class InfMLLM(Policy):
             raise ValueError(f"InfMLLM.bias_frames must be True or False, got {self.bias_frames!r}")
         if not self.bias_frames and self.decay == 0.0:
             raise ValueError("InfMLLM.bias_frames False needs decay > 0 (frames rank by their carried scores)")
+        if not self.bias_frames and self.recent == 0 and not self.keep_new_chunk:
+            raise ValueError("InfMLLM.bias_frames False needs recent > 0 or keep_new_chunk (the conversation clock "
+                             "goes on from the newest row, which one of them must keep)")
 
     @property
     def token_buffers(self) -> dict[str, TokenBuffer]:  # type: ignore[override]
@@ -295,8 +298,13 @@ class InfMLLM(Policy):
         if self.bias_frames:
             return scores if self.bias == 0.0 else self._aged(scores, view.seen, view.budget)
         frame = view.buffers[FRAME]
-        talk = conversation_clock(view.buffers[TALK], frame)
+        talk = conversation_clock(view.buffers[TALK], frame, view.seen)
         view.updates[TALK] = talk
+        if self.bias == 0.0:
+            # No age to subtract: the conversation by its raw look, as the default ranks it (a cache that keeps
+            # one set of rows for all heads averages them, so normalising each head first would differ), the
+            # frames by their carried scores brought to the look's scale.
+            return torch.where(frame, _normalised(scores) * look.mean(dim=-1, keepdim=True), look)
         return torch.where(frame, self._aged(scores, talk, view.budget), self._aged(look, talk, view.budget))
 
     def _aged(self, scores: torch.Tensor, clock: torch.Tensor, budget: int) -> torch.Tensor:
@@ -311,37 +319,39 @@ FRAME = "frame"
 TALK = "talk"
 
 
-def conversation_clock(talk: torch.Tensor, frame: torch.Tensor) -> torch.Tensor:
+def conversation_clock(talk: torch.Tensor, frame: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
     """Every held row's conversation clock: how many conversation (non-frame) tokens arrived before it.
 
     Rows that have one keep it; rows still at the buffer's fill (-1: they
     arrived since the last eviction) get theirs counted on from the newest row
     that has one, in row order. That is exact because the rows are held in
-    arrival order and nothing leaves between two evictions of a policy that
-    evicts only when a chunk arrives, which always keeps that newest row
-    (the chunk it came in, the recent tail). With no such row (the first
-    eviction, or a memory saved before the clock existed) the count starts at
-    0 on the rows held. In a stream without frames the clock is the stream
-    index (``seen``), so ages read on it are the default rule's.
+    arrival order and every eviction keeps the newest row (the recent tail or
+    the chunk it came in; ``InfMLLM`` refuses ``bias_frames=False`` where
+    neither is kept). With no such row (a fresh stream's first eviction, or a
+    memory saved before the clock existed) a row's clock is its stream index
+    less the frames held before it: exact on a fresh stream, where nothing has
+    left yet, and the stream index itself on an old memory (its frames carry
+    no flag and count as conversation). In a stream without frames the clock
+    is the stream index, so ages read on it are the default rule's.
 
     Args:
         talk: ``[batch, heads, rows]`` long, the clock so far (-1: not yet counted).
         frame: ``[batch, heads, rows]`` bool, the frame flag.
+        seen: ``[batch, heads, rows]`` long, the rows' stream indices.
 
     Returns:
         ``[batch, heads, rows]`` long, every row counted.
     """
     talking = (~frame).to(torch.long)
     new = talk < 0
-    counted = ~new
     # The newest counted row is the last counted one (arrival order): the clock goes on after it.
     rows = torch.arange(talk.shape[-1], device=talk.device)
-    last = torch.where(counted, rows, -1).amax(dim=-1, keepdim=True)
+    last = torch.where(~new, rows, -1).amax(dim=-1, keepdim=True)
     after_last = (talk + talking).gather(-1, last.clamp_min(0))
-    base = torch.where(last >= 0, after_last, torch.zeros_like(after_last))
     before = torch.cumsum(talking * new, dim=-1) - talking * new  # conversation among the new rows before each
-    return torch.where(new, base + before, talk)
-
+    framed = frame.to(torch.long)
+    from_start = seen - (torch.cumsum(framed, dim=-1) - framed)  # no counted row: stream index less frames
+    return torch.where(new, torch.where(last >= 0, after_last + before, from_start), talk)
 
 
 def _normalised(scores: torch.Tensor) -> torch.Tensor:

@@ -128,6 +128,10 @@ def test_free_form_answers_are_read_by_the_first_candidate_they_name():
     assert sceneqa.free_form_answer("Yes: person 3 was there.", yes_no) == "yes"
     # words are whole, and a count is not a yes/no answer
     assert sceneqa.free_form_answer("I do not know.", yes_no) is None
+    assert sceneqa.free_form_answer("I have no record of 22:15:03.", people) is None  # a refusal is no answer
+    assert sceneqa.free_form_answer("There were no cars but 3 people.", people) == "3"
+    assert sceneqa.free_form_answer("There was no one on the left.", yes_no) == "no"
+    assert sceneqa.free_form_answer("The camera saw 0 people.", people) == "no"
     assert sceneqa.free_form_answer("There were 2 people.", yes_no) is None
     assert sceneqa.free_form_answer("", people) is None
 

@@ -295,30 +295,46 @@ def test_the_conversation_clock_counts_talk_not_frames_and_goes_on_from_the_newe
 
     frame = torch.tensor([[[False, False, True, True, False, True, False]]])
     fresh = torch.full((1, 1, 7), -1)
-    assert conversation_clock(fresh, frame).tolist() == [[[0, 1, 2, 2, 2, 3, 3]]]
+    seen = torch.arange(7).view(1, 1, 7)
+    # a fresh stream's first eviction: every token still held, the clock is the talk before each
+    assert conversation_clock(fresh, frame, seen).tolist() == [[[0, 1, 2, 2, 2, 3, 3]]]
     # rows 0-3 were counted at an earlier eviction (rows in between it let go: 5 and 9 are not consecutive)
     talk = torch.tensor([[[0, 5, 9, 9, -1, -1, -1]]])
-    assert conversation_clock(talk, frame).tolist() == [[[0, 5, 9, 9, 9, 10, 10]]]
+    later = torch.tensor([[[0, 7, 12, 13, 14, 15, 16]]])
+    assert conversation_clock(talk, frame, later).tolist() == [[[0, 5, 9, 9, 9, 10, 10]]]
     # the newest counted row was conversation: the count goes on one past it
     talk = torch.tensor([[[0, 5, -1, -1, -1, -1, -1]]])
-    assert conversation_clock(talk, frame).tolist() == [[[0, 5, 6, 6, 6, 7, 7]]]
-    # without frames the clock is the row index from the first eviction on: the stream's own ages
-    assert conversation_clock(fresh, torch.zeros_like(frame)).tolist() == [[list(range(7))]]
+    assert conversation_clock(talk, frame, later).tolist() == [[[0, 5, 6, 6, 6, 7, 7]]]
+    # a memory saved without the clock (or its frames' flags): the stream index, gaps and all, as the default
+    # rule reads ages
+    text = torch.zeros_like(frame)
+    assert conversation_clock(fresh, text, later).tolist() == later.tolist()
 
 
-def test_infmllm_unbiased_frames_change_nothing_in_a_stream_without_frames():
-    """Text, questions and answers keep the bias rule exactly: same rows kept as the default policy's."""
-    torch.manual_seed(3)
-    caches = [_cache(InfMLLM(sinks=2, recent=3, retrieval_window=4, bias=1.0, pool=3, **knobs), 16, 6)
-              for knobs in ({}, {"decay": 0.9, "bias_frames": False})]
-    heads = 2
-    for step in range(12):
-        n = 1 + step % 6
-        keys, query = torch.randn(heads, n, DIM), torch.randn(heads, n, DIM)
-        for cache in caches:
-            _append_kind(cache, keys, query, frame=False)
-        assert _kept(caches[0], 0) == _kept(caches[1], 0) and _kept(caches[0], 1) == _kept(caches[1], 1), step
-    assert caches[0].evictions > 5
+def test_infmllm_unbiased_frames_refuse_settings_that_could_lose_the_clock():
+    with pytest.raises(ValueError, match="recent > 0 or keep_new_chunk"):
+        InfMLLM(decay=0.9, bias_frames=False, recent=0, keep_new_chunk=False)
+    InfMLLM(decay=0.9, bias_frames=False, recent=0)  # the new chunk keeps the newest row
+
+
+@pytest.mark.parametrize("bias, per_head", [(1.0, True), (1.0, False), (0.0, True), (0.0, False)])
+def test_infmllm_unbiased_frames_change_nothing_in_a_stream_without_frames(bias, per_head):
+    """Text, questions and answers keep the bias rule exactly: same rows kept as the default policy's (at bias 0
+    with one set of rows for all heads too, where the heads' raw looks are averaged)."""
+    for seed, (sinks, recent, pool) in enumerate([(2, 3, 3), (0, 0, 1), (1, 2, 1), (0, 0, 3)] * 2):
+        torch.manual_seed(seed)
+        caches = [_cache(InfMLLM(sinks=sinks, recent=recent, retrieval_window=4, bias=bias, pool=pool,
+                                 per_head=per_head, **knobs), sinks + recent + 8 + 4 * (seed % 3), 6)
+                  for knobs in ({}, {"decay": 0.9, "bias_frames": False})]
+        heads = 2
+        for step in range(24):
+            n = 1 + step % 6
+            keys, query = torch.randn(heads, n, DIM) * 2, torch.randn(heads, n, DIM) * 2
+            for cache in caches:
+                _append_kind(cache, keys, query, frame=False)
+            assert [_kept(caches[0], h) for h in range(heads)] == [_kept(caches[1], h) for h in range(heads)], \
+                (seed, step)
+        assert caches[0].evictions > 5
 
 
 def test_infmllm_chunk_granularity_keeps_or_drops_a_chunk_whole():

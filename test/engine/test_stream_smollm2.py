@@ -143,7 +143,7 @@ def test_unbiased_frames_mark_the_frames_tokens_through_evictions_answers_and_an
     """``bias_frames=False``: the frame flag is set on frame lines only (not the system prompt, a question or
     the decoded answer), moves with its rows through evictions, and a memory saved with the paper's settings
     (the defaults before docs section 11c: no flag, no carried scores, no conversation clock) loads into such a
-    stream and goes on, the clock counted from the rows it holds."""
+    stream and goes on, the clock read from the stream indices it holds."""
     settings = dict(policy="infmllm", budget_tokens=192, max_chunk_tokens=48)
     _save_a_short_memory(smollm2, StreamConfig(**settings, bias_frames=True, decay=0.0), tmp_path / "plain.pt")
     # (carry too decides only future evictions: a memory saved with the default "sum" loads)
