@@ -278,8 +278,9 @@ class InfMLLM(Policy):
         if not self.bias_frames:
             # 1 on a frame chunk's tokens; the stream fills it (0: every other kind, a decoded answer included)
             buffers[FRAME] = TokenBuffer(torch.bool)
-            # conversation tokens before the token (see conversation_clock); -1 until its first eviction
-            buffers[TALK] = TokenBuffer(torch.long, fill=-1)
+            if self.bias > 0.0:  # at bias 0 no age is read
+                # conversation tokens before the token (see conversation_clock); -1 until its first eviction
+                buffers[TALK] = TokenBuffer(torch.long, fill=-1)
         return buffers
 
     def score(self, view: ScoreView) -> torch.Tensor:
@@ -296,26 +297,26 @@ class InfMLLM(Policy):
             if not self.bias_frames:
                 look = group_mean(look, view.buffers["chunk"])
         if self.bias_frames:
-            return scores if self.bias == 0.0 else self._aged(scores, view.seen, view.budget)
+            return scores if self.bias == 0.0 else self._aged(_normalised(scores), view.seen, view.budget)
         frame = view.buffers[FRAME]
-        talk = conversation_clock(view.buffers[TALK], frame, view.seen)
-        view.updates[TALK] = talk
         if self.bias == 0.0:
             # No age to subtract: the conversation by its raw look, as the default ranks it (a cache that keeps
             # one set of rows for all heads averages them, so normalising each head first would differ), the
             # frames by their carried scores brought to the look's scale.
             return torch.where(frame, _normalised(scores) * look.mean(dim=-1, keepdim=True), look)
-        return torch.where(frame, self._aged(scores, talk, view.budget), self._aged(look, talk, view.budget))
+        talk = conversation_clock(view.buffers[TALK], frame, view.seen)
+        view.updates[TALK] = talk
+        return self._aged(torch.where(frame, _normalised(scores), _normalised(look)), talk, view.budget)
 
-    def _aged(self, scores: torch.Tensor, clock: torch.Tensor, budget: int) -> torch.Tensor:
-        """The bias: normalised scores less ``bias * age / budget``, the age read on ``clock`` (rows' arrival)."""
-        age = (clock.amax(dim=-1, keepdim=True) - clock).to(scores.dtype)
-        return _normalised(scores) - self.bias * age / float(budget)
+    def _aged(self, normalised: torch.Tensor, clock: torch.Tensor, budget: int) -> torch.Tensor:
+        """The bias: ``normalised`` scores less ``bias * age / budget``, the age read on ``clock`` (rows' arrival)."""
+        age = (clock.amax(dim=-1, keepdim=True) - clock).to(normalised.dtype)
+        return normalised - self.bias * age / float(budget)
 
 
 #: per-token buffer name of the frame flag (``InfMLLM.bias_frames = False``); the stream fills it
 FRAME = "frame"
-#: per-token buffer name of the conversation clock (``InfMLLM.bias_frames = False``); see conversation_clock
+#: per-token buffer name of the conversation clock (``InfMLLM.bias_frames = False``, bias > 0); see conversation_clock
 TALK = "talk"
 
 
