@@ -1,0 +1,77 @@
+"""What the cache holds beside the asked line when a sceneqa question is answered (a diagnostic script,
+not in the package; docs/benchmarks.md section 11d).
+
+Streams exactly what ``infmllm-bench sceneqa`` streams (frame lines, the SceneDescription question every
+20 s, questions as probes on a snapshot) and, at every question, counts over all layers and KV heads:
+the asked line's held share, how many other lines of the asked camera and of the other cameras are held
+whole (>= 90% of their tokens) and in line equivalents, and the conversation tokens held (system prompt,
+scene descriptions), beside whether the candidate ranking was right. One JSON row per question.
+
+    python held_lines.py 512 "infmllm[bias_frames=false,decay=0.97,keep_latest_per_camera=true]" 1 out.json
+"""
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from infmllm_ros.bench import sceneqa as S
+from infmllm_ros.bench.common import get_model, load_config, variants
+from infmllm_ros.engine import Chunk, Stream
+
+budget, policy, bias, out = int(sys.argv[1]), sys.argv[2], float(sys.argv[3]), sys.argv[4]
+torch.set_num_threads(1)
+cfg = load_config("sceneqa", {"minutes": 4.0, "budgets": [budget], "policies": [policy], "biases": [bias],
+                              "out": "docs/bench_results/sceneqa"}, quick=False)
+lm = get_model(cfg, None)
+lines, _ = S.build_lines(cfg)
+questions = S.make_questions(cfg, lines)
+(variant,) = variants(cfg, budget)
+tokens = {}
+for q in questions:
+    key = (q.kind, bool(q.cue))
+    if key not in tokens:
+        said = {w: S.LINE_WORDS.get(w, w) if q.cue else w for w in q.candidates}
+        ids = S.candidate_tokens(lm.tokenizer, list(said.values()), capital=not q.cue)
+        tokens[key] = {w: ids[said[w]] for w in q.candidates}
+period = int(round(cfg.scene_period_s * cfg.fps))
+last_of_sample = {line.sample: line.index for line in lines}
+stream = Stream(lm, variant.stream_config(cfg))
+heads = len(stream.cache.layers) * stream.kv_heads
+starts, ends, cams, rows, qi, t0 = [], [], [], [], 0, time.time()
+for line in lines:
+    ids = lm.tokenizer(line.text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    starts.append(stream.cache.tokens_seen)
+    ends.append(starts[-1] + ids.shape[1])
+    cams.append(line.camera)
+    stream.append_chunk(Chunk(input_ids=ids, kind="frame", camera=line.camera, stamp=line.stamp, text=line.text))
+    if (line.sample + 1) % period == 0 and last_of_sample[line.sample] == line.index:
+        stream.ask(cfg.scene_prompt, max_new_tokens=cfg.scene_tokens)
+    while qi < len(questions) and questions[qi].after == line.index:
+        q = questions[qi]
+        qi += 1
+        saved = stream.snapshot()
+        answer = stream.ask(q.text, camera=q.camera, answer_prefix=q.cue, return_first_logits=True, max_new_tokens=1)
+        seen = torch.cat([layer.seen.reshape(-1) for layer in stream.cache.layers if layer.is_initialized])
+        stream.restore(saved)
+        s, e = torch.tensor(starts), torch.tensor(ends)
+        idx = torch.searchsorted(s, seen, right=True) - 1
+        in_line = (idx >= 0) & (seen < e[idx.clamp(min=0)])
+        share = torch.bincount(idx[in_line], minlength=len(starts)).float() / (heads * (e - s).float())
+        same = torch.tensor([c == q.camera for c in cams]) & (torch.arange(len(starts)) != q.target)
+        logp = torch.log_softmax(answer.first_logits.float(), dim=-1)
+        sc = {w: float(logp[t]) for w, t in tokens[(q.kind, bool(q.cue))].items()}
+        rows.append(dict(lag=q.lag_s, bucket=q.bucket, ok=max(sc, key=sc.get) == q.right,
+                         target=float(share[q.target]),
+                         same_whole=int((share[same] >= 0.9).sum()), same_eq=float(share[same].sum()),
+                         other_whole=int((share[~same] >= 0.9).sum()) - int(share[q.target] >= 0.9),
+                         other_eq=float(share[~same].sum()) - float(share[q.target]),
+                         talk=float((~in_line).sum()) / heads, held=float(seen.numel()) / heads))
+stream.close()
+json.dump(dict(budget=budget, policy=policy, bias=bias, rows=rows, seconds=round(time.time() - t0)), open(out, "w"))
+keys = ["target", "same_whole", "same_eq", "other_whole", "other_eq", "talk", "held"]
+print(policy, budget, bias, "right", sum(r["ok"] for r in rows), "of", len(rows))
+for name, part in (("all", rows), ("right", [r for r in rows if r["ok"]]), ("wrong", [r for r in rows if not r["ok"]])):
+    if part:
+        print(name, len(part), {k: round(statistics.mean(r[k] for r in part), 2) for k in keys})
