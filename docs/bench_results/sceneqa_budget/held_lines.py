@@ -5,7 +5,9 @@ Streams exactly what ``infmllm-bench sceneqa`` streams (frame lines, the SceneDe
 20 s, questions as probes on a snapshot) and, at every question, counts over all layers and KV heads:
 the asked line's held share, how many other lines of the asked camera and of the other cameras are held
 whole (>= 90% of their tokens) and in line equivalents, and the conversation tokens held (system prompt,
-scene descriptions), beside whether the candidate ranking was right. One JSON row per question.
+scene descriptions, turn marks, and the question being asked with its answer cue, since the count is taken
+after it arrived), beside whether the candidate ranking was right (the top-scored candidate; the bench
+also counts a tie as right). One JSON row per question.
 
     python held_lines.py 512 "infmllm[bias_frames=false,decay=0.97,keep_latest_per_camera=true]" 1 out.json
 """
@@ -36,6 +38,8 @@ for q in questions:
         ids = S.candidate_tokens(lm.tokenizer, list(said.values()), capital=not q.cue)
         tokens[key] = {w: ids[said[w]] for w in q.candidates}
 period = int(round(cfg.scene_period_s * cfg.fps))
+if period < 1:
+    sys.exit("held_lines.py follows the bench's SceneDescription cadence: scene_period_s * fps must be >= 1")
 last_of_sample = {line.sample: line.index for line in lines}
 stream = Stream(lm, variant.stream_config(cfg))
 heads = len(stream.cache.layers) * stream.kv_heads
