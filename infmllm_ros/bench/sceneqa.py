@@ -293,6 +293,23 @@ def candidate_tokens(tokenizer, words, capital: bool = False) -> dict[str, int]:
     return ids
 
 
+def question_tokens(tokenizer, questions) -> dict[tuple[str, bool], dict[str, int]]:
+    """Per (question type, asked with a line cue): each candidate's first token, as :func:`candidate_tokens`.
+
+    After the line cue a candidate is scored by the word the line would write there (``LINE_WORDS``); an
+    answer without the cue starts a sentence, so its candidates are capitalised ("Yes", "No").
+    """
+    tokens = {}
+    for q in questions:
+        key = (q.kind, bool(q.cue))
+        if key in tokens:
+            continue
+        said = {w: LINE_WORDS.get(w, w) if q.cue else w for w in q.candidates}
+        ids = candidate_tokens(tokenizer, list(said.values()), capital=not q.cue)
+        tokens[key] = {w: ids[said[w]] for w in q.candidates}
+    return tokens
+
+
 def prior_answers(lines: list[Line]) -> dict[tuple[str, str], str]:
     """(camera, fact) -> the most frequent answer over the stream: the best guess without memory."""
     counts: dict[tuple[str, str], dict[str, int]] = {}
@@ -382,16 +399,7 @@ def run_variant(cfg: BenchConfig, lm, variant, lines, questions, prior, bar) -> 
     context = int(getattr(lm.text_config, "max_position_embeddings", 0) or 0)
     episodic = variant.policy == "full" and context > 0
     reserve = 192 + cfg.scene_tokens  # room for a question, its cue, the answer and the turn marks
-    # An answer without the cue starts a sentence: its candidates are capitalised ("Yes", "No").
-    tokens = {}
-    for q in questions:
-        key = (q.kind, bool(q.cue))
-        if key in tokens:
-            continue
-        # After the line cue a candidate is scored by the word the line would write there.
-        said = {w: LINE_WORDS.get(w, w) if q.cue else w for w in q.candidates}
-        ids = candidate_tokens(lm.tokenizer, list(said.values()), capital=not q.cue)
-        tokens[key] = {w: ids[said[w]] for w in q.candidates}
+    tokens = question_tokens(lm.tokenizer, questions)
     period = int(round(cfg.scene_period_s * cfg.fps)) if cfg.scene_period_s > 0 else 0
     last_of_sample = {line.sample: line.index for line in lines}
     stream = Stream(lm, variant.stream_config(cfg))

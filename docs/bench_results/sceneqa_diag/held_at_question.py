@@ -23,13 +23,7 @@ lm = get_model(cfg, None)
 lines, meta = S.build_lines(cfg)
 questions = S.make_questions(cfg, lines)
 (variant,) = variants(cfg, budget)
-tokens = {}
-for q in questions:
-    key = (q.kind, bool(q.cue))
-    if key not in tokens:
-        said = {w: S.LINE_WORDS.get(w, w) if q.cue else w for w in q.candidates}
-        ids = S.candidate_tokens(lm.tokenizer, list(said.values()), capital=not q.cue)
-        tokens[key] = {w: ids[said[w]] for w in q.candidates}
+tokens = S.question_tokens(lm.tokenizer, questions)
 stream = Stream(lm, variant.stream_config(cfg))
 starts, cams, facts = [], [], []
 rows = []
