@@ -9,6 +9,13 @@ scene descriptions, turn marks, and the question being asked with its answer cue
 after it arrived), beside whether the candidate ranking was right (the top-scored candidate; the bench
 also counts a tie as right). One JSON row per question.
 
+Added in the fifteenth session (docs/benchmarks.md section 11e): ``between``, the held rows (per layer and KV
+head) that arrived after the asked line, i.e. how far back in the cache the model must read; ``pred`` and
+``right``, the top-ranked and the true candidate; ``inst_eq`` / ``inst_held``, the other cameras' lines of
+the asked line's own instant (same stamp) held, in line equivalents / at least half; ``pred_in_inst``,
+``pred_in_any`` and ``right_in_any``, whether a line held at least half (of that instant / any but the asked
+one) states the predicted / the true answer. ``by_distance.py`` reads the rows.
+
     python held_lines.py 512 "infmllm[bias_frames=false,decay=0.97,keep_latest_per_camera=true]" 1 out.json
 """
 import json
@@ -60,7 +67,18 @@ for line in lines:
         same = torch.tensor([c == q.camera for c in cams]) & (torch.arange(len(starts)) != q.target)
         logp = torch.log_softmax(answer.first_logits.float(), dim=-1)
         sc = {w: float(logp[t]) for w, t in tokens[(q.kind, bool(q.cue))].items()}
-        rows.append(dict(lag=q.lag_s, bucket=q.bucket, ok=max(sc, key=sc.get) == q.right,
+        pred = max(sc, key=sc.get)
+        fact = S.QUESTION_TYPES[q.kind].fact
+        sample = torch.tensor([held.sample for held in lines[:len(starts)]])
+        instant = (sample == lines[q.target].sample) & (torch.arange(len(starts)) != q.target)
+        held_instant = torch.nonzero(instant & (share >= 0.5)).flatten().tolist()
+        held_other = [i for i in torch.nonzero(share >= 0.5).flatten().tolist() if i != q.target]
+        rows.append(dict(between=float((seen >= int(e[q.target])).sum()) / heads, pred=pred, right=q.right,
+                         kind=q.kind, inst_eq=float(share[instant].sum()), inst_held=len(held_instant),
+                         pred_in_inst=any(lines[i].facts.get(fact) == pred for i in held_instant),
+                         pred_in_any=any(lines[i].facts.get(fact) == pred for i in held_other),
+                         right_in_any=any(lines[i].facts.get(fact) == q.right for i in held_other),
+                         lag=q.lag_s, bucket=q.bucket, ok=pred == q.right,
                          target=float(share[q.target]),
                          same_whole=int((share[same] >= 0.9).sum()), same_eq=float(share[same].sum()),
                          other_whole=int((share[~same] >= 0.9).sum()) - int(share[q.target] >= 0.9),
@@ -68,7 +86,7 @@ for line in lines:
                          talk=float((~in_line).sum()) / heads, held=float(seen.numel()) / heads))
 stream.close()
 json.dump(dict(budget=budget, policy=policy, bias=bias, rows=rows, seconds=round(time.time() - t0)), open(out, "w"))
-keys = ["target", "same_whole", "same_eq", "other_whole", "other_eq", "talk", "held"]
+keys = ["between", "inst_eq", "inst_held", "pred_in_inst", "target", "same_whole", "same_eq", "other_whole", "other_eq", "talk", "held"]
 print(policy, budget, bias, "right", sum(r["ok"] for r in rows), "of", len(rows))
 for name, part in (("all", rows), ("right", [r for r in rows if r["ok"]]), ("wrong", [r for r in rows if not r["ok"]])):
     if part:
