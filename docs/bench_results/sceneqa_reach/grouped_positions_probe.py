@@ -7,7 +7,11 @@ rows older than its newest ``R`` held rows have their positions grouped toward t
 the question and the answer keep their exact positions), the keys re-rotated to match
 (``engine.rope.rerotate``); then the question is asked and scored as the bench scores it (a tie counts as
 right), and the snapshot is restored, so the stream and the evictions are the bench's own. ``C = 1``
-changes nothing. The grouping follows SelfExtend's neighbour / grouped positions (Jin et al., ICML 2024,
+changes nothing. Before grouping, the cache's eviction gaps are closed (``make_room``, as the stream does
+when positions run out), for every ``C``, so the question's own step never compacts, which would reset
+the positions to row indices and undo the grouping (``room`` in each row: positions left before a
+compaction; an earlier draft without this step left some questions ungrouped). So ``C = 1`` is the bench's
+cache with its gaps closed, the baseline of the grouped runs. The grouping follows SelfExtend's neighbour / grouped positions (Jin et al., ICML 2024,
 arXiv 2401.01325), here applied once to the stored keys rather than as a second attention pass.
 
     python grouped_positions_probe.py 1024 "infmllm[bias_frames=false,decay=0.97,keep_latest_per_camera=true]" 1 256 4 out.json
@@ -46,6 +50,11 @@ inv_freq = stream.cache.rope.inv_freq
 
 
 @torch.inference_mode()
+def close_gaps() -> None:
+    stream.cache.make_room(stream.cache.budget + stream.cache.max_chunk)
+
+
+@torch.inference_mode()
 def group_old_positions() -> None:
     for layer in stream.cache.layers:
         if not layer.is_initialized or layer.held("positions").shape[-2] <= neighbours:
@@ -70,14 +79,20 @@ for line in lines:
         q = questions[qi]
         qi += 1
         saved = stream.snapshot()
+        # Close the eviction gaps first, for every C (C = 1 included), so that the question's own step does
+        # not compact the cache (which resets every position to its row index and would undo the grouping).
+        close_gaps()
         if group != 1:
             group_old_positions()
+        if qi == 1:
+            print("first question grouped", flush=True)
+        room = stream.cache.budget + stream.cache.max_chunk - stream.cache.next_position
         answer = stream.ask(q.text, camera=q.camera, answer_prefix=q.cue, return_first_logits=True, max_new_tokens=1)
         stream.restore(saved)
         logp = torch.log_softmax(answer.first_logits.float(), dim=-1)
         sc = {w: float(logp[t]) for w, t in tokens[(q.kind, bool(q.cue))].items()}
         rows.append(dict(lag=q.lag_s, bucket=q.bucket, ok=sc[q.right] == max(sc.values()), pred=max(sc, key=sc.get),
-                         right=q.right))
+                         right=q.right, room=room, asked=len(lm.tokenizer(q.text)["input_ids"])))
 stream.close()
 json.dump(dict(budget=budget, policy=policy, bias=bias, R=neighbours, C=group, rows=rows,
                seconds=round(time.time() - t0)), open(out, "w"))
